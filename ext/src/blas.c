@@ -1,0 +1,112 @@
+/*
+ * blas.c: open the BLAS library at run time.
+ *
+ * OpenBLAS starts its worker threads when it is loaded. Threads inherit the signal mask of the
+ * thread that creates them, so we open the library with every signal blocked: PostgreSQL's
+ * handlers (SIGINT for cancel, SIGALRM for statement_timeout, ...) then only ever run on the
+ * backend's own thread, which is the only thread that may touch PostgreSQL state.
+ */
+#include "pg_llm.h"
+
+#include <dlfcn.h>
+#include <signal.h>
+#include <unistd.h>
+
+#include "fmgr.h"
+#include "utils/builtins.h"
+
+llm_sgemm_fn llm_cblas_sgemm = NULL;
+llm_sgemv_fn llm_cblas_sgemv = NULL;
+
+typedef void (*set_threads_fn) (int);
+typedef int (*get_threads_fn) (void);
+
+static void *blas_handle = NULL;
+static const char *blas_name = NULL;
+static set_threads_fn blas_set_threads = NULL;
+static int	blas_threads_set = -1;
+
+/* Libraries tried in order: OpenBLAS (Debian's libopenblas0), then the reference CBLAS. */
+static const char *const blas_candidates[] = {
+	"libopenblas.so.0", "libopenblas.so", "libcblas.so.3", "libblas.so.3",
+};
+
+int
+llm_num_threads(void)
+{
+	if (llm_threads > 0)
+		return llm_threads;
+	return Max(1, (int) sysconf(_SC_NPROCESSORS_ONLN));
+}
+
+void
+llm_blas_init(void)
+{
+	int			want;
+
+	if (blas_handle == NULL)
+	{
+		sigset_t	all,
+					old;
+
+		sigfillset(&all);
+		pthread_sigmask(SIG_SETMASK, &all, &old);
+		for (size_t i = 0; i < lengthof(blas_candidates) && blas_handle == NULL; i++)
+		{
+			void	   *h = dlopen(blas_candidates[i], RTLD_NOW | RTLD_LOCAL);
+
+			if (h == NULL)
+				continue;
+			llm_cblas_sgemm = (llm_sgemm_fn) dlsym(h, "cblas_sgemm");
+			llm_cblas_sgemv = (llm_sgemv_fn) dlsym(h, "cblas_sgemv");
+			if (llm_cblas_sgemm == NULL || llm_cblas_sgemv == NULL)
+			{
+				dlclose(h);
+				continue;
+			}
+			blas_handle = h;
+			blas_name = blas_candidates[i];
+			blas_set_threads = (set_threads_fn) dlsym(h, "openblas_set_num_threads");
+		}
+		if (blas_handle != NULL)
+		{
+			/* a first tiny product, still with signals blocked, so any lazily made threads inherit the mask */
+			float		a = 1.0f,
+						b = 1.0f,
+						c = 0.0f;
+
+			llm_cblas_sgemm(LlmCblasRowMajor, LlmCblasNoTrans, LlmCblasNoTrans, 1, 1, 1,
+							1.0f, &a, 1, &b, 1, 0.0f, &c, 1);
+		}
+		pthread_sigmask(SIG_SETMASK, &old, NULL);
+
+		if (blas_handle == NULL)
+			ereport(ERROR,
+					(errcode(ERRCODE_FEATURE_NOT_SUPPORTED),
+					 errmsg("pg_llm could not load a BLAS library"),
+					 errdetail("Tried libopenblas.so.0, libopenblas.so, libcblas.so.3 and libblas.so.3."),
+					 errhint("Install OpenBLAS on the database server, e.g. apt-get install libopenblas0.")));
+	}
+
+	want = llm_num_threads();
+	if (blas_set_threads != NULL && want != blas_threads_set)
+	{
+		sigset_t	all,
+					old;
+
+		/* OpenBLAS may start new threads here: same rule, signals blocked. */
+		sigfillset(&all);
+		pthread_sigmask(SIG_SETMASK, &all, &old);
+		blas_set_threads(want);
+		pthread_sigmask(SIG_SETMASK, &old, NULL);
+		blas_threads_set = want;
+	}
+}
+
+PG_FUNCTION_INFO_V1(pg_llm_blas_info);
+Datum
+pg_llm_blas_info(PG_FUNCTION_ARGS)
+{
+	llm_blas_init();
+	PG_RETURN_TEXT_P(cstring_to_text(psprintf("%s, %d threads", blas_name, llm_num_threads())));
+}

@@ -1,0 +1,32 @@
+/*
+ * pg_llm.h: shared declarations of the pg_llm extension.
+ */
+#ifndef PG_LLM_H
+#define PG_LLM_H
+
+#include "postgres.h"
+
+#define PG_LLM_VERSION "0.1.0"
+
+/* GUCs (see pg_llm.c) */
+extern int	llm_threads;		/* worker threads for BLAS and kernels; 0 = one per core */
+
+/* blas.c */
+extern void llm_blas_init(void);
+extern int	llm_num_threads(void);
+
+/* Signatures of the CBLAS entry points we use (declared here so that no BLAS header is needed). */
+enum LlmCblasOrder { LlmCblasRowMajor = 101, LlmCblasColMajor = 102 };
+enum LlmCblasTranspose { LlmCblasNoTrans = 111, LlmCblasTrans = 112 };
+
+typedef void (*llm_sgemm_fn) (int order, int transa, int transb, int m, int n, int k,
+							  float alpha, const float *a, int lda, const float *b, int ldb,
+							  float beta, float *c, int ldc);
+typedef void (*llm_sgemv_fn) (int order, int trans, int m, int n, float alpha,
+							  const float *a, int lda, const float *x, int incx,
+							  float beta, float *y, int incy);
+
+extern llm_sgemm_fn llm_cblas_sgemm;
+extern llm_sgemv_fn llm_cblas_sgemv;
+
+#endif							/* PG_LLM_H */

@@ -1,0 +1,81 @@
+"""The `pgllm` command: global options, the error boundary, and the subcommands."""
+
+from __future__ import annotations
+
+import psycopg
+import typer
+from typer.core import TyperGroup
+
+from . import __version__
+from .errors import PgllmError
+
+
+def database_error_line(e: psycopg.Error) -> str:
+    """A server error as one line: the message, then the hint or detail when there is one."""
+    diag = getattr(e, "diag", None)
+    message = diag.message_primary if diag is not None and diag.message_primary else ""
+    if not message:
+        text = str(e).strip()
+        message = text.splitlines()[0] if text else type(e).__name__
+    extra = diag.message_hint or diag.message_detail if diag is not None else None
+    return f"{message} ({extra})" if extra else message
+
+
+class ErrorBoundary(TyperGroup):
+    """Expected failures end as one `Error: ...` line on stderr and a non-zero exit code.
+
+    Anything else is a bug and raises, with its traceback, so that tests see it.
+    """
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except PgllmError as e:
+            typer.echo(f"Error: {e}", err=True)
+            raise typer.Exit(e.exit_code) from None
+        except psycopg.Error as e:
+            typer.echo(f"Error: {database_error_line(e)}", err=True)
+            raise typer.Exit(1) from None
+        except KeyboardInterrupt:
+            typer.echo("Error: interrupted", err=True)
+            raise typer.Exit(130) from None
+
+
+app = typer.Typer(
+    name="pgllm",
+    cls=ErrorBoundary,
+    help="Train and serve GPT-2 models inside PostgreSQL.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"pgllm {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main_options(
+    ctx: typer.Context,
+    dsn: str = typer.Option(None, "--dsn", help="PostgreSQL connection string (default: PGLLM_DSN, "
+                            "libpq's PG* variables, then the embedded server).", show_default=False),
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Show the version."),
+) -> None:
+    ctx.obj = {"dsn": dsn}
+
+
+def _register() -> None:
+    from .commands import install, server
+
+    app.command("install")(install.install)
+    app.add_typer(server.app, name="server")
+
+
+_register()
+
+
+def main() -> None:
+    app()

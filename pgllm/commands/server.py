@@ -1,0 +1,48 @@
+"""`pgllm server start|stop|status`: the embedded PostgreSQL cluster."""
+
+from __future__ import annotations
+
+import json
+
+import typer
+
+from ..cluster import Cluster
+
+app = typer.Typer(help="Manage the embedded PostgreSQL server (data in PGLLM_HOME).", no_args_is_help=True)
+
+
+@app.command()
+def start(port: int = typer.Option(None, "--port", min=1, max=65535,
+                                   help="Also listen on localhost:PORT over TCP (kept for later starts).")) -> None:
+    """Start the embedded server (initdb on first use)."""
+    cluster = Cluster.default()
+    started = cluster.start(port=port)
+    typer.echo(f"{'started' if started else 'already running'}: {cluster.dsn()}")
+
+
+@app.command()
+def stop() -> None:
+    """Stop the embedded server."""
+    cluster = Cluster.default()
+    typer.echo("stopped" if cluster.stop() else "not running")
+
+
+@app.command()
+def status(as_json: bool = typer.Option(False, "--json", help="Print the status as JSON.")) -> None:
+    """Show where the embedded server lives, whether it runs, and the pg_llm version in it."""
+    info = Cluster.default().status()
+    if as_json:
+        typer.echo(json.dumps(info, indent=2))
+        return
+    rows = [
+        ("running", "yes" if info["running"] else "no"),
+        ("server version", info["server_version"] or "-"),
+        ("connection", info["dsn"]),
+        ("data directory", info["data_directory"]),
+        ("log file", info["log_file"]),
+        ("pg_llm installed", info["extension_version"] or "no"),
+        ("pg_llm available", info["extension_available"] or "no (run `pgllm install`)"),
+    ]
+    width = max(len(k) for k, _ in rows)
+    for k, v in rows:
+        typer.echo(f"{k:<{width}}  {v}")
