@@ -3,9 +3,18 @@
  */
 #include "pg_llm.h"
 
+#include <stdlib.h>
+
+#include "access/genam.h"
+#include "access/htup_details.h"
+#include "access/table.h"
+#include "catalog/indexing.h"
+#include "catalog/pg_extension.h"
 #include "fmgr.h"
+#include "utils/fmgroids.h"
 #include "utils/builtins.h"
 #include "utils/guc.h"
+#include "utils/lsyscache.h"
 
 PG_MODULE_MAGIC;
 
@@ -31,4 +40,41 @@ Datum
 pg_llm_version(PG_FUNCTION_ARGS)
 {
 	PG_RETURN_TEXT_P(cstring_to_text(PG_LLM_VERSION));
+}
+
+/*
+ * Tables are always named with the extension's schema, so that a caller's search_path can
+ * neither hide them nor substitute others.
+ */
+char *
+llm_table(const char *name)
+{
+	Relation	rel = table_open(ExtensionRelationId, AccessShareLock);
+	ScanKeyData key;
+	SysScanDesc scan;
+	HeapTuple	tuple;
+	Oid			schema = InvalidOid;
+
+	ScanKeyInit(&key, Anum_pg_extension_extname, BTEqualStrategyNumber, F_NAMEEQ,
+				CStringGetDatum("pg_llm"));
+	scan = systable_beginscan(rel, ExtensionNameIndexId, true, NULL, 1, &key);
+	tuple = systable_getnext(scan);
+	if (HeapTupleIsValid(tuple))
+		schema = ((Form_pg_extension) GETSTRUCT(tuple))->extnamespace;
+	systable_endscan(scan);
+	table_close(rel, AccessShareLock);
+	if (!OidIsValid(schema))
+		ereport(ERROR,
+				(errcode(ERRCODE_UNDEFINED_OBJECT),
+				 errmsg("extension \"pg_llm\" is not installed in this database"),
+				 errhint("Run pgllm install, or CREATE EXTENSION pg_llm.")));
+	return psprintf("%s.%s", quote_identifier(get_namespace_name(schema)), quote_identifier(name));
+}
+
+float *
+llm_alloc_floats(size_t n)
+{
+	size_t		bytes = (n * sizeof(float) + 63) & ~(size_t) 63;
+
+	return (float *) aligned_alloc(64, bytes == 0 ? 64 : bytes);
 }

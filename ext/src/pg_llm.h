@@ -11,6 +11,14 @@
 /* GUCs (see pg_llm.c) */
 extern int	llm_threads;		/* worker threads for BLAS and kernels; 0 = one per core */
 
+/* pg_llm.c */
+extern char *llm_table(const char *name);	/* schema-qualified, quoted name of a pg_llm table */
+extern float *llm_alloc_floats(size_t n);	/* malloc'd, 64-byte aligned; NULL when out of memory */
+
+/* parallel.c: a fixed pool of worker threads for plain-C kernels */
+typedef void (*llm_task_fn) (void *arg, size_t start, size_t end);
+extern void llm_parallel_for(size_t n, llm_task_fn fn, void *arg);
+
 /* blas.c */
 extern void llm_blas_init(void);
 extern int	llm_num_threads(void);

@@ -1,0 +1,391 @@
+/*
+ * model.c: GPT-2 tensor names and layout, llm_model_config, and the per-backend weight cache.
+ */
+#include "pg_llm.h"
+#include "model.h"
+
+#include <ctype.h>
+#include <stdlib.h>
+
+#include "catalog/pg_type.h"
+#include "executor/spi.h"
+#include "miscadmin.h"
+#include "utils/array.h"
+#include "utils/builtins.h"
+#include "utils/lsyscache.h"
+
+/* Per-layer tensor kinds in the order of the Hugging Face state dict, with their suffixes. */
+static const struct
+{
+	LlmParamKind kind;
+	const char *suffix;
+}			layer_tensors[] = {
+	{LLM_LN1W, "ln_1.weight"},
+	{LLM_LN1B, "ln_1.bias"},
+	{LLM_QKVW, "attn.c_attn.weight"},
+	{LLM_QKVB, "attn.c_attn.bias"},
+	{LLM_ATTPROJW, "attn.c_proj.weight"},
+	{LLM_ATTPROJB, "attn.c_proj.bias"},
+	{LLM_LN2W, "ln_2.weight"},
+	{LLM_LN2B, "ln_2.bias"},
+	{LLM_FCW, "mlp.c_fc.weight"},
+	{LLM_FCB, "mlp.c_fc.bias"},
+	{LLM_FCPROJW, "mlp.c_proj.weight"},
+	{LLM_FCPROJB, "mlp.c_proj.bias"},
+};
+
+#define LAYER_TENSORS ((int) lengthof(layer_tensors))
+
+static bool
+kind_is_layered(LlmParamKind kind)
+{
+	return kind != LLM_WTE && kind != LLM_WPE && kind != LLM_LNFW && kind != LLM_LNFB;
+}
+
+/* The shape of one tensor of this kind (one layer's, for layered kinds). */
+static int
+kind_shape(const LlmConfig *cfg, LlmParamKind kind, int shape[2])
+{
+	size_t		C = cfg->d_model;
+
+	switch (kind)
+	{
+		case LLM_WTE:
+			shape[0] = cfg->vocab, shape[1] = C;
+			return 2;
+		case LLM_WPE:
+			shape[0] = cfg->n_positions, shape[1] = C;
+			return 2;
+		case LLM_QKVW:
+			shape[0] = C, shape[1] = 3 * C;
+			return 2;
+		case LLM_ATTPROJW:
+			shape[0] = C, shape[1] = C;
+			return 2;
+		case LLM_FCW:
+			shape[0] = C, shape[1] = 4 * C;
+			return 2;
+		case LLM_FCPROJW:
+			shape[0] = 4 * C, shape[1] = C;
+			return 2;
+		case LLM_QKVB:
+			shape[0] = 3 * C;
+			return 1;
+		case LLM_FCB:
+			shape[0] = 4 * C;
+			return 1;
+		default:
+			shape[0] = C;
+			return 1;
+	}
+}
+
+void
+llm_layout_init(const LlmConfig *cfg, LlmLayout *layout)
+{
+	size_t		offset = 0;
+
+	for (int k = 0; k < LLM_NUM_KINDS; k++)
+	{
+		int			shape[2];
+		int			ndim = kind_shape(cfg, (LlmParamKind) k, shape);
+		size_t		n = (size_t) shape[0] * (ndim == 2 ? (size_t) shape[1] : 1);
+
+		layout->offset[k] = offset;
+		layout->size[k] = n;
+		offset += n * (kind_is_layered((LlmParamKind) k) ? (size_t) cfg->n_layer : 1);
+	}
+	layout->num_params = offset;
+	layout->num_tensors = 4 + LAYER_TENSORS * cfg->n_layer;
+}
+
+static void
+fill_info(const LlmConfig *cfg, const LlmLayout *layout, LlmParamKind kind, int layer,
+		  const char *name, LlmTensorInfo *info)
+{
+	strlcpy(info->name, name, sizeof(info->name));
+	info->kind = kind;
+	info->layer = layer;
+	info->ndim = kind_shape(cfg, kind, info->shape);
+	info->numel = layout->size[kind];
+	info->offset = layout->offset[kind] + (layer >= 0 ? (size_t) layer * layout->size[kind] : 0);
+	info->decay = (info->ndim == 2);
+}
+
+/* Tensors in state-dict order: wte, wpe, h.0.*, ..., h.{L-1}.*, ln_f.weight, ln_f.bias. */
+void
+llm_tensor_info(const LlmConfig *cfg, const LlmLayout *layout, int index, LlmTensorInfo *info)
+{
+	char		name[64];
+	int			n_layered = LAYER_TENSORS * cfg->n_layer;
+
+	Assert(index >= 0 && index < layout->num_tensors);
+	if (index == 0)
+		fill_info(cfg, layout, LLM_WTE, -1, "wte", info);
+	else if (index == 1)
+		fill_info(cfg, layout, LLM_WPE, -1, "wpe", info);
+	else if (index - 2 < n_layered)
+	{
+		int			layer = (index - 2) / LAYER_TENSORS;
+		int			t = (index - 2) % LAYER_TENSORS;
+
+		snprintf(name, sizeof(name), "h.%d.%s", layer, layer_tensors[t].suffix);
+		fill_info(cfg, layout, layer_tensors[t].kind, layer, name, info);
+	}
+	else if (index - 2 == n_layered)
+		fill_info(cfg, layout, LLM_LNFW, -1, "ln_f.weight", info);
+	else
+		fill_info(cfg, layout, LLM_LNFB, -1, "ln_f.bias", info);
+}
+
+/* Index of the tensor with this name, or -1. */
+int
+llm_tensor_find(const LlmConfig *cfg, const LlmLayout *layout, const char *name, LlmTensorInfo *info)
+{
+	if (strncmp(name, "h.", 2) == 0)
+	{
+		char	   *end;
+		long		layer;
+
+		if (!isdigit((unsigned char) name[2]))
+			return -1;
+		layer = strtol(name + 2, &end, 10);
+		/* no leading zeros, so that each tensor has exactly one name */
+		if (*end != '.' || layer < 0 || layer >= cfg->n_layer || (name[2] == '0' && end != name + 3))
+			return -1;
+		for (int t = 0; t < LAYER_TENSORS; t++)
+		{
+			if (strcmp(end + 1, layer_tensors[t].suffix) == 0)
+			{
+				int			index = 2 + (int) layer * LAYER_TENSORS + t;
+
+				llm_tensor_info(cfg, layout, index, info);
+				return index;
+			}
+		}
+		return -1;
+	}
+	for (int index = 0; index < layout->num_tensors; index += (index == 1 ? LAYER_TENSORS * cfg->n_layer + 1 : 1))
+	{
+		llm_tensor_info(cfg, layout, index, info);
+		if (strcmp(info->name, name) == 0)
+			return index;
+	}
+	return -1;
+}
+
+void
+llm_params_point(float *memory, const LlmLayout *layout, LlmParams *p)
+{
+	float	  **slots[LLM_NUM_KINDS] = {
+		&p->wte, &p->wpe, &p->ln1w, &p->ln1b, &p->qkvw, &p->qkvb, &p->attprojw, &p->attprojb,
+		&p->ln2w, &p->ln2b, &p->fcw, &p->fcb, &p->fcprojw, &p->fcprojb, &p->lnfw, &p->lnfb,
+	};
+
+	for (int k = 0; k < LLM_NUM_KINDS; k++)
+		*slots[k] = memory + layout->offset[k];
+}
+
+void
+llm_check_model_name(const char *model)
+{
+	size_t		len = strlen(model);
+
+	if (len == 0 || len > LLM_MODEL_NAME_MAX)
+		ereport(ERROR,
+				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+				 errmsg("model name must have 1 to %d bytes", LLM_MODEL_NAME_MAX)));
+	for (size_t i = 0; i < len; i++)
+		if ((unsigned char) model[i] < 0x20 || model[i] == 0x7f)
+			ereport(ERROR,
+					(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+					 errmsg("model name must not contain control characters")));
+}
+
+void
+llm_config_load(const char *model, LlmConfig *cfg)
+{
+	Oid			argtypes[1] = {TEXTOID};
+	Datum		values[1];
+	bool		isnull;
+	int			ret;
+
+	llm_check_model_name(model);
+	values[0] = CStringGetTextDatum(model);
+	SPI_connect();
+	ret = SPI_execute_with_args(psprintf("SELECT n_layer, n_head, d_model, n_positions, vocab, weights_version "
+										 "FROM %s WHERE model = $1", llm_table("llm_model_config")),
+								1, argtypes, values, NULL, true, 1);
+	if (ret != SPI_OK_SELECT)
+		elog(ERROR, "reading llm_model_config failed: %s", SPI_result_code_string(ret));
+	if (SPI_processed == 0)
+		ereport(ERROR,
+				(errcode(ERRCODE_UNDEFINED_OBJECT),
+				 errmsg("model \"%s\" does not exist", model),
+				 errhint("Register it with pgllm import or pgllm init, or insert a row into llm_model_config.")));
+	memset(cfg, 0, sizeof(*cfg));
+	strlcpy(cfg->model, model, sizeof(cfg->model));
+	cfg->n_layer = DatumGetInt32(SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1, &isnull));
+	cfg->n_head = DatumGetInt32(SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 2, &isnull));
+	cfg->d_model = DatumGetInt32(SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 3, &isnull));
+	cfg->n_positions = DatumGetInt32(SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 4, &isnull));
+	cfg->vocab = DatumGetInt32(SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 5, &isnull));
+	cfg->weights_version = DatumGetInt64(SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 6, &isnull));
+	SPI_finish();
+}
+
+/* ---- the weight cache ---------------------------------------------------------------------- */
+
+static LlmModel *cached = NULL;
+
+void
+llm_model_forget(void)
+{
+	if (cached != NULL)
+	{
+		free(cached->memory);
+		free(cached);
+		cached = NULL;
+	}
+}
+
+void
+llm_model_set_version(LlmModel *m, int64 version)
+{
+	m->cfg.weights_version = version;
+}
+
+static bool
+same_architecture(const LlmConfig *a, const LlmConfig *b)
+{
+	return strcmp(a->model, b->model) == 0 && a->n_layer == b->n_layer && a->n_head == b->n_head &&
+		a->d_model == b->d_model && a->n_positions == b->n_positions && a->vocab == b->vocab;
+}
+
+static void
+check_shape(const LlmTensorInfo *info, ArrayType *shape)
+{
+	int			n = ARR_NDIM(shape) == 1 ? ARR_DIMS(shape)[0] : -1;
+	int32	   *dims = (int32 *) ARR_DATA_PTR(shape);
+	bool		ok = (n == info->ndim) && !ARR_HASNULL(shape) && ARR_ELEMTYPE(shape) == INT4OID;
+
+	for (int i = 0; ok && i < n; i++)
+		ok = dims[i] == info->shape[i];
+	if (!ok)
+		ereport(ERROR,
+				(errcode(ERRCODE_DATA_CORRUPTED),
+				 errmsg("tensor \"%s\" has the wrong shape in llm_param", info->name),
+				 info->ndim == 2 ? errdetail("Expected {%d,%d}.", info->shape[0], info->shape[1])
+				 : errdetail("Expected {%d}.", info->shape[0]),
+				 errhint("Re-import the model's weights.")));
+}
+
+/* Copy every tensor of the model from llm_param into memory (num_params floats). */
+static void
+load_weights(const LlmConfig *cfg, const LlmLayout *layout, float *memory)
+{
+	Oid			argtypes[1] = {TEXTOID};
+	Datum		values[1] = {CStringGetTextDatum(cfg->model)};
+	bool	   *seen = palloc0(layout->num_tensors * sizeof(bool));
+	Portal		portal;
+
+	SPI_connect();
+	portal = SPI_cursor_open_with_args(NULL,
+									   psprintf("SELECT name, shape, data FROM %s WHERE model = $1",
+												llm_table("llm_param")),
+									   1, argtypes, values, NULL, true, CURSOR_OPT_NO_SCROLL);
+	for (;;)
+	{
+		SPI_cursor_fetch(portal, true, 16);
+		if (SPI_processed == 0)
+			break;
+		for (uint64 r = 0; r < SPI_processed; r++)
+		{
+			HeapTuple	tuple = SPI_tuptable->vals[r];
+			TupleDesc	desc = SPI_tuptable->tupdesc;
+			bool		isnull;
+			char	   *name = TextDatumGetCString(SPI_getbinval(tuple, desc, 1, &isnull));
+			LlmTensorInfo info;
+			int			index = llm_tensor_find(cfg, layout, name, &info);
+			bytea	   *data;
+
+			CHECK_FOR_INTERRUPTS();
+			if (index < 0)
+				continue;		/* not a parameter of this architecture: ignored */
+			check_shape(&info, DatumGetArrayTypeP(SPI_getbinval(tuple, desc, 2, &isnull)));
+			data = DatumGetByteaPP(SPI_getbinval(tuple, desc, 3, &isnull));
+			if (VARSIZE_ANY_EXHDR(data) != info.numel * sizeof(float))
+				ereport(ERROR,
+						(errcode(ERRCODE_DATA_CORRUPTED),
+						 errmsg("tensor \"%s\" has %zu bytes in llm_param, expected %zu",
+								name, (size_t) VARSIZE_ANY_EXHDR(data), info.numel * sizeof(float)),
+						 errhint("Re-import the model's weights.")));
+			memcpy(memory + info.offset, VARDATA_ANY(data), info.numel * sizeof(float));
+			seen[index] = true;
+			pfree(data);
+			pfree(name);
+		}
+		SPI_freetuptable(SPI_tuptable);
+	}
+	SPI_cursor_close(portal);
+	SPI_finish();
+
+	for (int i = 0; i < layout->num_tensors; i++)
+	{
+		if (!seen[i])
+		{
+			LlmTensorInfo info;
+
+			llm_tensor_info(cfg, layout, i, &info);
+			ereport(ERROR,
+					(errcode(ERRCODE_NO_DATA_FOUND),
+					 errmsg("model \"%s\" has no weights for tensor \"%s\"", cfg->model, info.name),
+					 errhint("Load weights with pgllm import (or pg_llm_import_npz), or create them with pgllm init.")));
+		}
+	}
+	pfree(seen);
+}
+
+LlmModel *
+llm_model_get(const char *model)
+{
+	LlmConfig	cfg;
+	LlmModel   *m;
+
+	llm_config_load(model, &cfg);
+	if (cached != NULL && same_architecture(&cached->cfg, &cfg) &&
+		cached->cfg.weights_version == cfg.weights_version)
+		return cached;
+
+	llm_model_forget();
+	m = calloc(1, sizeof(LlmModel));
+	if (m == NULL)
+		ereport(ERROR, (errcode(ERRCODE_OUT_OF_MEMORY), errmsg("out of memory")));
+	m->cfg = cfg;
+	llm_layout_init(&cfg, &m->layout);
+	m->memory = llm_alloc_floats(m->layout.num_params);
+	if (m->memory == NULL)
+	{
+		size_t		mb = m->layout.num_params * sizeof(float) >> 20;
+
+		free(m);
+		ereport(ERROR,
+				(errcode(ERRCODE_OUT_OF_MEMORY),
+				 errmsg("out of memory loading model \"%s\"", model),
+				 errdetail("The weights need %zu MB.", mb)));
+	}
+	PG_TRY();
+	{
+		load_weights(&cfg, &m->layout, m->memory);
+	}
+	PG_CATCH();
+	{
+		free(m->memory);
+		free(m);
+		PG_RE_THROW();
+	}
+	PG_END_TRY();
+	llm_params_point(m->memory, &m->layout, &m->p);
+	cached = m;
+	return m;
+}

@@ -1,0 +1,125 @@
+/*
+ * model.h: GPT-2 architecture, the tensor name table, and the per-backend weight cache.
+ *
+ * Parameters live in one contiguous float block, grouped by kind across layers as in llm.c
+ * (all layers' ln_1 weights, then all ln_1 biases, ...), each tensor in Hugging Face orientation:
+ * Conv1D weights are (in, out), so a linear layer is out = in @ W + b with row-major sgemm.
+ *
+ * Shapes: V = vocab, P = n_positions, L = n_layer, C = d_model.
+ */
+#ifndef PG_LLM_MODEL_H
+#define PG_LLM_MODEL_H
+
+#include "postgres.h"
+
+#define LLM_MODEL_NAME_MAX 200
+
+typedef struct LlmConfig
+{
+	char		model[LLM_MODEL_NAME_MAX + 1];
+	int			n_layer;		/* L */
+	int			n_head;			/* NH */
+	int			d_model;		/* C */
+	int			n_positions;	/* P */
+	int			vocab;			/* V */
+	int64		weights_version;
+} LlmConfig;
+
+/* Parameter kinds, in block order. */
+typedef enum LlmParamKind
+{
+	LLM_WTE,					/* (V, C) token embeddings; also the tied output head */
+	LLM_WPE,					/* (P, C) position embeddings */
+	LLM_LN1W, LLM_LN1B,			/* (L, C) */
+	LLM_QKVW,					/* (L, C, 3C) attn.c_attn.weight */
+	LLM_QKVB,					/* (L, 3C) */
+	LLM_ATTPROJW,				/* (L, C, C) attn.c_proj.weight */
+	LLM_ATTPROJB,				/* (L, C) */
+	LLM_LN2W, LLM_LN2B,			/* (L, C) */
+	LLM_FCW,					/* (L, C, 4C) mlp.c_fc.weight */
+	LLM_FCB,					/* (L, 4C) */
+	LLM_FCPROJW,				/* (L, 4C, C) mlp.c_proj.weight */
+	LLM_FCPROJB,				/* (L, C) */
+	LLM_LNFW, LLM_LNFB,			/* (C) */
+	LLM_NUM_KINDS
+} LlmParamKind;
+
+/* Where each kind starts in the block, and the size of one layer's tensor of that kind. */
+typedef struct LlmLayout
+{
+	size_t		offset[LLM_NUM_KINDS];	/* in floats */
+	size_t		size[LLM_NUM_KINDS];	/* floats per tensor (per layer for layered kinds) */
+	size_t		num_params;		/* total floats */
+	int			num_tensors;	/* named tensors: 2 + 12 L + 2 */
+} LlmLayout;
+
+/* One named tensor as stored in llm_param. */
+typedef struct LlmTensorInfo
+{
+	char		name[64];		/* e.g. "h.3.attn.c_attn.weight" */
+	LlmParamKind kind;
+	int			layer;			/* -1 for non-layered kinds */
+	int			ndim;			/* 1 or 2 */
+	int			shape[2];
+	size_t		offset;			/* in floats, within the block */
+	size_t		numel;
+	bool		decay;			/* AdamW weight decay applies (2-D tensors, as nanoGPT) */
+} LlmTensorInfo;
+
+typedef struct LlmParams
+{
+	float	   *wte,
+			   *wpe,
+			   *ln1w,
+			   *ln1b,
+			   *qkvw,
+			   *qkvb,
+			   *attprojw,
+			   *attprojb,
+			   *ln2w,
+			   *ln2b,
+			   *fcw,
+			   *fcb,
+			   *fcprojw,
+			   *fcprojb,
+			   *lnfw,
+			   *lnfb;
+} LlmParams;
+
+typedef struct LlmModel
+{
+	LlmConfig	cfg;
+	LlmLayout	layout;
+	float	   *memory;			/* layout.num_params floats, malloc'd, 64-byte aligned */
+	LlmParams	p;				/* pointers into memory */
+} LlmModel;
+
+/* Layout and names (pure functions, no database access). */
+extern void llm_layout_init(const LlmConfig *cfg, LlmLayout *layout);
+extern void llm_tensor_info(const LlmConfig *cfg, const LlmLayout *layout, int index, LlmTensorInfo *info);
+extern int	llm_tensor_find(const LlmConfig *cfg, const LlmLayout *layout, const char *name, LlmTensorInfo *info);
+extern void llm_params_point(float *memory, const LlmLayout *layout, LlmParams *p);
+
+/* Checks a model name before it is used anywhere (length, no control characters). */
+extern void llm_check_model_name(const char *model);
+
+/* Reads llm_model_config; ERROR (undefined object) when the model is unknown. Uses SPI. */
+extern void llm_config_load(const char *model, LlmConfig *cfg);
+
+/*
+ * The model with its weights, loaded from llm_param on first use and kept until the model's
+ * weights_version changes (one indexed lookup per call). ERROR when a tensor is missing or has
+ * the wrong size. The returned model stays valid until the next llm_model_get call.
+ */
+extern LlmModel *llm_model_get(const char *model);
+
+/* Drop the cached weights (frees their memory). */
+extern void llm_model_forget(void);
+
+/*
+ * After this backend itself wrote new weights for the cached model (training), record the
+ * version it now sees so that the next llm_model_get does not reload what it already holds.
+ */
+extern void llm_model_set_version(LlmModel *m, int64 version);
+
+#endif							/* PG_LLM_MODEL_H */
