@@ -43,11 +43,16 @@
 #define MAX_TOKEN_ID 9999999	/* as llm_model_config.vocab: ids below 10 million */
 #define MAX_CACHED_TOKENIZERS 4
 
-/* Word cache limits: pieces up to 255 bytes are cached; the cache is emptied when full. */
+/*
+ * Word cache: pieces of up to 255 bytes with their ids, packed one after the other in an arena
+ * of 4-byte words, found through an open-addressing table of (hash high half, arena offset).
+ * A hit costs one slot read and one arena read. The cache is emptied when full.
+ */
 #define WORD_CACHE_MAX_KEY 255
-#define WORD_CACHE_SLOTS (1 << 19)
-#define WORD_CACHE_MAX_ENTRIES (WORD_CACHE_SLOTS / 2)	/* load factor at most 1/2 */
-#define WORD_CACHE_MAX_BYTES (16 << 20)
+#define WORD_CACHE_MIN_SLOTS (1 << 12)
+#define WORD_CACHE_MAX_SLOTS (1 << 18)	/* grows by doubling: small tables stay in cache */
+#define WORD_CACHE_MAX_ENTRIES (WORD_CACHE_MAX_SLOTS / 2)	/* load factor at most 1/2 */
+#define WORD_CACHE_ARENA_MAX (8 << 20)	/* in 4-byte words: 32 MB */
 
 /* Words of at most this many bytes are merged by rescanning; longer ones use a heap. */
 #define BPE_SHORT_WORD 64
@@ -166,11 +171,9 @@ typedef struct MergeEntry
 
 #define MERGE_EMPTY UINT64_MAX
 
+/* Arena entry: this header, then n_ids ids, then the key's bytes, padded to 4 bytes. */
 typedef struct WordEntry
 {
-	uint64		hash;
-	uint32		key_off;		/* into word_bytes */
-	uint32		ids_off;		/* into word_ids */
 	uint16		key_len;
 	uint16		n_ids;
 } WordEntry;
@@ -194,15 +197,12 @@ typedef struct BpeTokenizer
 	int			merge_shift;
 
 	/* Cache of encoded pieces. */
-	uint32	   *word_slots;		/* WORD_CACHE_SLOTS, entry index + 1 */
-	WordEntry  *words;
+	uint64	   *word_slots;		/* hash >> 32 << 32 | (arena offset + 1); 0 = empty */
+	uint32		word_mask;		/* slots - 1 */
 	uint32		n_words;
-	unsigned char *word_bytes;
-	uint32		word_bytes_used,
-				word_bytes_cap;
-	int32	   *word_ids;
-	uint32		word_ids_used,
-				word_ids_cap;
+	uint32	   *arena;
+	uint32		arena_used,		/* in 4-byte words */
+				arena_cap;
 } BpeTokenizer;
 
 static BpeTokenizer *tokenizers = NULL;
@@ -454,12 +454,10 @@ tokenizer_build(const char *model, int64 version)
 	SPI_finish();
 
 	/* The word cache. */
-	t->word_slots = MemoryContextAllocZero(cxt, WORD_CACHE_SLOTS * sizeof(uint32));
-	t->words = MemoryContextAlloc(cxt, WORD_CACHE_MAX_ENTRIES * sizeof(WordEntry));
-	t->word_bytes_cap = 1 << 16;
-	t->word_bytes = MemoryContextAlloc(cxt, t->word_bytes_cap);
-	t->word_ids_cap = 1 << 14;
-	t->word_ids = MemoryContextAlloc(cxt, t->word_ids_cap * sizeof(int32));
+	t->word_slots = MemoryContextAllocZero(cxt, WORD_CACHE_MIN_SLOTS * sizeof(uint64));
+	t->word_mask = WORD_CACHE_MIN_SLOTS - 1;
+	t->arena_cap = 1 << 16;
+	t->arena = MemoryContextAlloc(cxt, t->arena_cap * sizeof(uint32));
 
 	MemoryContextSetParent(cxt, TopMemoryContext);
 	return t;
@@ -814,95 +812,162 @@ bpe_long(const BpeTokenizer *t, int32 *sym, int m)
 static void
 word_cache_clear(BpeTokenizer *t)
 {
-	memset(t->word_slots, 0, WORD_CACHE_SLOTS * sizeof(uint32));
+	memset(t->word_slots, 0, ((size_t) t->word_mask + 1) * sizeof(uint64));
 	t->n_words = 0;
-	t->word_bytes_used = 0;
-	t->word_ids_used = 0;
+	t->arena_used = 0;
+}
+
+static inline uint32
+word_entry_size(int len, int n_ids)
+{
+	return 1 + n_ids + (len + 3) / 4;
+}
+
+/* Doubles the slot table, re-inserting every entry of the arena (they lie end to end). */
+static void
+word_cache_grow(BpeTokenizer *t)
+{
+	uint32		size = (t->word_mask + 1) * 2;
+	uint64	   *slots = MemoryContextAllocZero(t->cxt, (size_t) size * sizeof(uint64));
+
+	for (uint32 off = 0; off < t->arena_used;)
+	{
+		const WordEntry *we = (const WordEntry *) (t->arena + off);
+		uint64		hash = hash_bytes64((const unsigned char *) (t->arena + off + 1 + we->n_ids), we->key_len);
+		uint32		slot = (uint32) hash & (size - 1);
+
+		while (slots[slot] != 0)
+			slot = (slot + 1) & (size - 1);
+		slots[slot] = (hash & 0xFFFFFFFF00000000ULL) | (off + 1);
+		off += word_entry_size(we->key_len, we->n_ids);
+	}
+	pfree(t->word_slots);
+	t->word_slots = slots;
+	t->word_mask = size - 1;
+}
+
+/* memcmp for the short keys of the cache, without a call. */
+static inline bool
+bytes_equal(const unsigned char *a, const unsigned char *b, size_t n)
+{
+	uint64		x,
+				y;
+	uint32		u,
+				v;
+
+	if (n >= 8)
+	{
+		size_t		i;
+
+		for (i = 0; i + 8 <= n; i += 8)
+		{
+			memcpy(&x, a + i, 8);
+			memcpy(&y, b + i, 8);
+			if (x != y)
+				return false;
+		}
+		memcpy(&x, a + n - 8, 8);
+		memcpy(&y, b + n - 8, 8);
+		return x == y;
+	}
+	if (n >= 4)
+	{
+		memcpy(&u, a, 4);
+		memcpy(&v, b, 4);
+		if (u != v)
+			return false;
+		memcpy(&u, a + n - 4, 4);
+		memcpy(&v, b + n - 4, 4);
+		return u == v;
+	}
+	for (size_t i = 0; i < n; i++)
+		if (a[i] != b[i])
+			return false;
+	return true;
 }
 
 /* Remembers a piece's ids. Space is made before anything is linked, so an error leaves it whole. */
 static void
-word_cache_put(BpeTokenizer *t, uint32 slot, uint64 hash, const unsigned char *w, int len,
-			   const int32 *ids, int n)
+word_cache_put(BpeTokenizer *t, uint64 hash, const unsigned char *w, int len, const int32 *ids, int n)
 {
-	WordEntry  *e;
+	uint32		size = word_entry_size(len, n);
+	uint32		slot;
+	uint32	   *e;
 
-	if (t->n_words >= WORD_CACHE_MAX_ENTRIES ||
-		t->word_bytes_used + len > WORD_CACHE_MAX_BYTES ||
-		(t->word_ids_used + n) * sizeof(int32) > WORD_CACHE_MAX_BYTES)
-		return;					/* full: the caller clears it at the start of the next call */
-	if (t->word_bytes_used + len > t->word_bytes_cap)
+	if (t->n_words >= WORD_CACHE_MAX_ENTRIES || t->arena_used + size > WORD_CACHE_ARENA_MAX)
+		return;					/* full: the next call starts it afresh */
+	if ((t->n_words + 1) * 2 > t->word_mask + 1)
+		word_cache_grow(t);
+	slot = (uint32) hash & t->word_mask;
+	while (t->word_slots[slot] != 0)
+		slot = (slot + 1) & t->word_mask;
+	if (t->arena_used + size > t->arena_cap)
 	{
-		uint32		cap = Min(t->word_bytes_cap * 2, WORD_CACHE_MAX_BYTES);
+		uint32		cap = Min(t->arena_cap * 2, WORD_CACHE_ARENA_MAX);
 
-		t->word_bytes = repalloc(t->word_bytes, cap);
-		t->word_bytes_cap = cap;
+		t->arena = repalloc(t->arena, cap * sizeof(uint32));
+		t->arena_cap = cap;
 	}
-	if (t->word_ids_used + n > t->word_ids_cap)
-	{
-		uint32		cap = Min(t->word_ids_cap * 2, WORD_CACHE_MAX_BYTES / sizeof(int32));
-
-		t->word_ids = repalloc(t->word_ids, cap * sizeof(int32));
-		t->word_ids_cap = cap;
-	}
-	e = &t->words[t->n_words];
-	e->hash = hash;
-	e->key_off = t->word_bytes_used;
-	e->key_len = len;
-	e->ids_off = t->word_ids_used;
-	e->n_ids = n;
-	memcpy(t->word_bytes + t->word_bytes_used, w, len);
-	memcpy(t->word_ids + t->word_ids_used, ids, n * sizeof(int32));
-	t->word_bytes_used += len;
-	t->word_ids_used += n;
-	t->word_slots[slot] = ++t->n_words;
+	e = t->arena + t->arena_used;
+	((WordEntry *) e)->key_len = len;
+	((WordEntry *) e)->n_ids = n;
+	memcpy(e + 1, ids, n * sizeof(int32));
+	memcpy(e + 1 + n, w, len);
+	t->word_slots[slot] = (hash & 0xFFFFFFFF00000000ULL) | (t->arena_used + 1);
+	t->arena_used += size;
+	t->n_words++;
 }
 
 /* Appends the ids of one piece to out; returns how many. */
-static int
+static inline int
 encode_word(BpeTokenizer *t, const unsigned char *w, size_t len, int32 *out)
 {
 	uint64		hash = 0;
-	uint32		slot = 0;
 	int			n;
 
 	if (len == 1)
 	{
-		if (t->byte_id[w[0]] < 0)
+		if (unlikely(t->byte_id[w[0]] < 0))
 			missing_byte_error(t, w[0]);
 		out[0] = t->byte_id[w[0]];
 		return 1;
 	}
 	if (len <= WORD_CACHE_MAX_KEY)
 	{
+		uint32		slot;
+
 		hash = hash_bytes64(w, len);
-		slot = (uint32) hash & (WORD_CACHE_SLOTS - 1);
+		slot = (uint32) hash & t->word_mask;
 		for (;;)
 		{
-			uint32		e = t->word_slots[slot];
-			const WordEntry *we;
+			uint64		v = t->word_slots[slot];
 
-			if (e == 0)
+			if (v == 0)
 				break;
-			we = &t->words[e - 1];
-			if (we->hash == hash && we->key_len == len && memcmp(t->word_bytes + we->key_off, w, len) == 0)
+			if ((v >> 32) == (hash >> 32))
 			{
-				memcpy(out, t->word_ids + we->ids_off, we->n_ids * sizeof(int32));
-				return we->n_ids;
+				const uint32 *e = t->arena + ((uint32) v - 1);
+				const WordEntry *we = (const WordEntry *) e;
+
+				if (we->key_len == len && bytes_equal((const unsigned char *) (e + 1 + we->n_ids), w, len))
+				{
+					memcpy(out, e + 1, we->n_ids * sizeof(int32));
+					return we->n_ids;
+				}
 			}
-			slot = (slot + 1) & (WORD_CACHE_SLOTS - 1);
+			slot = (slot + 1) & t->word_mask;
 		}
 	}
 	/* The output has room for len ids (one per byte at most): merge in place there. */
 	for (size_t i = 0; i < len; i++)
 	{
-		if (t->byte_id[w[i]] < 0)
+		if (unlikely(t->byte_id[w[i]] < 0))
 			missing_byte_error(t, w[i]);
 		out[i] = t->byte_id[w[i]];
 	}
 	n = len <= BPE_SHORT_WORD ? bpe_short(t, out, (int) len) : bpe_long(t, out, (int) len);
 	if (len <= WORD_CACHE_MAX_KEY)
-		word_cache_put(t, slot, hash, w, (int) len, out, n);
+		word_cache_put(t, hash, w, (int) len, out, n);
 	return n;
 }
 
@@ -914,8 +979,7 @@ encode_text(BpeTokenizer *t, const unsigned char *s, size_t len, int32 *out)
 	size_t		p = 0;
 	uint32		pieces = 0;
 
-	if (t->n_words >= WORD_CACHE_MAX_ENTRIES || t->word_bytes_used > WORD_CACHE_MAX_BYTES / 2 ||
-		t->word_ids_used > WORD_CACHE_MAX_BYTES / 8)
+	if (t->n_words >= WORD_CACHE_MAX_ENTRIES || t->arena_used > WORD_CACHE_ARENA_MAX / 2)
 		word_cache_clear(t);
 	while (p < len)
 	{
