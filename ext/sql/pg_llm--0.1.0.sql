@@ -167,8 +167,10 @@ CREATE TABLE llm_tokenizer_version (
 );
 COMMENT ON TABLE llm_tokenizer_version IS 'set from a sequence by any change to llm_bpe_vocab or llm_bpe_merges';
 
+-- SECURITY DEFINER: whoever may write the tokenizer tables (a role loading a tokenizer) bumps
+-- the version without needing rights on the version table or its sequence.
 CREATE FUNCTION llm_bpe_bump_version() RETURNS trigger
-LANGUAGE plpgsql SET search_path = @extschema@, pg_temp AS $$
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = @extschema@, pg_temp AS $$
 BEGIN
     IF TG_OP = 'TRUNCATE' THEN
         UPDATE llm_tokenizer_version SET version = nextval('llm_tokenizer_version_seq');

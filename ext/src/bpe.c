@@ -1592,9 +1592,23 @@ spi_exec(const char *sql, int nargs, Oid *types, Datum *values, int expect)
 		elog(ERROR, "%s failed: %s", sql, SPI_result_code_string(ret));
 }
 
+/*
+ * Loads of one model's tokenizer queue behind each other (pgllm tokenizer takes the same lock),
+ * so that two of them cannot interleave their deletes and inserts. Inside SPI.
+ */
+static void
+lock_model_tokenizer(const char *model)
+{
+	Oid			types[1] = {TEXTOID};
+	Datum		values[1] = {CStringGetTextDatum(model)};
+
+	spi_exec("SELECT pg_catalog.pg_advisory_xact_lock(pg_catalog.hashtext('pg_llm tokenizer'), pg_catalog.hashtext($1))",
+			 1, types, values, SPI_OK_SELECT);
+}
+
 /* Without replace, a model that already has rows in the table is refused. Inside SPI. */
 static void
-refuse_existing(const char *table, const char *what, const char *model, bool replace)
+refuse_existing(const char *table, const char *one, const char *many, const char *model, bool replace)
 {
 	Oid			types[1] = {TEXTOID};
 	Datum		values[1] = {CStringGetTextDatum(model)};
@@ -1608,7 +1622,8 @@ refuse_existing(const char *table, const char *what, const char *model, bool rep
 	if (count > 0)
 		ereport(ERROR,
 				(errcode(ERRCODE_DUPLICATE_OBJECT),
-				 errmsg("model \"%s\" already has %s (" INT64_FORMAT " rows)", model, what, count),
+				 errmsg("model \"%s\" already has a tokenizer (" INT64_FORMAT " %s)",
+						model, count, count == 1 ? one : many),
 				 errhint("Pass replace => true to replace it, or use pgllm tokenizer --truncate.")));
 }
 
@@ -1643,8 +1658,9 @@ pg_llm_load_bpe_vocab(PG_FUNCTION_ARGS)
 	}
 	values[2] = PointerGetDatum(text_array(tokens, lens, n));
 	SPI_connect();
-	refuse_existing("llm_bpe_vocab", "a vocabulary", model, replace);
-	refuse_existing("llm_bpe_merges", "merges", model, replace);
+	lock_model_tokenizer(model);
+	refuse_existing("llm_bpe_vocab", "token", "tokens", model, replace);
+	refuse_existing("llm_bpe_merges", "merge", "merges", model, replace);
 	/* A new vocabulary replaces the model's tokenizer: merges refer to the old one's tokens. */
 	spi_exec(psprintf("DELETE FROM %s WHERE model = $1", llm_table("llm_bpe_merges")), 1, types, values, SPI_OK_DELETE);
 	spi_exec(psprintf("DELETE FROM %s WHERE model = $1", llm_table("llm_bpe_vocab")), 1, types, values, SPI_OK_DELETE);
@@ -1737,7 +1753,8 @@ pg_llm_load_bpe_merges(PG_FUNCTION_ARGS)
 	/* Every merge must join two tokens of the model's vocabulary into a third, once. */
 	values[0] = CStringGetTextDatum(model);
 	SPI_connect();
-	refuse_existing("llm_bpe_merges", "merges", model, replace);
+	lock_model_tokenizer(model);
+	refuse_existing("llm_bpe_merges", "merge", "merges", model, replace);
 	ret = SPI_execute_with_args(psprintf("SELECT token_id, token FROM %s WHERE model = $1", llm_table("llm_bpe_vocab")),
 								1, types, values, NULL, false, 0);
 	if (ret != SPI_OK_SELECT)
