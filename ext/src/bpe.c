@@ -378,6 +378,10 @@ tokenizer_build(const char *model, int64 version)
 	}
 	t->vocab_size = max_id + 1;
 	t->n_tokens = (int32) n_tokens;
+	if (total_bytes > PG_UINT32_MAX)
+		ereport(ERROR,
+				(errcode(ERRCODE_PROGRAM_LIMIT_EXCEEDED),
+				 errmsg("the tokens of model \"%s\" take more than 4 GB", model)));
 
 	/* Raw bytes of every token, indexed by id. */
 	old = MemoryContextSwitchTo(cxt);
@@ -1130,7 +1134,8 @@ llm_bpe_decode(const char *model, const int32 *ids, int n, int *len_out)
 		check_id(t, ids[i]);
 		total += t->tok_off[ids[i] + 1] - t->tok_off[ids[i]];
 	}
-	if (total * 3 + 1 > MaxAllocHugeSize / 2)
+	/* Replacements only lengthen the text, so this is a lower bound of its length. */
+	if (total > MaxAllocSize - VARHDRSZ - 1)
 		ereport(ERROR,
 				(errcode(ERRCODE_PROGRAM_LIMIT_EXCEEDED),
 				 errmsg("decoded text would be too long (%zu bytes)", total)));
@@ -1144,8 +1149,13 @@ llm_bpe_decode(const char *model, const int32 *ids, int n, int *len_out)
 		o += len;
 	}
 	out = MemoryContextAllocHuge(CurrentMemoryContext, total * 3 + 1);
-	*len_out = (int) utf8_lossy(raw, total, out);
+	o = utf8_lossy(raw, total, out);
 	pfree(raw);
+	if (o > MaxAllocSize - VARHDRSZ - 1)
+		ereport(ERROR,
+				(errcode(ERRCODE_PROGRAM_LIMIT_EXCEEDED),
+				 errmsg("decoded text would be too long (%zu bytes)", o)));
+	*len_out = (int) o;
 	return out;
 }
 
