@@ -343,6 +343,8 @@ def test_token_bytes_and_info(g, hf):
     assert g.execute("SELECT llm_token_bytes(15496, %s)", (MODEL,)).fetchone()[0] == b"Hello"
     assert g.execute("SELECT llm_token_bytes(220, %s)", (MODEL,)).fetchone()[0] == b" "
     assert g.execute("SELECT llm_token_bytes(188, %s)", (MODEL,)).fetchone()[0] == b"\x00"
+    assert g.execute("SELECT llm_token_bytes(447, %s)", (MODEL,)).fetchone()[0] == b"\xe2\x80"
+    assert encode(g, ["a<|endoftext|>b"]) == [[64, 50256, 65]]
     # The raw bytes of every token, joined, are what HF decodes (before UTF-8 repair).
     ids = encode(g, ["naïve café 日本 👍🏽"])[0]
     rows = g.execute("SELECT llm_token_bytes(i, %s) FROM unnest(%s::int[]) WITH ORDINALITY u(i, o) ORDER BY o",
