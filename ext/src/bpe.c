@@ -33,10 +33,12 @@
 #include "mb/pg_wchar.h"
 #include "miscadmin.h"
 #include "storage/fd.h"
+#include "storage/proc.h"
 #include "utils/acl.h"
 #include "utils/array.h"
 #include "utils/builtins.h"
 #include "utils/memutils.h"
+#include "utils/snapmgr.h"
 
 #define EOT_TOKEN "<|endoftext|>"
 #define EOT_LEN 13
@@ -178,12 +180,34 @@ typedef struct WordEntry
 	uint16		n_ids;
 } WordEntry;
 
+/*
+ * What a query sees of the tables. Within one top transaction and subtransaction, two MVCC
+ * snapshots with the same command id, xmin, xmax and in-progress lists make the same rows
+ * visible, so the version read under one holds for the other.
+ */
+typedef struct SnapshotStamp
+{
+	LocalTransactionId lxid;
+	SubTransactionId subxid;
+	CommandId	curcid;
+	TransactionId xmin;
+	TransactionId xmax;
+	uint32		xcnt;
+	int32		subxcnt;
+	bool		suboverflowed;
+	bool		recovery;
+	TransactionId *xids;		/* xip then subxip, in the tokenizer's context */
+	uint32		xids_cap;
+} SnapshotStamp;
+
 typedef struct BpeTokenizer
 {
 	struct BpeTokenizer *next;
 	MemoryContext cxt;
 	char		model[LLM_MODEL_NAME_MAX + 1];
 	int64		version;
+	bool		checked;		/* the version was read under the snapshot in stamp */
+	SnapshotStamp stamp;
 	int32		vocab_size;		/* largest id + 1 */
 	int32		n_tokens;
 	int32		n_merges;
@@ -508,7 +532,72 @@ tokenizer_version(const char *model)
 	return version;
 }
 
-/* The cached tokenizer of a model, rebuilt when its tables changed. */
+/* The snapshot the version row is read under, or NULL when there is none to compare. */
+static Snapshot
+stampable_snapshot(void)
+{
+	Snapshot	snap;
+
+	if (!ActiveSnapshotSet())
+		return NULL;
+	snap = GetActiveSnapshot();
+	return (snap->snapshot_type == SNAPSHOT_MVCC && snap->subxcnt >= 0) ? snap : NULL;
+}
+
+static bool
+stamp_matches(const BpeTokenizer *t, Snapshot snap)
+{
+	const SnapshotStamp *st = &t->stamp;
+
+	return t->checked && snap != NULL &&
+		st->lxid == MyProc->lxid && st->subxid == GetCurrentSubTransactionId() &&
+		st->curcid == snap->curcid && st->xmin == snap->xmin && st->xmax == snap->xmax &&
+		st->xcnt == snap->xcnt && st->subxcnt == snap->subxcnt &&
+		st->suboverflowed == snap->suboverflowed && st->recovery == snap->takenDuringRecovery &&
+		(snap->xcnt == 0 || memcmp(st->xids, snap->xip, snap->xcnt * sizeof(TransactionId)) == 0) &&
+		(snap->subxcnt == 0 ||
+		 memcmp(st->xids + snap->xcnt, snap->subxip, snap->subxcnt * sizeof(TransactionId)) == 0);
+}
+
+static void
+stamp_set(BpeTokenizer *t, Snapshot snap)
+{
+	SnapshotStamp *st = &t->stamp;
+	uint32		n;
+
+	t->checked = false;
+	if (snap == NULL)
+		return;
+	n = snap->xcnt + snap->subxcnt;
+	if (n > st->xids_cap)
+	{
+		TransactionId *xids = MemoryContextAlloc(t->cxt, n * sizeof(TransactionId));
+
+		if (st->xids != NULL)
+			pfree(st->xids);
+		st->xids = xids;
+		st->xids_cap = n;
+	}
+	st->lxid = MyProc->lxid;
+	st->subxid = GetCurrentSubTransactionId();
+	st->curcid = snap->curcid;
+	st->xmin = snap->xmin;
+	st->xmax = snap->xmax;
+	st->xcnt = snap->xcnt;
+	st->subxcnt = snap->subxcnt;
+	st->suboverflowed = snap->suboverflowed;
+	st->recovery = snap->takenDuringRecovery;
+	if (snap->xcnt > 0)
+		memcpy(st->xids, snap->xip, snap->xcnt * sizeof(TransactionId));
+	if (snap->subxcnt > 0)
+		memcpy(st->xids + snap->xcnt, snap->subxip, snap->subxcnt * sizeof(TransactionId));
+	t->checked = true;
+}
+
+/*
+ * The cached tokenizer of a model, rebuilt when its tables changed. The version row is read once
+ * per snapshot: calls for every row of one query (or of one engine call) cost no table read.
+ */
 static BpeTokenizer *
 tokenizer_get(const char *model)
 {
@@ -516,8 +605,19 @@ tokenizer_get(const char *model)
 	BpeTokenizer **link;
 	BpeTokenizer *t;
 	int			count = 0;
+	Snapshot	snap = stampable_snapshot();
 
 	llm_check_model_name(model);
+	for (t = tokenizers; t != NULL; t = t->next)
+	{
+		if (strcmp(t->model, model) == 0)
+		{
+			if (stamp_matches(t, snap))
+				return t;
+			break;
+		}
+	}
+
 	version = tokenizer_version(model);
 	for (link = &tokenizers; *link != NULL; link = &(*link)->next)
 	{
@@ -529,6 +629,7 @@ tokenizer_get(const char *model)
 		{
 			t->next = tokenizers;	/* most recently used first */
 			tokenizers = t;
+			stamp_set(t, snap);
 			return t;
 		}
 		tokenizer_free(t);
@@ -536,6 +637,7 @@ tokenizer_get(const char *model)
 	}
 
 	t = tokenizer_build(model, version);
+	stamp_set(t, snap);
 	t->next = tokenizers;
 	tokenizers = t;
 	/* Keep a few models; drop the least recently used beyond that. */
@@ -962,7 +1064,7 @@ encode_word(BpeTokenizer *t, const unsigned char *w, size_t len, int32 *out)
 			slot = (slot + 1) & t->word_mask;
 		}
 	}
-	/* The output has room for len ids (one per byte at most): merge in place there. */
+	/* The caller made room for len ids (one per byte at most): merge in place there. */
 	for (size_t i = 0; i < len; i++)
 	{
 		if (unlikely(t->byte_id[w[i]] < 0))
@@ -975,11 +1077,28 @@ encode_word(BpeTokenizer *t, const unsigned char *w, size_t len, int32 *out)
 	return n;
 }
 
-/* Encodes text (len bytes) into out, which has room for len ids; returns the count. */
-static size_t
-encode_text(BpeTokenizer *t, const unsigned char *s, size_t len, int32 *out)
+/* Ids being produced; palloc'd in the caller's context. */
+typedef struct IdBuffer
 {
-	size_t		n_out = 0;
+	int32	   *ids;
+	size_t		n;
+	size_t		cap;
+} IdBuffer;
+
+/* Room for at least extra more ids. */
+static inline void
+ids_reserve(IdBuffer *b, size_t extra)
+{
+	if (likely(b->n + extra <= b->cap))
+		return;
+	b->cap = Max(b->cap * 2, b->n + extra);
+	b->ids = repalloc_huge(b->ids, b->cap * sizeof(int32));
+}
+
+/* Encodes text (len bytes), appending to out. */
+static void
+encode_text(BpeTokenizer *t, const unsigned char *s, size_t len, IdBuffer *out)
+{
 	size_t		p = 0;
 	uint32		pieces = 0;
 
@@ -1001,18 +1120,20 @@ encode_text(BpeTokenizer *t, const unsigned char *s, size_t len, int32 *out)
 		{
 			size_t		q = next_piece(s, end, p);
 
-			n_out += encode_word(t, s + p, q - p, out + n_out);
+			/* A piece gives at most one id per byte; BPE merges in place in the output. */
+			ids_reserve(out, q - p);
+			out->n += encode_word(t, s + p, q - p, out->ids + out->n);
 			p = q;
 			if ((++pieces & 0x3FFF) == 0)
 				CHECK_FOR_INTERRUPTS();
 		}
 		if (eot != NULL)
 		{
-			out[n_out++] = t->eot_id;
+			ids_reserve(out, 1);
+			out->ids[out->n++] = t->eot_id;
 			p = end + EOT_LEN;
 		}
 	}
-	return n_out;
 }
 
 /* ---- decoding ------------------------------------------------------------------------------ */
@@ -1108,16 +1229,17 @@ int32 *
 llm_bpe_encode(const char *model, const char *text, int len, int *n_out)
 {
 	BpeTokenizer *t = tokenizer_get(model);
-	int32	   *ids;
-	size_t		n;
+	IdBuffer	out;
 
 	if (len < 0)
 		elog(ERROR, "llm_bpe_encode: negative length");
-	/* Every token covers at least one byte, so len ids are always enough. */
-	ids = MemoryContextAllocHuge(CurrentMemoryContext, ((size_t) len + 1) * sizeof(int32));
-	n = encode_text(t, (const unsigned char *) text, len, ids);
-	*n_out = (int) n;
-	return ids;
+	/* GPT-2 averages 2 to 4 bytes a token on prose and code; the buffer doubles when short. */
+	out.cap = (size_t) len / 3 + 16;
+	out.n = 0;
+	out.ids = MemoryContextAllocHuge(CurrentMemoryContext, out.cap * sizeof(int32));
+	encode_text(t, (const unsigned char *) text, len, &out);
+	*n_out = (int) out.n;
+	return out.ids;
 }
 
 char *
