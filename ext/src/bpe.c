@@ -206,6 +206,7 @@ typedef struct BpeTokenizer
 	MemoryContext cxt;
 	char		model[LLM_MODEL_NAME_MAX + 1];
 	int64		version;
+	Oid			table_oid;		/* of llm_tokenizer_version when the version was read */
 	bool		checked;		/* the version was read under the snapshot in stamp */
 	SnapshotStamp stamp;
 	int32		vocab_size;		/* largest id + 1 */
@@ -491,9 +492,13 @@ tokenizer_build(const char *model, int64 version)
 	return t;
 }
 
-/* The version the tables are at: the model's row of llm_tokenizer_version, 0 when it has none. */
+/*
+ * The version the tables are at: the model's row of llm_tokenizer_version (0 when it has none),
+ * and the version table's OID, which changes when the extension is recreated and its sequence
+ * starts again.
+ */
 static int64
-tokenizer_version(const char *model)
+tokenizer_version(const char *model, Oid *table_oid)
 {
 	static SPIPlanPtr plan = NULL;
 	static char *plan_table = NULL;
@@ -506,7 +511,8 @@ tokenizer_version(const char *model)
 	if (plan == NULL || strcmp(plan_table, table) != 0)
 	{
 		Oid			argtypes[1] = {TEXTOID};
-		SPIPlanPtr	p = SPI_prepare(psprintf("SELECT version FROM %s WHERE model = $1", table), 1, argtypes);
+		SPIPlanPtr	p = SPI_prepare(psprintf("SELECT (SELECT version FROM %s WHERE model = $1), %s::regclass::oid",
+											 table, quote_literal_cstr(table)), 1, argtypes);
 
 		if (p == NULL)
 			elog(ERROR, "preparing the tokenizer version lookup failed: %s", SPI_result_code_string(SPI_result));
@@ -525,8 +531,10 @@ tokenizer_version(const char *model)
 	if (SPI_processed == 1)
 	{
 		bool		isnull;
+		Datum		d = SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1, &isnull);
 
-		version = DatumGetInt64(SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1, &isnull));
+		version = isnull ? 0 : DatumGetInt64(d);
+		*table_oid = DatumGetObjectId(SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 2, &isnull));
 	}
 	SPI_finish();
 	return version;
@@ -602,6 +610,7 @@ static BpeTokenizer *
 tokenizer_get(const char *model)
 {
 	int64		version;
+	Oid			table_oid = InvalidOid;
 	BpeTokenizer **link;
 	BpeTokenizer *t;
 	int			count = 0;
@@ -618,14 +627,14 @@ tokenizer_get(const char *model)
 		}
 	}
 
-	version = tokenizer_version(model);
+	version = tokenizer_version(model, &table_oid);
 	for (link = &tokenizers; *link != NULL; link = &(*link)->next)
 	{
 		t = *link;
 		if (strcmp(t->model, model) != 0)
 			continue;
 		*link = t->next;
-		if (t->version == version)
+		if (t->version == version && t->table_oid == table_oid)
 		{
 			t->next = tokenizers;	/* most recently used first */
 			tokenizers = t;
@@ -637,6 +646,7 @@ tokenizer_get(const char *model)
 	}
 
 	t = tokenizer_build(model, version);
+	t->table_oid = table_oid;
 	stamp_set(t, snap);
 	t->next = tokenizers;
 	tokenizers = t;
