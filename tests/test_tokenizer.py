@@ -636,3 +636,27 @@ def test_text_byte_without_token_is_an_error(db, conn, files):
     assert len(encode(conn, ["abc"], "nb")[0]) == 3
     with pytest.raises(psycopg.Error, match="(?i)0x7a"):
         encode(conn, ["xyz"], "nb")
+
+
+def test_cache_survives_extension_recreation(db, conn, files, cli):
+    """Dropping and recreating pg_llm restarts the version numbers: a session must not reuse its cache."""
+    vocab, merges = write_tokenizer(files / "a", HELLO_MERGES)
+    assert cli("--dsn", db, "tokenizer", "--model", "r", "--vocab", str(vocab), "--merges", str(merges)).exit_code == 0
+    assert encode(conn, ["hello"], "r") == [[259]]
+    conn.execute("DROP EXTENSION pg_llm CASCADE")
+    conn.execute("CREATE EXTENSION pg_llm")
+    vocab, merges = write_tokenizer(files / "b", ["h e"])
+    assert cli("--dsn", db, "tokenizer", "--model", "r", "--vocab", str(vocab), "--merges", str(merges)).exit_code == 0
+    assert encode(conn, ["hello"], "r") == [[256, ord("l"), ord("l"), ord("o")]]
+
+
+def test_cli_without_the_extension(cluster, cli):
+    name = f"t_{uuid.uuid4().hex[:10]}"
+    with psycopg.connect(cluster.dsn("postgres"), autocommit=True) as admin:
+        admin.execute(f'CREATE DATABASE "{name}"')
+    try:
+        line = one_error_line(cli("--dsn", cluster.dsn(name), "tokenizer", "--model", "m"))
+        assert "pg_llm extension is not installed" in line and "pgllm install" in line
+    finally:
+        with psycopg.connect(cluster.dsn("postgres"), autocommit=True) as admin:
+            admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
