@@ -427,10 +427,11 @@ llm_init(PG_FUNCTION_ARGS)
 
 /*
  * Every tensor of the model, once, with the right shape and sizes (parameters and, where
- * present, both moments): a checkpoint that passes restores a loadable model.
+ * present, both moments): a checkpoint that passes restores a loadable model. `saving` says
+ * whose fault a failure is: the model being saved, or the checkpoint being loaded.
  */
 static void
-check_checkpoint_tensors(const LlmConfig *cfg, int64 id)
+check_checkpoint_tensors(const LlmConfig *cfg, int64 id, bool saving)
 {
 	Oid			argtypes[1] = {INT8OID};
 	Datum		values[1] = {Int64GetDatum(id)};
@@ -453,26 +454,38 @@ check_checkpoint_tensors(const LlmConfig *cfg, int64 id)
 		char	   *shape = SPI_getvalue(tuple, desc, 2);
 		LlmTensorInfo info;
 		int			index = llm_tensor_find(cfg, &layout, name, &info);
-		char	   *want;
-		bool		ok = index >= 0;
+		char	   *problem = NULL;
 
-		if (ok)
+		if (index < 0)
+			problem = psprintf("the model has no tensor of that name");
+		else
 		{
-			want = info.ndim == 2 ? psprintf("{%d,%d}", info.shape[0], info.shape[1]) : psprintf("{%d}", info.shape[0]);
-			ok = strcmp(shape, want) == 0;
-			for (int col = 3; ok && col <= 5; col++)
+			char	   *want = info.ndim == 2 ? psprintf("{%d,%d}", info.shape[0], info.shape[1])
+			: psprintf("{%d}", info.shape[0]);
+			const char *column[3] = {"data", "m", "v"};
+
+			if (strcmp(shape, want) != 0)
+				problem = psprintf("its shape is %s, the model's %s", shape, want);
+			for (int c = 0; c < 3 && problem == NULL; c++)
 			{
 				bool		isnull;
-				Datum		len = SPI_getbinval(tuple, desc, col, &isnull);
+				int32		len = DatumGetInt32(SPI_getbinval(tuple, desc, 3 + c, &isnull));
 
-				ok = (isnull && col > 3) || (!isnull && (size_t) DatumGetInt32(len) == info.numel * sizeof(float));
+				if ((isnull && c == 0) || (!isnull && (size_t) len != info.numel * sizeof(float)))
+					problem = psprintf("its %s has %d bytes, not %zu", column[c], isnull ? 0 : len,
+									   info.numel * sizeof(float));
 			}
 		}
-		if (!ok)
+		if (problem && saving)
+			ereport(ERROR,
+					(errcode(ERRCODE_DATA_CORRUPTED),
+					 errmsg("model \"%s\" cannot be saved: tensor \"%s\" is inconsistent", cfg->model, name),
+					 errdetail("%s; the model has %s.", problem, describe_architecture(cfg))));
+		if (problem)
 			ereport(ERROR,
 					(errcode(ERRCODE_DATA_CORRUPTED),
 					 errmsg("checkpoint %lld does not fit model \"%s\": tensor \"%s\"", (long long) id, cfg->model, name),
-					 errdetail("The model has %s.", describe_architecture(cfg))));
+					 errdetail("%s; the model has %s.", problem, describe_architecture(cfg))));
 		seen[index] = true;
 	}
 	for (int i = 0; i < layout.num_tensors; i++)
@@ -482,6 +495,10 @@ check_checkpoint_tensors(const LlmConfig *cfg, int64 id)
 		if (seen[i])
 			continue;
 		llm_tensor_info(cfg, &layout, i, &info);
+		if (saving)
+			ereport(ERROR,
+					(errcode(ERRCODE_NO_DATA_FOUND),
+					 errmsg("model \"%s\" cannot be saved: it has no weights for tensor \"%s\"", cfg->model, info.name)));
 		ereport(ERROR,
 				(errcode(ERRCODE_NO_DATA_FOUND),
 				 errmsg("checkpoint %lld of model \"%s\" has no tensor \"%s\"", (long long) id, cfg->model, info.name)));
@@ -544,7 +561,7 @@ llm_checkpoint_save(PG_FUNCTION_ARGS)
 				(errcode(ERRCODE_NO_DATA_FOUND),
 				 errmsg("model \"%s\" has no weights to save", model),
 				 errhint("Load weights with pgllm import, or create them with pgllm init.")));
-	check_checkpoint_tensors(&cfg, id);
+	check_checkpoint_tensors(&cfg, id, true);
 	SPI_finish();
 	PG_RETURN_INT64(id);
 }
@@ -591,7 +608,7 @@ llm_checkpoint_load(PG_FUNCTION_ARGS)
 		ereport(ERROR,
 				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
 				 errmsg("checkpoint %lld belongs to model \"%s\", not \"%s\"", (long long) id, owner, model)));
-	check_checkpoint_tensors(&cfg, id);
+	check_checkpoint_tensors(&cfg, id, false);
 
 	{
 		char	   *param = llm_table("llm_param"),
