@@ -68,10 +68,15 @@ def main_options(
 
 
 def _register() -> None:
-    from .commands import install, server, tokenizer
+    from .commands import checkpoint, convert, export, import_, init, install, server, tokenizer
 
     app.command("install")(install.install)
     app.add_typer(server.app, name="server")
+    app.command("convert")(convert.convert)
+    app.command("init")(init.init)
+    app.command("import")(import_.import_)
+    app.command("export")(export.export)
+    app.add_typer(checkpoint.app, name="checkpoint")
     app.command("tokenizer")(tokenizer.tokenizer)
 
 

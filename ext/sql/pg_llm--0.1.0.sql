@@ -101,28 +101,20 @@ CREATE TABLE llm_checkpoint (
 );
 
 -- ===========================================================================
--- Weight versioning: any change to a model's parameters bumps its weights_version.
+-- Weight versioning: any change to a model's parameters bumps its weights_version, once per
+-- statement. A row trigger notes the models and a statement trigger bumps them (src/model.c):
+-- transition tables would copy every row written, and a row here is a whole tensor.
 -- ===========================================================================
 
+CREATE FUNCTION llm_param_note_change() RETURNS trigger
+AS 'MODULE_PATHNAME', 'llm_param_note_change' LANGUAGE C;
 CREATE FUNCTION llm_param_bump_version() RETURNS trigger
-LANGUAGE plpgsql SET search_path = @extschema@, pg_temp AS $$
-BEGIN
-    IF TG_OP = 'DELETE' THEN
-        UPDATE llm_model_config c SET weights_version = weights_version + 1
-        WHERE c.model IN (SELECT model FROM old_rows);
-    ELSE
-        UPDATE llm_model_config c SET weights_version = weights_version + 1
-        WHERE c.model IN (SELECT model FROM new_rows);
-    END IF;
-    RETURN NULL;
-END $$;
+AS 'MODULE_PATHNAME', 'llm_param_bump_version' LANGUAGE C;
 
-CREATE TRIGGER llm_param_version_ins AFTER INSERT ON llm_param
-    REFERENCING NEW TABLE AS new_rows FOR EACH STATEMENT EXECUTE FUNCTION llm_param_bump_version();
-CREATE TRIGGER llm_param_version_upd AFTER UPDATE ON llm_param
-    REFERENCING NEW TABLE AS new_rows FOR EACH STATEMENT EXECUTE FUNCTION llm_param_bump_version();
-CREATE TRIGGER llm_param_version_del AFTER DELETE ON llm_param
-    REFERENCING OLD TABLE AS old_rows FOR EACH STATEMENT EXECUTE FUNCTION llm_param_bump_version();
+CREATE TRIGGER llm_param_note BEFORE INSERT OR UPDATE OR DELETE ON llm_param
+    FOR EACH ROW EXECUTE FUNCTION llm_param_note_change();
+CREATE TRIGGER llm_param_version AFTER INSERT OR UPDATE OR DELETE OR TRUNCATE ON llm_param
+    FOR EACH STATEMENT EXECUTE FUNCTION llm_param_bump_version();
 
 -- User data survives pg_dump / pg_restore; the built-in gpt2-small row is recreated by the extension.
 SELECT pg_catalog.pg_extension_config_dump('llm_model_config', 'WHERE model <> ''gpt2-small''');
@@ -233,3 +225,67 @@ CREATE FUNCTION pg_llm_load_bpe_vocab(path text, model text, replace boolean DEF
 AS 'MODULE_PATHNAME', 'pg_llm_load_bpe_vocab' LANGUAGE C VOLATILE STRICT;
 CREATE FUNCTION pg_llm_load_bpe_merges(path text, model text, replace boolean DEFAULT false) RETURNS bigint
 AS 'MODULE_PATHNAME', 'pg_llm_load_bpe_merges' LANGUAGE C VOLATILE STRICT;
+
+-- ===========================================================================
+-- Checkpoint files, initialisation and snapshots (src/npz.c, src/checkpoint.c)
+-- ===========================================================================
+
+-- The training position is part of a snapshot, so that a load resumes exactly.
+ALTER TABLE llm_checkpoint ADD COLUMN data_pos bigint NOT NULL DEFAULT 0;
+CREATE INDEX llm_checkpoint_model ON llm_checkpoint (model, id);
+
+-- A snapshot's tensors: parameters and, when the model had them, AdamW moments.
+CREATE TABLE llm_checkpoint_tensor (
+    checkpoint_id bigint NOT NULL REFERENCES llm_checkpoint (id) ON DELETE CASCADE,
+    name          text NOT NULL,
+    shape         int[] NOT NULL,
+    data          bytea NOT NULL,
+    m             bytea,
+    v             bytea,
+    PRIMARY KEY (checkpoint_id, name)
+);
+ALTER TABLE llm_checkpoint_tensor ALTER COLUMN data SET STORAGE EXTERNAL;
+ALTER TABLE llm_checkpoint_tensor ALTER COLUMN m SET STORAGE EXTERNAL;
+ALTER TABLE llm_checkpoint_tensor ALTER COLUMN v SET STORAGE EXTERNAL;
+COMMENT ON TABLE llm_checkpoint_tensor IS 'tensors of the snapshots in llm_checkpoint (parameters, AdamW m and v)';
+SELECT pg_catalog.pg_extension_config_dump('llm_checkpoint_tensor', '');
+
+-- Import a checkpoint file (see src/npz.c for the format) into llm_param. The file registers
+-- its architecture when it carries a configuration record and the model is absent. Atomic:
+-- all tensors or none. Existing weights are replaced only with replace => true (which also
+-- clears the model's optimizer state, training state and training log).
+CREATE FUNCTION pg_llm_import_npz(path text, model text, replace boolean DEFAULT false) RETURNS int
+AS 'MODULE_PATHNAME', 'pg_llm_import_npz' LANGUAGE C VOLATILE STRICT;
+-- The same from the file's bytes, for clients whose files the server cannot read.
+CREATE FUNCTION pg_llm_import_npz_bytes(data bytea, model text, replace boolean DEFAULT false) RETURNS int
+AS 'MODULE_PATHNAME', 'pg_llm_import_npz_bytes' LANGUAGE C VOLATILE STRICT;
+-- Files of any size over the connection: stage the bytes piece by piece into a temporary file
+-- of the transaction, then import what was staged (pgllm import does this).
+CREATE FUNCTION pg_llm_import_npz_stage(piece bytea) RETURNS bigint
+AS 'MODULE_PATHNAME', 'pg_llm_import_npz_stage' LANGUAGE C VOLATILE STRICT;
+CREATE FUNCTION pg_llm_import_npz_staged(model text, replace boolean DEFAULT false) RETURNS int
+AS 'MODULE_PATHNAME', 'pg_llm_import_npz_staged' LANGUAGE C VOLATILE STRICT;
+
+-- Write a model to a checkpoint file on the server (configuration record first); returns bytes.
+CREATE FUNCTION pg_llm_export_npz(path text, model text) RETURNS bigint
+AS 'MODULE_PATHNAME', 'pg_llm_export_npz' LANGUAGE C VOLATILE STRICT;
+
+-- Server files: superusers and members of pg_read_server_files / pg_write_server_files only
+-- (checked again inside the functions).
+REVOKE EXECUTE ON FUNCTION pg_llm_import_npz(text, text, boolean) FROM PUBLIC;
+REVOKE EXECUTE ON FUNCTION pg_llm_export_npz(text, text) FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION pg_llm_import_npz(text, text, boolean) TO pg_read_server_files;
+GRANT EXECUTE ON FUNCTION pg_llm_export_npz(text, text) TO pg_write_server_files;
+
+-- Register a model (when absent) and initialise its weights as GPT-2 does, from a seed.
+-- Architecture arguments left NULL are taken from the model's row. Returns the parameter count.
+CREATE FUNCTION llm_init(model text, n_layer int DEFAULT NULL, n_head int DEFAULT NULL,
+                         d_model int DEFAULT NULL, n_positions int DEFAULT NULL, vocab int DEFAULT NULL,
+                         seed bigint DEFAULT 0, replace boolean DEFAULT false) RETURNS bigint
+AS 'MODULE_PATHNAME', 'llm_init' LANGUAGE C VOLATILE;
+
+-- Snapshots: save copies parameters, AdamW moments, step and data position; load restores them.
+CREATE FUNCTION llm_checkpoint_save(model text, note text DEFAULT NULL) RETURNS bigint
+AS 'MODULE_PATHNAME', 'llm_checkpoint_save' LANGUAGE C VOLATILE CALLED ON NULL INPUT;
+CREATE FUNCTION llm_checkpoint_load(model text, id bigint) RETURNS int
+AS 'MODULE_PATHNAME', 'llm_checkpoint_load' LANGUAGE C VOLATILE STRICT;

@@ -7,12 +7,15 @@
 #include <ctype.h>
 #include <stdlib.h>
 
+#include "access/htup_details.h"
 #include "catalog/pg_type.h"
+#include "commands/trigger.h"
 #include "executor/spi.h"
 #include "miscadmin.h"
 #include "utils/array.h"
 #include "utils/builtins.h"
 #include "utils/lsyscache.h"
+#include "utils/memutils.h"
 
 /* Per-layer tensor kinds in the order of the Hugging Face state dict, with their suffixes. */
 static const struct
@@ -388,4 +391,91 @@ llm_model_get(const char *model)
 	llm_params_point(m->memory, &m->layout, &m->p);
 	cached = m;
 	return m;
+}
+
+/* ---- weights_version: bumped once per statement for each model whose parameters changed ---- */
+
+/*
+ * A row trigger notes the models and a statement trigger bumps them. Transition tables would
+ * do it in one trigger, but they copy every row written, and a row here is a whole tensor.
+ */
+static List *changed_models = NIL;	/* of char *, in TopMemoryContext */
+
+static void
+note_model(HeapTuple tuple, TupleDesc desc)
+{
+	bool		isnull;
+	Datum		d = heap_getattr(tuple, 1, desc, &isnull);	/* llm_param.model */
+	char	   *model;
+	ListCell   *lc;
+	MemoryContext old;
+
+	if (isnull)
+		return;
+	model = TextDatumGetCString(d);
+	foreach(lc, changed_models)
+		if (strcmp(lfirst(lc), model) == 0)
+			return;
+	old = MemoryContextSwitchTo(TopMemoryContext);
+	changed_models = lappend(changed_models, pstrdup(model));
+	MemoryContextSwitchTo(old);
+}
+
+PG_FUNCTION_INFO_V1(llm_param_note_change);
+
+/* BEFORE INSERT OR UPDATE OR DELETE ... FOR EACH ROW on llm_param. */
+Datum
+llm_param_note_change(PG_FUNCTION_ARGS)
+{
+	TriggerData *td = (TriggerData *) fcinfo->context;
+	TupleDesc	desc;
+
+	if (!CALLED_AS_TRIGGER(fcinfo) || !TRIGGER_FIRED_FOR_ROW(td->tg_event))
+		elog(ERROR, "llm_param_note_change must be a row trigger");
+	desc = RelationGetDescr(td->tg_relation);
+	note_model(td->tg_trigtuple, desc);
+	if (TRIGGER_FIRED_BY_UPDATE(td->tg_event))
+	{
+		note_model(td->tg_newtuple, desc);
+		return PointerGetDatum(td->tg_newtuple);
+	}
+	return PointerGetDatum(td->tg_trigtuple);
+}
+
+PG_FUNCTION_INFO_V1(llm_param_bump_version);
+
+/* AFTER INSERT OR UPDATE OR DELETE OR TRUNCATE ... FOR EACH STATEMENT on llm_param. */
+Datum
+llm_param_bump_version(PG_FUNCTION_ARGS)
+{
+	TriggerData *td = (TriggerData *) fcinfo->context;
+	List	   *models = changed_models;
+	ListCell   *lc;
+
+	if (!CALLED_AS_TRIGGER(fcinfo) || TRIGGER_FIRED_FOR_ROW(td->tg_event))
+		elog(ERROR, "llm_param_bump_version must be a statement trigger");
+	changed_models = NIL;
+	SPI_connect();
+	if (TRIGGER_FIRED_BY_TRUNCATE(td->tg_event))
+	{
+		if (SPI_execute(psprintf("UPDATE %s SET weights_version = weights_version + 1",
+								 llm_table("llm_model_config")), false, 0) != SPI_OK_UPDATE)
+			elog(ERROR, "bumping weights_version failed");
+	}
+	else
+	{
+		foreach(lc, models)
+		{
+			Oid			argtypes[1] = {TEXTOID};
+			Datum		values[1] = {CStringGetTextDatum(lfirst(lc))};
+
+			if (SPI_execute_with_args(psprintf("UPDATE %s SET weights_version = weights_version + 1 WHERE model = $1",
+											   llm_table("llm_model_config")),
+									  1, argtypes, values, NULL, false, 0) != SPI_OK_UPDATE)
+				elog(ERROR, "bumping weights_version failed");
+		}
+	}
+	SPI_finish();
+	list_free_deep(models);
+	return PointerGetDatum(NULL);
 }

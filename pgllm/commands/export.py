@@ -1,0 +1,144 @@
+"""`pgllm export`: a model's weights from the database into a file on this machine.
+
+npz: pgllm's checkpoint file (what `pgllm import` reads); safetensors: a directory with
+config.json and model.safetensors that `GPT2LMHeadModel.from_pretrained` loads.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+import time
+from pathlib import Path
+
+import numpy as np
+import psycopg
+import typer
+
+from .. import db, npz
+from ..errors import PgllmError
+from ..progress import bytes_progress
+
+FORMATS = ("npz", "safetensors")
+
+
+def hf_key(name: str) -> str:
+    """pg_llm's tensor name as GPT2LMHeadModel's state dict names it."""
+    return f"transformer.{name}.weight" if name in ("wte", "wpe") else f"transformer.{name}"
+
+
+def hf_config(cfg: npz.Config) -> dict:
+    """config.json for GPT2LMHeadModel: the architecture, and GPT-2's settings that pg_llm computes."""
+    return {
+        "architectures": ["GPT2LMHeadModel"],
+        "model_type": "gpt2",
+        "vocab_size": cfg.vocab,
+        "n_positions": cfg.n_positions,
+        "n_embd": cfg.d_model,
+        "n_layer": cfg.n_layer,
+        "n_head": cfg.n_head,
+        "n_inner": None,
+        "activation_function": "gelu_new",
+        "layer_norm_epsilon": 1e-05,
+        "initializer_range": 0.02,
+        "resid_pdrop": 0.1,
+        "embd_pdrop": 0.1,
+        "attn_pdrop": 0.1,
+        "scale_attn_weights": True,
+        "scale_attn_by_inverse_layer_idx": False,
+        "reorder_and_upcast_attn": False,
+        # GPT-2's <|endoftext|> is the last token of its vocabulary
+        "bos_token_id": cfg.vocab - 1,
+        "eos_token_id": cfg.vocab - 1,
+        "tie_word_embeddings": True,
+        "use_cache": True,
+        "dtype": "float32",
+    }
+
+
+def safetensors_header(cfg: npz.Config) -> bytes:
+    """The header of model.safetensors, tensors in state-dict order, padded to 8 bytes."""
+    header: dict = {"__metadata__": {"format": "pt"}}
+    offset = 0
+    for name, shape in cfg.tensors():
+        size = 4 * int(np.prod(shape))
+        header[hf_key(name)] = {"dtype": "F32", "shape": list(shape), "data_offsets": [offset, offset + size]}
+        offset += size
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)
+    return struct.pack("<Q", len(raw)) + raw
+
+
+def read_tensors(conn: psycopg.Connection, model: str, cfg: npz.Config):
+    """(name, shape, float32 bytes) of every tensor in state-dict order, one at a time."""
+    for name, shape in cfg.tensors():
+        row = conn.execute("SELECT data FROM llm_param WHERE model = %s AND name = %s", (model, name),
+                           binary=True).fetchone()
+        if row is None:
+            raise PgllmError(f"model {model!r} has no weights for tensor {name!r}",
+                             hint="load them with pgllm import, or create them with pgllm init")
+        data = row[0]
+        if len(data) != 4 * int(np.prod(shape)):
+            raise PgllmError(f"tensor {name!r} of model {model!r} has {len(data)} bytes in llm_param, "
+                             f"expected {4 * int(np.prod(shape))} for shape {shape}")
+        yield name, shape, data
+
+
+def write_atomically(target: Path, write) -> None:
+    part = target.with_name(target.name + ".part")
+    try:
+        with open(part, "wb") as f:
+            write(f)
+        os.replace(part, target)
+    except OSError as e:
+        raise PgllmError(f"cannot write {target}: {e.strerror or e}") from None
+    finally:
+        part.unlink(missing_ok=True)
+
+
+def export(
+    ctx: typer.Context,
+    model: str = typer.Argument("gpt2-small", envvar="PGLLM_MODEL", help="Model to export."),
+    output: Path = typer.Option(..., "--output", "-o", help="npz: the file to write; safetensors: the directory."),
+    format: str = typer.Option("npz", "--format", help="npz (pgllm's checkpoint file) or safetensors "
+                               "(a Hugging Face directory: config.json + model.safetensors)."),
+    compress: bool = typer.Option(False, "--compress", help="npz: Huffman-code the data (about 7% smaller)."),
+) -> None:
+    """Export a model's weights to a checkpoint file or a Hugging Face directory."""
+    if format not in FORMATS:
+        raise PgllmError(f"--format must be npz or safetensors, not {format!r}")
+    start = time.perf_counter()
+    output = output.expanduser()
+    with db.connect(ctx.obj["dsn"]) as conn:
+        row = conn.execute("SELECT n_layer, n_head, d_model, n_positions, vocab FROM llm_model_config "
+                           "WHERE model = %s", (model,)).fetchone()
+        if row is None:
+            raise PgllmError(f"model {model!r} does not exist")
+        cfg = npz.Config(*row)
+        total = 4 * cfg.num_params()
+        with bytes_progress() as progress:
+            task = progress.add_task(f"exporting {model}", total=total)
+            if format == "npz":
+                def write(f):
+                    writer = npz.Writer(f, cfg, compress=compress)
+                    for name, shape, data in read_tensors(conn, model, cfg):
+                        writer.write_raw(name, shape, data)
+                        progress.update(task, advance=len(data))
+                    writer.close()
+                write_atomically(output, write)
+            else:
+                if output.exists() and not output.is_dir():
+                    raise PgllmError(f"{output} exists and is not a directory")
+                output.mkdir(parents=True, exist_ok=True)
+
+                def write(f):
+                    f.write(safetensors_header(cfg))
+                    for _, _, data in read_tensors(conn, model, cfg):
+                        f.write(data)
+                        progress.update(task, advance=len(data))
+                write_atomically(output / "model.safetensors", write)
+                write_atomically(output / "config.json",
+                                 lambda f: f.write(json.dumps(hf_config(cfg), indent=2).encode() + b"\n"))
+    typer.echo(f"exported model {model!r} ({cfg.num_params():,} parameters) to {output} "
+               f"as {format} in {time.perf_counter() - start:.1f} s")

@@ -1,0 +1,236 @@
+"""pgllm's checkpoint file: a gzip stream of named .npy records (the format of pg_llm_import_npz).
+
+    [uint16 LE name length][UTF-8 name][.npy v1.0 array]   repeated
+
+Tensors are float32 little-endian, C order, named as in llm_param (`wte`, `wpe`, `h.0.ln_1.weight`,
+..., `ln_f.bias`). The first record, `__config__`, is an int64 array
+[n_layer, n_head, d_model, n_positions, vocab], so that importing the file can register the model.
+
+The writer emits 4 MB blocks as separate gzip members (a gzip stream may be several members back
+to back), made on all cores. float32 weights barely compress (about 7%), so by default the blocks
+are stored, not compressed: the server then imports them about twice as fast. With
+compress=True they are Huffman-coded (float data has almost no repeated strings to look for).
+"""
+
+from __future__ import annotations
+
+import gzip
+import io
+import os
+import zlib
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import BinaryIO, Iterator
+
+import numpy as np
+
+CONFIG_NAME = "__config__"
+CONFIG_FIELDS = ("n_layer", "n_head", "d_model", "n_positions", "vocab")
+BLOCK = 4 << 20
+
+LAYER_SUFFIXES = (
+    "ln_1.weight", "ln_1.bias", "attn.c_attn.weight", "attn.c_attn.bias", "attn.c_proj.weight",
+    "attn.c_proj.bias", "ln_2.weight", "ln_2.bias", "mlp.c_fc.weight", "mlp.c_fc.bias",
+    "mlp.c_proj.weight", "mlp.c_proj.bias",
+)
+
+
+class FormatError(ValueError):
+    """The file is not a valid checkpoint file."""
+
+
+@dataclass(frozen=True)
+class Config:
+    n_layer: int
+    n_head: int
+    d_model: int
+    n_positions: int
+    vocab: int
+
+    def tensors(self) -> list[tuple[str, tuple[int, ...]]]:
+        """(name, shape) of every tensor, in state-dict order (as ext/src/model.c lists them)."""
+        C, L = self.d_model, self.n_layer
+        shapes = {
+            "ln_1.weight": (C,), "ln_1.bias": (C,), "attn.c_attn.weight": (C, 3 * C), "attn.c_attn.bias": (3 * C,),
+            "attn.c_proj.weight": (C, C), "attn.c_proj.bias": (C,), "ln_2.weight": (C,), "ln_2.bias": (C,),
+            "mlp.c_fc.weight": (C, 4 * C), "mlp.c_fc.bias": (4 * C,), "mlp.c_proj.weight": (4 * C, C),
+            "mlp.c_proj.bias": (C,),
+        }
+        out = [("wte", (self.vocab, C)), ("wpe", (self.n_positions, C))]
+        for i in range(L):
+            out += [(f"h.{i}.{s}", shapes[s]) for s in LAYER_SUFFIXES]
+        return out + [("ln_f.weight", (C,)), ("ln_f.bias", (C,))]
+
+    def num_params(self) -> int:
+        return sum(int(np.prod(shape)) for _, shape in self.tensors())
+
+    def as_array(self) -> np.ndarray:
+        return np.array([getattr(self, f) for f in CONFIG_FIELDS], dtype="<i8")
+
+
+def npy_header(descr: str, shape: tuple[int, ...]) -> bytes:
+    """A .npy v1.0 header, padded to a multiple of 64 bytes as numpy writes it."""
+    text = f"{{'descr': '{descr}', 'fortran_order': False, 'shape': {tuple(int(d) for d in shape)!r}, }}"
+    total = 10 + len(text) + 1
+    text += " " * (-total % 64) + "\n"
+    return b"\x93NUMPY\x01\x00" + len(text).to_bytes(2, "little") + text.encode("latin1")
+
+
+def record_header(name: str, descr: str, shape: tuple[int, ...]) -> bytes:
+    raw = name.encode("utf-8")
+    return len(raw).to_bytes(2, "little") + raw + npy_header(descr, shape)
+
+
+def _stored_member(block) -> bytes:
+    c = zlib.compressobj(0, zlib.DEFLATED, 31)
+    return c.compress(block) + c.flush()
+
+
+def _huffman_member(block) -> bytes:
+    c = zlib.compressobj(1, zlib.DEFLATED, 31, 8, zlib.Z_HUFFMAN_ONLY)
+    return c.compress(block) + c.flush()
+
+
+class ParallelGzipWriter:
+    """A file-like writer whose output is gzip members of BLOCK bytes each, compressed in threads.
+
+    zlib releases the GIL, so the blocks of one batch compress on all cores at once.
+    """
+
+    def __init__(self, raw: BinaryIO, compress: bool = False, threads: int | None = None):
+        self.raw = raw
+        self.member = _huffman_member if compress else _stored_member
+        self.threads = max(1, threads or os.cpu_count() or 1)
+        self.pool = ThreadPoolExecutor(self.threads) if self.threads > 1 else None
+        self.pending = bytearray()     # the block being filled
+        self.batch: list = []           # full blocks waiting to be compressed
+        self.written = 0                # compressed bytes
+
+    def write(self, data) -> int:
+        view = memoryview(data).cast("B")
+        n = len(view)
+        if self.pending:
+            take = min(BLOCK - len(self.pending), len(view))
+            self.pending += view[:take]
+            view = view[take:]
+            if len(self.pending) == BLOCK:
+                self._push(bytes(self.pending))
+                self.pending = bytearray()
+        while len(view) >= BLOCK:
+            self._push(view[:BLOCK])
+            view = view[BLOCK:]
+        self.pending += view
+        return n
+
+    def _push(self, block) -> None:
+        self.batch.append(block)
+        if len(self.batch) >= 2 * self.threads:
+            self._drain()
+
+    def _drain(self) -> None:
+        members = self.pool.map(self.member, self.batch) if self.pool else map(self.member, self.batch)
+        for member in members:
+            self.raw.write(member)
+            self.written += len(member)
+        self.batch = []
+
+    def close(self) -> None:
+        if self.pending:
+            self.batch.append(bytes(self.pending))
+            self.pending = bytearray()
+        self._drain()
+        if self.pool:
+            self.pool.shutdown()
+
+
+class Writer:
+    """Writes a checkpoint file: the configuration record, then tensors (float32, C order)."""
+
+    def __init__(self, raw: BinaryIO, config: Config, compress: bool = False, threads: int | None = None):
+        self.gz = ParallelGzipWriter(raw, compress, threads)
+        self.config = config
+        self.gz.write(record_header(CONFIG_NAME, "<i8", (5,)))
+        self.gz.write(config.as_array().tobytes())
+
+    def write_tensor(self, name: str, array: np.ndarray) -> None:
+        array = np.ascontiguousarray(array, dtype="<f4")
+        self.write_raw(name, array.shape, array)
+
+    def write_raw(self, name: str, shape: tuple[int, ...], data) -> None:
+        """A tensor given as float32 little-endian bytes (e.g. straight from llm_param)."""
+        if len(memoryview(data).cast("B")) != 4 * int(np.prod(shape)):
+            raise FormatError(f"tensor {name!r}: {len(data)} bytes do not match shape {shape}")
+        self.gz.write(record_header(name, "<f4", tuple(shape)))
+        self.gz.write(data)
+
+    def close(self) -> int:
+        """Finish the stream; returns the compressed size."""
+        self.gz.close()
+        return self.gz.written
+
+
+def write_file(path: str | os.PathLike, config: Config, tensors: dict[str, np.ndarray],
+               compress: bool = False) -> int:
+    """Write a whole checkpoint file from a dict of arrays (in state-dict order)."""
+    with open(path, "wb") as f:
+        w = Writer(f, config, compress)
+        for name, _ in config.tensors():
+            w.write_tensor(name, tensors[name])
+        return w.close()
+
+
+# ---- reading -----------------------------------------------------------------------------------
+
+def _read_exact(f, n: int, what: str) -> bytes:
+    data = f.read(n)
+    if len(data) != n:
+        raise FormatError(f"truncated {what}")
+    return data
+
+
+def iter_records(raw: BinaryIO) -> Iterator[tuple[str, np.ndarray]]:
+    """(name, array) for every record of the stream, the configuration record included."""
+    with gzip.GzipFile(fileobj=raw, mode="rb") as f:
+        while True:
+            try:
+                prefix = f.read(2)
+            except (OSError, EOFError, zlib.error) as e:
+                raise FormatError(f"not valid gzip data: {e}") from None
+            if not prefix:
+                return
+            if len(prefix) < 2:
+                raise FormatError("truncated record")
+            try:
+                n = int.from_bytes(prefix, "little")
+                name = _read_exact(f, n, "record name").decode("utf-8")
+                version = np.lib.format.read_magic(f)
+                if version == (1, 0):
+                    shape, fortran, dtype = np.lib.format.read_array_header_1_0(f)
+                elif version == (2, 0):
+                    shape, fortran, dtype = np.lib.format.read_array_header_2_0(f)
+                else:
+                    raise FormatError(f"record {name!r}: unsupported .npy version {version}")
+                if fortran:
+                    raise FormatError(f"record {name!r} is in Fortran order")
+                count = int(np.prod(shape))
+                data = _read_exact(f, count * dtype.itemsize, f"record {name!r}")
+            except (OSError, EOFError, zlib.error, UnicodeDecodeError) as e:
+                raise FormatError(f"not a valid checkpoint file: {e}") from None
+            except ValueError as e:
+                if isinstance(e, FormatError):
+                    raise
+                raise FormatError(f"not a valid checkpoint file: {e}") from None
+            yield name, np.frombuffer(data, dtype=dtype).reshape(shape)
+
+
+def read_file(path: str | os.PathLike) -> tuple[Config | None, dict[str, np.ndarray]]:
+    """The configuration (None when the file has none) and every tensor of a checkpoint file."""
+    config, tensors = None, {}
+    with open(path, "rb") as raw:
+        for name, array in iter_records(io.BufferedReader(raw)):
+            if name == CONFIG_NAME:
+                config = Config(*(int(v) for v in array))
+            else:
+                tensors[name] = array
+    return config, tensors
+
