@@ -7,6 +7,10 @@
 
 -- One row per model architecture. weights_version is bumped by a trigger whenever the model's
 -- rows in llm_param change, so that backends can keep weights cached and check freshness cheaply.
+-- Versions come from a sequence so that no number is ever used twice, not even by a rolled-back
+-- transaction: a backend that cached weights under a version can trust it.
+CREATE SEQUENCE llm_weights_version_seq;
+
 CREATE TABLE llm_model_config (
     model           text PRIMARY KEY CHECK (length(model) BETWEEN 1 AND 200),
     n_layer         int NOT NULL CHECK (n_layer BETWEEN 1 AND 1000),

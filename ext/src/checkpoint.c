@@ -23,38 +23,6 @@
 
 /* ---- reading and registering architectures --------------------------------------------------- */
 
-/* The model's row of llm_model_config, locked when for_update; false when there is none. */
-static bool
-config_lookup(const char *model, LlmConfig *cfg, bool for_update)
-{
-	Oid			argtypes[1] = {TEXTOID};
-	Datum		values[1] = {CStringGetTextDatum(model)};
-	TupleDesc	desc;
-	HeapTuple	tuple;
-	bool		isnull;
-	int			ret;
-
-	ret = SPI_execute_with_args(psprintf("SELECT n_layer, n_head, d_model, n_positions, vocab, weights_version "
-										 "FROM %s WHERE model = $1%s", llm_table("llm_model_config"),
-										 for_update ? " FOR UPDATE" : ""),
-								1, argtypes, values, NULL, !for_update, 1);
-	if (ret != SPI_OK_SELECT)
-		elog(ERROR, "reading llm_model_config failed: %s", SPI_result_code_string(ret));
-	if (SPI_processed == 0)
-		return false;
-	desc = SPI_tuptable->tupdesc;
-	tuple = SPI_tuptable->vals[0];
-	memset(cfg, 0, sizeof(*cfg));
-	strlcpy(cfg->model, model, sizeof(cfg->model));
-	cfg->n_layer = DatumGetInt32(SPI_getbinval(tuple, desc, 1, &isnull));
-	cfg->n_head = DatumGetInt32(SPI_getbinval(tuple, desc, 2, &isnull));
-	cfg->d_model = DatumGetInt32(SPI_getbinval(tuple, desc, 3, &isnull));
-	cfg->n_positions = DatumGetInt32(SPI_getbinval(tuple, desc, 4, &isnull));
-	cfg->vocab = DatumGetInt32(SPI_getbinval(tuple, desc, 5, &isnull));
-	cfg->weights_version = DatumGetInt64(SPI_getbinval(tuple, desc, 6, &isnull));
-	return true;
-}
-
 static char *
 describe_architecture(const LlmConfig *c)
 {
@@ -118,7 +86,7 @@ llm_weights_begin(LlmWeightWriter *w, const char *model, const LlmConfig *arch, 
 
 	llm_check_model_name(model);
 	memset(w, 0, sizeof(*w));
-	exists = config_lookup(model, &have, true);
+	exists = llm_config_lookup(model, &have, true);
 	if (!exists && arch == NULL)
 		ereport(ERROR,
 				(errcode(ERRCODE_UNDEFINED_OBJECT),
@@ -374,7 +342,7 @@ llm_init(PG_FUNCTION_ARGS)
 	SPI_connect();
 	if (any_null)
 	{
-		if (!config_lookup(model, &have, false))
+		if (!llm_config_lookup(model, &have, false))
 		{
 			for (int i = 0; i < 5; i++)
 				if (PG_ARGISNULL(i + 1))
@@ -531,7 +499,7 @@ llm_checkpoint_save(PG_FUNCTION_ARGS)
 	values[0] = CStringGetTextDatum(model);
 	values[1] = PG_ARGISNULL(1) ? (Datum) 0 : PG_GETARG_DATUM(1);
 	SPI_connect();
-	if (!config_lookup(model, &cfg, false))
+	if (!llm_config_lookup(model, &cfg, false))
 		ereport(ERROR,
 				(errcode(ERRCODE_UNDEFINED_OBJECT),
 				 errmsg("model \"%s\" does not exist", model)));
@@ -589,7 +557,7 @@ llm_checkpoint_load(PG_FUNCTION_ARGS)
 	values[0] = CStringGetTextDatum(model);
 	values[1] = Int64GetDatum(id);
 	SPI_connect();
-	if (!config_lookup(model, &cfg, true))
+	if (!llm_config_lookup(model, &cfg, true))
 		ereport(ERROR,
 				(errcode(ERRCODE_UNDEFINED_OBJECT),
 				 errmsg("model \"%s\" does not exist", model)));

@@ -205,36 +205,55 @@ llm_check_model_name(const char *model)
 					 errmsg("model name must not contain control characters")));
 }
 
-void
-llm_config_load(const char *model, LlmConfig *cfg)
+/* The model's row of llm_model_config (locked when for_update); false when there is none.
+ * The caller is connected to SPI. */
+bool
+llm_config_lookup(const char *model, LlmConfig *cfg, bool for_update)
 {
 	Oid			argtypes[1] = {TEXTOID};
 	Datum		values[1];
+	TupleDesc	desc;
+	HeapTuple	tuple;
 	bool		isnull;
 	int			ret;
 
 	llm_check_model_name(model);
 	values[0] = CStringGetTextDatum(model);
-	SPI_connect();
-	ret = SPI_execute_with_args(psprintf("SELECT n_layer, n_head, d_model, n_positions, vocab, weights_version "
-										 "FROM %s WHERE model = $1", llm_table("llm_model_config")),
-								1, argtypes, values, NULL, true, 1);
+	ret = SPI_execute_with_args(psprintf("SELECT n_layer, n_head, d_model, n_positions, vocab, weights_version, tableoid "
+										 "FROM %s WHERE model = $1%s", llm_table("llm_model_config"),
+										 for_update ? " FOR UPDATE" : ""),
+								1, argtypes, values, NULL, !for_update, 1);
 	if (ret != SPI_OK_SELECT)
 		elog(ERROR, "reading llm_model_config failed: %s", SPI_result_code_string(ret));
 	if (SPI_processed == 0)
+		return false;
+	desc = SPI_tuptable->tupdesc;
+	tuple = SPI_tuptable->vals[0];
+	memset(cfg, 0, sizeof(*cfg));
+	strlcpy(cfg->model, model, sizeof(cfg->model));
+	cfg->n_layer = DatumGetInt32(SPI_getbinval(tuple, desc, 1, &isnull));
+	cfg->n_head = DatumGetInt32(SPI_getbinval(tuple, desc, 2, &isnull));
+	cfg->d_model = DatumGetInt32(SPI_getbinval(tuple, desc, 3, &isnull));
+	cfg->n_positions = DatumGetInt32(SPI_getbinval(tuple, desc, 4, &isnull));
+	cfg->vocab = DatumGetInt32(SPI_getbinval(tuple, desc, 5, &isnull));
+	cfg->weights_version = DatumGetInt64(SPI_getbinval(tuple, desc, 6, &isnull));
+	cfg->table_oid = DatumGetObjectId(SPI_getbinval(tuple, desc, 7, &isnull));
+	return true;
+}
+
+void
+llm_config_load(const char *model, LlmConfig *cfg)
+{
+	bool		found;
+
+	SPI_connect();
+	found = llm_config_lookup(model, cfg, false);
+	SPI_finish();
+	if (!found)
 		ereport(ERROR,
 				(errcode(ERRCODE_UNDEFINED_OBJECT),
 				 errmsg("model \"%s\" does not exist", model),
 				 errhint("Register it with pgllm import or pgllm init, or insert a row into llm_model_config.")));
-	memset(cfg, 0, sizeof(*cfg));
-	strlcpy(cfg->model, model, sizeof(cfg->model));
-	cfg->n_layer = DatumGetInt32(SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1, &isnull));
-	cfg->n_head = DatumGetInt32(SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 2, &isnull));
-	cfg->d_model = DatumGetInt32(SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 3, &isnull));
-	cfg->n_positions = DatumGetInt32(SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 4, &isnull));
-	cfg->vocab = DatumGetInt32(SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 5, &isnull));
-	cfg->weights_version = DatumGetInt64(SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 6, &isnull));
-	SPI_finish();
 }
 
 /* ---- the weight cache ---------------------------------------------------------------------- */
@@ -357,7 +376,7 @@ llm_model_get(const char *model)
 
 	llm_config_load(model, &cfg);
 	if (cached != NULL && same_architecture(&cached->cfg, &cfg) &&
-		cached->cfg.weights_version == cfg.weights_version)
+		cached->cfg.weights_version == cfg.weights_version && cached->cfg.table_oid == cfg.table_oid)
 		return cached;
 
 	llm_model_forget();
@@ -458,8 +477,9 @@ llm_param_bump_version(PG_FUNCTION_ARGS)
 	SPI_connect();
 	if (TRIGGER_FIRED_BY_TRUNCATE(td->tg_event))
 	{
-		if (SPI_execute(psprintf("UPDATE %s SET weights_version = weights_version + 1",
-								 llm_table("llm_model_config")), false, 0) != SPI_OK_UPDATE)
+		if (SPI_execute(psprintf("UPDATE %s SET weights_version = nextval('%s')",
+								 llm_table("llm_model_config"), llm_table("llm_weights_version_seq")),
+						false, 0) != SPI_OK_UPDATE)
 			elog(ERROR, "bumping weights_version failed");
 	}
 	else
@@ -469,8 +489,9 @@ llm_param_bump_version(PG_FUNCTION_ARGS)
 			Oid			argtypes[1] = {TEXTOID};
 			Datum		values[1] = {CStringGetTextDatum(lfirst(lc))};
 
-			if (SPI_execute_with_args(psprintf("UPDATE %s SET weights_version = weights_version + 1 WHERE model = $1",
-											   llm_table("llm_model_config")),
+			if (SPI_execute_with_args(psprintf("UPDATE %s SET weights_version = nextval('%s') WHERE model = $1",
+											   llm_table("llm_model_config"),
+											   llm_table("llm_weights_version_seq")),
 									  1, argtypes, values, NULL, false, 0) != SPI_OK_UPDATE)
 				elog(ERROR, "bumping weights_version failed");
 		}

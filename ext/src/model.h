@@ -23,6 +23,7 @@ typedef struct LlmConfig
 	int			n_positions;	/* P */
 	int			vocab;			/* V */
 	int64		weights_version;
+	Oid			table_oid;		/* of llm_model_config: versions restart when the extension is re-created */
 } LlmConfig;
 
 /* Parameter kinds, in block order. */
@@ -102,6 +103,9 @@ extern void llm_params_point(float *memory, const LlmLayout *layout, LlmParams *
 
 /* Checks a model name before it is used anywhere (length, no control characters). */
 extern void llm_check_model_name(const char *model);
+
+/* Reads the model's row of llm_model_config (caller connected to SPI); false when absent. */
+extern bool llm_config_lookup(const char *model, LlmConfig *cfg, bool for_update);
 
 /* Reads llm_model_config; ERROR (undefined object) when the model is unknown. Uses SPI. */
 extern void llm_config_load(const char *model, LlmConfig *cfg);
