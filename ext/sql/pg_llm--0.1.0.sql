@@ -148,3 +148,32 @@ AS 'MODULE_PATHNAME', 'pg_llm_version' LANGUAGE C IMMUTABLE STRICT PARALLEL SAFE
 -- Which BLAS the backend opened, and how many threads it uses.
 CREATE FUNCTION pg_llm_blas_info() RETURNS text
 AS 'MODULE_PATHNAME', 'pg_llm_blas_info' LANGUAGE C VOLATILE STRICT;
+
+-- ===========================================================================
+-- Inference (src/infer.c, src/sample.c, src/generate.c)
+-- ===========================================================================
+-- Nothing here writes, so every function runs on a hot standby. They are PARALLEL RESTRICTED:
+-- each parallel worker would load its own copy of the weights for no gain.
+-- Sampling settings are double precision so that clients sending float8 (psycopg's default for
+-- Python floats) find the function, as do numeric literals and real values.
+
+-- Next-token logits (vocab values) after the last of tokens.
+CREATE FUNCTION llm_logits(tokens int[], model text DEFAULT 'gpt2-small') RETURNS real[]
+AS 'MODULE_PATHNAME', 'llm_logits' LANGUAGE C STABLE STRICT PARALLEL RESTRICTED;
+
+-- Generated token ids after the prompt's. temperature 0 = greedy; topk 0 and topp 1 turn those
+-- filters off; a seed makes sampling reproducible; generation stops after eos_token (included).
+CREATE FUNCTION llm_generate_tokens(tokens int[], max_tokens int DEFAULT 64,
+                                    temperature double precision DEFAULT 1.0, topk int DEFAULT 50,
+                                    topp double precision DEFAULT 0.95, model text DEFAULT 'gpt2-small',
+                                    seed bigint DEFAULT NULL, eos_token int DEFAULT NULL)
+RETURNS int[]
+AS 'MODULE_PATHNAME', 'llm_generate_tokens' LANGUAGE C VOLATILE CALLED ON NULL INPUT PARALLEL RESTRICTED;
+
+-- Beam search on token ids, as transformers' generate(num_beams => beam_width, do_sample => False):
+-- beam_width hypotheses, best first; score = sum of log-probabilities / length ^ length_penalty.
+CREATE FUNCTION llm_beam_search_tokens(tokens int[], beam_width int DEFAULT 4, max_tokens int DEFAULT 32,
+                                       model text DEFAULT 'gpt2-small', eos_token int DEFAULT NULL,
+                                       length_penalty double precision DEFAULT 1.0)
+RETURNS TABLE (rank int, score double precision, token_ids int[])
+AS 'MODULE_PATHNAME', 'llm_beam_search_tokens' LANGUAGE C VOLATILE CALLED ON NULL INPUT PARALLEL RESTRICTED ROWS 4;
