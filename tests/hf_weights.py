@@ -28,16 +28,14 @@ def write_model_weights(conn: psycopg.Connection, name: str, model: GPT2LMHeadMo
         "n_head = EXCLUDED.n_head, d_model = EXCLUDED.d_model, n_positions = EXCLUDED.n_positions, "
         "vocab = EXCLUDED.vocab",
         (name, cfg.n_layer, cfg.n_head, cfg.n_embd, cfg.n_positions, cfg.vocab_size))
-    rows = []
-    for key, tensor in model.state_dict().items():
-        if key.startswith("lm_head.") or key.endswith((".attn.bias", ".attn.masked_bias")):
-            continue  # the head is tied to wte; the others are buffers, not parameters
-        t = tensor.detach().float().contiguous()
-        tensor_name = key.removeprefix("transformer.")
-        if tensor_name in ("wte.weight", "wpe.weight"):
-            tensor_name = tensor_name.removesuffix(".weight")
-        rows.append((name, tensor_name, list(t.shape), t.numpy().astype("<f4").tobytes()))
-    with conn.cursor() as cur:
-        cur.executemany(
-            "INSERT INTO llm_param (model, name, shape, data) VALUES (%s, %s, %s, %s) "
-            "ON CONFLICT (model, name) DO UPDATE SET shape = EXCLUDED.shape, data = EXCLUDED.data", rows)
+    conn.execute("DELETE FROM llm_param WHERE model = %s", (name,))
+    with conn.cursor().copy("COPY llm_param (model, name, shape, data) FROM STDIN (FORMAT BINARY)") as copy:
+        copy.set_types(["text", "text", "int4[]", "bytea"])
+        for key, tensor in model.state_dict().items():
+            if key.startswith("lm_head.") or key.endswith((".attn.bias", ".attn.masked_bias")):
+                continue  # the head is tied to wte; the others are buffers, not parameters
+            tensor_name = key.removeprefix("transformer.")
+            if tensor_name in ("wte.weight", "wpe.weight"):
+                tensor_name = tensor_name.removesuffix(".weight")
+            t = tensor.detach().float().contiguous()
+            copy.write_row((name, tensor_name, list(t.shape), t.numpy().astype("<f4").tobytes()))
