@@ -38,8 +38,9 @@
 /* Below this many rows the matrix-vector kernel beats sgemm (measured on GPT-2 small shapes). */
 #define GEMV_MAX_ROWS 8
 
-/* Columns per work item of the matrix-vector kernel (a multiple of the vector width). */
+/* Columns per work item of the matrix-vector kernel and of sgemm (multiples of the vector width). */
 #define GEMV_COL_BLOCK 64
+#define SGEMM_COL_BLOCK 16
 
 /* Rows of queries per attention block in the prompt pass: bounds the score buffer, and blocks
  * that end early skip most of the masked (future) keys. */
@@ -147,15 +148,26 @@ softmax_inplace(float *x, size_t n)
 		x[i] *= inv;
 }
 
-/* out (R, C) <- LayerNorm(inp (R, C)) * w + b */
-LLM_SIMD static void
-layernorm(float *restrict out, const float *restrict inp, const float *w, const float *b,
-		  size_t R, size_t C)
+/* out (R, C) <- LayerNorm(inp (R, C)) * w + b, rows [start, end) */
+typedef struct LayerNormTask
 {
-	for (size_t r = 0; r < R; r++)
+	float	   *out;
+	const float *inp,
+			   *w,
+			   *b;
+	size_t		C;
+} LayerNormTask;
+
+LLM_SIMD static void
+layernorm_task(void *arg, size_t start, size_t end)
+{
+	const LayerNormTask *t = arg;
+	size_t		C = t->C;
+
+	for (size_t r = start; r < end; r++)
 	{
-		const float *x = inp + r * C;
-		float	   *y = out + r * C;
+		const float *restrict x = t->inp + r * C;
+		float	   *restrict y = t->out + r * C;
 		float		mean = sum_floats(x, C) / (float) C;
 		float		acc[16] = {0};
 		float		var = 0.0f;
@@ -171,8 +183,19 @@ layernorm(float *restrict out, const float *restrict inp, const float *w, const 
 			var += acc[k];
 		rstd = 1.0f / sqrtf(var / (float) C + LN_EPS);
 		for (i = 0; i < C; i++)
-			y[i] = (x[i] - mean) * rstd * w[i] + b[i];
+			y[i] = (x[i] - mean) * rstd * t->w[i] + t->b[i];
 	}
+}
+
+static void
+layernorm(float *out, const float *inp, const float *w, const float *b, size_t R, size_t C)
+{
+	LayerNormTask t = {out, inp, w, b, C};
+
+	if (R >= 64)
+		llm_parallel_for(R, layernorm_task, &t);
+	else
+		layernorm_task(&t, 0, R);
 }
 
 /*
@@ -285,30 +308,45 @@ gemv_task(void *arg, size_t start, size_t end)
 	}
 }
 
+/*
+ * Many rows: each worker runs one single-threaded sgemm on its share of the columns. One split per
+ * product (rather than BLAS's own threads) keeps both cores busy with no hand-off between BLAS's
+ * threads and the pool's, and a late thread delays a product once, not at every block.
+ */
+LLM_SIMD static void
+sgemm_task(void *arg, size_t start, size_t end)
+{
+	const MatmulTask *t = arg;
+	size_t		j0 = start * SGEMM_COL_BLOCK;
+	size_t		j1 = Min(end * SGEMM_COL_BLOCK, t->OC);
+
+	for (size_t r = 0; r < t->R; r++)
+	{
+		float	   *restrict y = t->out + r * t->OC;
+
+		if (t->accumulate)
+			for (size_t j = j0; j < j1; j++)
+				y[j] += t->bias[j];
+		else
+			for (size_t j = j0; j < j1; j++)
+				y[j] = t->bias[j];
+	}
+	llm_cblas_sgemm(LlmCblasRowMajor, LlmCblasNoTrans, LlmCblasNoTrans, (int) t->R, (int) (j1 - j0),
+					(int) t->IC, 1.0f, t->inp, (int) t->IC, t->w + j0, (int) t->OC,
+					1.0f, t->out + j0, (int) t->OC);
+}
+
 /* out (R, OC) (+)= bias + inp (R, IC) @ w (IC, OC) */
 static void
 matmul(float *out, const float *inp, const float *w, const float *bias,
 	   size_t R, size_t IC, size_t OC, bool accumulate)
 {
+	MatmulTask	t = {out, inp, w, bias, R, IC, OC, accumulate};
+
 	if (R <= GEMV_MAX_ROWS)
-	{
-		MatmulTask	t = {out, inp, w, bias, R, IC, OC, accumulate};
-
 		llm_parallel_for((OC + GEMV_COL_BLOCK - 1) / GEMV_COL_BLOCK, gemv_task, &t);
-		return;
-	}
-	for (size_t r = 0; r < R; r++)
-	{
-		float	   *y = out + r * OC;
-
-		if (accumulate)
-			for (size_t j = 0; j < OC; j++)
-				y[j] += bias[j];
-		else
-			memcpy(y, bias, OC * sizeof(float));
-	}
-	llm_cblas_sgemm(LlmCblasRowMajor, LlmCblasNoTrans, LlmCblasNoTrans, (int) R, (int) OC, (int) IC,
-					1.0f, inp, (int) IC, w, (int) OC, 1.0f, out, (int) OC);
+	else
+		llm_parallel_for((OC + SGEMM_COL_BLOCK - 1) / SGEMM_COL_BLOCK, sgemm_task, &t);
 }
 
 /* The output head: logits (R, V) = inp (R, C) @ wte^T; each wte row is read once for all R rows. */
@@ -343,27 +381,40 @@ lm_head(float *logits, const float *inp, const float *wte, size_t R, size_t C, s
 /* ---- attention ----------------------------------------------------------------------------- */
 
 /*
- * Prompt attention of layer l for query rows [r0, T): per head, scores = Q K^T / sqrt(hs) by sgemm
- * over a block of rows and the keys up to the block's last row, causal softmax, then P V by sgemm
- * into att's columns of that head. Keys and values come from the prompt cache (already written).
+ * Prompt attention of layer l for query rows [r0, T), for the heads [start, end): per head,
+ * scores = Q K^T / sqrt(hs) by sgemm over a block of rows and the keys up to the block's last row,
+ * causal softmax, then P V by sgemm into att's columns of that head. Keys and values come from the
+ * prompt cache (already written). Each head has its own score buffer, so heads run in parallel.
  */
-static void
-attention_prompt(LlmInfer *s, int l, size_t T, size_t r0)
+typedef struct PromptAttTask
 {
+	LlmInfer   *s;
+	int			l;
+	size_t		T,
+				r0;
+} PromptAttTask;
+
+LLM_SIMD static void
+attention_prompt_task(void *arg, size_t start, size_t end)
+{
+	const PromptAttTask *t = arg;
+	const LlmInfer *s = t->s;
 	size_t		C = s->C,
-				hs = s->hs;
-	const float *kc = s->k_prompt + (size_t) l * s->max_prompt * C;
-	const float *vc = s->v_prompt + (size_t) l * s->max_prompt * C;
+				hs = s->hs,
+				T = t->T;
+	const float *kc = s->k_prompt + (size_t) t->l * s->max_prompt * C;
+	const float *vc = s->v_prompt + (size_t) t->l * s->max_prompt * C;
 	float		scale = 1.0f / sqrtf((float) hs);
 
-	for (size_t h = 0; h < (size_t) s->NH; h++)
+	for (size_t h = start; h < end; h++)
 	{
-		for (size_t b0 = r0; b0 < T; b0 += ATT_ROW_BLOCK)
+		float	   *S = s->scores + h * (size_t) Min(s->max_prompt, ATT_ROW_BLOCK) * s->max_prompt;
+
+		for (size_t b0 = t->r0; b0 < T; b0 += ATT_ROW_BLOCK)
 		{
 			size_t		b1 = Min(b0 + ATT_ROW_BLOCK, T);
 			size_t		M = b1 - b0;
 			size_t		N = b1;		/* keys 0 .. b1-1 */
-			float	   *S = s->scores;
 
 			llm_cblas_sgemm(LlmCblasRowMajor, LlmCblasNoTrans, LlmCblasTrans, (int) M, (int) N, (int) hs,
 							scale, s->qkv + b0 * 3 * C + h * hs, (int) (3 * C), kc + h * hs, (int) C,
@@ -484,8 +535,8 @@ llm_infer_create(const LlmModel *m, int beams, int max_prompt, int max_new)
 	s->qkv = alloc_floats(R * 3 * C);
 	s->att = alloc_floats(R * C);
 	s->fch = alloc_floats(R * 4 * C);
-	/* prompt: one head's block of scores; step: one row of scores per (beam, head) */
-	scores = Max((size_t) Min(max_prompt, ATT_ROW_BLOCK) * max_prompt,
+	/* prompt: a block of scores per head; step: one row of scores per (beam, head) */
+	scores = Max((size_t) s->NH * Min(max_prompt, ATT_ROW_BLOCK) * max_prompt,
 				 (size_t) beams * s->NH * (max_prompt + max_new));
 	s->scores = alloc_floats(scores);
 	s->logits = alloc_floats((size_t) beams * V);
@@ -520,8 +571,10 @@ llm_infer_prompt(LlmInfer *s, const int32 *tokens, int T)
 	const LlmLayout *lay = &s->model->layout;
 	size_t		C = s->C;
 	int		   *positions = palloc(sizeof(int) * T);
+	PromptAttTask att = {s, 0, T, 0};
 
 	Assert(T >= 1 && T <= s->max_prompt);
+	llm_blas_set_threads(1);	/* products are split over the pool: see sgemm_task */
 	for (int t = 0; t < T; t++)
 		positions[t] = t;
 	embed(s->x, p, tokens, positions, T, C);
@@ -544,7 +597,9 @@ llm_infer_prompt(LlmInfer *s, const int32 *tokens, int T)
 			memcpy(kc + (size_t) t * C, s->qkv + (size_t) t * 3 * C + C, C * sizeof(float));
 			memcpy(vc + (size_t) t * C, s->qkv + (size_t) t * 3 * C + 2 * C, C * sizeof(float));
 		}
-		attention_prompt(s, l, T, r0);
+		att.l = l;
+		att.r0 = r0;
+		llm_parallel_for(s->NH, attention_prompt_task, &att);
 		matmul(s->x + r0 * C, s->att + r0 * C, p->attprojw + l * lay->size[LLM_ATTPROJW],
 			   p->attprojb + l * lay->size[LLM_ATTPROJB], R, C, C, true);
 		layernorm(s->ln + r0 * C, s->x + r0 * C, p->ln2w + l * lay->size[LLM_LN2W],
@@ -576,6 +631,7 @@ llm_infer_step(LlmInfer *s, const int32 *tokens)
 
 	if (G >= (size_t) s->max_new)
 		elog(ERROR, "generation cache of %d positions is full", s->max_new);
+	llm_blas_set_threads(1);	/* more than GEMV_MAX_ROWS beams split sgemm over the pool */
 	for (size_t b = 0; b < B; b++)
 	{
 		positions[b] = s->prompt_len + (int) G;
