@@ -68,10 +68,11 @@ def main_options(
 
 
 def _register() -> None:
-    from .commands import install, server
+    from .commands import install, server, tokenizer
 
     app.command("install")(install.install)
     app.add_typer(server.app, name="server")
+    app.command("tokenizer")(tokenizer.tokenizer)
 
 
 _register()

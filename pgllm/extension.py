@@ -55,17 +55,19 @@ def check_same_major(conn: psycopg.Connection, cfg: dict[str, str]) -> None:
                          hint="pass --pg-config of the server's own installation")
 
 
-def build_dir(ext: Path, pg_config: Path) -> Path:
-    """Out-of-tree build folder, one per source tree and installation, kept between installs."""
+def build_dir(ext: Path, cfg: dict[str, str]) -> Path:
+    """Out-of-tree build folder, kept between installs: one per source tree and set of server
+    headers, so that installing into another tree of the same PostgreSQL reuses the objects."""
     cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
-    key = hashlib.sha1(f"{ext}|{pg_config.resolve()}".encode()).hexdigest()[:12]
+    headers = os.path.realpath(cfg["includedir-server"])
+    key = hashlib.sha1(f"{ext}|{headers}|{cfg['version']}".encode()).hexdigest()[:12]
     return cache / "pgllm" / f"build-{key}"
 
 
 def build_and_install(pg_config: Path) -> dict[str, str]:
     cfg = check_prerequisites(pg_config)
     ext = source_dir()
-    build = build_dir(ext, pg_config)
+    build = build_dir(ext, cfg)
     build.mkdir(parents=True, exist_ok=True)
     make = ["make", "-C", str(build), "-f", str(ext / "Makefile"), f"VPATH={ext}", f"PG_CONFIG={pg_config}"]
     for target in (["-j", str(os.cpu_count() or 1)], ["install"]):

@@ -150,6 +150,91 @@ CREATE FUNCTION pg_llm_blas_info() RETURNS text
 AS 'MODULE_PATHNAME', 'pg_llm_blas_info' LANGUAGE C VOLATILE STRICT;
 
 -- ===========================================================================
+-- Tokenizer (bpe.c)
+-- ===========================================================================
+
+-- Ids below 10 million (as llm_model_config.vocab); a pair merges at one rank only.
+ALTER TABLE llm_bpe_vocab ADD CONSTRAINT llm_bpe_vocab_token_id_max CHECK (token_id <= 9999999);
+ALTER TABLE llm_bpe_merges ADD CONSTRAINT llm_bpe_merges_pair_key UNIQUE (model, "left", "right");
+
+-- Version of each model's tokenizer. Backends cache tokenizers and compare this number once per
+-- call. It comes from a sequence, so that no number is ever reused, not even by a rolled-back
+-- load. Derived state, rebuilt by the triggers when a dump is restored: not dumped itself.
+CREATE SEQUENCE llm_tokenizer_version_seq;
+CREATE TABLE llm_tokenizer_version (
+    model   text PRIMARY KEY,
+    version bigint NOT NULL
+);
+COMMENT ON TABLE llm_tokenizer_version IS 'set from a sequence by any change to llm_bpe_vocab or llm_bpe_merges';
+
+-- SECURITY DEFINER: whoever may write the tokenizer tables (a role loading a tokenizer) bumps
+-- the version without needing rights on the version table or its sequence.
+CREATE FUNCTION llm_bpe_bump_version() RETURNS trigger
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = @extschema@, pg_temp AS $$
+BEGIN
+    IF TG_OP = 'TRUNCATE' THEN
+        UPDATE llm_tokenizer_version SET version = nextval('llm_tokenizer_version_seq');
+    ELSIF TG_OP = 'INSERT' THEN
+        INSERT INTO llm_tokenizer_version AS v (model, version)
+        SELECT m, nextval('llm_tokenizer_version_seq') FROM (SELECT DISTINCT model FROM new_rows) s(m)
+        ON CONFLICT (model) DO UPDATE SET version = excluded.version;
+    ELSIF TG_OP = 'UPDATE' THEN
+        INSERT INTO llm_tokenizer_version AS v (model, version)
+        SELECT m, nextval('llm_tokenizer_version_seq')
+        FROM (SELECT model FROM old_rows UNION SELECT model FROM new_rows) s(m)
+        ON CONFLICT (model) DO UPDATE SET version = excluded.version;
+    ELSE
+        INSERT INTO llm_tokenizer_version AS v (model, version)
+        SELECT m, nextval('llm_tokenizer_version_seq') FROM (SELECT DISTINCT model FROM old_rows) s(m)
+        ON CONFLICT (model) DO UPDATE SET version = excluded.version;
+    END IF;
+    RETURN NULL;
+END $$;
+
+CREATE TRIGGER llm_bpe_vocab_version_ins AFTER INSERT ON llm_bpe_vocab
+    REFERENCING NEW TABLE AS new_rows FOR EACH STATEMENT EXECUTE FUNCTION llm_bpe_bump_version();
+CREATE TRIGGER llm_bpe_vocab_version_upd AFTER UPDATE ON llm_bpe_vocab
+    REFERENCING OLD TABLE AS old_rows NEW TABLE AS new_rows FOR EACH STATEMENT EXECUTE FUNCTION llm_bpe_bump_version();
+CREATE TRIGGER llm_bpe_vocab_version_del AFTER DELETE ON llm_bpe_vocab
+    REFERENCING OLD TABLE AS old_rows FOR EACH STATEMENT EXECUTE FUNCTION llm_bpe_bump_version();
+CREATE TRIGGER llm_bpe_vocab_version_trunc AFTER TRUNCATE ON llm_bpe_vocab
+    FOR EACH STATEMENT EXECUTE FUNCTION llm_bpe_bump_version();
+CREATE TRIGGER llm_bpe_merges_version_ins AFTER INSERT ON llm_bpe_merges
+    REFERENCING NEW TABLE AS new_rows FOR EACH STATEMENT EXECUTE FUNCTION llm_bpe_bump_version();
+CREATE TRIGGER llm_bpe_merges_version_upd AFTER UPDATE ON llm_bpe_merges
+    REFERENCING OLD TABLE AS old_rows NEW TABLE AS new_rows FOR EACH STATEMENT EXECUTE FUNCTION llm_bpe_bump_version();
+CREATE TRIGGER llm_bpe_merges_version_del AFTER DELETE ON llm_bpe_merges
+    REFERENCING OLD TABLE AS old_rows FOR EACH STATEMENT EXECUTE FUNCTION llm_bpe_bump_version();
+CREATE TRIGGER llm_bpe_merges_version_trunc AFTER TRUNCATE ON llm_bpe_merges
+    FOR EACH STATEMENT EXECUTE FUNCTION llm_bpe_bump_version();
+
+-- Text -> token ids, exactly as Hugging Face's GPT-2 tokenizer (<|endoftext|> is a special token).
+CREATE FUNCTION llm_encode(input text, model text DEFAULT 'gpt2-small') RETURNS int[]
+AS 'MODULE_PATHNAME', 'llm_encode' LANGUAGE C STABLE STRICT PARALLEL SAFE;
+
+-- Token ids -> text: the tokens' bytes joined; what is not valid UTF-8 (and NUL) becomes U+FFFD.
+CREATE FUNCTION llm_decode(tokens int[], model text DEFAULT 'gpt2-small') RETURNS text
+AS 'MODULE_PATHNAME', 'llm_decode' LANGUAGE C STABLE STRICT PARALLEL SAFE;
+
+-- The raw bytes of one token (a token may hold part of a UTF-8 character).
+CREATE FUNCTION llm_token_bytes(token_id int, model text DEFAULT 'gpt2-small') RETURNS bytea
+AS 'MODULE_PATHNAME', 'llm_token_bytes' LANGUAGE C STABLE STRICT PARALLEL SAFE;
+
+-- A model's tokenizer: vocab_size is the highest id + 1; eot_id is <|endoftext|>'s id (-1: none).
+CREATE FUNCTION llm_tokenizer_info(model text DEFAULT 'gpt2-small',
+    OUT vocab_size int, OUT tokens int, OUT merges int, OUT eot_id int, OUT version bigint)
+AS 'MODULE_PATHNAME', 'llm_tokenizer_info' LANGUAGE C STABLE STRICT PARALLEL SAFE;
+
+-- Load vocab.json / merges.txt from files the server can read (superuser or pg_read_server_files).
+-- The vocabulary first: merges are checked against it. replace => true replaces what the model
+-- had (replacing the vocabulary deletes the model's merges too). A malformed file is refused with
+-- the line at fault, and nothing is loaded. pgllm tokenizer does the same from the client.
+CREATE FUNCTION pg_llm_load_bpe_vocab(path text, model text, replace boolean DEFAULT false) RETURNS bigint
+AS 'MODULE_PATHNAME', 'pg_llm_load_bpe_vocab' LANGUAGE C VOLATILE STRICT;
+CREATE FUNCTION pg_llm_load_bpe_merges(path text, model text, replace boolean DEFAULT false) RETURNS bigint
+AS 'MODULE_PATHNAME', 'pg_llm_load_bpe_merges' LANGUAGE C VOLATILE STRICT;
+
+-- ===========================================================================
 -- Inference (src/infer.c, src/sample.c, src/generate.c)
 -- ===========================================================================
 -- Nothing here writes, so every function runs on a hot standby. They are PARALLEL RESTRICTED:
