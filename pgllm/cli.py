@@ -68,11 +68,12 @@ def main_options(
 
 
 def _register() -> None:
-    from .commands import install, server, tokenizer
+    from .commands import generate, install, server, tokenizer
 
     app.command("install")(install.install)
     app.add_typer(server.app, name="server")
     app.command("tokenizer")(tokenizer.tokenizer)
+    app.command("generate")(generate.generate)
 
 
 _register()

@@ -7,6 +7,8 @@ engine is tested against a real reference model without depending on the import 
 
 from __future__ import annotations
 
+import functools
+
 import psycopg
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel
@@ -39,3 +41,22 @@ def write_model_weights(conn: psycopg.Connection, name: str, model: GPT2LMHeadMo
                 tensor_name = tensor_name.removesuffix(".weight")
             t = tensor.detach().float().contiguous()
             copy.write_row((name, tensor_name, list(t.shape), t.numpy().astype("<f4").tobytes()))
+
+
+@functools.lru_cache(maxsize=1)
+def _gpt2_tokenizer_entries():
+    from pgllm.bundled import gpt2_tokenizer_files
+    from pgllm.commands.tokenizer import parse_merges, parse_vocab
+
+    vocab_file, merges_file = gpt2_tokenizer_files()
+    vocab = parse_vocab(vocab_file)
+    return vocab, parse_merges(merges_file, {token for token, _ in vocab})
+
+
+def write_gpt2_tokenizer(conn: psycopg.Connection, name: str) -> None:
+    """Give model `name` the GPT-2 tokenizer bundled with pgllm, as `pgllm tokenizer` does."""
+    from pgllm.commands.tokenizer import load
+
+    vocab, merges = _gpt2_tokenizer_entries()
+    with conn.transaction():
+        load(conn, name, vocab, merges, replace=True)

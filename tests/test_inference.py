@@ -9,16 +9,24 @@ near-tie decided by rounding.
 
 from __future__ import annotations
 
+import io
+import shutil
 import threading
 import time
 import uuid
+from contextlib import redirect_stdout
+from pathlib import Path
 
 import numpy as np
 import psycopg
 import pytest
 import torch
 
-from .hf_weights import random_gpt2, write_model_weights
+from pg_llm_client import PGLLMClient
+from pgllm.bundled import gpt2_tokenizer_files
+
+from .conftest import make_home
+from .hf_weights import random_gpt2, write_gpt2_tokenizer, write_model_weights
 
 LOGIT_RTOL, LOGIT_ATOL = 1e-4, 1e-5
 SCORE_ATOL = 1e-4
@@ -339,3 +347,228 @@ def test_float_and_numeric_arguments_find_the_function(pg, models):
     c = pg.execute("SELECT llm_generate_tokens('{1,2}', 5, 0.7::real, 10, 0.9::real, %s, 99)", (name,)).fetchone()[0]
     assert a == b and len(a) == 5
     assert len(c) == 5
+
+
+# ---- text: llm_generate, llm_generate_stream, llm_beam_search -------------------------------------
+
+EOT = 50256
+TEXT = dict(n_layer=2, n_head=4, n_embd=64, n_positions=128, vocab_size=50257, initializer_range=0.1)
+PROMPTS = ["Hello, my name is", "The quick brown fox", "PostgreSQL é 漢字 🐘"]
+
+
+def forget_model(conn, name):
+    conn.execute("DELETE FROM llm_model_config WHERE model = %s", (name,))
+    conn.execute("DELETE FROM llm_bpe_merges WHERE model = %s", (name,))
+    conn.execute("DELETE FROM llm_bpe_vocab WHERE model = %s", (name,))
+
+
+@pytest.fixture(scope="module")
+def text_model(pg):
+    """A small model with GPT-2's vocabulary and tokenizer."""
+    m = random_gpt2(21, bos_token_id=EOT, eos_token_id=EOT, **TEXT)
+    name = f"inf-text-{uuid.uuid4().hex[:8]}"
+    write_model_weights(pg, name, m)
+    write_gpt2_tokenizer(pg, name)
+    yield name, m
+    forget_model(pg, name)
+
+
+@pytest.fixture(scope="module")
+def hf_tokenizer():
+    """transformers' GPT-2 tokenizer from the same vocab.json / merges.txt that pgllm bundles."""
+    from transformers import GPT2TokenizerFast
+
+    folder = make_home("pgllm-hf-tok-")
+    vocab, merges = gpt2_tokenizer_files()
+    shutil.copy(vocab, folder / "vocab.json")
+    shutil.copy(merges, folder / "merges.txt")
+    tok = GPT2TokenizerFast.from_pretrained(str(folder))
+    assert tok("Hello world")["input_ids"] == [15496, 995]  # not an empty tokenizer
+    yield tok
+    shutil.rmtree(folder, ignore_errors=True)
+
+
+def without_eot(ids):
+    return ids[:-1] if ids and ids[-1] == EOT else ids
+
+
+def stream_rows(conn, sql, args):
+    return conn.execute(f"SELECT (e).* FROM (SELECT {sql} AS e) s", args).fetchall()
+
+
+def test_text_greedy_matches_generate_and_the_tokenizer(pg, text_model, hf_tokenizer):
+    name, m = text_model
+    for prompt in PROMPTS:
+        ids = hf_tokenizer(prompt)["input_ids"]
+        ref = hf_greedy(m, ids, 20, EOT)
+        ours = pg.execute("SELECT llm_generate(%s, 20, 0, model => %s)", (prompt, name)).fetchone()[0]
+        assert ours == hf_tokenizer.decode(without_eot(ref)), prompt
+        assert pg.execute("SELECT llm_generate_tokens(llm_encode(%s, %s), 20, 0, model => %s, eos_token => %s)",
+                          (prompt, name, name, EOT)).fetchone()[0] == ref
+
+
+def test_stream_rows_add_up_to_the_generated_text(pg, text_model, hf_tokenizer):
+    """Rows are tokens in order; their texts concatenate to what llm_generate returns with the
+    same seed; a token that ends inside a UTF-8 character waits for the next one."""
+    name, _ = text_model
+    held_back = 0
+    for seed in range(6):
+        args = ("Once upon a time", 120, 3.0, 0, 1.0, name, seed)
+        rows = stream_rows(pg, "llm_generate_stream(%s, %s, %s, %s, %s, %s, %s)", args)
+        steps, ids, tokens, texts, complete = map(list, zip(*rows))
+        assert steps == list(range(1, len(rows) + 1))
+        assert complete == [False] * (len(rows) - 1) + [True]
+        assert "".join(tokens) == texts[-1]
+        assert all(texts[i] == "".join(tokens[:i + 1]) for i in range(len(rows)))
+        assert texts[-1] == pg.execute("SELECT llm_generate(%s, %s, %s, %s, %s, %s, %s)", args).fetchone()[0]
+        assert texts[-1] == hf_tokenizer.decode(without_eot(ids))
+        assert ids == pg.execute("SELECT llm_generate_tokens(llm_encode(%s, %s), %s, %s, %s, %s, %s, %s, %s)",
+                                 (args[0], name, *args[1:], EOT)).fetchone()[0]
+        assert len(rows) == 120 or ids[-1] == EOT
+        held_back += sum(1 for t, i in zip(tokens[:-1], ids) if t == "" and i != EOT)
+    assert held_back > 0, "no token ended inside a character: the UTF-8 path was not exercised"
+
+
+def test_text_beam_search_matches_generate(pg, text_model, hf_tokenizer):
+    name, m = text_model
+    for prompt in PROMPTS[:2]:
+        ref = hf_beams(m, hf_tokenizer(prompt)["input_ids"], 3, 10, EOT)
+        rows = pg.execute("SELECT rank, score, token_ids, text FROM llm_beam_search(%s, 3, 10, %s) ORDER BY rank",
+                          (prompt, name)).fetchall()
+        assert [r[2] for r in rows] == [ids for _, ids in ref]
+        assert [r[3] for r in rows] == [hf_tokenizer.decode(without_eot(ids)) for _, ids in ref]
+        np.testing.assert_allclose([r[1] for r in rows], [s for s, _ in ref], atol=SCORE_ATOL)
+
+
+@pytest.mark.slow
+def test_stream_reaches_the_client_long_before_generation_ends(dsn, pg, gpt2_small):
+    """64 tokens of a GPT-2-small-shaped model: the first row arrives while the rest are computed."""
+    name, _ = gpt2_small
+    write_gpt2_tokenizer(pg, name)
+    with psycopg.connect(dsn, autocommit=True) as c:
+        c.execute("SELECT llm_logits('{1}', %s)", (name,))  # weights loaded: what is timed is generation
+        arrivals = []
+        start = time.monotonic()
+        with c.cursor() as cur:
+            for _ in cur.stream("SELECT (e).* FROM (SELECT llm_generate_stream('Streaming tokens', 64, 0, "
+                                "model => %s) AS e) s", (name,)):
+                arrivals.append(time.monotonic() - start)
+    assert len(arrivals) == 64
+    first, last = arrivals[0], arrivals[-1]
+    assert first < last / 8, f"first row after {first:.3f} s, last after {last:.3f} s"
+    # and the rows keep coming one by one, not in a burst at the end
+    assert arrivals[32] < 0.75 * last
+
+
+# ---- the client and the CLI -----------------------------------------------------------------------
+
+def test_client_generate_stream_and_beam_search(dsn, pg, text_model):
+    name, _ = text_model
+    with psycopg.connect(dsn) as conn:  # not autocommit, as in the seed's snippet
+        client = PGLLMClient(conn, model=name)
+        text = client.generate("Hello from Postgres", temperature=0.6, max_tokens=12, seed=3)
+        assert text == pg.execute("SELECT llm_generate('Hello from Postgres', 12, 0.6, 50, 0.95, %s, 3)",
+                                  (name,)).fetchone()[0]
+        events = list(client.stream("Streaming tokens", max_tokens=4, seed=9))
+        assert [e.step for e in events] == list(range(1, len(events) + 1)) and 1 <= len(events) <= 4
+        assert events[-1].is_complete and events[-1].text == "".join(e.token for e in events)
+        assert all(isinstance(e.token_id, int) for e in events)
+        candidates = client.beam_search("Beam me", beam_width=2, max_tokens=6)
+        assert len(candidates) == 2 and candidates[0].score >= candidates[1].score
+        assert all(isinstance(c.text, str) and 1 <= len(c.token_ids) <= 6 for c in candidates)
+        assert client.generate("Hi", temperature=0, max_tokens=5) == client.generate("Hi", temperature=0, max_tokens=5)
+
+
+@pytest.mark.parametrize("autocommit", [False, True])
+def test_client_stream_left_early_leaves_the_connection_usable(dsn, text_model, autocommit):
+    name, _ = text_model
+    with psycopg.connect(dsn, autocommit=autocommit) as conn:
+        client = PGLLMClient(conn, model=name)
+        for event in client.stream("Hello", max_tokens=100, temperature=0):
+            break
+        assert event.step == 1
+        assert conn.execute("SELECT 1").fetchone()[0] == 1
+        assert len(list(client.stream("Hello", max_tokens=3, temperature=0))) >= 1
+
+
+SEED_SNIPPET = """
+import psycopg
+from pg_llm_client import PGLLMClient
+
+with psycopg.connect("postgresql://postgres@localhost:5432/postgres") as conn:
+    client = PGLLMClient(conn)
+    print(client.generate("Hello from Postgres", temperature=0.6))
+
+    for event in client.stream("Streaming tokens", max_tokens=4):
+        print(event.step, event.token, event.text)
+
+    top_candidates = client.beam_search("Beam me", beam_width=2, max_tokens=6)
+    for candidate in top_candidates:
+        print(candidate.score, candidate.text)
+"""
+
+
+def test_the_seed_snippet_runs_as_written(db):
+    """The seed's snippet, with only its connection string pointed at the test database; the
+    database's gpt2-small is a small model with GPT-2's tokenizer."""
+    with psycopg.connect(db, autocommit=True) as conn:
+        write_model_weights(conn, "gpt2-small", random_gpt2(5, **TEXT))
+        write_gpt2_tokenizer(conn, "gpt2-small")
+    code = SEED_SNIPPET.replace('"postgresql://postgres@localhost:5432/postgres"', repr(db))
+    out = io.StringIO()
+    with redirect_stdout(out):
+        exec(compile(code, "seed_snippet", "exec"), {})
+    lines = out.getvalue().splitlines()
+    steps = [line.split(" ", 1)[0] for line in lines[-6:-2]]
+    assert steps[-1] in {"1", "2", "3", "4"} and len(lines) >= 4
+    float(lines[-1].split(" ", 1)[0]), float(lines[-2].split(" ", 1)[0])  # the two beam scores
+
+
+def test_cli_generate(cli, dsn, text_model, monkeypatch):
+    name, _ = text_model
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        expected = PGLLMClient(conn, model=name).generate("Hello", max_tokens=12, seed=5)
+        beams = PGLLMClient(conn, model=name).beam_search("Hello", beam_width=2, max_tokens=5)
+    streamed = cli("--dsn", dsn, "generate", "Hello", "--model", name, "--max-tokens", "12", "--seed", "5")
+    assert streamed.exit_code == 0, streamed.output
+    assert streamed.stdout == expected + "\n"
+    whole = cli("--dsn", dsn, "generate", "Hello", "-m", name, "-n", "12", "--seed", "5", "--no-stream")
+    assert whole.exit_code == 0 and whole.stdout == expected + "\n"
+    beam = cli("--dsn", dsn, "generate", "Hello", "-m", name, "-n", "5", "--beam-width", "2")
+    assert beam.exit_code == 0
+    assert beam.stdout.splitlines() == [f"{c.rank}\t{c.score:.4f}\t{c.text}" for c in beams]
+    monkeypatch.setenv("PGLLM_MODEL", name)
+    default = cli("--dsn", dsn, "generate", "Hello", "-n", "12", "--seed", "5")
+    assert default.exit_code == 0 and default.stdout == expected + "\n"
+
+
+@pytest.mark.parametrize("args, message", [
+    (["", "-m", "{m}"], "Error: prompt must not be empty"),
+    (["Hi", "-m", "no-such-model"], 'Error: model "no-such-model" does not exist'),
+    (["Hi", "-m", "{m}", "--top-p", "0"], "Error: topp must be in (0, 1]"),
+    (["Hi", "-m", "{m}", "--temperature", "-1"], "Error: temperature must be a finite number >= 0"),
+    (["Hi", "-m", "{m}", "--max-tokens", "-3"], "Error: max_tokens must be at least 1"),
+    (["Hi", "-m", "{m}", "--max-tokens", "500"], "exceeds the 128 positions"),
+    (["Hi", "-m", "{m}", "--top-k", "-2"], "Error: topk must be >= 0"),
+    (["Hi", "-m", "{m}", "--beam-width", "0"], "Error: beam_width must be at least 1"),
+])
+def test_cli_generate_bad_input(cli, dsn, text_model, args, message):
+    result = cli("--dsn", dsn, "generate", *[a.replace("{m}", text_model[0]) for a in args])
+    assert result.exit_code == 1
+    assert message in result.output and "Traceback" not in result.output
+
+
+@pytest.mark.parametrize("sql, message", [
+    ("SELECT llm_generate('', 5, model => %(m)s)", "prompt must not be empty"),
+    ("SELECT llm_generate('Hi', 5, model => 'no-such-model')", 'model "no-such-model" does not exist'),
+    ("SELECT llm_generate(repeat('ab ', 200), 5, model => %(m)s)", "longer than the 128 positions"),
+    ("SELECT llm_generate_stream('Hi', 5, -1, model => %(m)s)", "temperature must be a finite number >= 0"),
+    ("SELECT llm_generate_stream('', 5, model => %(m)s)", "prompt must not be empty"),
+    ("SELECT * FROM llm_beam_search('Hi', 0, 5, %(m)s)", "beam_width must be at least 1"),
+    ("SELECT * FROM llm_beam_search('', 2, 5, %(m)s)", "prompt must not be empty"),
+    ("SELECT llm_generate('Hi', 5, model => %(g)s)", "has no tokenizer"),
+])
+def test_text_bad_input_is_a_clear_error(pg, models, text_model, sql, message):
+    with pytest.raises(psycopg.Error) as e:
+        pg.execute(sql, {"m": text_model[0], "g": models["gen"][0]})
+    assert message in str(e.value)

@@ -2,13 +2,15 @@
  * generate.c: the SQL functions of inference: logits, generation (whole, streamed), beam search.
  *
  * Token-level functions (llm_logits, llm_generate_tokens, llm_beam_search_tokens) take and return
- * token ids; the text functions wrap them with the model's tokenizer. Nothing here writes to the
- * database, so all of it runs on a hot standby.
+ * token ids; the text functions (llm_generate, llm_generate_stream, llm_beam_search) wrap them with
+ * the model's tokenizer (bpe.c) and stop at its <|endoftext|>. Nothing here writes to the database,
+ * so all of it runs on a hot standby.
  *
  * Generation runs one prompt pass, then one step per new token (infer.c). The last token needs no
  * step: its logits would only be used for a token that is not generated.
  */
 #include "pg_llm.h"
+#include "bpe.h"
 #include "infer.h"
 
 #include <math.h>
@@ -541,7 +543,7 @@ beam_search(const char *model, const int32 *prompt, int T, int K, int max_tokens
 }
 
 static void
-beam_args(FunctionCallInfo fcinfo, int *K, int *max_tokens, char **model, double *length_penalty)
+beam_args(FunctionCallInfo fcinfo, int *K, int *max_tokens, char **model)
 {
 	require_arg(fcinfo, 1, "beam_width");
 	require_arg(fcinfo, 2, "max_tokens");
@@ -549,7 +551,6 @@ beam_args(FunctionCallInfo fcinfo, int *K, int *max_tokens, char **model, double
 	*K = PG_GETARG_INT32(1);
 	*max_tokens = PG_GETARG_INT32(2);
 	*model = text_to_cstring(PG_GETARG_TEXT_PP(3));
-	*length_penalty = 1.0;
 }
 
 /*
@@ -572,7 +573,7 @@ llm_beam_search_tokens(PG_FUNCTION_ARGS)
 
 	if (PG_ARGISNULL(0))
 		PG_RETURN_NULL();
-	beam_args(fcinfo, &K, &max_tokens, &model, &length_penalty);
+	beam_args(fcinfo, &K, &max_tokens, &model);
 	if (!PG_ARGISNULL(4))
 	{
 		eos = PG_GETARG_INT32(4);
@@ -595,6 +596,275 @@ llm_beam_search_tokens(PG_FUNCTION_ARGS)
 		values[0] = Int32GetDatum(r + 1);
 		values[1] = Float8GetDatum(hyps[r].score);
 		values[2] = PointerGetDatum(tokens_to_array(hyps[r].tokens, hyps[r].len));
+		tuplestore_putvalues(rsinfo->setResult, rsinfo->setDesc, values, nulls);
+	}
+	return (Datum) 0;
+}
+
+/* ---- SQL: text ----------------------------------------------------------------------------- */
+
+/*
+ * The prompt's token ids under the model's tokenizer. The model is looked up first, so that an
+ * unknown model is reported as such rather than as a model without a tokenizer.
+ */
+static int32 *
+encode_prompt(const char *model, text *prompt, int *n)
+{
+	LlmConfig	cfg;
+	int			len = VARSIZE_ANY_EXHDR(prompt);
+
+	llm_config_load(model, &cfg);
+	if (len == 0)
+		ereport(ERROR,
+				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+				 errmsg("prompt must not be empty"),
+				 errhint("The model needs at least one token of context; \"<|endoftext|>\" starts a text from nothing.")));
+	return llm_bpe_encode(model, VARDATA_ANY(prompt), len, n);
+}
+
+/* Generated ids as text, without the end-of-text token that stopped generation. */
+static text *
+decode_generated(const char *model, const int32 *ids, int n, int32 eos)
+{
+	int			len;
+	char	   *s;
+
+	if (n > 0 && ids[n - 1] == eos)
+		n--;
+	s = llm_bpe_decode(model, ids, n, &len);
+	return cstring_to_text_with_len(s, len);
+}
+
+/* Arguments (prompt, max_tokens, temperature, topk, topp, model, seed): encode, stop at eot. */
+static int32 *
+text_generation_args(FunctionCallInfo fcinfo, GenSettings *set, int *T)
+{
+	int32	   *prompt;
+
+	sampling_args(fcinfo, set);
+	check_max_tokens(set->max_tokens);
+	check_sampling(set->temperature, set->top_k, set->top_p);
+	prompt = encode_prompt(set->model, PG_GETARG_TEXT_PP(0), T);
+	set->eos = llm_bpe_eot_id(set->model);
+	return prompt;
+}
+
+/*
+ * llm_generate(prompt, max_tokens, temperature, topk, topp, model, seed) -> text: the text
+ * generated after the prompt.
+ */
+PG_FUNCTION_INFO_V1(llm_generate);
+Datum
+llm_generate(PG_FUNCTION_ARGS)
+{
+	GenSettings set;
+	Generation *g;
+	int32	   *prompt;
+	int			T;
+
+	if (PG_ARGISNULL(0))
+		PG_RETURN_NULL();
+	prompt = text_generation_args(fcinfo, &set, &T);
+	g = generation_start(&set, prompt, T);
+	while (!g->done)
+		generation_next(g, false);
+	PG_RETURN_TEXT_P(decode_generated(set.model, g->out, g->n, set.eos));
+}
+
+/*
+ * Streaming. Each row is one generated token. A token's bytes may end inside a UTF-8 character
+ * (byte-level BPE); its text then waits for the tokens that complete the character, so that
+ * every row's `token` is whole characters and the rows' tokens concatenate to the final text,
+ * exactly what llm_generate returns with the same seed.
+ */
+typedef struct StreamState
+{
+	Generation *g;
+	int32	   *pending;		/* ids whose text is not out yet */
+	int			n_pending;
+	StringInfoData text;		/* all text so far */
+	TupleDesc	desc;
+} StreamState;
+
+/*
+ * Bytes at the end of s that begin a UTF-8 character but do not finish it (0 to 3); the lead byte
+ * ranges are those of a strict decoder (no overlongs, surrogates or code points past U+10FFFF).
+ */
+static int
+utf8_unfinished_tail(const unsigned char *s, int len)
+{
+	for (int k = 1; k <= 3 && k <= len; k++)
+	{
+		unsigned char b = s[len - k];
+		int			need;		/* continuation bytes this lead byte wants */
+		unsigned char lo = 0x80,
+					hi = 0xBF;
+
+		if (b >= 0x80 && b <= 0xBF)
+			continue;			/* a continuation byte: look further back */
+		if (b >= 0xC2 && b <= 0xDF)
+			need = 1;
+		else if (b >= 0xE0 && b <= 0xEF)
+			need = 2, lo = (b == 0xE0) ? 0xA0 : 0x80, hi = (b == 0xED) ? 0x9F : 0xBF;
+		else if (b >= 0xF0 && b <= 0xF4)
+			need = 3, lo = (b == 0xF0) ? 0x90 : 0x80, hi = (b == 0xF4) ? 0x8F : 0xBF;
+		else
+			return 0;			/* ASCII or a byte that starts nothing */
+		if (need < k)
+			return 0;			/* the character is complete */
+		for (int i = 1; i < k; i++)
+		{
+			unsigned char c = s[len - k + i];
+
+			if (c < (i == 1 ? lo : 0x80) || c > (i == 1 ? hi : 0xBF))
+				return 0;		/* broken: the decoder replaces it, nothing to wait for */
+		}
+		return k;
+	}
+	return 0;
+}
+
+/* The text that token `tok` makes available (palloc'd), all that is left when `final`. */
+static char *
+stream_piece(StreamState *st, int32 tok, bool final, int *len)
+{
+	const char *model = st->g->set.model;
+	char	   *piece;
+
+	if (tok != st->g->set.eos)
+		st->pending[st->n_pending++] = tok;
+	if (!final)
+	{
+		StringInfoData bytes;
+
+		initStringInfo(&bytes);
+		for (int i = 0; i < st->n_pending; i++)
+		{
+			bytea	   *b = llm_bpe_token_bytes(model, st->pending[i]);
+
+			appendBinaryStringInfo(&bytes, VARDATA(b), VARSIZE(b) - VARHDRSZ);
+		}
+		if (utf8_unfinished_tail((unsigned char *) bytes.data, bytes.len) > 0)
+		{
+			*len = 0;
+			return "";
+		}
+	}
+	piece = llm_bpe_decode(model, st->pending, st->n_pending, len);
+	st->n_pending = 0;
+	return piece;
+}
+
+/*
+ * Rows queued by earlier calls go to the client now, before the next token is computed: the
+ * backend otherwise sends its output buffer only when it is full or the query ends.
+ */
+static void
+flush_rows_to_client(void)
+{
+	if (whereToSendOutput == DestRemote)
+		pq_flush();
+}
+
+/*
+ * llm_generate_stream(prompt, max_tokens, temperature, topk, topp, model, seed)
+ * -> rows (step, token_id, token, text, is_complete), one per generated token, sent as they come
+ * when the function is called in the select list (a function in FROM is materialised first).
+ */
+PG_FUNCTION_INFO_V1(llm_generate_stream);
+Datum
+llm_generate_stream(PG_FUNCTION_ARGS)
+{
+	FuncCallContext *funcctx;
+	StreamState *st;
+	int32		tok;
+	char	   *piece;
+	int			len;
+	Datum		values[5];
+	bool		nulls[5] = {false, false, false, false, false};
+
+	if (SRF_IS_FIRSTCALL())
+	{
+		MemoryContext old;
+		GenSettings set;
+		int32	   *prompt;
+		int			T;
+
+		funcctx = SRF_FIRSTCALL_INIT();
+		if (PG_ARGISNULL(0))
+			SRF_RETURN_DONE(funcctx);
+		/* everything the generation keeps (cache, buffers) lives, and dies, with the query */
+		old = MemoryContextSwitchTo(funcctx->multi_call_memory_ctx);
+		st = palloc0(sizeof(StreamState));
+		prompt = text_generation_args(fcinfo, &set, &T);
+		if (get_call_result_type(fcinfo, NULL, &st->desc) != TYPEFUNC_COMPOSITE)
+			elog(ERROR, "llm_generate_stream must return a row type");
+		st->desc = BlessTupleDesc(st->desc);
+		st->g = generation_start(&set, prompt, T);
+		st->pending = palloc(sizeof(int32) * set.max_tokens);
+		initStringInfo(&st->text);
+		funcctx->user_fctx = st;
+		MemoryContextSwitchTo(old);
+	}
+	funcctx = SRF_PERCALL_SETUP();
+	st = funcctx->user_fctx;
+	if (st == NULL || st->g->done)
+		SRF_RETURN_DONE(funcctx);
+
+	flush_rows_to_client();
+	tok = generation_next(st->g, true);
+	piece = stream_piece(st, tok, st->g->done, &len);
+	{
+		MemoryContext old = MemoryContextSwitchTo(funcctx->multi_call_memory_ctx);
+
+		appendBinaryStringInfo(&st->text, piece, len);
+		MemoryContextSwitchTo(old);
+	}
+	values[0] = Int32GetDatum(st->g->n);
+	values[1] = Int32GetDatum(tok);
+	values[2] = PointerGetDatum(cstring_to_text_with_len(piece, len));
+	values[3] = PointerGetDatum(cstring_to_text_with_len(st->text.data, st->text.len));
+	values[4] = BoolGetDatum(st->g->done);
+	SRF_RETURN_NEXT(funcctx, HeapTupleGetDatum(heap_form_tuple(st->desc, values, nulls)));
+}
+
+/*
+ * llm_beam_search(prompt, beam_width, max_tokens, model, length_penalty)
+ * -> rows (rank, score, token_ids, text), best first; the beams stop at <|endoftext|>.
+ */
+PG_FUNCTION_INFO_V1(llm_beam_search);
+Datum
+llm_beam_search(PG_FUNCTION_ARGS)
+{
+	ReturnSetInfo *rsinfo = (ReturnSetInfo *) fcinfo->resultinfo;
+	int			K,
+				max_tokens,
+				T;
+	char	   *model;
+	double		length_penalty;
+	int32		eos;
+	int32	   *prompt;
+	BeamHyp    *hyps;
+
+	if (PG_ARGISNULL(0))
+		PG_RETURN_NULL();
+	beam_args(fcinfo, &K, &max_tokens, &model);
+	require_arg(fcinfo, 4, "length_penalty");
+	length_penalty = PG_GETARG_FLOAT8(4);
+	prompt = encode_prompt(model, PG_GETARG_TEXT_PP(0), &T);
+	eos = llm_bpe_eot_id(model);
+
+	InitMaterializedSRF(fcinfo, 0);
+	hyps = beam_search(model, prompt, T, K, max_tokens, eos, length_penalty);
+	for (int r = 0; r < K; r++)
+	{
+		Datum		values[4];
+		bool		nulls[4] = {false, false, false, false};
+
+		values[0] = Int32GetDatum(r + 1);
+		values[1] = Float8GetDatum(hyps[r].score);
+		values[2] = PointerGetDatum(tokens_to_array(hyps[r].tokens, hyps[r].len));
+		values[3] = PointerGetDatum(decode_generated(model, hyps[r].tokens, hyps[r].len, eos));
 		tuplestore_putvalues(rsinfo->setResult, rsinfo->setDesc, values, nulls);
 	}
 	return (Datum) 0;
