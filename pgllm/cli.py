@@ -68,7 +68,7 @@ def main_options(
 
 
 def _register() -> None:
-    from .commands import checkpoint, convert, export, import_, init, install, server, tokenizer
+    from .commands import checkpoint, convert, export, generate, import_, init, install, server, tokenizer
 
     app.command("install")(install.install)
     app.add_typer(server.app, name="server")
@@ -78,6 +78,7 @@ def _register() -> None:
     app.command("export")(export.export)
     app.add_typer(checkpoint.app, name="checkpoint")
     app.command("tokenizer")(tokenizer.tokenizer)
+    app.command("generate")(generate.generate)
 
 
 _register()

@@ -293,3 +293,59 @@ CREATE FUNCTION llm_checkpoint_save(model text, note text DEFAULT NULL) RETURNS 
 AS 'MODULE_PATHNAME', 'llm_checkpoint_save' LANGUAGE C VOLATILE CALLED ON NULL INPUT;
 CREATE FUNCTION llm_checkpoint_load(model text, id bigint) RETURNS int
 AS 'MODULE_PATHNAME', 'llm_checkpoint_load' LANGUAGE C VOLATILE STRICT;
+
+-- ===========================================================================
+-- Inference (src/infer.c, src/sample.c, src/generate.c)
+-- ===========================================================================
+-- Nothing here writes, so every function runs on a hot standby. They are PARALLEL RESTRICTED:
+-- each parallel worker would load its own copy of the weights for no gain.
+-- Sampling settings are double precision so that clients sending float8 (psycopg's default for
+-- Python floats) find the function, as do numeric literals and real values.
+
+-- Next-token logits (vocab values) after the last of tokens.
+CREATE FUNCTION llm_logits(tokens int[], model text DEFAULT 'gpt2-small') RETURNS real[]
+AS 'MODULE_PATHNAME', 'llm_logits' LANGUAGE C STABLE STRICT PARALLEL RESTRICTED;
+
+-- Generated token ids after the prompt's. temperature 0 = greedy; topk 0 and topp 1 turn those
+-- filters off; a seed makes sampling reproducible; generation stops after eos_token (included).
+CREATE FUNCTION llm_generate_tokens(tokens int[], max_tokens int DEFAULT 64,
+                                    temperature double precision DEFAULT 1.0, topk int DEFAULT 50,
+                                    topp double precision DEFAULT 0.95, model text DEFAULT 'gpt2-small',
+                                    seed bigint DEFAULT NULL, eos_token int DEFAULT NULL)
+RETURNS int[]
+AS 'MODULE_PATHNAME', 'llm_generate_tokens' LANGUAGE C VOLATILE CALLED ON NULL INPUT PARALLEL RESTRICTED;
+
+-- Beam search on token ids, as transformers' generate(num_beams => beam_width, do_sample => False):
+-- beam_width hypotheses, best first; score = sum of log-probabilities / length ^ length_penalty.
+CREATE FUNCTION llm_beam_search_tokens(tokens int[], beam_width int DEFAULT 4, max_tokens int DEFAULT 32,
+                                       model text DEFAULT 'gpt2-small', eos_token int DEFAULT NULL,
+                                       length_penalty double precision DEFAULT 1.0)
+RETURNS TABLE (rank int, score double precision, token_ids int[])
+AS 'MODULE_PATHNAME', 'llm_beam_search_tokens' LANGUAGE C VOLATILE CALLED ON NULL INPUT PARALLEL RESTRICTED ROWS 4;
+
+-- Text generation with the model's tokenizer; generation stops at <|endoftext|>.
+-- Returns the text generated after the prompt.
+CREATE FUNCTION llm_generate(prompt text, max_tokens int DEFAULT 64,
+                             temperature double precision DEFAULT 1.0, topk int DEFAULT 50,
+                             topp double precision DEFAULT 0.95, model text DEFAULT 'gpt2-small',
+                             seed bigint DEFAULT NULL)
+RETURNS text
+AS 'MODULE_PATHNAME', 'llm_generate' LANGUAGE C VOLATILE CALLED ON NULL INPUT PARALLEL RESTRICTED;
+
+-- One row per generated token, sent to the client as it is produced when called in the select
+-- list: SELECT (e).* FROM (SELECT llm_generate_stream('Hello') AS e) s; (in FROM, PostgreSQL
+-- collects all rows before sending the first). token is the new text (whole characters; a token
+-- that ends inside a character gives '' and the next one carries it); text is all text so far.
+CREATE FUNCTION llm_generate_stream(prompt text, max_tokens int DEFAULT 64,
+                                    temperature double precision DEFAULT 1.0, topk int DEFAULT 50,
+                                    topp double precision DEFAULT 0.95, model text DEFAULT 'gpt2-small',
+                                    seed bigint DEFAULT NULL)
+RETURNS TABLE (step int, token_id int, token text, text text, is_complete boolean)
+AS 'MODULE_PATHNAME', 'llm_generate_stream' LANGUAGE C VOLATILE CALLED ON NULL INPUT PARALLEL RESTRICTED ROWS 64;
+
+-- Beam search on text: beam_width rows, best first; token_ids are the generated ids (with the
+-- <|endoftext|> that ended a hypothesis), text their text without it.
+CREATE FUNCTION llm_beam_search(prompt text, beam_width int DEFAULT 4, max_tokens int DEFAULT 32,
+                                model text DEFAULT 'gpt2-small', length_penalty double precision DEFAULT 1.0)
+RETURNS TABLE (rank int, score double precision, token_ids int[], text text)
+AS 'MODULE_PATHNAME', 'llm_beam_search' LANGUAGE C VOLATILE CALLED ON NULL INPUT PARALLEL RESTRICTED ROWS 4;

@@ -42,8 +42,6 @@ llm_num_threads(void)
 void
 llm_blas_init(void)
 {
-	int			want;
-
 	if (blas_handle == NULL)
 	{
 		sigset_t	all,
@@ -88,7 +86,16 @@ llm_blas_init(void)
 					 errhint("Install OpenBLAS on the database server, e.g. apt-get install libopenblas0.")));
 	}
 
-	want = llm_num_threads();
+	llm_blas_set_threads(llm_num_threads());
+}
+
+/*
+ * Threads that BLAS itself uses from now on (until llm_blas_init or this is called again). Callers
+ * that split a product over llm_parallel_for and call BLAS from every worker ask for 1.
+ */
+void
+llm_blas_set_threads(int want)
+{
 	if (blas_set_threads != NULL && want != blas_threads_set)
 	{
 		sigset_t	all,

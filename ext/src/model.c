@@ -329,13 +329,15 @@ load_weights(const LlmConfig *cfg, const LlmLayout *layout, float *memory)
 			char	   *name = TextDatumGetCString(SPI_getbinval(tuple, desc, 1, &isnull));
 			LlmTensorInfo info;
 			int			index = llm_tensor_find(cfg, layout, name, &info);
+			Datum		datum;
 			bytea	   *data;
 
 			CHECK_FOR_INTERRUPTS();
 			if (index < 0)
 				continue;		/* not a parameter of this architecture: ignored */
 			check_shape(&info, DatumGetArrayTypeP(SPI_getbinval(tuple, desc, 2, &isnull)));
-			data = DatumGetByteaPP(SPI_getbinval(tuple, desc, 3, &isnull));
+			datum = SPI_getbinval(tuple, desc, 3, &isnull);
+			data = DatumGetByteaPP(datum);
 			if (VARSIZE_ANY_EXHDR(data) != info.numel * sizeof(float))
 				ereport(ERROR,
 						(errcode(ERRCODE_DATA_CORRUPTED),
@@ -344,7 +346,9 @@ load_weights(const LlmConfig *cfg, const LlmLayout *layout, float *memory)
 						 errhint("Re-import the model's weights.")));
 			memcpy(memory + info.offset, VARDATA_ANY(data), info.numel * sizeof(float));
 			seen[index] = true;
-			pfree(data);
+			/* a small tensor stored inline is not copied: only a detoasted copy is ours to free */
+			if ((Pointer) data != DatumGetPointer(datum))
+				pfree(data);
 			pfree(name);
 		}
 		SPI_freetuptable(SPI_tuptable);

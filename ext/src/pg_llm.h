@@ -21,6 +21,7 @@ extern void llm_parallel_for(size_t n, llm_task_fn fn, void *arg);
 
 /* blas.c */
 extern void llm_blas_init(void);
+extern void llm_blas_set_threads(int n);	/* after llm_blas_init; 1 when calling BLAS from workers */
 extern int	llm_num_threads(void);
 
 /* Signatures of the CBLAS entry points we use (declared here so that no BLAS header is needed). */

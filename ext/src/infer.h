@@ -1,0 +1,87 @@
+/*
+ * infer.h: the GPT-2 forward pass for inference, with a key/value cache.
+ *
+ * A prompt is one batched pass (T rows through sgemm); then each generation step runs B rows,
+ * one per beam, through a matrix-vector kernel that reads every weight once per step. All beams
+ * share the prompt's keys and values; each beam's own positions are found through a path of slot
+ * indices, so that reordering beams copies integers, never cached vectors.
+ *
+ * Shapes: L = n_layer, NH = n_head, C = d_model, hs = C / NH, V = vocab, Tp = prompt length,
+ * G = generated positions, B = beams.
+ */
+#ifndef PG_LLM_INFER_H
+#define PG_LLM_INFER_H
+
+#include "model.h"
+
+#include "common/pg_prng.h"
+
+typedef struct LlmInfer
+{
+	const LlmModel *model;		/* refreshed by the caller before each call (llm_infer_set_model) */
+	int			L,
+				NH,
+				C,
+				V,
+				hs;
+	int			beams;			/* B */
+	int			max_prompt;		/* capacity of the prompt cache (positions) */
+	int			max_new;		/* capacity of the generated cache (positions per beam) */
+	int			prompt_len;		/* Tp, once the prompt has run */
+	int			n_new;			/* G: positions generated so far by each beam */
+
+	float	   *k_prompt,
+			   *v_prompt;		/* (L, Tp, C) */
+	float	   *k_new,
+			   *v_new;			/* (L, G, B, C): position g of slot b */
+	int		   *path;			/* (B, G): slot that holds beam b's position g */
+	int		   *path_tmp;		/* (B, G) */
+
+	/* activations, R = max(max_prompt, B) rows */
+	float	   *x;				/* (R, C) residual stream */
+	float	   *ln;				/* (R, C) */
+	float	   *qkv;			/* (R, 3C) */
+	float	   *att;			/* (R, C) */
+	float	   *fch;			/* (R, 4C) */
+	float	   *scores;			/* attention probabilities, see infer.c */
+	float	   *logits;			/* (B, V) */
+} LlmInfer;
+
+/* Buffers for B beams, a prompt of up to max_prompt tokens and max_new generated tokens (palloc'd). */
+extern LlmInfer *llm_infer_create(const LlmModel *m, int beams, int max_prompt, int max_new);
+
+/* Use these weights from now on (same architecture; the caller checks they did not change). */
+extern void llm_infer_set_model(LlmInfer *s, const LlmModel *m);
+
+/* Run the prompt (T tokens, shared by all beams); returns the logits (V) after its last token. */
+extern const float *llm_infer_prompt(LlmInfer *s, const int32 *tokens, int T);
+
+/* One step: tokens[b] is beam b's next input; returns the logits (B, V) after it. */
+extern const float *llm_infer_step(LlmInfer *s, const int32 *tokens);
+
+/* Beam b continues the sequence of beam parents[b] (before the next llm_infer_step). */
+extern void llm_infer_reorder(LlmInfer *s, const int *parents);
+
+/* ---- sample.c: choosing the next token -------------------------------------------------------- */
+
+typedef struct LlmSampler
+{
+	int			V;
+	double		temperature;	/* 0: greedy (argmax) */
+	int			top_k;			/* 0: off */
+	double		top_p;			/* 1: off */
+	pg_prng_state rng;
+	float	   *z;				/* (V) scaled logits */
+	int32	   *cand;			/* (V) candidate token ids */
+	double	   *prob;			/* (V) candidate probabilities */
+} LlmSampler;
+
+/* Seeded when has_seed (reproducible), else from the backend's random state. */
+extern void llm_sampler_init(LlmSampler *s, int V, double temperature, int top_k, double top_p,
+							 bool has_seed, int64 seed);
+extern int32 llm_sample(LlmSampler *s, const float *logits);
+
+/* out (V) <- log_softmax(logits (V)) */
+extern void llm_log_softmax(float *out, const float *logits, int V);
+
+#endif							/* PG_LLM_INFER_H */

@@ -1,0 +1,53 @@
+"""`pgllm generate PROMPT`: generate text with a model stored in the database.
+
+Tokens are printed as the server produces them (--stream, the default); --no-stream prints the
+text at the end; --beam-width N runs beam search and prints the N hypotheses, best first.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import typer
+from rich.console import Console
+
+from .. import db
+from ..client import PGLLMClient, default_model
+
+
+def generate(
+    ctx: typer.Context,
+    prompt: str = typer.Argument(..., help="The text to continue."),
+    model: str = typer.Option(None, "--model", "-m", help="Model (default: PGLLM_MODEL, else gpt2-small).",
+                              show_default=False),
+    max_tokens: int = typer.Option(64, "--max-tokens", "-n", help="Tokens to generate at most."),
+    temperature: float = typer.Option(1.0, "--temperature", "-t", help="0 for greedy decoding."),
+    top_k: int = typer.Option(50, "--top-k", help="Sample among the k likeliest tokens (0: all)."),
+    top_p: float = typer.Option(0.95, "--top-p", help="Sample within the smallest set of tokens reaching this "
+                                "probability (1: all)."),
+    seed: int = typer.Option(None, "--seed", help="Make sampling reproducible.", show_default=False),
+    stream: bool = typer.Option(True, "--stream/--no-stream", help="Print tokens as they are generated."),
+    beam_width: int = typer.Option(None, "--beam-width", help="Beam search with N beams; prints N hypotheses.",
+                                   show_default=False),
+) -> None:
+    """Generate text after PROMPT: streamed token by token, or by beam search."""
+    model = model or default_model()
+    err = Console(stderr=True)
+    with db.connect(ctx.obj["dsn"]) as conn:
+        client = PGLLMClient(conn, model)
+        if beam_width is not None:
+            with err.status(f"beam search with {beam_width} beams ({model})"):
+                candidates = client.beam_search(prompt, beam_width=beam_width, max_tokens=max_tokens)
+            for c in candidates:
+                typer.echo(f"{c.rank}\t{c.score:.4f}\t{c.text}")
+        elif stream:
+            for event in client.stream(prompt, max_tokens=max_tokens, temperature=temperature, top_k=top_k,
+                                       top_p=top_p, seed=seed):
+                sys.stdout.write(event.token)
+                sys.stdout.flush()
+            sys.stdout.write("\n")
+        else:
+            with err.status(f"generating with {model}"):
+                text = client.generate(prompt, temperature=temperature, max_tokens=max_tokens, top_k=top_k,
+                                       top_p=top_p, seed=seed)
+            typer.echo(text)
