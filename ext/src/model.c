@@ -307,13 +307,15 @@ load_weights(const LlmConfig *cfg, const LlmLayout *layout, float *memory)
 			char	   *name = TextDatumGetCString(SPI_getbinval(tuple, desc, 1, &isnull));
 			LlmTensorInfo info;
 			int			index = llm_tensor_find(cfg, layout, name, &info);
+			Datum		raw;
 			bytea	   *data;
 
 			CHECK_FOR_INTERRUPTS();
 			if (index < 0)
 				continue;		/* not a parameter of this architecture: ignored */
 			check_shape(&info, DatumGetArrayTypeP(SPI_getbinval(tuple, desc, 2, &isnull)));
-			data = DatumGetByteaPP(SPI_getbinval(tuple, desc, 3, &isnull));
+			raw = SPI_getbinval(tuple, desc, 3, &isnull);
+			data = DatumGetByteaPP(raw);
 			if (VARSIZE_ANY_EXHDR(data) != info.numel * sizeof(float))
 				ereport(ERROR,
 						(errcode(ERRCODE_DATA_CORRUPTED),
@@ -322,7 +324,9 @@ load_weights(const LlmConfig *cfg, const LlmLayout *layout, float *memory)
 						 errhint("Re-import the model's weights.")));
 			memcpy(memory + info.offset, VARDATA_ANY(data), info.numel * sizeof(float));
 			seen[index] = true;
-			pfree(data);
+			/* a small tensor is stored inline: then data points into the tuple itself */
+			if ((Pointer) data != DatumGetPointer(raw))
+				pfree(data);
 			pfree(name);
 		}
 		SPI_freetuptable(SPI_tuptable);
