@@ -157,3 +157,219 @@ def test_three_steps_match_pytorch(conn, shape):
 
     state = conn.execute("SELECT step, data_pos FROM llm_train_state WHERE model = 'tiny'").fetchone()
     assert state == (3, 3 * B * A)
+
+
+def small_setup(conn, model="tiny", *, seed=7, shape=(2, 3, 48, 32, 97), T=16, N=6, data_seed=3):
+    """A tiny model and a dataset of N rows of T tokens; returns the HF model and the rows."""
+    n_layer, n_head, n_embd, n_pos, vocab = shape
+    hf = make_hf_model(seed, n_layer, n_head, n_embd, n_pos, vocab)
+    store_hf_model(conn, model, hf)
+    rows = np.random.default_rng(data_seed).integers(0, vocab, size=(N, T + 1))
+    if conn.execute("SELECT count(*) FROM llm_dataset").fetchone()[0] == 0:
+        fill_dataset(conn, rows)
+    return hf, rows
+
+
+def snapshot(conn, model):
+    """Everything llm_train writes for a model."""
+    return (load_params(conn, model), load_optim_state(conn, model),
+            conn.execute("SELECT step, data_pos FROM llm_train_state WHERE model = %s", (model,)).fetchone(),
+            [r[:4] for r in log_rows(conn, model)])
+
+
+def assert_same_state(a, b):
+    params_a, optim_a, state_a, log_a = a
+    params_b, optim_b, state_b, log_b = b
+    assert params_a.keys() == params_b.keys() and optim_a.keys() == optim_b.keys()
+    for name in params_a:
+        assert np.array_equal(params_a[name], params_b[name]), name
+    for name in optim_a:
+        assert np.array_equal(optim_a[name][0], optim_b[name][0]), name
+        assert np.array_equal(optim_a[name][1], optim_b[name][1]), name
+    assert state_a == state_b
+    assert log_a == log_b
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.1])
+def test_six_steps_in_one_call_equal_three_plus_three(conn, db, dropout):
+    """Resume is exact: parameters, moments, log and data position, bit for bit; the second
+    call of three runs in a new session, so everything it uses comes back from the tables."""
+    hp = dict(batch_size=4, lr_max=1e-3, warmup=2, total_steps=6, wd=0.1, dropout=dropout, seed=5)
+    small_setup(conn, "one")       # 6 rows, 4 per step: the data wraps around mid-run
+    small_setup(conn, "two")
+    train_sql(conn, "one", 6, **hp)
+    train_sql(conn, "two", 3, **hp)
+    with psycopg.connect(db, autocommit=True) as other:
+        train_sql(other, "two", 3, **hp)
+    one, two = snapshot(conn, "one"), snapshot(conn, "two")
+    assert one[2] == (6, 24)
+    assert [r[0] for r in one[3]] == [1, 2, 3, 4, 5, 6]
+    assert_same_state(one, two)
+
+
+def test_dropout_is_seeded_and_changes_the_loss(conn):
+    for name in ("a", "b", "c", "d"):
+        small_setup(conn, name)
+    losses = {}
+    for name, dropout, seed in (("a", 0.0, 1), ("b", 0.2, 1), ("c", 0.2, 1), ("d", 0.2, 2)):
+        losses[name] = train_sql(conn, name, 2, batch_size=2, warmup=1, dropout=dropout, seed=seed)
+    assert losses["b"] == losses["c"]
+    assert losses["b"] != losses["a"] and losses["b"] != losses["d"]
+    assert all(math.isfinite(x) for x in losses.values())
+
+
+def test_the_seed_call_and_architecture_overrides(conn):
+    """The walkthrough's call as written: warmup 2000 > steps is a slice of a longer warmup."""
+    small_setup(conn, "m")
+    loss = conn.execute("SELECT llm_train('m', 2, beta1 => 0.9, beta2 => 0.999, eps => 1e-8, "
+                        "wd => 0.01, lr_max => 2.5e-4, warmup => 2000)").fetchone()[0]
+    assert math.isfinite(loss)
+    lrs = [r[1] for r in log_rows(conn, "m")]
+    assert lrs == pytest.approx([2.5e-4 * 1 / 2000, 2.5e-4 * 2 / 2000], rel=1e-6)
+    # the architecture arguments confirm the registered architecture (D or d, as SQL folds it)
+    conn.execute("SELECT llm_train('m', 1, n_layer => 2, n_head => 3, D => 48, vocab => 97, warmup => 1)")
+    conn.execute('SELECT llm_train(\'m\', 1, "D" => 48, warmup => 1)')
+    with pytest.raises(psycopg.errors.InvalidParameterValue, match="n_head = 4 does not match"):
+        conn.execute("SELECT llm_train('m', 1, n_head => 4)")
+    assert conn.execute("SELECT step FROM llm_train_state WHERE model = 'm'").fetchone() == (4,)
+
+
+def test_progress_messages_and_commit_visibility(conn, db):
+    """Each step reports to clients that ask (debug1); other sessions see the new weights
+    (and a new weights_version) only after commit."""
+    small_setup(conn, "m")
+    before = load_params(conn, "m")
+    version = conn.execute("SELECT weights_version FROM llm_model_config WHERE model = 'm'").fetchone()[0]
+    messages = []
+    with psycopg.connect(db) as tx:
+        tx.add_notice_handler(lambda d: messages.append(d.message_primary))
+        tx.execute("SET client_min_messages = debug1")
+        tx.execute("SELECT llm_train('m', 3, warmup => 1, batch_size => 2)")
+        assert np.array_equal(load_params(conn, "m")["wte"], before["wte"])      # not committed yet
+        tx.commit()
+    steps = [m for m in messages if m.startswith("llm_train step=")]
+    assert len(steps) == 3 and steps[-1].endswith("done=3/3")
+    assert any(m.startswith("llm_train: 3 steps") for m in messages)
+    after = load_params(conn, "m")
+    assert not np.array_equal(after["wte"], before["wte"])
+    assert conn.execute("SELECT weights_version FROM llm_model_config WHERE model = 'm'").fetchone()[0] > version
+
+
+def test_rollback_after_training_leaves_no_trace(conn, db):
+    """BEGIN; llm_train; ROLLBACK: the tables and this backend's cached weights are as before,
+    so training again gives exactly what a fresh session gives."""
+    small_setup(conn, "a")
+    small_setup(conn, "b")
+    before = snapshot(conn, "a")
+    with psycopg.connect(db) as tx:
+        train_sql(tx, "a", 2, batch_size=2, warmup=1)
+        tx.rollback()
+        assert_same_state(snapshot(conn, "a"), before)
+        train_sql(tx, "a", 2, batch_size=2, warmup=1)
+        tx.commit()
+    with psycopg.connect(db, autocommit=True) as fresh:
+        train_sql(fresh, "b", 2, batch_size=2, warmup=1)
+    a, b = snapshot(conn, "a"), snapshot(conn, "b")
+    assert_same_state(a, b)
+
+
+def test_nan_loss_stops_training_and_writes_nothing(conn):
+    small_setup(conn, "m")
+    before = snapshot(conn, "m")
+    # lr 1e30: step 1 is fine, the next forward overflows
+    with pytest.raises(psycopg.errors.NumericValueOutOfRange, match=r"at step 2 of model \"m\""):
+        train_sql(conn, "m", 5, lr_max=1e30, warmup=0, grad_clip=0.0)
+    assert_same_state(snapshot(conn, "m"), before)
+    assert snapshot(conn, "m")[2] is None
+    # the backend dropped its modified weights: a good call now starts from the stored ones
+    small_setup(conn, "ref")
+    train_sql(conn, "m", 1, warmup=1)
+    train_sql(conn, "ref", 1, warmup=1)
+    assert np.array_equal(load_params(conn, "m")["wte"], load_params(conn, "ref")["wte"])
+
+
+BAD_CALLS = [
+    ("steps => 0", {"steps": 0}, "steps must be positive"),
+    ("steps < 0", {"steps": -3}, "steps must be positive"),
+    ("lr_max < 0", {"lr_max": -1e-3}, "lr_max must not be negative"),
+    ("warmup > total_steps", {"warmup": 10, "total_steps": 5}, r"warmup \(10 steps\) is longer than the schedule"),
+    ("lr_min > lr_max", {"lr_min": 1.0}, "lr_min must be between 0 and lr_max"),
+    ("batch_size 0", {"batch_size": 0}, "batch_size must be between"),
+    ("dropout 1", {"dropout": 1.0}, r"dropout must be in \[0, 1\)"),
+    ("beta1 1", {"beta1": 1.0}, "beta1 and beta2"),
+    ("unknown model", {"model": "nope"}, 'model "nope" does not exist'),
+]
+
+
+@pytest.mark.parametrize("label,kw,message", BAD_CALLS, ids=[c[0] for c in BAD_CALLS])
+def test_bad_arguments_are_refused(conn, label, kw, message):
+    small_setup(conn, "m")
+    before = snapshot(conn, "m")
+    kw = {"model": "m", "steps": 2, "warmup": 1, **kw}
+    with pytest.raises(psycopg.Error, match=message):
+        train_sql(conn, kw.pop("model"), kw.pop("steps"), **kw)
+    assert_same_state(snapshot(conn, "m"), before)
+
+
+def test_bad_data_and_missing_weights_are_refused(conn):
+    # empty dataset
+    hf = make_hf_model(1, 1, 2, 16, 8, 50)
+    store_hf_model(conn, "m", hf)
+    with pytest.raises(psycopg.errors.NoDataFound, match="llm_dataset is empty"):
+        train_sql(conn, "m", 1)
+    # block size larger than n_positions (8)
+    fill_dataset(conn, np.zeros((2, 10), dtype=int))
+    with pytest.raises(psycopg.errors.InvalidParameterValue, match="block size 9 is larger than .* n_positions 8"):
+        train_sql(conn, "m", 1)
+    conn.execute("TRUNCATE llm_dataset")
+    # token ids beyond the vocabulary (50), in a row that only the second step reads
+    rows = np.ones((4, 9), dtype=int)
+    rows[3, 4] = 50
+    ids = fill_dataset(conn, rows)
+    with pytest.raises(psycopg.errors.DataException,
+                       match=rf"llm_dataset row {ids[3]}: tokens id 50 is outside the model's vocabulary \(0 .. 49\)"):
+        train_sql(conn, "m", 2, batch_size=2, warmup=1)
+    # rows of different lengths
+    conn.execute("TRUNCATE llm_dataset")
+    fill_dataset(conn, np.ones((2, 9), dtype=int))
+    fill_dataset(conn, np.ones((1, 5), dtype=int))
+    with pytest.raises(psycopg.errors.DataException, match="must be a one-dimensional int.. of 8 ids"):
+        train_sql(conn, "m", 1, batch_size=3, warmup=1)
+    assert snapshot(conn, "m")[1:] == ({}, None, [])
+    # a model without weights
+    conn.execute("INSERT INTO llm_model_config (model, n_layer, n_head, d_model, n_positions, vocab) "
+                 "VALUES ('empty', 1, 2, 16, 8, 50)")
+    with pytest.raises(psycopg.errors.NoDataFound, match='model "empty" has no weights'):
+        train_sql(conn, "empty", 1)
+    assert conn.execute("SELECT count(*) FROM llm_train_log").fetchone()[0] == 0
+    assert conn.execute("SELECT count(*) FROM llm_train_state").fetchone()[0] == 0
+
+
+def medium_setup(conn, model="med"):
+    """Big enough that 1000 steps take minutes: something to interrupt."""
+    small_setup(conn, model, shape=(4, 4, 128, 128, 2000), T=128, N=8)
+
+
+@pytest.mark.parametrize("how", ["cancel", "statement_timeout"])
+def test_interrupt_stops_within_a_second_and_rolls_back(conn, db, how):
+    medium_setup(conn)
+    before = snapshot(conn, "med")
+    with psycopg.connect(db, autocommit=True) as worker:
+        if how == "statement_timeout":
+            worker.execute("SET statement_timeout = '1500ms'")
+            timer = None
+        else:
+            timer = threading.Timer(1.5, worker.cancel)
+            timer.start()
+        start = time.monotonic()
+        with pytest.raises(psycopg.errors.QueryCanceled):
+            train_sql(worker, "med", 1000, batch_size=8, warmup=1)
+        elapsed = time.monotonic() - start
+        assert elapsed < 1.5 + 1.0, f"stopped after {elapsed:.2f} s"
+        # the session is healthy and its cache consistent: a short call works from the stored weights
+        worker.execute("SET statement_timeout = 0")
+        train_sql(worker, "med", 1, batch_size=2, warmup=1)
+    small_setup(conn, "ref", shape=(4, 4, 128, 128, 2000), T=128, N=8)
+    train_sql(conn, "ref", 1, batch_size=2, warmup=1)
+    assert np.array_equal(load_params(conn, "med")["wte"], load_params(conn, "ref")["wte"])
+    assert before[2] is None

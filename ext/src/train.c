@@ -831,6 +831,10 @@ llm_train(PG_FUNCTION_ARGS)
 	Datum		model_datum;
 	int			ret;
 
+	double		t_start = now_seconds(),
+				t_loaded,
+				t_trained;
+
 	parse_args(fcinfo, &args);
 	model_datum = CStringGetTextDatum(args.model);
 	llm_blas_init();
@@ -891,6 +895,7 @@ llm_train(PG_FUNCTION_ARGS)
 
 		trainer_alloc(tr, model, args.batch_size, ds.T);
 		load_optim_state(tr, model);
+		t_loaded = now_seconds();
 		log_plan = SPI_prepare(psprintf("INSERT INTO %s (model, step, lr, loss, grad_norm, tokens_per_s) "
 										"VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (model, step) DO UPDATE "
 										"SET lr = excluded.lr, loss = excluded.loss, grad_norm = excluded.grad_norm, "
@@ -961,6 +966,7 @@ llm_train(PG_FUNCTION_ARGS)
 			MemoryContextReset(step_ctx);
 		}
 
+		t_trained = now_seconds();
 		persist(tr, model);
 		ret = SPI_execute_with_args(psprintf("UPDATE %s SET step = $2, data_pos = $3, updated_at = now() WHERE model = $1",
 											 llm_table("llm_train_state")), 3,
@@ -980,6 +986,11 @@ llm_train(PG_FUNCTION_ARGS)
 		llm_model_set_version(model, DatumGetInt64(SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1, &isnull)));
 		cache_written_in_xact = true;
 		MemoryContextDelete(step_ctx);
+		ereport(DEBUG1,
+				(errmsg("llm_train: %d steps of model \"%s\" in %.2f s (loading %.2f s, training %.2f s, writing back %.2f s)",
+						args.steps, args.model, now_seconds() - t_start, t_loaded - t_start,
+						t_trained - t_loaded, now_seconds() - t_trained),
+				 errhidestmt(true)));
 	}
 	PG_CATCH();
 	{
