@@ -68,10 +68,13 @@ def main_options(
 
 
 def _register() -> None:
-    from .commands import install, server
+    from .commands import dataset, install, log, server, train
 
     app.command("install")(install.install)
     app.add_typer(server.app, name="server")
+    app.command("dataset")(dataset.dataset)
+    app.command("train")(train.train)
+    app.command("log")(log.log)
 
 
 _register()

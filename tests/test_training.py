@@ -8,8 +8,11 @@ clip_grad_norm_ and the same warmup + cosine schedule, on the same rows in the s
 from __future__ import annotations
 
 import math
+import signal
+import subprocess
 import threading
 import time
+from pathlib import Path
 
 import numpy as np
 import psycopg
@@ -17,7 +20,10 @@ import pytest
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
+from .conftest import PGLLM_BIN
 from .weights import hf_tensors, load_optim_state, load_params, store_hf_model
+
+FORTUNES = Path("/usr/share/games/fortunes")
 
 torch.set_num_threads(2)
 
@@ -373,3 +379,95 @@ def test_interrupt_stops_within_a_second_and_rolls_back(conn, db, how):
     train_sql(conn, "ref", 1, batch_size=2, warmup=1)
     assert np.array_equal(load_params(conn, "med")["wte"], load_params(conn, "ref")["wte"])
     assert before[2] is None
+
+
+# ---- pgllm train / pgllm log ------------------------------------------------------------------
+
+def test_pgllm_train_in_chunks_equals_one_call(cli, conn, db):
+    """Chunks of --commit-every steps, each its own transaction, follow one schedule: the result
+    is bit for bit that of a single llm_train call over the same schedule."""
+    small_setup(conn, "cli")
+    small_setup(conn, "sql")
+    result = cli("--dsn", db, "train", "--model", "cli", "--steps", "7", "--commit-every", "3", "--batch-size", "2",
+                 "--warmup", "2", "--lr-max", "1e-3", "--lr-min", "1e-4", "--wd", "0.1")
+    assert result.exit_code == 0, result.output
+    assert 'trained model "cli": steps 1..7 of a 7-step schedule' in result.output
+    assert "(3 commits)" in result.output
+    train_sql(conn, "sql", 7, batch_size=2, warmup=2, lr_max=1e-3, lr_min=1e-4, wd=0.1, total_steps=7)
+    assert_same_state(snapshot(conn, "cli"), snapshot(conn, "sql"))
+    # a second run continues the counter and the data position
+    result = cli("--dsn", db, "train", "--model", "cli", "--steps", "2", "--batch-size", "2", "--warmup", "1")
+    assert result.exit_code == 0, result.output
+    assert "steps 8..9 of a 9-step schedule" in result.output
+    assert conn.execute("SELECT step, data_pos FROM llm_train_state WHERE model = 'cli'").fetchone() == (9, 18)
+
+
+def test_pgllm_train_bad_input(cli, conn, db):
+    small_setup(conn, "m")
+    result = cli("--dsn", db, "train", "--model", "m", "--steps", "5", "--warmup", "10")
+    assert result.exit_code == 1 and "--warmup 10 is longer than the schedule (5 steps)" in result.output
+    result = cli("--dsn", db, "train", "--model", "nope", "--steps", "5")
+    assert result.exit_code == 1 and 'model "nope" does not exist' in result.output
+    result = cli("--dsn", db, "train", "--model", "m", "--steps", "2", "--lr-max", "-1")
+    assert result.exit_code == 1 and "lr_max must not be negative" in result.output
+    assert conn.execute("SELECT count(*) FROM llm_train_log").fetchone()[0] == 0
+
+
+def test_ctrl_c_loses_at_most_the_chunk_in_progress(conn, db):
+    medium_setup(conn)
+    proc = subprocess.Popen([str(PGLLM_BIN), "--dsn", db, "train", "--model", "med", "--steps", "1000",
+                             "--commit-every", "2", "--batch-size", "4", "--warmup", "1"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            row = conn.execute("SELECT step FROM llm_train_state WHERE model = 'med'").fetchone()
+            if row and row[0] >= 2:
+                break
+            time.sleep(0.2)
+        time.sleep(0.3)  # into the next chunk
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=30)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130, err
+    assert "Error: interrupted" in err and "steps committed" in err
+    step = conn.execute("SELECT step FROM llm_train_state WHERE model = 'med'").fetchone()[0]
+    assert step >= 2 and step % 2 == 0
+    assert [r[0] for r in log_rows(conn, "med")] == list(range(1, step + 1))
+    assert len(load_optim_state(conn, "med")) == len(load_params(conn, "med"))
+
+
+def test_pgllm_log_draws_the_curve(cli, conn, db, tmp_path):
+    small_setup(conn, "m")
+    result = cli("--dsn", db, "log", "--model", "m")
+    assert result.exit_code == 1 and 'model "m" has no training log' in result.output
+    train_sql(conn, "m", 12, batch_size=2, warmup=2, lr_max=3e-3)
+    png = tmp_path / "loss.png"
+    result = cli("--dsn", db, "log", "--model", "m", "--png", str(png), "--width", "20", "--height", "6")
+    assert result.exit_code == 0, result.output
+    lines = result.output.splitlines()
+    assert lines[0].startswith("m: 12 steps (1..12), loss ")
+    chart = [line for line in lines if "|" in line]
+    assert len(chart) == 6 and sum(line.count("*") for line in chart) == 12
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not FORTUNES.exists(), reason="Debian package fortunes is not installed")
+def test_loss_falls_on_real_text(cli, conn, db):
+    """Public-domain text (Debian's fortunes), GPT-2's tokenizer, a freshly initialised model."""
+    files = [str(FORTUNES / name) for name in ("fortunes", "literature", "riddles")]
+    result = cli("--dsn", db, "dataset", "--input", *files, "--split-on", "%", "--block-size", "64", "--truncate")
+    assert result.exit_code == 0, result.output
+    # a fresh model: GPT-2's initialisation (std 0.02, LayerNorm 1/0), as pgllm init makes it
+    torch.manual_seed(0)
+    fresh = GPT2LMHeadModel(GPT2Config(n_layer=2, n_head=4, n_embd=64, n_positions=64, vocab_size=50257))
+    store_hf_model(conn, "fresh", fresh)
+    result = cli("--dsn", db, "train", "--model", "fresh", "--steps", "40", "--batch-size", "4",
+                 "--lr-max", "3e-3", "--warmup", "4", "--commit-every", "20")
+    assert result.exit_code == 0, result.output
+    losses = [r[2] for r in log_rows(conn, "fresh")]
+    assert len(losses) == 40
+    assert losses[0] == pytest.approx(math.log(50257), abs=0.3)     # uniform at the start
+    assert np.mean(losses[-5:]) < losses[0] - 2.5, losses
