@@ -68,7 +68,8 @@ def main_options(
 
 
 def _register() -> None:
-    from .commands import checkpoint, convert, export, generate, import_, init, install, server, tokenizer
+    from .commands import (checkpoint, convert, dataset, export, generate, import_, init, install, log, server,
+                           tokenizer, train)
 
     app.command("install")(install.install)
     app.add_typer(server.app, name="server")
@@ -78,6 +79,9 @@ def _register() -> None:
     app.command("export")(export.export)
     app.add_typer(checkpoint.app, name="checkpoint")
     app.command("tokenizer")(tokenizer.tokenizer)
+    app.command("dataset")(dataset.dataset)
+    app.command("train")(train.train)
+    app.command("log")(log.log)
     app.command("generate")(generate.generate)
 
 

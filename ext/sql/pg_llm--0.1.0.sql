@@ -349,3 +349,39 @@ CREATE FUNCTION llm_beam_search(prompt text, beam_width int DEFAULT 4, max_token
                                 model text DEFAULT 'gpt2-small', length_penalty double precision DEFAULT 1.0)
 RETURNS TABLE (rank int, score double precision, token_ids int[], text text)
 AS 'MODULE_PATHNAME', 'llm_beam_search' LANGUAGE C VOLATILE CALLED ON NULL INPUT PARALLEL RESTRICTED ROWS 4;
+
+-- ===========================================================================
+-- Training (src/train.c, src/kernels.c)
+-- ===========================================================================
+
+-- Runs `steps` AdamW steps over llm_dataset and writes back the parameters (llm_param), the
+-- moments (llm_optim_state), the step counter and data position (llm_train_state); one row per
+-- step goes to llm_train_log. Returns the last step's mean loss. The architecture comes from
+-- llm_model_config: n_layer, n_head, D (or d) and vocab, when given, must match it.
+-- The learning rate warms up linearly to lr_max over `warmup` steps, then follows a cosine to
+-- lr_min at total_steps (default: the end of this call, or the end of the warmup if later).
+-- grad_clip 0 turns clipping off; seed drives the dropout masks (data order is fixed).
+CREATE FUNCTION llm_train(
+    model text,
+    steps int,
+    beta1 double precision DEFAULT 0.9,
+    beta2 double precision DEFAULT 0.999,
+    eps double precision DEFAULT 1e-8,
+    wd double precision DEFAULT 0.01,
+    lr_max double precision DEFAULT 2.5e-4,
+    warmup int DEFAULT 2000,
+    n_layer int DEFAULT NULL,
+    n_head int DEFAULT NULL,
+    "D" int DEFAULT NULL,
+    vocab int DEFAULT NULL,
+    batch_size int DEFAULT 4,
+    grad_accum int DEFAULT 1,
+    grad_clip double precision DEFAULT 1.0,
+    lr_min double precision DEFAULT 0,
+    total_steps int DEFAULT NULL,
+    dropout double precision DEFAULT 0,
+    seed bigint DEFAULT 1337,
+    d int DEFAULT NULL)
+RETURNS real
+AS 'MODULE_PATHNAME', 'llm_train' LANGUAGE C VOLATILE PARALLEL UNSAFE;
+COMMENT ON FUNCTION llm_train IS 'train a model on llm_dataset with AdamW; resumable';

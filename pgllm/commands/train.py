@@ -1,0 +1,114 @@
+"""`pgllm train`: run llm_train in chunks, each its own transaction, with a live progress bar.
+
+All chunks follow one learning-rate schedule: its length (--total-steps, default: the step
+counter now plus --steps) is passed to every call. A crash or Ctrl-C loses at most the chunk in
+progress (its transaction rolls back); what was committed stays, and the next run continues
+from there. The server reports each step at debug1 level; the progress bar reads those reports.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import time
+
+import psycopg
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+from .. import db
+from ..errors import PgllmError
+from .dataset import default_model
+
+STEP_RE = re.compile(r"^llm_train step=(\d+) loss=(\S+) lr=(\S+) grad_norm=(\S+) tokens_per_s=(\S+) done=(\d+)/(\d+)$")
+
+
+def train(
+    ctx: typer.Context,
+    model: str = typer.Option(None, "--model", help="[default: $PGLLM_MODEL or gpt2-small]", show_default=False),
+    steps: int = typer.Option(..., "--steps", min=1, help="Optimizer steps to run.", show_default=False),
+    batch_size: int = typer.Option(4, "--batch-size", min=1, help="Rows of llm_dataset per micro-batch."),
+    grad_accum: int = typer.Option(1, "--grad-accum", min=1, help="Micro-batches per optimizer step."),
+    lr_max: float = typer.Option(2.5e-4, "--lr-max", help="Peak learning rate."),
+    lr_min: float = typer.Option(0.0, "--lr-min", help="Floor the cosine decays to."),
+    warmup: int = typer.Option(None, "--warmup", min=0, help="Linear warmup steps [default: a tenth of the "
+                               "schedule, at most 2000]", show_default=False),
+    total_steps: int = typer.Option(None, "--total-steps", min=1, help="Schedule length, counted from step 0 "
+                                    "[default: the model's step counter + --steps]", show_default=False),
+    beta1: float = typer.Option(0.9, "--beta1"),
+    beta2: float = typer.Option(0.999, "--beta2"),
+    eps: float = typer.Option(1e-8, "--eps"),
+    wd: float = typer.Option(0.01, "--wd", help="AdamW weight decay (2-D tensors only)."),
+    grad_clip: float = typer.Option(1.0, "--grad-clip", help="Global gradient-norm clip; 0 = off."),
+    dropout: float = typer.Option(0.0, "--dropout"),
+    seed: int = typer.Option(1337, "--seed", help="Seed of the dropout masks."),
+    commit_every: int = typer.Option(100, "--commit-every", min=1, help="Steps per transaction."),
+    threads: int = typer.Option(None, "--threads", min=0, help="pg_llm.threads for this run [default: the "
+                                "server's setting]", show_default=False),
+) -> None:
+    """Train a model on llm_dataset with llm_train, committing every N steps."""
+    model = model or default_model()
+    console = Console(stderr=True)
+    with db.connect(ctx.obj["dsn"]) as conn:
+        if conn.execute("SELECT 1 FROM llm_model_config WHERE model = %s", (model,)).fetchone() is None:
+            raise PgllmError(f'model "{model}" does not exist', hint="pgllm import or pgllm init creates it")
+        row = conn.execute("SELECT step FROM llm_train_state WHERE model = %s", (model,)).fetchone()
+        start_step = row[0] if row else 0
+        total = total_steps if total_steps is not None else start_step + steps
+        if warmup is None:
+            warmup = min(2000, max(1, total // 10))
+        if warmup > total:
+            raise PgllmError(f"--warmup {warmup} is longer than the schedule ({total} steps)",
+                             hint="lower --warmup or raise --total-steps")
+        conn.commit()
+        if threads is not None:
+            conn.execute("SELECT set_config('pg_llm.threads', %s, false)", (str(threads),))
+        conn.execute("SET client_min_messages = debug1")
+        conn.commit()
+
+        history: list[tuple[int, float, float, float]] = []  # (step, loss, lr, tokens/s)
+        committed = 0
+        started = time.monotonic()
+        with Progress(TextColumn("[bold]training[/] step {task.fields[step]}"), BarColumn(), MofNCompleteColumn(),
+                      TextColumn("loss {task.fields[loss]}  lr {task.fields[lr]}  {task.fields[tps]} tok/s"),
+                      TimeElapsedColumn(), TimeRemainingColumn(), console=console, transient=True) as progress:
+            task = progress.add_task("train", total=steps, step=start_step, loss="-", lr="-", tps="-")
+
+            def on_notice(diag: psycopg.errors.Diagnostic) -> None:
+                m = STEP_RE.match(diag.message_primary or "")
+                if m is None:
+                    return
+                step, loss, lr, tps = int(m[1]), float(m[2]), float(m[3]), float(m[5])
+                history.append((step, loss, lr, tps))
+                progress.update(task, completed=committed + int(m[6]), step=step, loss=f"{loss:.4f}",
+                                lr=f"{lr:.2e}", tps=f"{tps:.0f}")
+
+            conn.add_notice_handler(on_notice)
+            try:
+                while committed < steps:
+                    n = min(commit_every, steps - committed)
+                    conn.execute(
+                        "SELECT llm_train(%s, %s, beta1 => %s, beta2 => %s, eps => %s, wd => %s, lr_max => %s, "
+                        "warmup => %s, batch_size => %s, grad_accum => %s, grad_clip => %s, lr_min => %s, "
+                        "total_steps => %s, dropout => %s, seed => %s)",
+                        (model, n, beta1, beta2, eps, wd, lr_max, warmup, batch_size, grad_accum, grad_clip,
+                         lr_min, total, dropout, seed))
+                    conn.commit()
+                    committed += n
+                    progress.update(task, completed=committed)
+            except (KeyboardInterrupt, psycopg.Error):
+                kept = [h for h in history if h[0] <= start_step + committed]
+                console.print(f"stopped: {committed} of {steps} steps committed (model \"{model}\" is at step "
+                              f"{start_step + committed}); the chunk in progress was rolled back"
+                              + (f"; last committed loss {kept[-1][1]:.4f}" if kept else ""))
+                raise
+        elapsed = time.monotonic() - started
+    losses = [h[1] for h in history]
+    rates = [h[3] for h in history]
+    first = f"{losses[0]:.4f}" if losses else "-"
+    last = f"{losses[-1]:.4f}" if losses else "-"
+    rate = f"{sum(rates) / len(rates):.0f}" if rates else "-"
+    typer.echo(f"trained model \"{model}\": steps {start_step + 1}..{start_step + steps} of a {total}-step "
+               f"schedule, loss {first} -> {last}, {rate} tokens/s per step, {elapsed:.1f} s "
+               f"({math.ceil(steps / commit_every)} commits)")
