@@ -39,13 +39,13 @@ ext:
 test: setup
 	$(BIN)/python -m pytest -q
 
+# The seed's workflow end to end on the embedded server (see scripts/demo.sh).
 demo: setup
-	$(BIN)/pgllm server start
-	$(BIN)/pgllm install
-	$(BIN)/pgllm server status
+	bash scripts/demo.sh
 
+# Ours beside PyTorch / Hugging Face, one benchmark per engine part (figures in README.md).
 bench: setup
-	$(BIN)/python -m bench.run
+	for b in tokenizer checkpoints inference training; do $(BIN)/python -m bench.$$b || exit 1; done
 
 clean:
 	$(MAKE) -C ext clean
