@@ -26,7 +26,7 @@ from pg_llm_client import PGLLMClient
 from pgllm.bundled import gpt2_tokenizer_files
 
 from .conftest import make_home
-from .hf_weights import random_gpt2, write_gpt2_tokenizer, write_model_weights
+from .weights import random_gpt2, store_hf_model, write_gpt2_tokenizer
 
 LOGIT_RTOL, LOGIT_ATOL = 1e-4, 1e-5
 SCORE_ATOL = 1e-4
@@ -57,10 +57,10 @@ def models(pg):
     for i, (key, cfg) in enumerate(SHAPES.items()):
         m = random_gpt2(i, **cfg)
         name = f"inf-{key}-{tag}"
-        write_model_weights(pg, name, m)
+        store_hf_model(pg, name, m)
         out[key] = (name, m)
     m = random_gpt2(11, bos_token_id=GEN_EOS, eos_token_id=GEN_EOS, **GEN)
-    write_model_weights(pg, f"inf-gen-{tag}", m)
+    store_hf_model(pg, f"inf-gen-{tag}", m)
     out["gen"] = (f"inf-gen-{tag}", m)
     yield out
     pg.execute("DELETE FROM llm_model_config WHERE model LIKE %s", (f"inf-%-{tag}",))
@@ -121,7 +121,7 @@ def gpt2_small(pg):
     """A GPT-2-small-shaped model (12 layers, 12 heads, 768, 1024 positions, 50257 tokens), random weights."""
     m = random_gpt2(3)
     name = f"inf-small-{uuid.uuid4().hex[:8]}"
-    write_model_weights(pg, name, m)
+    store_hf_model(pg, name, m)
     yield name, m
     pg.execute("DELETE FROM llm_model_config WHERE model = %s", (name,))
 
@@ -367,7 +367,7 @@ def text_model(pg):
     """A small model with GPT-2's vocabulary and tokenizer."""
     m = random_gpt2(21, bos_token_id=EOT, eos_token_id=EOT, **TEXT)
     name = f"inf-text-{uuid.uuid4().hex[:8]}"
-    write_model_weights(pg, name, m)
+    store_hf_model(pg, name, m)
     write_gpt2_tokenizer(pg, name)
     yield name, m
     forget_model(pg, name)
@@ -512,7 +512,7 @@ def test_the_seed_snippet_runs_as_written(db):
     """The seed's snippet, with only its connection string pointed at the test database; the
     database's gpt2-small is a small model with GPT-2's tokenizer."""
     with psycopg.connect(db, autocommit=True) as conn:
-        write_model_weights(conn, "gpt2-small", random_gpt2(5, **TEXT))
+        store_hf_model(conn, "gpt2-small", random_gpt2(5, **TEXT))
         write_gpt2_tokenizer(conn, "gpt2-small")
     code = SEED_SNIPPET.replace('"postgresql://postgres@localhost:5432/postgres"', repr(db))
     out = io.StringIO()

@@ -21,7 +21,7 @@ from pgllm.cluster import Cluster, is_root
 from pgllm.extension import build_and_install, create_or_update
 
 from .conftest import make_home
-from .hf_weights import random_gpt2, write_gpt2_tokenizer, write_model_weights
+from .weights import random_gpt2, store_hf_model, write_gpt2_tokenizer
 
 TEXT = dict(n_layer=2, n_head=4, n_embd=64, n_positions=128, vocab_size=50257, initializer_range=0.1)
 
@@ -86,7 +86,7 @@ def test_a_model_imported_on_the_primary_generates_the_same_text_on_the_standby(
     name = f"replicated-{uuid.uuid4().hex[:6]}"
     with psycopg.connect(primary_dsn, autocommit=True) as p, psycopg.connect(standby_dsn, autocommit=True) as s:
         assert s.execute("SELECT pg_is_in_recovery()").fetchone()[0] is True
-        write_model_weights(p, name, random_gpt2(7, **TEXT))
+        store_hf_model(p, name, random_gpt2(7, **TEXT))
         write_gpt2_tokenizer(p, name)
         wait_for_replay(p, s)
 

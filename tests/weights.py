@@ -1,8 +1,25 @@
-"""Moving Hugging Face GPT-2 weights in and out of pg_llm's tables, for tests."""
+"""Test setup: Hugging Face GPT-2 models and pg_llm's tables.
+
+Not a mock: these write the rows that `pgllm import` and `pgllm tokenizer` write (llm_model_config,
+one llm_param row per tensor of the state dict without `transformer.`, the bundled GPT-2
+tokenizer), so the engine is tested against real reference models independently of the import.
+"""
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
+import psycopg
+import torch
+from transformers import GPT2Config, GPT2LMHeadModel
+
+
+def random_gpt2(seed: int = 0, **config) -> GPT2LMHeadModel:
+    """A GPT-2 with random weights (float32, eval mode). config: GPT2Config keyword arguments."""
+    torch.manual_seed(seed)
+    model = GPT2LMHeadModel(GPT2Config(**config))
+    return model.float().eval()
 
 
 def hf_tensors(hf_model) -> dict[str, np.ndarray]:
@@ -42,3 +59,22 @@ def load_params(conn, model_name: str) -> dict[str, np.ndarray]:
 def load_optim_state(conn, model_name: str) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     rows = conn.execute("SELECT name, m, v FROM llm_optim_state WHERE model = %s", (model_name,)).fetchall()
     return {name: (np.frombuffer(m, dtype="<f4"), np.frombuffer(v, dtype="<f4")) for name, m, v in rows}
+
+
+@functools.lru_cache(maxsize=1)
+def _gpt2_tokenizer_entries():
+    from pgllm.bundled import gpt2_tokenizer_files
+    from pgllm.commands.tokenizer import parse_merges, parse_vocab
+
+    vocab_file, merges_file = gpt2_tokenizer_files()
+    vocab = parse_vocab(vocab_file)
+    return vocab, parse_merges(merges_file, {token for token, _ in vocab})
+
+
+def write_gpt2_tokenizer(conn: psycopg.Connection, name: str) -> None:
+    """Give model `name` the GPT-2 tokenizer bundled with pgllm, as `pgllm tokenizer` does."""
+    from pgllm.commands.tokenizer import load
+
+    vocab, merges = _gpt2_tokenizer_entries()
+    with conn.transaction():
+        load(conn, name, vocab, merges, replace=True)
