@@ -7,7 +7,7 @@ PGLLM=${PGLLM:-.venv/bin/pgllm}
 PY=${PY:-.venv/bin/python}
 WORK=${DEMO_DIR:-build/demo}
 MODEL=${PGLLM_MODEL:-demo-gpt2}
-STEPS=${DEMO_STEPS:-300}
+STEPS=${DEMO_STEPS:-200}
 mkdir -p "$WORK"
 
 step() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
