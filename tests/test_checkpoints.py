@@ -538,9 +538,24 @@ def test_convert_refuses_other_models_and_sources(tmp_path):
     assert "is a 'llama' model, not GPT-2" in run_pgllm("convert", str(tmp_path / "m")).stderr
     (tmp_path / "w.txt").write_text("x")
     assert "unknown kind of file" in run_pgllm("convert", str(tmp_path / "w.txt")).stderr
-    proc = run_pgllm("convert", "pgllm-test/no-such-model", env={"HF_HUB_OFFLINE": "1"})
-    assert proc.returncode == 1
-    assert proc.stderr.startswith("Error: cannot load 'pgllm-test/no-such-model'") and proc.stderr.count("\n") == 1
+
+
+def test_convert_model_ids_from_the_cache(cli, tmp_path):
+    """A model id loads through transformers, offline, from the Hugging Face cache."""
+    ref = hf_model(1, 2, 16, 8, 13, seed=4)
+    repo = tmp_path / "hf-home" / "hub" / "models--pgllm-test--tiny-gpt2"
+    ref.save_pretrained(repo / "snapshots" / ("a" * 40))
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("a" * 40)
+    out = tmp_path / "cached.npz"
+    proc = run_pgllm("convert", "pgllm-test/tiny-gpt2", "-o", str(out), env={"HF_HOME": str(tmp_path / "hf-home")})
+    assert proc.returncode == 0 and not proc.stderr, proc.stderr  # the Hub was not asked
+    cfg, tensors = npz.read_file(out)
+    assert cfg == npz.Config(1, 2, 16, 8, 13)
+    assert_same_tensors(tensors, hf_state(ref))
+    result = cli("convert", "pgllm-test/no such model", "-o", str(tmp_path / "none.npz"))
+    assert result.exit_code == 1
+    assert result.stderr.startswith("Error: cannot load 'pgllm-test/no such model'"), result.stderr
 
 
 def test_export_refuses_incomplete_models(cli, conn, db, tmp_path):

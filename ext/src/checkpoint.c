@@ -23,8 +23,8 @@
 
 /* ---- reading and registering architectures --------------------------------------------------- */
 
-static char *
-describe_architecture(const LlmConfig *c)
+char *
+llm_describe_architecture(const LlmConfig *c)
 {
 	return psprintf("n_layer=%d, n_head=%d, d_model=%d, n_positions=%d, vocab=%d",
 					c->n_layer, c->n_head, c->d_model, c->n_positions, c->vocab);
@@ -59,7 +59,7 @@ check_architecture(const LlmConfig *c)
 		ereport(ERROR,
 				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
 				 errmsg("invalid architecture for model \"%s\": %s", c->model, bad),
-				 errdetail("Got %s.", describe_architecture(c))));
+				 errdetail("Got %s.", llm_describe_architecture(c))));
 }
 
 static void
@@ -120,7 +120,7 @@ llm_weights_begin(LlmWeightWriter *w, const char *model, const LlmConfig *arch, 
 					(errcode(ERRCODE_DATA_EXCEPTION),
 					 errmsg("the weights do not fit model \"%s\"", model),
 					 errdetail("The model has %s; the weights have %s.",
-							   describe_architecture(&have), describe_architecture(arch)),
+							   llm_describe_architecture(&have), llm_describe_architecture(arch)),
 					 errhint("Use another model name, or delete the model first (DELETE FROM llm_model_config WHERE model = ...).")));
 		w->cfg = have;
 	}
@@ -221,7 +221,7 @@ llm_weights_finish(LlmWeightWriter *w)
 					(errcode(ERRCODE_NO_DATA_FOUND),
 					 errmsg("tensor \"%s\" is missing", info.name),
 					 errdetail("Model \"%s\" (%s) has %d tensors; %d were given.", w->cfg.model,
-							   describe_architecture(&w->cfg), w->layout.num_tensors, w->n_written)));
+							   llm_describe_architecture(&w->cfg), w->layout.num_tensors, w->n_written)));
 		}
 	}
 }
@@ -448,12 +448,12 @@ check_checkpoint_tensors(const LlmConfig *cfg, int64 id, bool saving)
 			ereport(ERROR,
 					(errcode(ERRCODE_DATA_CORRUPTED),
 					 errmsg("model \"%s\" cannot be saved: tensor \"%s\" is inconsistent", cfg->model, name),
-					 errdetail("%s; the model has %s.", problem, describe_architecture(cfg))));
+					 errdetail("%s; the model has %s.", problem, llm_describe_architecture(cfg))));
 		if (problem)
 			ereport(ERROR,
 					(errcode(ERRCODE_DATA_CORRUPTED),
 					 errmsg("checkpoint %lld does not fit model \"%s\": tensor \"%s\"", (long long) id, cfg->model, name),
-					 errdetail("%s; the model has %s.", problem, describe_architecture(cfg))));
+					 errdetail("%s; the model has %s.", problem, llm_describe_architecture(cfg))));
 		seen[index] = true;
 	}
 	for (int i = 0; i < layout.num_tensors; i++)

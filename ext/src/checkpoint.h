@@ -42,6 +42,9 @@ extern bytea *llm_weights_buffer(LlmWeightWriter *w, int index);
 /* Write tensor number `index` (llm_tensor_info order); `data` holds exactly its numel float32 values. */
 extern void llm_weights_put(LlmWeightWriter *w, int index, bytea *data);
 
+/* "n_layer=12, n_head=12, d_model=768, n_positions=1024, vocab=50257", for messages. */
+extern char *llm_describe_architecture(const LlmConfig *cfg);
+
 /* ERROR naming the first tensor that was not written. */
 extern void llm_weights_finish(LlmWeightWriter *w);
 

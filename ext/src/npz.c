@@ -10,10 +10,14 @@
  * (or int32) array of 5 values [n_layer, n_head, d_model, n_positions, vocab]: with it a file
  * registers its own architecture; without it the model must already be in llm_model_config.
  *
- * Import streams: the input is inflated piece by piece and each tensor is read straight into
- * the bytea that is inserted, so memory stays at one tensor however large the file is. Every
- * length, header and shape is checked against the architecture before anything is allocated,
- * and everything is written in the caller's transaction, so any ERROR leaves no trace.
+ * Import streams: the input (a server file, a bytea, or a file staged over the connection) is
+ * inflated piece by piece and each tensor is read straight into the bytea that is inserted, so
+ * memory stays at one tensor however large the file is. Every length, header and shape is checked
+ * against the architecture before anything is allocated, and everything is written in the
+ * caller's transaction, so any ERROR leaves no trace.
+ *
+ * Export writes the same format, configuration record first, as gzip members of stored blocks
+ * made in parallel (float32 weights barely compress, and stored blocks import fastest).
  */
 #include "pg_llm.h"
 #include "model.h"
@@ -576,8 +580,7 @@ npz_import(NpzInput *in, const char *model, bool replace)
 					(errcode(ERRCODE_DATA_EXCEPTION),
 					 errmsg("tensor \"%s\" has shape %s, expected %s", name, shape_string(h.shape, h.ndim),
 							shape_string(want, info.ndim)),
-					 errdetail("Model \"%s\" has n_layer=%d, n_head=%d, d_model=%d, n_positions=%d, vocab=%d.", model,
-							   w.cfg.n_layer, w.cfg.n_head, w.cfg.d_model, w.cfg.n_positions, w.cfg.vocab)));
+					 errdetail("Model \"%s\" has %s.", model, llm_describe_architecture(&w.cfg))));
 
 		data = llm_weights_buffer(&w, index);
 		npz_read_exact(&r, VARDATA(data), info.numel * sizeof(float));

@@ -86,15 +86,21 @@ def read_torch(path: Path) -> dict:
 
 
 def read_pretrained(source: str) -> tuple[dict, dict]:
-    """(config, state dict) through transformers: model ids (offline from the cache) and other layouts."""
+    """(config, state dict) through transformers: model ids and directories in other layouts.
+
+    A model id in the Hugging Face cache is loaded from there without asking the Hub (which,
+    unreachable, costs half a minute of retries); others are downloaded as transformers does.
+    """
     import torch
+    from huggingface_hub import try_to_load_from_cache
     from transformers import GPT2LMHeadModel
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
     try:
-        model = GPT2LMHeadModel.from_pretrained(source, dtype=torch.float32)
+        cached = Path(source).is_dir() or isinstance(try_to_load_from_cache(source, "config.json"), str)
+        model = GPT2LMHeadModel.from_pretrained(source, dtype=torch.float32, local_files_only=cached)
     except (OSError, ValueError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise PgllmError(f"cannot load {source!r}: {first}",
