@@ -11,9 +11,10 @@ in a temporary folder, as the tests do. Measured, best of --repeat runs, the two
     run the same prompt pass), over 64. PyTorch: 64 calls of model(next_token, cache) + argmax.
   - prompt tokens/s at T = 128 and 512: ours llm_logits(T tokens), timed on the client; PyTorch
     model(ids, use_cache=True, logits_to_keep=1), as generate's prefill.
-  - backend memory: the server process's private resident memory (RssAnon) after the runs, and
-    its peak resident size (VmHWM, which also counts the shared buffers it touched), beside the
-    size of the weights. Read from /proc, so only when the server runs on this machine.
+  - backend memory: the server process's private resident memory (RssAnon: the weights, the
+    caches and buffers; not the shared buffers it reads the tables through), at its peak while
+    it loads the weights and runs everything above (sampled every 5 ms), and at the end, beside
+    the size of the weights. Read from /proc, so only when the server runs on this machine.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import argparse
 import os
 import shutil
 import tempfile
+import threading
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -125,13 +127,28 @@ def pytorch(model, repeat: int) -> dict[str, float]:
     return out
 
 
-def backend_memory(pid: int) -> dict[str, int] | None:
+def private_memory(pid: int) -> int | None:
+    """RssAnon of a process, in bytes (None when it is not on this machine)."""
     try:
-        status = Path(f"/proc/{pid}/status").read_text()
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("RssAnon:"):
+                return int(line.split()[1]) * 1024
     except OSError:
-        return None
-    fields = dict(line.split(":", 1) for line in status.splitlines() if ":" in line)
-    return {k: int(fields[k].split()[0]) * 1024 for k in ("RssAnon", "VmHWM", "VmRSS")}
+        pass
+    return None
+
+
+class PeakMemory(threading.Thread):
+    """Samples a process's private memory until stopped; .peak is the largest value seen."""
+
+    def __init__(self, pid: int):
+        super().__init__(daemon=True)
+        self.pid, self.peak, self.done = pid, 0, threading.Event()
+
+    def run(self):
+        while not self.done.is_set():
+            self.peak = max(self.peak, private_memory(self.pid) or 0)
+            time.sleep(0.005)
 
 
 def main() -> None:
@@ -152,9 +169,13 @@ def main() -> None:
         with psycopg.connect(dsn, autocommit=True) as conn:
             conn.execute(f"SET pg_llm.threads = {args.threads}")
             pid = conn.execute("SELECT pg_backend_pid()").fetchone()[0]
+            sampler = PeakMemory(pid)
+            sampler.start()
             conn.execute("SELECT llm_logits('{1}', %s)", (MODEL,))  # load the weights
             rounds = [(ours(conn, args.repeat), pytorch(model, args.repeat)) for _ in range(2)]
-            memory = backend_memory(pid)
+            sampler.done.set()
+            sampler.join()
+            memory = (sampler.peak, private_memory(pid)) if sampler.peak else None
         with psycopg.connect(dsn, autocommit=True) as conn:
             conn.execute("DELETE FROM llm_model_config WHERE model = %s", (MODEL,))
 
@@ -166,10 +187,9 @@ def main() -> None:
     for k, label in names.items():
         print(f"{label:28}{a[k]:12.1f}{b[k]:12.1f}{a[k] / b[k]:8.2f}x")
     if memory:
-        print(f"\nweights {weights / 2**20:.0f} MB; backend private memory (RssAnon) {memory['RssAnon'] / 2**20:.0f} MB "
-              f"= {memory['RssAnon'] / weights:.2f}x the weights; peak resident (VmHWM, with shared buffers) "
-              f"{memory['VmHWM'] / 2**20:.0f} MB")
-
+        peak, end = memory
+        print(f"\nbackend private memory (RssAnon): peak {peak / 2**20:.0f} MB = {peak / weights:.2f}x the weights "
+              f"({weights / 2**20:.0f} MB), at the end {end / 2**20:.0f} MB = {end / weights:.2f}x")
 
 if __name__ == "__main__":
     main()

@@ -34,9 +34,14 @@ static const char *const blas_candidates[] = {
 int
 llm_num_threads(void)
 {
+	/* sysconf reads /sys on every call, and this runs before every parallel kernel: ask once */
+	static int	cores = 0;
+
 	if (llm_threads > 0)
 		return llm_threads;
-	return Max(1, (int) sysconf(_SC_NPROCESSORS_ONLN));
+	if (cores == 0)
+		cores = Max(1, (int) sysconf(_SC_NPROCESSORS_ONLN));
+	return cores;
 }
 
 void

@@ -7,6 +7,7 @@
 #include <ctype.h>
 #include <stdlib.h>
 
+#include "access/detoast.h"
 #include "access/htup_details.h"
 #include "catalog/pg_type.h"
 #include "commands/trigger.h"
@@ -302,6 +303,8 @@ check_shape(const LlmTensorInfo *info, ArrayType *shape)
 				 errhint("Re-import the model's weights.")));
 }
 
+#define LOAD_SLICE_BYTES ((size_t) 8 << 20)
+
 /* Copy every tensor of the model from llm_param into memory (num_params floats). */
 static void
 load_weights(const LlmConfig *cfg, const LlmLayout *layout, float *memory)
@@ -330,25 +333,34 @@ load_weights(const LlmConfig *cfg, const LlmLayout *layout, float *memory)
 			LlmTensorInfo info;
 			int			index = llm_tensor_find(cfg, layout, name, &info);
 			Datum		datum;
-			bytea	   *data;
+			size_t		bytes;
 
 			CHECK_FOR_INTERRUPTS();
 			if (index < 0)
 				continue;		/* not a parameter of this architecture: ignored */
 			check_shape(&info, DatumGetArrayTypeP(SPI_getbinval(tuple, desc, 2, &isnull)));
 			datum = SPI_getbinval(tuple, desc, 3, &isnull);
-			data = DatumGetByteaPP(datum);
-			if (VARSIZE_ANY_EXHDR(data) != info.numel * sizeof(float))
+			bytes = toast_raw_datum_size(datum) - VARHDRSZ;
+			if (bytes != info.numel * sizeof(float))
 				ereport(ERROR,
 						(errcode(ERRCODE_DATA_CORRUPTED),
 						 errmsg("tensor \"%s\" has %zu bytes in llm_param, expected %zu",
-								name, (size_t) VARSIZE_ANY_EXHDR(data), info.numel * sizeof(float)),
+								name, bytes, info.numel * sizeof(float)),
 						 errhint("Re-import the model's weights.")));
-			memcpy(memory + info.offset, VARDATA_ANY(data), info.numel * sizeof(float));
+
+			/*
+			 * Copied in slices, each fetched from TOAST on its own: a whole tensor (wte is 150 MB
+			 * in GPT-2 small) is never held twice, so loading needs little more than the weights.
+			 */
+			for (size_t off = 0; off < bytes; off += LOAD_SLICE_BYTES)
+			{
+				size_t		len = Min(LOAD_SLICE_BYTES, bytes - off);
+				bytea	   *slice = DatumGetByteaPSlice(datum, (int32) off, (int32) len);
+
+				memcpy((char *) (memory + info.offset) + off, VARDATA(slice), len);
+				pfree(slice);
+			}
 			seen[index] = true;
-			/* a small tensor stored inline is not copied: only a detoasted copy is ours to free */
-			if ((Pointer) data != DatumGetPointer(datum))
-				pfree(data);
 			pfree(name);
 		}
 		SPI_freetuptable(SPI_tuptable);
