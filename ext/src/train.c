@@ -80,7 +80,7 @@ typedef struct Acts
 	float	   *dproj;			/* (B,T,C) dresidual through the dropout mask */
 	float	   *dqkv;			/* (B,T,3C) */
 	float	   *dfch;			/* (B,T,4C) */
-	float	   *attscratch;		/* (B,NH,T) */
+	float	   *attscratch;		/* (B,T,C+NH) */
 	float	   *logits;			/* (chunk_rows,V) */
 } Acts;
 
@@ -447,7 +447,7 @@ trainer_alloc(Trainer *tr, const LlmModel *model, int B, int T)
 		{&tr->acts.dproj, BTC},
 		{&tr->acts.dqkv, 3 * BTC},
 		{&tr->acts.dfch, 4 * BTC},
-		{&tr->acts.attscratch, B * NH * T},
+		{&tr->acts.attscratch, BT * (C + NH)},
 		{&tr->acts.logits, 0},
 	};
 	size_t		total = 0;
@@ -693,7 +693,7 @@ forward_backward(Trainer *tr, const LlmModel *model, const StepShape *s, float d
 		CHECK_FOR_INTERRUPTS();
 		layernorm_forward(ln1, ln1_mean, ln1_rstd, residual, p->ln1w + l * C, p->ln1b + l * C, BT, C);
 		matmul_forward(qkv, ln1, p->qkvw + l * C * C3, p->qkvb + l * C3, BT, C, 3 * C);
-		attention_forward(atty, att, qkv, B, T, C, NH, pd, site_key(s, l, 0));
+		attention_forward(atty, att, a->attscratch, qkv, B, T, C, NH, pd, site_key(s, l, 0));
 		matmul_forward(a->proj, atty, p->attprojw + l * C * C, p->attprojb + l * C, BT, C, C);
 		dropout_forward(a->proj, BTC, pd, site_key(s, l, 1));
 		residual_forward(residual2, residual, a->proj, BTC);
