@@ -64,22 +64,6 @@ exp_approx(float x)
 #define GELU_SCALE 0.7978845608028654f	/* sqrt(2 / pi) */
 
 static inline float
-dot(const float *a, const float *b, int n)
-{
-	float		acc[LANES] = {0};
-	float		s;
-	int			i = 0;
-
-	for (; i + LANES <= n; i += LANES)
-		for (int j = 0; j < LANES; j++)
-			acc[j] += a[i + j] * b[i + j];
-	s = ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]));
-	for (; i < n; i++)
-		s += a[i] * b[i];
-	return s;
-}
-
-static inline float
 sum(const float *a, size_t n)
 {
 	float		acc[LANES] = {0};
@@ -462,7 +446,11 @@ typedef struct
 	uint64_t	key;
 }			AttentionArgs;
 
-/* One task = one (batch, head) pair: its rows of att and its slice of out are its own. */
+/*
+ * One task = one (batch, head) pair: its rows of att and its slice of out are its own.
+ * The scores of row t, q_t . k_t2 for every t2 <= t, are computed as hs vectorised row updates
+ * over a transposed copy of the head's keys (scratch), not as t+1 short dot products.
+ */
 LLM_HOT static void
 attention_forward_task(void *arg, size_t start, size_t end)
 {
@@ -480,34 +468,44 @@ attention_forward_task(void *arg, size_t start, size_t end)
 		size_t		b = bh / a->NH,
 					h = bh % a->NH;
 		const float *base = a->inp + b * T * C3 + h * hs;
+		float	   *kt = a->scratch + bh * (hs + 1) * T;	/* (hs, T) */
+
+		for (size_t t2 = 0; t2 < T; t2++)
+			for (int i = 0; i < hs; i++)
+				kt[i * T + t2] = base[t2 * C3 + C + i];
 
 		for (size_t t = 0; t < T; t++)
 		{
 			const float *q = base + t * C3;
 			float	   *att = a->att + (bh * T + t) * T;
 			float	   *out = a->out + (b * T + t) * C + h * hs;
+			size_t		n = t + 1;
 			float		maxval = -INFINITY,
 						total = 0.0f,
 						inv;
 
-			for (size_t t2 = 0; t2 <= t; t2++)
+			memset(att, 0, T * sizeof(float));
+			for (int i = 0; i < hs; i++)
 			{
-				att[t2] = dot(q, base + t2 * C3 + C, hs) * scale;
-				maxval = att[t2] > maxval ? att[t2] : maxval;
+				const float *k = kt + i * T;
+				float		qi = q[i] * scale;
+
+				for (size_t t2 = 0; t2 < n; t2++)
+					att[t2] += qi * k[t2];
 			}
-			for (size_t t2 = 0; t2 <= t; t2++)
+			for (size_t t2 = 0; t2 < n; t2++)
+				maxval = att[t2] > maxval ? att[t2] : maxval;
+			for (size_t t2 = 0; t2 < n; t2++)
 			{
 				att[t2] = exp_approx(att[t2] - maxval);
 				total += att[t2];
 			}
 			inv = 1.0f / total;
-			for (size_t t2 = 0; t2 <= t; t2++)
+			for (size_t t2 = 0; t2 < n; t2++)
 				att[t2] *= inv;
-			for (size_t t2 = t + 1; t2 < T; t2++)
-				att[t2] = 0.0f;
 
 			memset(out, 0, hs * sizeof(float));
-			for (size_t t2 = 0; t2 <= t; t2++)
+			for (size_t t2 = 0; t2 < n; t2++)
 			{
 				const float *v = base + t2 * C3 + 2 * C;
 				float		w = att[t2];
@@ -522,11 +520,11 @@ attention_forward_task(void *arg, size_t start, size_t end)
 }
 
 void
-attention_forward(float *out, float *att, const float *inp, int B, int T, int C, int NH,
+attention_forward(float *out, float *att, float *scratch, const float *inp, int B, int T, int C, int NH,
 				  float dropout, uint64_t key)
 {
-	AttentionArgs a = {.out = out, .att = att, .inp = inp, .B = B, .T = T, .C = C, .NH = NH,
-	.dropout = dropout, .key = key};
+	AttentionArgs a = {.out = out, .att = att, .scratch = scratch, .inp = inp, .B = B, .T = T, .C = C,
+	.NH = NH, .dropout = dropout, .key = key};
 
 	llm_parallel_for((size_t) B * NH, attention_forward_task, &a);
 }
@@ -549,11 +547,16 @@ attention_backward_task(void *arg, size_t start, size_t end)
 					h = bh % a->NH;
 		const float *base = a->inp + b * T * C3 + h * hs;
 		float	   *dbase = a->dinp + b * T * C3 + h * hs;
-		float	   *datt = a->scratch + bh * T;
+		float	   *vt = a->scratch + bh * (hs + 1) * T;	/* (hs, T) */
+		float	   *datt = vt + hs * T; /* (T) */
 
-		for (size_t t = 0; t < T; t++)
+		for (size_t t2 = 0; t2 < T; t2++)
+		{
+			for (int i = 0; i < hs; i++)
+				vt[i * T + t2] = base[t2 * C3 + 2 * C + i];
 			for (int k = 0; k < 3; k++)
-				memset(dbase + t * C3 + k * C, 0, hs * sizeof(float));
+				memset(dbase + t2 * C3 + k * C, 0, hs * sizeof(float));
+		}
 
 		for (size_t t = 0; t < T; t++)
 		{
@@ -561,26 +564,38 @@ attention_backward_task(void *arg, size_t start, size_t end)
 			float	   *dq = dbase + t * C3;
 			const float *dout = a->dout + (b * T + t) * C + h * hs;
 			const float *att = a->catt + (bh * T + t) * T;
+			size_t		n = t + 1;
 			float		s = 0.0f;
 
-			/* through out = dropout(att) @ v */
-			for (size_t t2 = 0; t2 <= t; t2++)
+			/* through out = dropout(att) @ v: datt = dout . v, dv += att * dout */
+			memset(datt, 0, n * sizeof(float));
+			for (int i = 0; i < hs; i++)
 			{
-				const float *v = base + t2 * C3 + 2 * C;
+				const float *v = vt + i * T;
+				float		d = dout[i];
+
+				for (size_t t2 = 0; t2 < n; t2++)
+					datt[t2] += d * v[t2];
+			}
+			for (size_t t2 = 0; t2 < n; t2++)
+			{
 				float	   *dv = dbase + t2 * C3 + 2 * C;
-				float		w = att[t2],
-							mask = 1.0f;
+				float		w = att[t2];
 
 				if (a->dropout > 0.0f)
-					mask = dropout_keep(a->key, (bh * T + t) * T + t2, threshold) ? keep_scale : 0.0f;
-				w *= mask;
-				datt[t2] = dot(dout, v, hs) * mask;
+				{
+					float		mask = dropout_keep(a->key, (bh * T + t) * T + t2, threshold) ? keep_scale : 0.0f;
+
+					datt[t2] *= mask;
+					w *= mask;
+				}
 				for (int i = 0; i < hs; i++)
 					dv[i] += w * dout[i];
-				s += att[t2] * datt[t2];
 			}
 			/* through the softmax and the scaled q.k */
-			for (size_t t2 = 0; t2 <= t; t2++)
+			for (size_t t2 = 0; t2 < n; t2++)
+				s += att[t2] * datt[t2];
+			for (size_t t2 = 0; t2 < n; t2++)
 			{
 				const float *k = base + t2 * C3 + C;
 				float	   *dk = dbase + t2 * C3 + C;

@@ -52,11 +52,12 @@ extern void matmul_backward(float *dinp, float *dweight, float *dbias, const flo
  * it), head h at channels h*hs .. (h+1)*hs-1 of each, hs = C/NH. att(B,NH,T,T) receives the
  * softmax probabilities (row t uses columns 0..t), out(B,T,C) the heads side by side.
  * Dropout on the probabilities: p = 0 disables it; the mask is a pure function of key
- * (see dropout_keep), so the backward regenerates it instead of storing it.
+ * (see dropout_forward), so the backward regenerates it instead of storing it.
+ * scratch holds B*T*(C+NH) floats (a transposed copy of each head's keys or values).
  */
-extern void attention_forward(float *out, float *att, const float *inp, int B, int T, int C, int NH,
-							  float dropout, uint64_t key);
-/* dinp(B,T,3C) overwritten; scratch holds B*NH*T floats. */
+extern void attention_forward(float *out, float *att, float *scratch, const float *inp,
+							  int B, int T, int C, int NH, float dropout, uint64_t key);
+/* dinp(B,T,3C) overwritten; scratch as for the forward. */
 extern void attention_backward(float *dinp, float *scratch, const float *dout, const float *inp,
 							   const float *att, int B, int T, int C, int NH,
 							   float dropout, uint64_t key);

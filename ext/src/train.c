@@ -80,7 +80,7 @@ typedef struct Acts
 	float	   *dproj;			/* (B,T,C) dresidual through the dropout mask */
 	float	   *dqkv;			/* (B,T,3C) */
 	float	   *dfch;			/* (B,T,4C) */
-	float	   *attscratch;		/* (B,NH,T) */
+	float	   *attscratch;		/* (B,T,C+NH) */
 	float	   *logits;			/* (chunk_rows,V) */
 } Acts;
 
@@ -447,7 +447,7 @@ trainer_alloc(Trainer *tr, const LlmModel *model, int B, int T)
 		{&tr->acts.dproj, BTC},
 		{&tr->acts.dqkv, 3 * BTC},
 		{&tr->acts.dfch, 4 * BTC},
-		{&tr->acts.attscratch, B * NH * T},
+		{&tr->acts.attscratch, BT * (C + NH)},
 		{&tr->acts.logits, 0},
 	};
 	size_t		total = 0;
@@ -560,45 +560,49 @@ floats_to_bytea(const float *x, size_t n)
 }
 
 /*
- * Write the parameters into llm_param and the moments into llm_optim_state, one tensor at a
- * time, each value built once from the block and handed to a prepared statement.
+ * Write the parameters into llm_param and the moments into llm_optim_state, one tensor and one
+ * value at a time (each value is built once from its block and handed to a prepared statement;
+ * the executor copies it once more into the new row), so that at most two copies of the
+ * largest tensor exist besides the blocks.
  */
 static void
 persist(Trainer *tr, LlmModel *model)
 {
 	const LlmLayout *layout = &model->layout;
-	Oid			param_types[3] = {BYTEAOID, TEXTOID, TEXTOID};
-	Oid			optim_types[4] = {BYTEAOID, BYTEAOID, TEXTOID, TEXTOID};
+	Oid			types[3] = {BYTEAOID, TEXTOID, TEXTOID};
+	Oid			insert_types[4] = {BYTEAOID, BYTEAOID, TEXTOID, TEXTOID};
 	SPIPlanPtr	update_param,
-				update_optim,
+				update_m,
+				update_v,
 				insert_optim;
 	Datum		model_name = CStringGetTextDatum(model->cfg.model);
 	MemoryContext ctx = AllocSetContextCreate(CurrentMemoryContext, "llm_train persist", ALLOCSET_DEFAULT_SIZES);
 	MemoryContext old = MemoryContextSwitchTo(ctx);
 
+	/* SPI_prepare keeps its plans in SPI's procedure context, not in ctx */
 	update_param = SPI_prepare(psprintf("UPDATE %s SET data = $1 WHERE model = $2 AND name = $3",
-										llm_table("llm_param")), 3, param_types);
-	update_optim = SPI_prepare(psprintf("UPDATE %s SET m = $1, v = $2 WHERE model = $3 AND name = $4",
-										llm_table("llm_optim_state")), 4, optim_types);
+										llm_table("llm_param")), 3, types);
+	update_m = SPI_prepare(psprintf("UPDATE %s SET m = $1 WHERE model = $2 AND name = $3",
+									llm_table("llm_optim_state")), 3, types);
+	update_v = SPI_prepare(psprintf("UPDATE %s SET v = $1 WHERE model = $2 AND name = $3",
+									llm_table("llm_optim_state")), 3, types);
 	insert_optim = SPI_prepare(psprintf("INSERT INTO %s (m, v, model, name) VALUES ($1, $2, $3, $4)",
-										llm_table("llm_optim_state")), 4, optim_types);
-	if (update_param == NULL || update_optim == NULL || insert_optim == NULL)
+										llm_table("llm_optim_state")), 4, insert_types);
+	if (update_param == NULL || update_m == NULL || update_v == NULL || insert_optim == NULL)
 		elog(ERROR, "preparing the write-back statements failed: %s", SPI_result_code_string(SPI_result));
 
 	for (int i = 0; i < layout->num_tensors; i++)
 	{
 		LlmTensorInfo info;
-		Datum		name;
 		Datum		values[4];
 		int			ret;
 
 		CHECK_FOR_INTERRUPTS();
 		llm_tensor_info(&model->cfg, layout, i, &info);
-		name = CStringGetTextDatum(info.name);
+		values[1] = model_name;
+		values[2] = CStringGetTextDatum(info.name);
 
 		values[0] = PointerGetDatum(floats_to_bytea(model->memory + info.offset, info.numel));
-		values[1] = model_name;
-		values[2] = name;
 		ret = SPI_execute_plan(update_param, values, NULL, false, 0);
 		if (ret != SPI_OK_UPDATE || SPI_processed != 1)
 			ereport(ERROR,
@@ -608,18 +612,28 @@ persist(Trainer *tr, LlmModel *model)
 		pfree(DatumGetPointer(values[0]));
 
 		values[0] = PointerGetDatum(floats_to_bytea(tr->m_memory + info.offset, info.numel));
-		values[1] = PointerGetDatum(floats_to_bytea(tr->v_memory + info.offset, info.numel));
-		values[2] = model_name;
-		values[3] = name;
-		ret = SPI_execute_plan(update_optim, values, NULL, false, 0);
-		if (ret == SPI_OK_UPDATE && SPI_processed == 0)
-			ret = SPI_execute_plan(insert_optim, values, NULL, false, 0);
-		if (ret != SPI_OK_UPDATE && ret != SPI_OK_INSERT)
+		ret = SPI_execute_plan(update_m, values, NULL, false, 0);
+		if (ret != SPI_OK_UPDATE)
 			elog(ERROR, "writing llm_optim_state failed: %s", SPI_result_code_string(ret));
-		pfree(DatumGetPointer(values[0]));
-		pfree(DatumGetPointer(values[1]));
+		if (SPI_processed == 0)
+		{
+			/* the model's first training call: a new row with both moments */
+			Datum		row[4] = {values[0], PointerGetDatum(floats_to_bytea(tr->v_memory + info.offset, info.numel)),
+			model_name, values[2]};
+
+			ret = SPI_execute_plan(insert_optim, row, NULL, false, 0);
+			if (ret != SPI_OK_INSERT)
+				elog(ERROR, "writing llm_optim_state failed: %s", SPI_result_code_string(ret));
+		}
+		else
+		{
+			pfree(DatumGetPointer(values[0]));
+			values[0] = PointerGetDatum(floats_to_bytea(tr->v_memory + info.offset, info.numel));
+			ret = SPI_execute_plan(update_v, values, NULL, false, 0);
+			if (ret != SPI_OK_UPDATE)
+				elog(ERROR, "writing llm_optim_state failed: %s", SPI_result_code_string(ret));
+		}
 		MemoryContextReset(ctx);
-		/* the plans live in SPI's context, not in ctx */
 	}
 	MemoryContextSwitchTo(old);
 	MemoryContextDelete(ctx);
@@ -693,7 +707,7 @@ forward_backward(Trainer *tr, const LlmModel *model, const StepShape *s, float d
 		CHECK_FOR_INTERRUPTS();
 		layernorm_forward(ln1, ln1_mean, ln1_rstd, residual, p->ln1w + l * C, p->ln1b + l * C, BT, C);
 		matmul_forward(qkv, ln1, p->qkvw + l * C * C3, p->qkvb + l * C3, BT, C, 3 * C);
-		attention_forward(atty, att, qkv, B, T, C, NH, pd, site_key(s, l, 0));
+		attention_forward(atty, att, a->attscratch, qkv, B, T, C, NH, pd, site_key(s, l, 0));
 		matmul_forward(a->proj, atty, p->attprojw + l * C * C, p->attprojb + l * C, BT, C, C);
 		dropout_forward(a->proj, BTC, pd, site_key(s, l, 1));
 		residual_forward(residual2, residual, a->proj, BTC);
@@ -967,6 +981,10 @@ llm_train(PG_FUNCTION_ARGS)
 		}
 
 		t_trained = now_seconds();
+		/* the gradients and activations are done with: give their memory back before writing */
+		free(tr->grads_memory);
+		free(tr->acts_memory);
+		tr->grads_memory = tr->acts_memory = NULL;
 		persist(tr, model);
 		ret = SPI_execute_with_args(psprintf("UPDATE %s SET step = $2, data_pos = $3, updated_at = now() WHERE model = $1",
 											 llm_table("llm_train_state")), 3,
