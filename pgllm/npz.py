@@ -17,6 +17,7 @@ from __future__ import annotations
 import gzip
 import io
 import os
+import struct
 import zlib
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -81,20 +82,30 @@ def record_header(name: str, descr: str, shape: tuple[int, ...]) -> bytes:
     return len(raw).to_bytes(2, "little") + raw + npy_header(descr, shape)
 
 
-def _stored_member(block) -> bytes:
-    c = zlib.compressobj(0, zlib.DEFLATED, 31)
-    return c.compress(block) + c.flush()
+GZIP_HEADER = b"\x1f\x8b\x08\x00\x00\x00\x00\x00\x00\xff"  # deflate, no name, mtime 0, unknown OS
+STORED_MAX = 65535
 
 
-def _huffman_member(block) -> bytes:
+def _stored_member(block) -> list:
+    """A gzip member of stored deflate blocks, as pieces that reference `block` (no copy)."""
+    view = memoryview(block).cast("B")
+    parts: list = [GZIP_HEADER]
+    for start in range(0, max(len(view), 1), STORED_MAX):
+        piece = view[start:start + STORED_MAX]
+        final = start + STORED_MAX >= len(view)
+        parts += [struct.pack("<BHH", final, len(piece), len(piece) ^ 0xFFFF), piece]
+    return parts + [struct.pack("<II", zlib.crc32(view), len(view) & 0xFFFFFFFF)]
+
+
+def _huffman_member(block) -> list:
     c = zlib.compressobj(1, zlib.DEFLATED, 31, 8, zlib.Z_HUFFMAN_ONLY)
-    return c.compress(block) + c.flush()
+    return [c.compress(block) + c.flush()]
 
 
 class ParallelGzipWriter:
-    """A file-like writer whose output is gzip members of BLOCK bytes each, compressed in threads.
+    """A file-like writer whose output is gzip members of BLOCK bytes each, made in threads.
 
-    zlib releases the GIL, so the blocks of one batch compress on all cores at once.
+    zlib releases the GIL (for crc32 too), so the blocks of one batch are done on all cores at once.
     """
 
     def __init__(self, raw: BinaryIO, compress: bool = False, threads: int | None = None):
@@ -130,8 +141,9 @@ class ParallelGzipWriter:
     def _drain(self) -> None:
         members = self.pool.map(self.member, self.batch) if self.pool else map(self.member, self.batch)
         for member in members:
-            self.raw.write(member)
-            self.written += len(member)
+            for part in member:
+                self.raw.write(part)
+                self.written += len(part)
         self.batch = []
 
     def close(self) -> None:
