@@ -161,8 +161,8 @@ def test_beam_search_matches_generate(pg, models):
     name, m = models["gen"]
     rng = np.random.default_rng(4)
     ended_at_eos = 0
-    prompts = [rng.integers(0, 257, T).tolist() for T in (1, 9)] + eos_first_prompts(m)
-    for k in (2, 3, 4, 6):
+    prompts = [rng.integers(0, 257, 9).tolist()] + eos_first_prompts(m)
+    for k in (2, 3, 6):
         for ids in prompts:
             for eos in (None, GEN_EOS):
                 ref = hf_beams(m, ids, k, 12, eos)

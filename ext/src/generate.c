@@ -522,7 +522,12 @@ beam_search(const char *model, const int32 *prompt, int T, int K, int max_tokens
 			n_run++;
 		}
 		Assert(n_run == K);		/* at most K of the 2K candidates end in eos */
-		memcpy(run_tok, new_tok, sizeof(int32) * K * max_tokens);
+		{
+			int32	   *tmp = run_tok;
+
+			run_tok = new_tok;
+			new_tok = tmp;
+		}
 
 		/* can a running beam still beat the worst finished hypothesis? */
 		if (n_fin == K)
@@ -533,8 +538,7 @@ beam_search(const char *model, const int32 *prompt, int T, int K, int max_tokens
 				break;
 		}
 
-		if (step > 0)
-			llm_infer_reorder(inf, parents);
+		llm_infer_reorder(inf, parents);
 		logits = llm_infer_step(inf, next);
 	}
 	qsort(fin, n_fin, sizeof(BeamHyp), cmp_hyp_desc);

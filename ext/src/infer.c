@@ -675,11 +675,11 @@ llm_infer_step(LlmInfer *s, const int32 *tokens)
 void
 llm_infer_reorder(LlmInfer *s, const int *parents)
 {
-	size_t		G = s->n_new;
+	int		   *tmp = s->path_tmp;
 
 	for (int b = 0; b < s->beams; b++)
-		memcpy(s->path_tmp + (size_t) b * s->max_new, s->path + (size_t) parents[b] * s->max_new,
-			   G * sizeof(int));
-	for (int b = 0; b < s->beams; b++)
-		memcpy(s->path + (size_t) b * s->max_new, s->path_tmp + (size_t) b * s->max_new, G * sizeof(int));
+		memcpy(tmp + (size_t) b * s->max_new, s->path + (size_t) parents[b] * s->max_new,
+			   s->n_new * sizeof(int));
+	s->path_tmp = s->path;
+	s->path = tmp;
 }
