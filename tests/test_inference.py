@@ -429,6 +429,21 @@ def test_stream_rows_add_up_to_the_generated_text(pg, text_model, hf_tokenizer):
     assert held_back > 0, "no token ended inside a character: the UTF-8 path was not exercised"
 
 
+def test_a_model_smaller_than_its_tokenizer_generates_without_an_end_of_text(pg, models):
+    """<|endoftext|> (50256) lies past a 257-token model: generation runs to max_tokens."""
+    name, _ = models["five"]
+    write_gpt2_tokenizer(pg, name)
+    try:
+        ids = pg.execute("SELECT llm_generate_tokens(llm_encode('a', %s), 6, 0, model => %s)", (name, name)).fetchone()[0]
+        text = pg.execute("SELECT llm_generate('a', 6, 0, model => %s)", (name,)).fetchone()[0]
+        assert len(ids) == 6 and text == pg.execute("SELECT llm_decode(%s, %s)", (ids, name)).fetchone()[0]
+        rows = pg.execute("SELECT token_ids FROM llm_beam_search('a', 2, 4, %s)", (name,)).fetchall()
+        assert [len(r[0]) for r in rows] == [4, 4]
+    finally:
+        pg.execute("DELETE FROM llm_bpe_merges WHERE model = %s", (name,))
+        pg.execute("DELETE FROM llm_bpe_vocab WHERE model = %s", (name,))
+
+
 def test_text_beam_search_matches_generate(pg, text_model, hf_tokenizer):
     name, m = text_model
     for prompt in PROMPTS[:2]:

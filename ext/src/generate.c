@@ -608,14 +608,17 @@ llm_beam_search_tokens(PG_FUNCTION_ARGS)
 /* ---- SQL: text ----------------------------------------------------------------------------- */
 
 /*
- * The prompt's token ids under the model's tokenizer. The model is looked up first, so that an
- * unknown model is reported as such rather than as a model without a tokenizer.
+ * The prompt's token ids under the model's tokenizer, and the id generation stops at: the
+ * tokenizer's <|endoftext|> (none when the tokenizer has none, or the model cannot produce it).
+ * The model is looked up first, so that an unknown model is reported as such rather than as a
+ * model without a tokenizer.
  */
 static int32 *
-encode_prompt(const char *model, text *prompt, int *n)
+encode_prompt(const char *model, text *prompt, int *n, int32 *eos)
 {
 	LlmConfig	cfg;
 	int			len = VARSIZE_ANY_EXHDR(prompt);
+	int32	   *ids;
 
 	llm_config_load(model, &cfg);
 	if (len == 0)
@@ -623,7 +626,11 @@ encode_prompt(const char *model, text *prompt, int *n)
 				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
 				 errmsg("prompt must not be empty"),
 				 errhint("The model needs at least one token of context; \"<|endoftext|>\" starts a text from nothing.")));
-	return llm_bpe_encode(model, VARDATA_ANY(prompt), len, n);
+	ids = llm_bpe_encode(model, VARDATA_ANY(prompt), len, n);
+	*eos = llm_bpe_eot_id(model);
+	if (*eos >= cfg.vocab)
+		*eos = -1;
+	return ids;
 }
 
 /* Generated ids as text, without the end-of-text token that stopped generation. */
@@ -643,14 +650,10 @@ decode_generated(const char *model, const int32 *ids, int n, int32 eos)
 static int32 *
 text_generation_args(FunctionCallInfo fcinfo, GenSettings *set, int *T)
 {
-	int32	   *prompt;
-
 	sampling_args(fcinfo, set);
 	check_max_tokens(set->max_tokens);
 	check_sampling(set->temperature, set->top_k, set->top_p);
-	prompt = encode_prompt(set->model, PG_GETARG_TEXT_PP(0), T);
-	set->eos = llm_bpe_eot_id(set->model);
-	return prompt;
+	return encode_prompt(set->model, PG_GETARG_TEXT_PP(0), T, &set->eos);
 }
 
 /*
@@ -855,8 +858,7 @@ llm_beam_search(PG_FUNCTION_ARGS)
 	beam_args(fcinfo, &K, &max_tokens, &model);
 	require_arg(fcinfo, 4, "length_penalty");
 	length_penalty = PG_GETARG_FLOAT8(4);
-	prompt = encode_prompt(model, PG_GETARG_TEXT_PP(0), &T);
-	eos = llm_bpe_eot_id(model);
+	prompt = encode_prompt(model, PG_GETARG_TEXT_PP(0), &T, &eos);
 
 	InitMaterializedSRF(fcinfo, 0);
 	hyps = beam_search(model, prompt, T, K, max_tokens, eos, length_penalty);

@@ -4,9 +4,10 @@
  * 1/sqrt(hs), GELU in its tanh form, a final LayerNorm and the output head tied to wte.
  *
  * Where the time goes, and what each path is built for:
- * - A prompt is T rows: every linear layer is one sgemm (BLAS), attention is two sgemms per head and
- *   block of rows. In the last layer only the last row goes on past the key/value projection: its
- *   keys and values are all the cache needs, and only its logits are wanted.
+ * - A prompt is T rows: every linear layer is an sgemm (BLAS) per worker thread on its share of
+ *   the columns, attention two sgemms per head and block of rows, heads spread over the threads.
+ *   In the last layer only the last row goes on past the key/value projection: its keys and
+ *   values are all the cache needs, and only its logits are wanted.
  * - A generation step is B rows (B = 1, or the beams). That is memory-bound: each step streams every
  *   weight once (0.5 GB for GPT-2 small). BLAS is slow for so few rows, so a plain-C kernel reads each
  *   weight row once for all B rows, split over the worker threads by output columns.
@@ -35,7 +36,10 @@
 #define LLM_SIMD
 #endif
 
-/* Below this many rows the matrix-vector kernel beats sgemm (measured on GPT-2 small shapes). */
+/*
+ * Up to this many rows (the beams of a step, a short prompt) the matrix-vector kernel, bound by
+ * reading the weights once, is used; with more rows the arithmetic dominates and sgemm wins.
+ */
 #define GEMV_MAX_ROWS 8
 
 /* Columns per work item of the matrix-vector kernel and of sgemm (multiples of the vector width). */

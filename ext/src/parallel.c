@@ -3,15 +3,27 @@
  *
  * The workers run only the kernel functions handed to llm_parallel_for: pure C over float
  * arrays, never PostgreSQL (no palloc, ereport, SPI). They are created with every signal blocked,
- * so PostgreSQL's signal handlers only ever run on the backend's own thread. The calling thread
- * takes the first share of the work itself and returns when all shares are done.
+ * so PostgreSQL's signal handlers only ever run on the backend's own thread.
+ *
+ * A job is cut into one share per thread, and shares are claimed, not assigned: the calling
+ * thread and the workers each take the next unclaimed share until none is left, and the caller
+ * then waits only for shares that a worker has started. A worker that the OS has not scheduled
+ * yet (the machine is busy) therefore delays nothing: the caller runs its share too. Threads spin
+ * for a short while before they sleep, because in a forward pass jobs follow each other within
+ * microseconds, and waking a sleeping thread takes longer than that.
  */
 #include "pg_llm.h"
 
 #include <pthread.h>
 #include <signal.h>
+#include <time.h>
 
 #define MAX_WORKERS 255
+#define SPIN_NS 100000			/* spin this long (0.1 ms) before sleeping */
+
+/* The job ticket: job number in the high bits, the next share to claim in the low 16. */
+#define TICKET_JOB(t) ((t) >> 16)
+#define TICKET_SHARE(t) ((int) ((t) & 0xFFFF))
 
 typedef struct Pool
 {
@@ -19,12 +31,18 @@ typedef struct Pool
 	pthread_cond_t work_ready;
 	pthread_cond_t work_done;
 	int			n_workers;		/* threads besides the caller */
-	uint64		generation;		/* bumped for each job */
-	int			pending;		/* workers still running the current job */
-	bool		stopping;
+	bool		stopping;		/* under lock */
+	int			sleeping;		/* workers waiting on work_ready, under lock */
+	bool		caller_sleeping;	/* the caller waits on work_done, under lock */
+
+	/* the current job, written by the caller before it publishes the job's ticket */
 	llm_task_fn fn;
 	void	   *arg;
 	size_t		n;
+	int			parts;
+	uint64		ticket;			/* atomic */
+	int			done;			/* atomic: shares of the current job finished */
+
 	pthread_t	threads[MAX_WORKERS];
 } Pool;
 
@@ -42,41 +60,92 @@ share(size_t n, int part, int parts, size_t *start, size_t *end)
 	*end = n * (size_t) (part + 1) / (size_t) parts;
 }
 
+static inline void
+cpu_relax(void)
+{
+#if defined(__x86_64__) || defined(__i386__)
+	__builtin_ia32_pause();
+#endif
+}
+
+static uint64
+now_ns(void)
+{
+	struct timespec ts;
+
+	clock_gettime(CLOCK_MONOTONIC, &ts);
+	return (uint64) ts.tv_sec * 1000000000 + (uint64) ts.tv_nsec;
+}
+
+/*
+ * Claim and run shares of job `job` until none is left (or another job has started: then this
+ * thread read the job's fields too late, and its shares were all claimed already).
+ */
+static void
+run_shares(uint64 job)
+{
+	llm_task_fn fn = pool.fn;
+	void	   *arg = pool.arg;
+	size_t		n = pool.n;
+	int			parts = pool.parts;
+	uint64		t = __atomic_load_n(&pool.ticket, __ATOMIC_SEQ_CST);
+
+	while (TICKET_JOB(t) == job && TICKET_SHARE(t) < parts)
+	{
+		size_t		start,
+					end;
+
+		/* a successful claim means the job was not finished, so the fields read above are its own */
+		if (!__atomic_compare_exchange_n(&pool.ticket, &t, t + 1, true, __ATOMIC_SEQ_CST, __ATOMIC_SEQ_CST))
+			continue;			/* t now holds the current ticket */
+		share(n, TICKET_SHARE(t), parts, &start, &end);
+		if (start < end)
+			fn(arg, start, end);
+		if (__atomic_add_fetch(&pool.done, 1, __ATOMIC_SEQ_CST) == parts)
+		{
+			pthread_mutex_lock(&pool.lock);
+			if (pool.caller_sleeping)
+				pthread_cond_signal(&pool.work_done);
+			pthread_mutex_unlock(&pool.lock);
+		}
+		t = __atomic_load_n(&pool.ticket, __ATOMIC_SEQ_CST);
+	}
+}
+
 static void *
 worker_main(void *p)
 {
-	int			id = (int) (intptr_t) p;	/* 1 .. n_workers; the caller is 0 */
-	uint64		seen = 0;
+	uint64		seen = TICKET_JOB(__atomic_load_n(&pool.ticket, __ATOMIC_SEQ_CST));
 
 	for (;;)
 	{
-		llm_task_fn fn;
-		void	   *arg;
-		size_t		n,
-					start,
-					end;
-		int			parts;
+		uint64		t = __atomic_load_n(&pool.ticket, __ATOMIC_SEQ_CST);
+		uint64		deadline = now_ns() + SPIN_NS;
 
-		pthread_mutex_lock(&pool.lock);
-		while (pool.generation == seen && !pool.stopping)
-			pthread_cond_wait(&pool.work_ready, &pool.lock);
-		if (pool.stopping)
+		for (int i = 1; TICKET_JOB(t) == seen; i++)
 		{
-			pthread_mutex_unlock(&pool.lock);
-			return NULL;
+			if (i % 64 == 0 && now_ns() > deadline)
+			{
+				pthread_mutex_lock(&pool.lock);
+				while (TICKET_JOB(t = __atomic_load_n(&pool.ticket, __ATOMIC_SEQ_CST)) == seen && !pool.stopping)
+				{
+					pool.sleeping++;
+					pthread_cond_wait(&pool.work_ready, &pool.lock);
+					pool.sleeping--;
+				}
+				if (pool.stopping)
+				{
+					pthread_mutex_unlock(&pool.lock);
+					return NULL;
+				}
+				pthread_mutex_unlock(&pool.lock);
+				break;
+			}
+			cpu_relax();
+			t = __atomic_load_n(&pool.ticket, __ATOMIC_SEQ_CST);
 		}
-		seen = pool.generation;
-		fn = pool.fn, arg = pool.arg, n = pool.n, parts = pool.n_workers + 1;
-		pthread_mutex_unlock(&pool.lock);
-
-		share(n, id, parts, &start, &end);
-		if (start < end)
-			fn(arg, start, end);
-
-		pthread_mutex_lock(&pool.lock);
-		if (--pool.pending == 0)
-			pthread_cond_signal(&pool.work_done);
-		pthread_mutex_unlock(&pool.lock);
+		seen = TICKET_JOB(t);
+		run_shares(seen);
 	}
 }
 
@@ -107,7 +176,7 @@ pool_resize(int want)
 	pthread_sigmask(SIG_SETMASK, &all, &old);
 	for (int i = 0; i < workers; i++)
 	{
-		if (pthread_create(&pool.threads[i], NULL, worker_main, (void *) (intptr_t) (i + 1)) != 0)
+		if (pthread_create(&pool.threads[i], NULL, worker_main, NULL) != 0)
 			break;
 		pool.n_workers++;
 	}
@@ -118,8 +187,8 @@ void
 llm_parallel_for(size_t n, llm_task_fn fn, void *arg)
 {
 	int			want = llm_num_threads();
-	size_t		start,
-				end;
+	uint64		job;
+	uint64		deadline;
 
 	if (pool.n_workers != want - 1 && !(want - 1 > pool.n_workers && pool.n_workers == MAX_WORKERS))
 		pool_resize(want);
@@ -129,19 +198,36 @@ llm_parallel_for(size_t n, llm_task_fn fn, void *arg)
 		return;
 	}
 
+	pool.fn = fn;
+	pool.arg = arg;
+	pool.n = n;
+	pool.parts = (int) Min(n, (size_t) pool.n_workers + 1);
+	__atomic_store_n(&pool.done, 0, __ATOMIC_SEQ_CST);
+	job = TICKET_JOB(__atomic_load_n(&pool.ticket, __ATOMIC_SEQ_CST)) + 1;
+	__atomic_store_n(&pool.ticket, job << 16, __ATOMIC_SEQ_CST);	/* publishes the job */
 	pthread_mutex_lock(&pool.lock);
-	pool.fn = fn, pool.arg = arg, pool.n = n;
-	pool.pending = pool.n_workers;
-	pool.generation++;
-	pthread_cond_broadcast(&pool.work_ready);
+	if (pool.sleeping > 0)
+		pthread_cond_broadcast(&pool.work_ready);
 	pthread_mutex_unlock(&pool.lock);
 
-	share(n, 0, pool.n_workers + 1, &start, &end);
-	if (start < end)
-		fn(arg, start, end);
+	run_shares(job);
 
-	pthread_mutex_lock(&pool.lock);
-	while (pool.pending > 0)
-		pthread_cond_wait(&pool.work_done, &pool.lock);
-	pthread_mutex_unlock(&pool.lock);
+	/* what is left are shares that workers claimed and are running */
+	deadline = now_ns() + SPIN_NS;
+	for (int i = 1; __atomic_load_n(&pool.done, __ATOMIC_SEQ_CST) < pool.parts; i++)
+	{
+		if (i % 64 == 0 && now_ns() > deadline)
+		{
+			pthread_mutex_lock(&pool.lock);
+			while (__atomic_load_n(&pool.done, __ATOMIC_SEQ_CST) < pool.parts)
+			{
+				pool.caller_sleeping = true;
+				pthread_cond_wait(&pool.work_done, &pool.lock);
+				pool.caller_sleeping = false;
+			}
+			pthread_mutex_unlock(&pool.lock);
+			break;
+		}
+		cpu_relax();
+	}
 }
