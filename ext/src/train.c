@@ -853,7 +853,6 @@ llm_train(PG_FUNCTION_ARGS)
 	Oid			text_type[1] = {TEXTOID};
 	Datum		model_datum;
 	int			ret;
-
 	double		t_start = now_seconds(),
 				t_loaded,
 				t_trained;
@@ -901,6 +900,9 @@ llm_train(PG_FUNCTION_ARGS)
 				 errhint("Lower warmup or raise total_steps.")));
 
 	dataset_open(&ds, &cfg);
+	if ((int64) args.batch_size * ds.T > PG_INT32_MAX / 4)
+		bad_argument(psprintf("batch_size %d times the block size %d is too large", args.batch_size, ds.T),
+					 "Use grad_accum for a larger effective batch.");
 	model = llm_model_get(args.model);
 
 	tr = palloc0(sizeof(Trainer));
@@ -913,7 +915,7 @@ llm_train(PG_FUNCTION_ARGS)
 		StepShape	shape = {.B = args.batch_size, .T = ds.T, .C = cfg.d_model, .L = cfg.n_layer,
 			.NH = cfg.n_head, .V = cfg.vocab, .dropout = (float) args.dropout,
 		.seed = (uint64) args.seed};
-		int			rows_per_step = args.batch_size * args.grad_accum;
+		int64		rows_per_step = (int64) args.batch_size * args.grad_accum;
 		double		tokens_per_step = (double) rows_per_step * ds.T;
 
 		trainer_alloc(tr, model, args.batch_size, ds.T);
@@ -944,7 +946,7 @@ llm_train(PG_FUNCTION_ARGS)
 			for (int k = 0; k < args.grad_accum; k++)
 			{
 				shape.micro = k;
-				dataset_batch(&ds, data_pos + (int64) s * rows_per_step + (int64) k * args.batch_size,
+				dataset_batch(&ds, data_pos + s * rows_per_step + (int64) k * args.batch_size,
 							  args.batch_size, cfg.vocab, tr->inputs, tr->targets);
 				loss += forward_backward(tr, model, &shape, (float) (1.0 / tokens_per_step), k > 0);
 			}
@@ -999,7 +1001,7 @@ llm_train(PG_FUNCTION_ARGS)
 											 llm_table("llm_train_state")), 3,
 									(Oid[]) {TEXTOID, INT4OID, INT8OID},
 									(Datum[]) {model_datum, Int32GetDatum((int32) (step0 + args.steps)),
-									Int64GetDatum(data_pos + (int64) args.steps * rows_per_step)},
+									Int64GetDatum(data_pos + args.steps * rows_per_step)},
 									NULL, false, 0);
 		if (ret != SPI_OK_UPDATE)
 			elog(ERROR, "writing llm_train_state failed: %s", SPI_result_code_string(ret));
