@@ -115,6 +115,7 @@ SHAPES = [
     (2, 3, 48, 32, 97, 2, 16, 1, 5),      # odd head count, the data wraps around
     (1, 5, 70, 16, 211, 3, 9, 2, 8),      # d_model not a multiple of 8, odd T, accumulation
     (3, 4, 64, 64, 512, 4, 32, 1, 12),
+    (1, 2, 16, 64, 50257, 16, 48, 1, 20),  # 768 x 50257 logits: the head runs in two chunks of rows
 ]
 
 # Tolerances (float32 on both sides, different summation orders):
