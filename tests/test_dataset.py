@@ -6,7 +6,6 @@ import shutil
 from pathlib import Path
 
 import numpy as np
-import psycopg
 import pytest
 from transformers import GPT2TokenizerFast
 
@@ -65,7 +64,7 @@ def test_rows_are_the_gpt2_token_stream_cut_in_blocks(cli, conn, db, tmp_path, r
     got = dataset_rows(conn)
     assert got.shape == expected.shape and len(got) > 6
     assert np.array_equal(got, expected)
-    assert f"4 files" in result.output and f"-> {len(expected)} rows of 16 tokens" in result.output
+    assert "4 files" in result.output and f"-> {len(expected)} rows of 16 tokens" in result.output
 
     # without --truncate the rows are appended; with it they replace
     cli("--dsn", db, "dataset", "--input", str(d / "a.txt"), "--block-size", "8")

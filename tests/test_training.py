@@ -115,6 +115,7 @@ SHAPES = [
     (2, 3, 48, 32, 97, 2, 16, 1, 5),      # odd head count, the data wraps around
     (1, 5, 70, 16, 211, 3, 9, 2, 8),      # d_model not a multiple of 8, odd T, accumulation
     (3, 4, 64, 64, 512, 4, 32, 1, 12),
+    (1, 2, 16, 64, 50257, 16, 48, 1, 20),  # 768 x 50257 logits: the head runs in two chunks of rows
 ]
 
 # Tolerances (float32 on both sides, different summation orders):
@@ -211,6 +212,94 @@ def test_six_steps_in_one_call_equal_three_plus_three(conn, db, dropout):
     assert one[2] == (6, 24)
     assert [r[0] for r in one[3]] == [1, 2, 3, 4, 5, 6]
     assert_same_state(one, two)
+
+
+# ---- dropout: the same masks in PyTorch -----------------------------------------------------
+
+def _splitmix64(x):
+    x = x + np.uint64(0x9E3779B97F4A7C15)
+    x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return x ^ (x >> np.uint64(31))
+
+
+def dropout_mask(p: float, seed: int, step: int, micro: int, site: int, n: int) -> torch.Tensor:
+    """The keep mask (times 1/(1-p)) that llm_train's dropout draws for n elements of one site:
+    element i is kept when the top 24 bits of splitmix64(key ^ i * K) reach p * 2^24."""
+    with np.errstate(over="ignore"):
+        key = _splitmix64(np.uint64(seed))
+        for x in (step, micro, site):
+            key = _splitmix64(key ^ np.uint64(x))
+        i = np.arange(n, dtype=np.uint64)
+        bits = _splitmix64(key ^ (i * np.uint64(0xD1B54A32D192ED03))) >> np.uint64(40)
+    threshold = int(float(np.float32(p)) * 16777216.0)
+    scale = np.float32(1.0) / (np.float32(1.0) - np.float32(p))
+    return torch.from_numpy(np.where(bits >= threshold, scale, np.float32(0.0)).astype(np.float32))
+
+
+def gpt2_forward_with_masks(model, idx, p, seed, step, micro):
+    """GPT-2's forward written out, with llm_train's dropout masks at GPT-2's three places:
+    embeddings, attention probabilities, and each residual branch."""
+    tr = model.transformer
+    B, T = idx.shape
+    C, NH = model.config.n_embd, model.config.n_head
+    hs = C // NH
+    site = lambda layer, k: (layer + 1) * 4 + k  # noqa: E731  (as site_key in train.c)
+    x = tr.wte(idx) + tr.wpe(torch.arange(T))
+    x = x * dropout_mask(p, seed, step, micro, site(-1, 0), B * T * C).view(B, T, C)
+    causal = torch.ones(T, T, dtype=torch.bool).tril()
+    for layer, block in enumerate(tr.h):
+        q, k, v = block.attn.c_attn(block.ln_1(x)).split(C, dim=2)
+        q, k, v = (t.view(B, T, NH, hs).transpose(1, 2) for t in (q, k, v))
+        att = (q @ k.transpose(-1, -2)) / math.sqrt(hs)
+        att = torch.softmax(att.masked_fill(~causal, float("-inf")), dim=-1)
+        att = att * dropout_mask(p, seed, step, micro, site(layer, 0), B * NH * T * T).view(B, NH, T, T)
+        y = (att @ v).transpose(1, 2).reshape(B, T, C)
+        x = x + block.attn.c_proj(y) * dropout_mask(p, seed, step, micro, site(layer, 1), B * T * C).view(B, T, C)
+        h = block.mlp.c_proj(block.mlp.act(block.mlp.c_fc(block.ln_2(x))))
+        x = x + h * dropout_mask(p, seed, step, micro, site(layer, 2), B * T * C).view(B, T, C)
+    return tr.ln_f(x) @ tr.wte.weight.T
+
+
+def test_dropout_matches_pytorch_with_the_same_masks(conn):
+    p, seed, B, T, A = 0.2, 11, 2, 12, 2
+    hf = make_hf_model(5, 2, 3, 48, 16, 97)
+    store_hf_model(conn, "drop", hf)
+    rows = np.random.default_rng(9).integers(0, 97, size=(5, T + 1))
+    fill_dataset(conn, rows)
+    # the written-out forward is GPT-2's: without dropout it gives transformers' logits
+    with torch.no_grad():
+        idx = torch.tensor(rows[:2, :-1])
+        np.testing.assert_allclose(gpt2_forward_with_masks(hf, idx, 0.0, seed, 0, 0).numpy(),
+                                   hf(input_ids=idx).logits.numpy(), rtol=1e-5, atol=1e-5)
+
+    hp = dict(lr_max=1e-3, warmup=1, total_steps=4, wd=0.1)
+    ref = TorchTrainer(hf, rows, batch_size=B, grad_accum=A, **hp)
+    ref_losses = []
+    for step in range(3):
+        for group in ref.opt.param_groups:
+            group["lr"] = lr_at(step, 1e-3, 0.0, 1, 4)
+        ref.opt.zero_grad(set_to_none=True)
+        total = 0.0
+        for micro in range(A):
+            batch = torch.tensor(rows[[(step * B * A + micro * B + i) % len(rows) for i in range(B)]])
+            logits = gpt2_forward_with_masks(hf, batch[:, :-1], p, seed, step, micro)
+            loss = torch.nn.functional.cross_entropy(logits.reshape(-1, 97), batch[:, 1:].reshape(-1))
+            (loss / A).backward()
+            total += loss.item() / A
+        torch.nn.utils.clip_grad_norm_(hf.parameters(), 1.0)
+        ref.opt.step()
+        ref_losses.append(total)
+
+    train_sql(conn, "drop", 3, batch_size=B, grad_accum=A, dropout=p, seed=seed, **hp)
+    losses = [r[2] for r in log_rows(conn, "drop")]
+    assert losses == pytest.approx(ref_losses, rel=LOSS_RTOL)
+    ours = load_params(conn, "drop")
+    for name, expected in hf_tensors(hf).items():
+        got = ours[name]
+        if name.endswith("attn.c_attn.bias"):  # the key bias: see test_three_steps_match_pytorch
+            got, expected = np.r_[got[:48], got[96:]], np.r_[expected[:48], expected[96:]]
+        np.testing.assert_allclose(got, expected, rtol=PARAM_RTOL, atol=PARAM_ATOL, err_msg=name)
 
 
 def test_dropout_is_seeded_and_changes_the_loss(conn):

@@ -549,21 +549,20 @@ load_optim_state(Trainer *tr, const LlmModel *model)
 	pfree(seen);
 }
 
-static bytea *
-floats_to_bytea(const float *x, size_t n)
+/* x[0..n) as the value of buf, which has room for the largest tensor. */
+static Datum
+fill_bytea(bytea *buf, const float *x, size_t n)
 {
-	bytea	   *b = palloc(VARHDRSZ + n * sizeof(float));
-
-	SET_VARSIZE(b, VARHDRSZ + n * sizeof(float));
-	memcpy(VARDATA(b), x, n * sizeof(float));
-	return b;
+	SET_VARSIZE(buf, VARHDRSZ + n * sizeof(float));
+	memcpy(VARDATA(buf), x, n * sizeof(float));
+	return PointerGetDatum(buf);
 }
 
 /*
  * Write the parameters into llm_param and the moments into llm_optim_state, one tensor and one
- * value at a time (each value is built once from its block and handed to a prepared statement;
- * the executor copies it once more into the new row), so that at most two copies of the
- * largest tensor exist besides the blocks.
+ * value at a time through prepared statements. Each value is copied from its block into one
+ * reused buffer (the executor copies it once more into the new row), so that writing back
+ * allocates no more than two copies of the largest tensor.
  */
 static void
 persist(Trainer *tr, LlmModel *model)
@@ -576,10 +575,17 @@ persist(Trainer *tr, LlmModel *model)
 				update_v,
 				insert_optim;
 	Datum		model_name = CStringGetTextDatum(model->cfg.model);
+	size_t		largest = 0;
+	bytea	   *buf,
+			   *buf2 = NULL;
 	MemoryContext ctx = AllocSetContextCreate(CurrentMemoryContext, "llm_train persist", ALLOCSET_DEFAULT_SIZES);
 	MemoryContext old = MemoryContextSwitchTo(ctx);
 
-	/* SPI_prepare keeps its plans in SPI's procedure context, not in ctx */
+	for (int k = 0; k < LLM_NUM_KINDS; k++)
+		largest = Max(largest, layout->size[k]);
+	buf = palloc(VARHDRSZ + largest * sizeof(float));
+
+	/* SPI_prepare keeps its plans in SPI's procedure context */
 	update_param = SPI_prepare(psprintf("UPDATE %s SET data = $1 WHERE model = $2 AND name = $3",
 										llm_table("llm_param")), 3, types);
 	update_m = SPI_prepare(psprintf("UPDATE %s SET m = $1 WHERE model = $2 AND name = $3",
@@ -594,7 +600,7 @@ persist(Trainer *tr, LlmModel *model)
 	for (int i = 0; i < layout->num_tensors; i++)
 	{
 		LlmTensorInfo info;
-		Datum		values[4];
+		Datum		values[3];
 		int			ret;
 
 		CHECK_FOR_INTERRUPTS();
@@ -602,38 +608,41 @@ persist(Trainer *tr, LlmModel *model)
 		values[1] = model_name;
 		values[2] = CStringGetTextDatum(info.name);
 
-		values[0] = PointerGetDatum(floats_to_bytea(model->memory + info.offset, info.numel));
+		values[0] = fill_bytea(buf, model->memory + info.offset, info.numel);
 		ret = SPI_execute_plan(update_param, values, NULL, false, 0);
 		if (ret != SPI_OK_UPDATE || SPI_processed != 1)
 			ereport(ERROR,
 					(errcode(ERRCODE_NO_DATA_FOUND),
 					 errmsg("tensor \"%s\" of model \"%s\" disappeared from llm_param during training",
 							info.name, model->cfg.model)));
-		pfree(DatumGetPointer(values[0]));
 
-		values[0] = PointerGetDatum(floats_to_bytea(tr->m_memory + info.offset, info.numel));
+		values[0] = fill_bytea(buf, tr->m_memory + info.offset, info.numel);
 		ret = SPI_execute_plan(update_m, values, NULL, false, 0);
 		if (ret != SPI_OK_UPDATE)
 			elog(ERROR, "writing llm_optim_state failed: %s", SPI_result_code_string(ret));
 		if (SPI_processed == 0)
 		{
 			/* the model's first training call: a new row with both moments */
-			Datum		row[4] = {values[0], PointerGetDatum(floats_to_bytea(tr->v_memory + info.offset, info.numel)),
-			model_name, values[2]};
+			Datum		row[4];
 
+			if (buf2 == NULL)
+				buf2 = palloc(VARHDRSZ + largest * sizeof(float));
+			row[0] = values[0];
+			row[1] = fill_bytea(buf2, tr->v_memory + info.offset, info.numel);
+			row[2] = model_name;
+			row[3] = values[2];
 			ret = SPI_execute_plan(insert_optim, row, NULL, false, 0);
 			if (ret != SPI_OK_INSERT)
 				elog(ERROR, "writing llm_optim_state failed: %s", SPI_result_code_string(ret));
 		}
 		else
 		{
-			pfree(DatumGetPointer(values[0]));
-			values[0] = PointerGetDatum(floats_to_bytea(tr->v_memory + info.offset, info.numel));
+			values[0] = fill_bytea(buf, tr->v_memory + info.offset, info.numel);
 			ret = SPI_execute_plan(update_v, values, NULL, false, 0);
 			if (ret != SPI_OK_UPDATE)
 				elog(ERROR, "writing llm_optim_state failed: %s", SPI_result_code_string(ret));
 		}
-		MemoryContextReset(ctx);
+		pfree(DatumGetPointer(values[2]));
 	}
 	MemoryContextSwitchTo(old);
 	MemoryContextDelete(ctx);
@@ -844,7 +853,6 @@ llm_train(PG_FUNCTION_ARGS)
 	Oid			text_type[1] = {TEXTOID};
 	Datum		model_datum;
 	int			ret;
-
 	double		t_start = now_seconds(),
 				t_loaded,
 				t_trained;
@@ -892,6 +900,9 @@ llm_train(PG_FUNCTION_ARGS)
 				 errhint("Lower warmup or raise total_steps.")));
 
 	dataset_open(&ds, &cfg);
+	if ((int64) args.batch_size * ds.T > PG_INT32_MAX / 4)
+		bad_argument(psprintf("batch_size %d times the block size %d is too large", args.batch_size, ds.T),
+					 "Use grad_accum for a larger effective batch.");
 	model = llm_model_get(args.model);
 
 	tr = palloc0(sizeof(Trainer));
@@ -904,7 +915,7 @@ llm_train(PG_FUNCTION_ARGS)
 		StepShape	shape = {.B = args.batch_size, .T = ds.T, .C = cfg.d_model, .L = cfg.n_layer,
 			.NH = cfg.n_head, .V = cfg.vocab, .dropout = (float) args.dropout,
 		.seed = (uint64) args.seed};
-		int			rows_per_step = args.batch_size * args.grad_accum;
+		int64		rows_per_step = (int64) args.batch_size * args.grad_accum;
 		double		tokens_per_step = (double) rows_per_step * ds.T;
 
 		trainer_alloc(tr, model, args.batch_size, ds.T);
@@ -935,7 +946,7 @@ llm_train(PG_FUNCTION_ARGS)
 			for (int k = 0; k < args.grad_accum; k++)
 			{
 				shape.micro = k;
-				dataset_batch(&ds, data_pos + (int64) s * rows_per_step + (int64) k * args.batch_size,
+				dataset_batch(&ds, data_pos + s * rows_per_step + (int64) k * args.batch_size,
 							  args.batch_size, cfg.vocab, tr->inputs, tr->targets);
 				loss += forward_backward(tr, model, &shape, (float) (1.0 / tokens_per_step), k > 0);
 			}
@@ -990,7 +1001,7 @@ llm_train(PG_FUNCTION_ARGS)
 											 llm_table("llm_train_state")), 3,
 									(Oid[]) {TEXTOID, INT4OID, INT8OID},
 									(Datum[]) {model_datum, Int32GetDatum((int32) (step0 + args.steps)),
-									Int64GetDatum(data_pos + (int64) args.steps * rows_per_step)},
+									Int64GetDatum(data_pos + args.steps * rows_per_step)},
 									NULL, false, 0);
 		if (ret != SPI_OK_UPDATE)
 			elog(ERROR, "writing llm_train_state failed: %s", SPI_result_code_string(ret));
