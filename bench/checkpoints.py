@@ -17,10 +17,12 @@ import subprocess
 import sys
 import tempfile
 import time
+from contextlib import ExitStack
 from pathlib import Path
 
 import psycopg
 
+from bench import common
 from pgllm import npz
 from pgllm.commands.import_ import import_via_client
 
@@ -73,21 +75,6 @@ def import_in_fresh_backend(dsn: str, model: str, run) -> tuple[float, float, fl
         return seconds, backend_cpu_s(pid) - cpu, backend_peak_mb(pid)
 
 
-def start_private_server() -> tuple[str, object]:
-    from pgllm.cluster import Cluster
-    from pgllm.extension import build_and_install, create_or_update
-
-    home = Path(tempfile.mkdtemp(prefix="pgllm-bench-", dir="/tmp"))
-    home.chmod(0o755)
-    os.environ["PGLLM_HOME"] = str(home)
-    cluster = Cluster(home)
-    cluster.start()
-    build_and_install(cluster.pg_config)
-    with psycopg.connect(cluster.dsn()) as conn:
-        create_or_update(conn)
-    return cluster.dsn(), cluster
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dsn", help="a server on this machine (default: a private embedded one)")
@@ -99,11 +86,8 @@ def main() -> None:
 
     transformers.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
-    cluster = None
-    dsn = args.dsn
-    if dsn is None:
-        print("starting a private server ...", flush=True)
-        dsn, cluster = start_private_server()
+    stack = ExitStack()
+    dsn = stack.enter_context(common.server(args.dsn))
     work = Path(tempfile.mkdtemp(prefix="pgllm-bench-", dir="/tmp"))
     work.chmod(0o755)  # the server's OS user reads the converted file from here
     size_mb = 4 * CONFIG.num_params() / 1e6
@@ -175,9 +159,7 @@ def main() -> None:
               f"{'met' if max(peak_server, peak_client) < 2 * size_mb else 'MISSED'}")
     finally:
         shutil.rmtree(work, ignore_errors=True)
-        if cluster is not None:
-            cluster.stop()
-            shutil.rmtree(cluster.home, ignore_errors=True)
+        stack.close()
 
 
 if __name__ == "__main__":

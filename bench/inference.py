@@ -20,44 +20,20 @@ in a temporary folder, as the tests do. Measured, best of --repeat runs, the two
 from __future__ import annotations
 
 import argparse
-import os
-import shutil
-import tempfile
 import threading
 import time
-from contextlib import contextmanager
 from pathlib import Path
 
 import psycopg
 import torch
 
-from pgllm.cluster import Cluster
-from pgllm.extension import build_and_install, create_or_update
+from bench.common import server
+
 
 MODEL = "bench-gpt2-small"
 PROMPT_DECODE = 16
 NEW_TOKENS = 64
 PROMPT_LENGTHS = (128, 512)
-
-
-@contextmanager
-def server(dsn: str | None):
-    """A connection string: the one given, or a private server in a temporary folder."""
-    if dsn:
-        yield dsn
-        return
-    home = Path(tempfile.mkdtemp(prefix="pgllm-bench-", dir="/tmp"))
-    os.chmod(home, 0o755)
-    cluster = Cluster(home)
-    try:
-        cluster.start()
-        build_and_install(cluster.pg_config)
-        with psycopg.connect(cluster.dsn(), autocommit=True) as conn:
-            create_or_update(conn)
-        yield cluster.dsn()
-    finally:
-        cluster.stop()
-        shutil.rmtree(home, ignore_errors=True)
 
 
 def reference_model():

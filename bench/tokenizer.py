@@ -26,10 +26,11 @@ import shutil  # noqa: E402
 import sysconfig  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
-from contextlib import contextmanager  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import psycopg  # noqa: E402
+
+from bench.common import server  # noqa: E402
 from typer.testing import CliRunner  # noqa: E402
 
 from pgllm.bundled import gpt2_tokenizer_files  # noqa: E402
@@ -96,30 +97,6 @@ def hf_tokenizer():
     shutil.rmtree(folder, ignore_errors=True)
     assert tok("Hello world")["input_ids"] == [15496, 995]
     return tok._tokenizer  # the Rust tokenizer itself: no Python work per document
-
-
-@contextmanager
-def server(dsn: str | None):
-    """The given server, or a private temporary one with pg_llm built from this tree."""
-    if dsn:
-        yield dsn
-        return
-    from pgllm.cluster import Cluster
-    from pgllm.extension import build_and_install, create_or_update
-
-    home = Path(tempfile.mkdtemp(prefix="pgllm-bench-", dir="/tmp"))
-    os.chmod(home, 0o755)
-    cluster = Cluster(home)
-    try:
-        print("starting a private PostgreSQL server and building pg_llm ...", flush=True)
-        cluster.start()
-        build_and_install(cluster.pg_config)
-        with psycopg.connect(cluster.dsn()) as conn:
-            create_or_update(conn)
-        yield cluster.dsn()
-    finally:
-        cluster.stop()
-        shutil.rmtree(home, ignore_errors=True)
 
 
 def best(fn, repeat: int) -> tuple[float, float]:

@@ -25,17 +25,16 @@ import argparse
 import json
 import os
 import re
-import shutil
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
-from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 import psycopg
+
+from bench.common import server
 
 MODEL = "bench-gpt2"
 SHAPE = dict(n_layer=12, n_head=12, n_embd=768, n_positions=1024, vocab_size=50257)
@@ -112,28 +111,6 @@ def run_torch(args) -> dict:
 
 
 # ---- pg_llm -------------------------------------------------------------------------------------
-
-@contextmanager
-def server(dsn: str | None):
-    """A database to work in: a new one on the given server, or a private temporary server."""
-    if dsn is not None:
-        yield dsn
-        return
-    from pgllm.cluster import Cluster
-    from pgllm.extension import build_and_install
-
-    home = Path(tempfile.mkdtemp(prefix="pgllm-bench-", dir="/tmp"))
-    os.chmod(home, 0o755)
-    os.environ["PGLLM_HOME"] = str(home)
-    cluster = Cluster(home)
-    try:
-        cluster.start()
-        build_and_install(cluster.pg_config)
-        yield cluster.dsn()
-    finally:
-        cluster.stop()
-        shutil.rmtree(home, ignore_errors=True)
-
 
 def backend_peak_mb(pid: int) -> float | None:
     try:
