@@ -22,9 +22,7 @@ os.environ["RAYON_NUM_THREADS"] = "1"
 os.environ["TOKENIZERS_PARALLELISM"] = "false"
 
 import argparse  # noqa: E402
-import shutil  # noqa: E402
 import sysconfig  # noqa: E402
-import tempfile  # noqa: E402
 import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 
@@ -33,7 +31,7 @@ import psycopg  # noqa: E402
 from bench.common import server  # noqa: E402
 from typer.testing import CliRunner  # noqa: E402
 
-from pgllm.bundled import gpt2_tokenizer_files  # noqa: E402
+from pgllm.bundled import gpt2_hf_tokenizer  # noqa: E402
 from pgllm.cli import app  # noqa: E402
 
 MODEL = "bench-gpt2"
@@ -89,12 +87,7 @@ def hf_tokenizer():
     import transformers
 
     transformers.logging.set_verbosity_error()
-    vocab, merges = gpt2_tokenizer_files()
-    folder = Path(tempfile.mkdtemp(prefix="pgllm-bench-hf-"))
-    shutil.copy(vocab, folder / "vocab.json")
-    shutil.copy(merges, folder / "merges.txt")
-    tok = transformers.GPT2TokenizerFast.from_pretrained(str(folder))
-    shutil.rmtree(folder, ignore_errors=True)
+    tok = gpt2_hf_tokenizer()
     assert tok("Hello world")["input_ids"] == [15496, 995]
     return tok._tokenizer  # the Rust tokenizer itself: no Python work per document
 

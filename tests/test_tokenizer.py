@@ -19,7 +19,7 @@ import psycopg
 import pytest
 from typer.testing import CliRunner
 
-from pgllm.bundled import gpt2_tokenizer_files
+from pgllm.bundled import gpt2_hf_tokenizer, gpt2_tokenizer_files
 from pgllm.cli import app
 
 from .conftest import REPO, make_home
@@ -39,15 +39,10 @@ def hf():
     """transformers' GPT-2 tokenizer, from a folder with the bundled vocab.json / merges.txt."""
     transformers = pytest.importorskip("transformers")
     transformers.logging.set_verbosity_error()  # no "sequence longer than 1024" warnings
-    vocab, merges = gpt2_tokenizer_files()
-    folder = Path(make_home("pgllm-hf-"))
-    shutil.copy(vocab, folder / "vocab.json")
-    shutil.copy(merges, folder / "merges.txt")
-    tok = transformers.GPT2TokenizerFast.from_pretrained(str(folder))
+    tok = gpt2_hf_tokenizer()
     assert tok("Hello world")["input_ids"] == [15496, 995]  # not an empty tokenizer
     assert tok.convert_tokens_to_ids(EOT) == 50256
-    yield tok
-    shutil.rmtree(folder, ignore_errors=True)
+    return tok
 
 
 def _new_database(cluster) -> str:

