@@ -23,6 +23,10 @@ from pgllm.cluster import Cluster, is_root
 from pgllm.extension import build_and_install, create_or_update
 
 REPO = Path(__file__).resolve().parent.parent
+# The extension's version: default_version of its control file (the one source of it).
+EXT_VERSION = next(line.split("=", 1)[1].strip().strip("'")
+                   for line in (REPO / "ext" / "pg_llm.control").read_text().splitlines()
+                   if line.startswith("default_version"))
 PGLLM_BIN = Path(sys.executable).parent / "pgllm"
 
 # Variables that would point pgllm somewhere other than the test server.

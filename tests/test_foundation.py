@@ -16,7 +16,7 @@ import pytest
 from pgllm.cluster import Cluster, is_root
 from pgllm.db import resolve_dsn
 
-from .conftest import REPO, make_home, run_pgllm
+from .conftest import EXT_VERSION, REPO, make_home, run_pgllm
 
 UNPRIVILEGED_USER = "pgllmtest"
 
@@ -34,7 +34,7 @@ def test_status_json_reports_the_server_and_extension(cluster, cli):
     info = json.loads(result.output)
     assert info["running"] is True
     assert info["dsn"] == cluster.dsn()
-    assert info["extension_version"] == "0.1.0"
+    assert info["extension_version"] == EXT_VERSION
     assert info["server_version"].startswith(("15", "16", "17", "18"))
     assert Path(info["data_directory"]) == cluster.data
 
@@ -43,7 +43,7 @@ def test_status_text_through_the_console_script(cluster):
     proc = run_pgllm("server", "status")
     assert proc.returncode == 0, proc.stderr
     assert "running           yes" in proc.stdout
-    assert "pg_llm installed  0.1.0" in proc.stdout
+    assert f"pg_llm installed  {EXT_VERSION}" in proc.stdout
     assert str(cluster.log_file) in proc.stdout
 
 
@@ -52,7 +52,7 @@ def test_start_is_idempotent_and_install_updates_in_place(cluster, cli):
     assert result.exit_code == 0 and "already running" in result.output
     result = cli("install")
     assert result.exit_code == 0, result.output
-    assert "extension pg_llm 0.1.0 is up to date" in result.output
+    assert f"extension pg_llm {EXT_VERSION} is up to date" in result.output
 
 
 def test_regression_suite(cluster, tmp_path):

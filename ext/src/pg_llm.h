@@ -6,7 +6,10 @@
 
 #include "postgres.h"
 
-#define PG_LLM_VERSION "0.1.0"
+/* The extension's version: default_version of pg_llm.control, passed in by the Makefile. */
+#ifndef PG_LLM_VERSION
+#error "PG_LLM_VERSION must be defined (see ext/Makefile)"
+#endif
 
 /* GUCs (see pg_llm.c) */
 extern int	llm_threads;		/* worker threads for BLAS and kernels; 0 = one per core */

@@ -34,7 +34,8 @@ INSERT INTO llm_param VALUES ('tiny', 'wte', '{10,4}', '\x00');
 DELETE FROM llm_model_config WHERE model = 'tiny';
 SELECT count(*) FROM llm_param WHERE model = 'tiny';
 
-SELECT pg_llm_version();
+-- the library and the schema carry one version number
+SELECT pg_llm_version() = extversion AS library_matches_schema FROM pg_extension WHERE extname = 'pg_llm';
 SELECT pg_llm_blas_info() LIKE 'lib%blas%threads' AS blas_loaded;
 SET pg_llm.threads = 1;
 SELECT pg_llm_blas_info() LIKE '%, 1 threads' AS one_thread;
