@@ -2,6 +2,7 @@
  * pg_llm.c: module entry point, GUCs, version.
  */
 #include "pg_llm.h"
+#include "weights_cache.h"
 
 #include <stdlib.h>
 
@@ -32,6 +33,7 @@ _PG_init(void)
 							0, 0, 256,
 							PGC_USERSET, 0,
 							NULL, NULL, NULL);
+	llm_wc_init();
 	MarkGUCPrefixReserved("pg_llm");
 }
 
