@@ -145,6 +145,21 @@ typedef struct WcFds
 	int			file;			/* the copy being opened or built */
 } WcFds;
 
+/*
+ * A huge page of the file being built, partly written. The page cache gives a 2 MB folio, which
+ * backends can map with one PMD, only to a write of the whole aligned 2 MB: the parts of a page
+ * that tensors written at different times share are gathered here first. Written in order, a
+ * fill has one or two pages in stages at a time; in any order, at most all of them (the size of
+ * a private copy).
+ */
+typedef struct WcStage
+{
+	uint64		start;			/* in the file, a multiple of WC_SECTION_ALIGN */
+	uint64		len;			/* WC_SECTION_ALIGN, or less at the end of a section */
+	uint64		filled;
+	char	   *data;
+} WcStage;
+
 struct LlmWcWriter
 {
 	int			fd;				/* the unnamed file being built, or -1: private memory */
@@ -152,6 +167,10 @@ struct LlmWcWriter
 	int			n_sections;
 	uint64		offset[LLM_WC_MAX_SECTIONS];	/* in the file or the memory */
 	uint64		bytes[LLM_WC_MAX_SECTIONS];
+	WcStage    *stages;
+	int			n_stages;
+	int			max_stages;
+	MemoryContext cxt;			/* of the stages: the caller's, which outlives the fill's SPI */
 	uint64		written;
 	uint64		pause_at;		/* pg_llm.debug_build_pause_lock: bytes, 0 = never */
 	int			error;			/* errno of the first failed write; later writes are skipped */
@@ -190,31 +209,98 @@ debug_pause(void)
 	DirectFunctionCall1(pg_advisory_unlock_shared_int8, Int64GetDatum(debug_pause_lock));
 }
 
+static void
+write_file(LlmWcWriter *w, const char *src, uint64 len, uint64 pos)
+{
+	while (len > 0 && w->error == 0)
+	{
+		ssize_t		n = pwrite(w->fd, src, len, (off_t) pos);
+
+		if (n < 0 && errno != EINTR)
+			w->error = errno;
+		else if (n > 0)
+			src += n, len -= n, pos += n;
+	}
+}
+
+/* Writes len bytes at pos, all inside the huge page at start of length page_len. */
+static void
+write_page_part(LlmWcWriter *w, const char *src, uint64 len, uint64 pos, uint64 start, uint64 page_len)
+{
+	WcStage    *st = NULL;
+
+	if (len == page_len)
+	{
+		write_file(w, src, len, pos);
+		return;
+	}
+	for (int i = 0; i < w->n_stages && st == NULL; i++)
+		if (w->stages[i].start == start)
+			st = &w->stages[i];
+	if (st == NULL)
+	{
+		if (w->n_stages == w->max_stages)
+		{
+			w->max_stages = Max(16, 2 * w->max_stages);
+			w->stages = w->stages ? repalloc(w->stages, w->max_stages * sizeof(WcStage))
+				: MemoryContextAlloc(w->cxt, w->max_stages * sizeof(WcStage));
+		}
+		st = &w->stages[w->n_stages++];
+		st->start = start;
+		st->len = page_len;
+		st->filled = 0;
+		st->data = MemoryContextAllocZero(w->cxt, page_len);
+	}
+	memcpy(st->data + (pos - start), src, len);
+	st->filled += len;
+	if (st->filled == st->len)
+	{
+		write_file(w, st->data, st->len, st->start);
+		pfree(st->data);
+		*st = w->stages[--w->n_stages];
+	}
+}
+
+/* Writes what is left in the stages (pages whose every byte the fill did not write). */
+static void
+flush_stages(LlmWcWriter *w)
+{
+	while (w->n_stages > 0)
+	{
+		WcStage    *st = &w->stages[--w->n_stages];
+
+		write_file(w, st->data, st->len, st->start);
+		pfree(st->data);
+	}
+}
+
 void
 llm_wc_write(LlmWcWriter *w, int section, size_t offset, const void *src, size_t len)
 {
 	if (section < 0 || section >= w->n_sections || offset > w->bytes[section] || len > w->bytes[section] - offset)
 		elog(ERROR, "write past section %d of a weight copy", section);
 	if (w->fd < 0)
-		memcpy(w->base + w->offset[section] + offset, src, len);
-	else
 	{
-		uint64		pos = w->offset[section] + offset;
+		memcpy(w->base + w->offset[section] + offset, src, len);
+		return;
+	}
+	w->written += len;
+	while (len > 0)
+	{
+		/* sections start on a huge page, so pages are aligned in the section too */
+		uint64		start = offset & ~(WC_SECTION_ALIGN - 1);
+		uint64		page_len = Min(WC_SECTION_ALIGN, w->bytes[section] - start);
+		uint64		n = Min(len, start + page_len - offset);
 
-		while (len > 0 && w->error == 0)
-		{
-			ssize_t		n = pwrite(w->fd, src, len, (off_t) pos);
-
-			if (n < 0 && errno != EINTR)
-				w->error = errno;
-			else if (n > 0)
-				src = (const char *) src + n, len -= n, pos += n, w->written += n;
-		}
-		if (w->pause_at > 0 && w->written >= w->pause_at)
-		{
-			w->pause_at = 0;
-			debug_pause();
-		}
+		write_page_part(w, src, n, w->offset[section] + offset, w->offset[section] + start, page_len);
+		src = (const char *) src + n;
+		offset += n;
+		len -= n;
+	}
+	if (w->pause_at > 0 && w->written >= w->pause_at)
+	{
+		w->pause_at = 0;
+		debug_pause();
 	}
 }
 
@@ -222,6 +308,7 @@ static void
 writer_init(LlmWcWriter *w, const LlmWcFormat *fmt, int fd, char *base, const uint64 *offsets)
 {
 	memset(w, 0, sizeof(*w));
+	w->cxt = CurrentMemoryContext;
 	w->fd = fd;
 	w->base = base;
 	w->n_sections = fmt->n_sections;
@@ -247,7 +334,8 @@ private_copy(const LlmConfig *cfg, const LlmWcFormat *fmt)
 		offsets[s] = total;
 		total += align_up(fmt->section_bytes[s], 64);
 	}
-	copy->base = aligned_alloc(64, Max(total, 64));
+	total = align_up(Max(total, 1), WC_SECTION_ALIGN);
+	copy->base = aligned_alloc(WC_SECTION_ALIGN, total);
 	if (copy->base == NULL)
 	{
 		pfree(copy);
@@ -256,6 +344,8 @@ private_copy(const LlmConfig *cfg, const LlmWcFormat *fmt)
 				 errmsg("out of memory loading model \"%s\"", cfg->model),
 				 errdetail("The weights need %llu MB.", (unsigned long long) (total >> 20))));
 	}
+	/* huge pages where THP is "madvise" (decode streams every weight: fewer TLB misses) */
+	(void) madvise(copy->base, total, MADV_HUGEPAGE);
 	copy->bytes = total;
 	copy->writable = true;
 	copy->fd = -1;
@@ -602,6 +692,14 @@ use_private(const LlmConfig *cfg, const char *detail, const char *hint)
 			 hint ? errhint("%s", hint) : 0));
 }
 
+static void
+no_room(const LlmConfig *cfg, uint64 bytes, uint64 used)
+{
+	use_private(cfg, psprintf("Its copy needs %llu MB; pg_llm.weight_cache_size is %d MB, and copies in use take %llu MB.",
+							  (unsigned long long) (bytes >> 20), llm_weight_cache_mb, (unsigned long long) (used >> 20)),
+				"Raise pg_llm.weight_cache_size (ALTER SYSTEM, then SELECT pg_reload_conf()).");
+}
+
 #define IO_HINT "Check the free space and permissions of the data directory's " WC_DIR ", or SET pg_llm.shared_weights = off."
 
 /* Maps a valid copy (fd holds a shared lock on it) into a new LlmWcCopy; NULL when mmap fails. */
@@ -657,7 +755,8 @@ build_copy(const WcKey *key, const LlmConfig *cfg, const LlmWcFormat *fmt, WcFds
 	WcHeader   *h = palloc0(WC_HEADER_BYTES);
 	uint64		used,
 				offsets[LLM_WC_MAX_SECTIONS];
-	bool		newer,
+	bool		fits,
+				newer,
 				linked = false;
 	LlmWcWriter w;
 	LlmWcCopy  *copy;
@@ -666,16 +765,13 @@ build_copy(const WcKey *key, const LlmConfig *cfg, const LlmWcFormat *fmt, WcFds
 
 	expected_header(h, key, cfg, fmt);
 	lock_dir(fds);
-	if (!make_room(key, h->file_bytes, &used, &newer))
+	fits = make_room(key, h->file_bytes, &used, &newer);
+	unlock_dir(fds);
+	if (!fits)
 	{
-		unlock_dir(fds);
-		use_private(cfg, psprintf("Its copy needs %llu MB; pg_llm.weight_cache_size is %d MB, and copies in use take %llu MB.",
-								  (unsigned long long) (h->file_bytes >> 20), llm_weight_cache_mb,
-								  (unsigned long long) (used >> 20)),
-					"Raise pg_llm.weight_cache_size (ALTER SYSTEM, then SELECT pg_reload_conf()).");
+		no_room(cfg, h->file_bytes, used);
 		return NULL;
 	}
-	unlock_dir(fds);
 
 #ifdef O_TMPFILE
 	fds->file = open(WC_DIR, O_TMPFILE | O_RDWR | O_CLOEXEC, pg_file_create_mode);
@@ -701,6 +797,7 @@ build_copy(const WcKey *key, const LlmConfig *cfg, const LlmWcFormat *fmt, WcFds
 	for (uint32 s = 0; debug_pause_lock > 0 && s < h->n_sections; s++)
 		w.pause_at += h->sections[s].bytes / 2 + 1;
 	fmt->fill(cfg, &w, fmt->arg);
+	flush_stages(&w);
 
 	h->built_at = GetCurrentTimestamp();
 	h->crc = header_crc(h);
@@ -719,7 +816,10 @@ build_copy(const WcKey *key, const LlmConfig *cfg, const LlmWcFormat *fmt, WcFds
 
 	/* publish it, unless it does not fit after all or a newer version appeared meanwhile */
 	lock_dir(fds);
-	if (make_room(key, h->file_bytes, &used, &newer) && !newer)
+	fits = make_room(key, h->file_bytes, &used, &newer);
+	if (!fits)
+		no_room(cfg, h->file_bytes, used);
+	else if (!newer)
 	{
 		snprintf(proc_path, sizeof(proc_path), "/proc/self/fd/%d", fds->file);
 		linked = linkat(AT_FDCWD, proc_path, AT_FDCWD, key->path, AT_SYMLINK_FOLLOW) == 0;
