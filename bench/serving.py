@@ -9,7 +9,8 @@ copy; off: each backend loads its own from llm_param, as before the shared copy 
   - build: the first llm_logits of a new backend when the server holds no copy yet;
   - first call: the time of the first llm_logits (one token) in each of --connections new backends,
     once the copy exists (the connection itself not counted), median and worst, beside the
-    second call in the same backends (the compute alone);
+    second call in the same backends (the compute alone), and the time the backend itself spent
+    getting the weights (mapping the copy, or loading its own; from its DEBUG1 message);
   - memory: the sum over those backends, each after its one llm_logits, of their proportional
     resident memory (Pss in /proc/PID/smaps_rollup: pages shared by k processes count 1/k in
     each), beside the size of the weights; and of their private memory (RssAnon);
@@ -21,6 +22,7 @@ Memory is read from /proc, so only when the server runs on this machine.
 from __future__ import annotations
 
 import argparse
+import re
 import statistics
 import time
 from pathlib import Path
@@ -34,6 +36,7 @@ SHAPE = (12, 12, 768, 1024, 50257)  # n_layer, n_head, d_model, n_positions, voc
 PROMPT = list(range(1000, 1016))
 NEW_TOKENS = 64
 MODES = {"shared": "on", "private": "off"}
+LOADED = re.compile(r'^pg_llm: model ".*" \(weights_version \d+\) from .* in ([0-9.]+) ms$')
 
 
 def proc_kb(pid: int, path: str, field: str) -> int | None:
@@ -47,8 +50,12 @@ def proc_kb(pid: int, path: str, field: str) -> int | None:
 
 
 def connect(dsn: str, shared: str, threads: int) -> psycopg.Connection:
-    return psycopg.connect(dsn, autocommit=True,
-                           options=f"-c pg_llm.shared_weights={shared} -c pg_llm.threads={threads}")
+    conn = psycopg.connect(dsn, autocommit=True, options=f"-c pg_llm.shared_weights={shared} "
+                           f"-c pg_llm.threads={threads} -c client_min_messages=debug1")
+    conn.load_ms = []  # the backend's own time to get the weights (its DEBUG1 message)
+    conn.add_notice_handler(lambda d: conn.load_ms.append(float(LOADED.search(d.message_primary or "")[1]))
+                            if LOADED.search(d.message_primary or "") else None)
+    return conn
 
 
 def logits(conn: psycopg.Connection) -> float:
@@ -74,13 +81,14 @@ def connections(dsn: str, shared: str, args) -> dict:
     try:
         times = [logits(c) for c in conns]
         warm = [logits(c) for c in conns]
+        load = [ms for c in conns for ms in c.load_ms]
         pids = [c.info.backend_pid for c in conns]
         pss = [proc_kb(pid, "smaps_rollup", "Pss") for pid in pids]
         anon = [proc_kb(pid, "status", "RssAnon") for pid in pids]
     finally:
         for c in conns:
             c.close()
-    return {"first": times, "warm": warm, "pss": None if None in pss else sum(pss), "anon": None if None in anon else sum(anon)}
+    return {"first": times, "warm": warm, "load": load, "pss": None if None in pss else sum(pss), "anon": None if None in anon else sum(anon)}
 
 
 def main() -> None:
@@ -125,6 +133,9 @@ def main() -> None:
     row(f"first call, median of {n} (ms)", lambda r: f"{1000 * statistics.median(r['first']):.0f}")
     row(f"first call, worst of {n} (ms)", lambda r: f"{1000 * max(r['first']):.0f}")
     row(f"second call, median of {n} (ms)", lambda r: f"{1000 * statistics.median(r['warm']):.0f}")
+    row("  first minus second, median (ms)",
+        lambda r: f"{1000 * statistics.median(a - b for a, b in zip(r['first'], r['warm'])):.0f}")
+    row("  getting the weights, median (ms)", lambda r: f"{statistics.median(r['load']):.1f}")
     if results["shared"]["pss"] is not None:
         row(f"sum of Pss over {n} (MB)", lambda r: f"{r['pss'] / 2**20:.0f}")
         row("  / the weights", lambda r: f"{r['pss'] / weights:.2f}x")

@@ -20,6 +20,7 @@
 #include "utils/builtins.h"
 #include "utils/lsyscache.h"
 #include "utils/memutils.h"
+#include "utils/timestamp.h"
 
 /* Per-layer tensor kinds in the order of the Hugging Face state dict, with their suffixes. */
 static const struct
@@ -464,6 +465,9 @@ config_xmin(const char *model)
 static LlmModel *
 load_model(const LlmConfig *cfg, CopyKind kind, const float *source)
 {
+	static const char *const kinds[] = {"the shared copy", "a private copy (pg_llm.shared_weights = off)",
+		"a private copy (weights changed by this transaction)", "a private copy", "a private copy for training"};
+	TimestampTz start = GetCurrentTimestamp();
 	LlmModel   *m = calloc(1, sizeof(LlmModel));
 	LlmWcFormat fmt;
 	LlmWcCopy  *copy;
@@ -496,6 +500,11 @@ load_model(const LlmConfig *cfg, CopyKind kind, const float *source)
 	cached = m;
 	cached_copy = copy;
 	cached_kind = (kind == COPY_SHARED && !copy->shared) ? COPY_FALLBACK : kind;
+	ereport(DEBUG1,
+			(errmsg_internal("pg_llm: model \"%s\" (weights_version " INT64_FORMAT ") from %s in %.1f ms",
+							 cfg->model, cfg->weights_version, kinds[cached_kind],
+							 (GetCurrentTimestamp() - start) / 1000.0),
+			 errhidestmt(true)));
 	return m;
 }
 

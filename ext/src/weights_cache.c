@@ -344,8 +344,10 @@ private_copy(const LlmConfig *cfg, const LlmWcFormat *fmt)
 				 errmsg("out of memory loading model \"%s\"", cfg->model),
 				 errdetail("The weights need %llu MB.", (unsigned long long) (total >> 20))));
 	}
+#ifdef MADV_HUGEPAGE
 	/* huge pages where THP is "madvise" (decode streams every weight: fewer TLB misses) */
 	(void) madvise(copy->base, total, MADV_HUGEPAGE);
+#endif
 	copy->bytes = total;
 	copy->writable = true;
 	copy->fd = -1;
