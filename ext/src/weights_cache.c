@@ -716,6 +716,10 @@ map_copy(int fd, const WcHeader *h, bool shared)
 		pfree(copy);
 		return NULL;
 	}
+#ifdef MADV_HUGEPAGE
+	/* pages read back from disk come in 2 MB folios too (large-folio filesystems) */
+	(void) madvise(base, h->file_bytes, MADV_HUGEPAGE);
+#endif
 	/* after a restart the pages may be on disk only: read them ahead, all are needed */
 	(void) madvise(base, h->file_bytes, MADV_WILLNEED);
 	touch(fd);
