@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ctypes.util
+import fcntl
 import hashlib
 import os
 import shutil
@@ -15,20 +16,52 @@ from .cluster import pg_config_values
 from .errors import PgllmError
 
 EXTENSION = "pg_llm"
+# The oldest PostgreSQL pg_llm builds for (PG_VERSION_NUM / server_version_num).
+MIN_SERVER_VERSION = 150000
 
 
 def source_dir() -> Path:
-    ext = Path(__file__).resolve().parent.parent / "ext"
-    if not (ext / "Makefile").exists():
-        raise PgllmError(f"the extension sources are not at {ext}",
-                         hint="run pgllm from a source checkout (pip install -e .)")
-    return ext
+    """The extension's sources: pgllm/ext in an installed package (pyproject.toml maps the
+    checkout's ext/ there), the checkout's ext/ in an editable install."""
+    here = Path(__file__).resolve().parent
+    for ext in (here / "ext", here.parent / "ext"):
+        if (ext / "Makefile").is_file() and (ext / f"{EXTENSION}.control").is_file():
+            return ext
+    raise PgllmError(f"the extension sources are missing from {here / 'ext'}",
+                     hint="reinstall pgllm: pip install --force-reinstall pgllm")
+
+
+def control_version(ext: Path | None = None) -> str:
+    """default_version of the control file: the version `pgllm install` installs."""
+    control = (ext or source_dir()) / f"{EXTENSION}.control"
+    for line in control.read_text().splitlines():
+        key, _, value = line.partition("=")
+        if key.strip() == "default_version":
+            return value.strip().strip("'")
+    raise PgllmError(f"{control} has no default_version")
+
+
+def check_version_supported(version_num: int, what: str) -> None:
+    """Refuse a PostgreSQL older than MIN_SERVER_VERSION (version_num as server_version_num)."""
+    if version_num < MIN_SERVER_VERSION:
+        major = str(version_num // 10000) if version_num >= 100000 else f"{version_num // 10000}.{version_num // 100 % 100}"
+        raise PgllmError(f"{what} is PostgreSQL {major}; pg_llm needs PostgreSQL {MIN_SERVER_VERSION // 10000} or newer",
+                         hint="install PostgreSQL 15 or newer and pass its pg_config / connection string")
+
+
+def pg_config_version_num(cfg: dict[str, str]) -> int:
+    """pg_config's "PostgreSQL 15.18 (Debian ...)" as server_version_num (150018)."""
+    number = cfg["version"].split()[1]
+    parts = [int("".join(c for c in p if c.isdigit()) or 0) for p in number.split(".")[:2]]
+    major, minor = (parts + [0])[:2]
+    return major * 10000 + minor if major >= 10 else major * 10000 + minor * 100
 
 
 def check_prerequisites(pg_config: Path) -> dict[str, str]:
     """Everything PGXS needs, each missing piece named with the package that provides it."""
     cfg = pg_config_values(pg_config)
-    major = cfg["version"].split()[-1].split(".")[0]
+    check_version_supported(pg_config_version_num(cfg), pg_config)
+    major = pg_config_version_num(cfg) // 10000
     if not (Path(cfg["includedir-server"]) / "postgres.h").exists():
         raise PgllmError(f"PostgreSQL server headers not found in {cfg['includedir-server']}",
                          hint=f"install them: apt-get install postgresql-server-dev-{major}")
@@ -47,9 +80,10 @@ def check_prerequisites(pg_config: Path) -> dict[str, str]:
 
 def check_same_major(conn: psycopg.Connection, cfg: dict[str, str]) -> None:
     """The extension must be built for the server's major version."""
-    server = conn.execute("SHOW server_version_num").fetchone()[0]
-    server_major = int(server) // 10000
-    built_major = int(cfg["version"].split()[-1].split(".")[0])
+    server = int(conn.execute("SHOW server_version_num").fetchone()[0])
+    check_version_supported(server, "the server")
+    server_major = server // 10000
+    built_major = pg_config_version_num(cfg) // 10000
     if server_major != built_major:
         raise PgllmError(f"the server runs PostgreSQL {server_major} but pg_config is for {built_major}",
                          hint="pass --pg-config of the server's own installation")
@@ -64,18 +98,23 @@ def build_dir(ext: Path, cfg: dict[str, str]) -> Path:
     return cache / "pgllm" / f"build-{key}"
 
 
-def build_and_install(pg_config: Path) -> dict[str, str]:
+def build_and_install(pg_config: Path, ext: Path | None = None) -> dict[str, str]:
+    """make and make install of `ext` (default: the sources pgllm carries) out of tree, so that
+    the sources may be read-only (a package installed by root, used by anyone)."""
     cfg = check_prerequisites(pg_config)
-    ext = source_dir()
+    ext = ext or source_dir()
     build = build_dir(ext, cfg)
     build.mkdir(parents=True, exist_ok=True)
     make = ["make", "-C", str(build), "-f", str(ext / "Makefile"), f"VPATH={ext}", f"PG_CONFIG={pg_config}"]
-    for target in (["-j", str(os.cpu_count() or 1)], ["install"]):
-        proc = subprocess.run(make + target, capture_output=True, text=True)
-        if proc.returncode != 0:
-            output = (proc.stderr + proc.stdout).strip().splitlines()
-            errors = [line for line in output if "error:" in line or "cannot" in line] or output[-1:]
-            raise PgllmError(f"building the extension failed: {errors[0] if errors else 'make exited ' + str(proc.returncode)}")
+    # one build at a time per folder: two installs at once would write the same objects
+    with open(build / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        for target in (["-j", str(os.cpu_count() or 1)], ["install"]):
+            proc = subprocess.run(make + target, capture_output=True, text=True)
+            if proc.returncode != 0:
+                output = (proc.stderr + proc.stdout).strip().splitlines()
+                errors = [line for line in output if "error:" in line or "cannot" in line] or output[-1:]
+                raise PgllmError(f"building the extension failed: {errors[0] if errors else 'make exited ' + str(proc.returncode)}")
     return cfg
 
 

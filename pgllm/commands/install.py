@@ -34,6 +34,6 @@ def install(
     if old is None:
         typer.echo(f"created extension pg_llm {new}")
     elif old != new:
-        typer.echo(f"updated extension pg_llm {old} -> {new}")
+        typer.echo(f"updated extension pg_llm from {old} to {new}")
     else:
         typer.echo(f"extension pg_llm {new} is up to date")
