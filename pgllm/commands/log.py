@@ -8,6 +8,7 @@ import typer
 
 from .. import db
 from ..errors import PgllmError
+from ..optional import need
 from .dataset import default_model
 
 
@@ -31,12 +32,9 @@ def chart(xs: list[int], ys: list[float], width: int, height: int) -> list[str]:
 
 
 def write_png(path: Path, model: str, steps, losses, lrs) -> None:
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        raise PgllmError("--png needs matplotlib", hint="pip install matplotlib (or pgllm[dev])") from None
+    import matplotlib  # checked by log() before it connects
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
     fig, ax = plt.subplots(figsize=(8, 4.5), dpi=100)
     ax.plot(steps, losses, color="tab:blue", linewidth=1.2, label="loss")
     ax.set_xlabel("step")
@@ -66,6 +64,8 @@ def log(
 ) -> None:
     """Show the loss curve of a model's training (llm_train_log)."""
     model = model or default_model()
+    if png is not None:
+        need("pgllm log --png", "matplotlib")  # before connecting
     with db.connect(ctx.obj["dsn"]) as conn:
         rows = conn.execute("SELECT step, loss, lr, grad_norm, tokens_per_s FROM llm_train_log WHERE model = %s "
                             "ORDER BY step", (model,)).fetchall()
