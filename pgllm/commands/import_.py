@@ -16,7 +16,7 @@ from pathlib import Path
 import psycopg
 import typer
 
-from .. import db
+from .. import db, npz
 from ..errors import PgllmError
 from ..progress import bytes_progress, spinner
 
@@ -72,6 +72,8 @@ def import_(
     path = file.expanduser().absolute()
     if not path.is_file():
         raise PgllmError(f"{file}: no such file")
+    with open(path, "rb") as f:
+        npz.check_magic(f.read(4), str(file))  # the server checks too, but cannot name the file it was sent
     start = time.perf_counter()
     with db.connect(ctx.obj["dsn"]) as conn:
         existed = conn.execute("SELECT 1 FROM llm_model_config WHERE model = %s", (model,)).fetchone() is not None
