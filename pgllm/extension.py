@@ -6,6 +6,7 @@ import ctypes.util
 import fcntl
 import hashlib
 import os
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -16,8 +17,6 @@ from .cluster import pg_config_values
 from .errors import PgllmError
 
 EXTENSION = "pg_llm"
-# The oldest PostgreSQL pg_llm builds for (PG_VERSION_NUM / server_version_num).
-MIN_SERVER_VERSION = 150000
 
 
 def source_dir() -> Path:
@@ -41,20 +40,27 @@ def control_version(ext: Path | None = None) -> str:
     raise PgllmError(f"{control} has no default_version")
 
 
+def min_server_version() -> int:
+    """The oldest PostgreSQL pg_llm builds for, as server_version_num: pg_llm.h says it."""
+    header = (source_dir() / "src" / "pg_llm.h").read_text()
+    return int(re.search(r"^#define PG_LLM_MIN_PG_VERSION_NUM (\d+)", header, re.M).group(1))
+
+
 def check_version_supported(version_num: int, what: str) -> None:
-    """Refuse a PostgreSQL older than MIN_SERVER_VERSION (version_num as server_version_num)."""
-    if version_num < MIN_SERVER_VERSION:
+    """Refuse a PostgreSQL older than pg_llm supports (version_num as server_version_num)."""
+    oldest = min_server_version()
+    if version_num < oldest:
         major = str(version_num // 10000) if version_num >= 100000 else f"{version_num // 10000}.{version_num // 100 % 100}"
-        raise PgllmError(f"{what} is PostgreSQL {major}; pg_llm needs PostgreSQL {MIN_SERVER_VERSION // 10000} or newer",
-                         hint="install PostgreSQL 15 or newer and pass its pg_config / connection string")
+        raise PgllmError(f"{what} is PostgreSQL {major}; pg_llm needs PostgreSQL {oldest // 10000} or newer",
+                         hint="use a newer PostgreSQL: pass its pg_config and connection string")
 
 
 def pg_config_version_num(cfg: dict[str, str]) -> int:
-    """pg_config's "PostgreSQL 15.18 (Debian ...)" as server_version_num (150018)."""
-    number = cfg["version"].split()[1]
-    parts = [int("".join(c for c in p if c.isdigit()) or 0) for p in number.split(".")[:2]]
-    major, minor = (parts + [0])[:2]
-    return major * 10000 + minor if major >= 10 else major * 10000 + minor * 100
+    """pg_config's "PostgreSQL 15.18 (Debian ...)" as server_version_num says it (150018)."""
+    parts = [int(re.match(r"\d*", p).group() or 0) for p in cfg["version"].split()[1].split(".")] + [0, 0]
+    if parts[0] >= 10:  # major.minor since PostgreSQL 10
+        return parts[0] * 10000 + parts[1]
+    return parts[0] * 10000 + parts[1] * 100 + parts[2]
 
 
 def check_prerequisites(pg_config: Path) -> dict[str, str]:
