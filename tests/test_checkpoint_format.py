@@ -13,7 +13,7 @@ import pytest
 from pgllm import npz
 
 from .conftest import run_pgllm
-from .test_checkpoints import TINY, assert_same_tensors, db_state, records_file, valid_records
+from .test_checkpoints import TINY, assert_same_tensors, db_state, records_file, server_dir, valid_records  # noqa: F401
 
 RECORDS = valid_records(TINY, seed=4)
 WANT = {name: np.frombuffer(data, "<f4").reshape(shape) for name, _, shape, data in RECORDS}
@@ -48,14 +48,13 @@ def test_files_of_every_format_import(conn):
         assert_same_tensors(db_state(conn, model), WANT)
 
 
-def test_export_writes_the_marker_and_the_same_table_of_tensors(conn, tmp_path):
+def test_server_export_writes_the_marker_and_the_same_table_of_tensors(conn, server_dir):
     """The server's writer and pgllm's Config agree on every name, shape and their order:
     both come from ext/src/tensors.def."""
     cfg = npz.Config(3, 2, 16, 24, 40)
     conn.execute("SELECT llm_init('t', 3, 2, 16, 24, 40)")
-    out = tmp_path / "t.npz"
-    proc = run_pgllm("--dsn", conn.info.dsn, "export", "t", "--output", str(out))
-    assert proc.returncode == 0, proc.stderr
+    out = server_dir / "t.npz"
+    conn.execute("SELECT pg_llm_export_npz(%s, 't')", (str(out),))
     with open(out, "rb") as f:
         server = [(name, a.shape) for name, a in npz.iter_records(f)]
     assert server[:2] == [(npz.FORMAT_NAME, (1,)), (npz.CONFIG_NAME, (5,))]

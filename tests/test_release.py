@@ -77,7 +77,8 @@ def wheel_venv():
             names = {n.split("/", 1)[1] for n in t.getnames() if "/" in n}
         assert {f"ext/{f}" for f in EXT_FILES} <= names
         pip = [str(Path(sys.executable).parent / "pip"), "--disable-pip-version-check", "-q"]
-        proc = subprocess.run(pip + ["wheel", "--no-deps", "--no-build-isolation", "-w", str(dist), str(sdist)], capture_output=True, text=True)
+        proc = subprocess.run(pip + ["wheel", "--no-deps", "--no-build-isolation", "-w", str(dist), str(sdist)],
+                              capture_output=True, text=True)
         assert proc.returncode == 0, proc.stderr
         wheel = next(dist.glob("pgllm-*.whl"))
         with zipfile.ZipFile(wheel) as z:
