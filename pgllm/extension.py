@@ -66,8 +66,9 @@ def pg_config_version_num(cfg: dict[str, str]) -> int:
 def check_prerequisites(pg_config: Path) -> dict[str, str]:
     """Everything PGXS needs, each missing piece named with the package that provides it."""
     cfg = pg_config_values(pg_config)
-    check_version_supported(pg_config_version_num(cfg), pg_config)
-    major = pg_config_version_num(cfg) // 10000
+    version = pg_config_version_num(cfg)
+    check_version_supported(version, pg_config)
+    major = version // 10000
     if not (Path(cfg["includedir-server"]) / "postgres.h").exists():
         raise PgllmError(f"PostgreSQL server headers not found in {cfg['includedir-server']}",
                          hint=f"install them: apt-get install postgresql-server-dev-{major}")

@@ -195,13 +195,15 @@ def test_update_from_0_1_0(old_server):
         assert rows(conn, columns) == before
         does = behaviour(conn)
         assert does["greedy"] == did["greedy"] and does["text"] == did["text"]
-        np.testing.assert_allclose(does["logits"], did["logits"], rtol=1e-5, atol=1e-5)
-        # training continues from the same step with the same optimizer state: the same result
+        # the two libraries may round differently (kernels change between versions), not more
+        np.testing.assert_allclose(does["logits"], did["logits"], rtol=1e-4, atol=1e-4)
+        # training continues from the same step with the same optimizer state: the same result.
+        # A step moves a parameter by about lr (1e-2): lost or misread AdamW moments show at once.
         loss, step, params = train_more(conn)
         assert step == trained_before[1] == 43
         assert loss == pytest.approx(trained_before[0], rel=1e-4)
         for name, value in trained_before[2].items():
-            np.testing.assert_allclose(params[name], value, rtol=1e-4, atol=1e-6, err_msg=name)
+            np.testing.assert_allclose(params[name], value, rtol=1e-3, atol=1e-4, err_msg=name)
         logged = conn.execute("SELECT count(*), max(step) FROM llm_train_log WHERE model = 'tiny'").fetchone()
         assert logged == (43, 43)
 
