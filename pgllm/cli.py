@@ -60,8 +60,8 @@ def _version(value: bool) -> None:
 @app.callback()
 def main_options(
     ctx: typer.Context,
-    dsn: str = typer.Option(None, "--dsn", help="PostgreSQL connection string (default: PGLLM_DSN, "
-                            "libpq's PG* variables, then the embedded server).", show_default=False),
+    dsn: str = typer.Option(None, "--dsn", help="PostgreSQL connection string.",
+                            show_default="PGLLM_DSN, libpq's PG* variables, then the embedded server"),
     version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Show the version."),
 ) -> None:
     ctx.obj = {"dsn": dsn}
