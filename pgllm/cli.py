@@ -84,8 +84,8 @@ def installed_extension(dsn: str | None) -> str:
 @app.callback()
 def main_options(
     ctx: typer.Context,
-    dsn: str = typer.Option(None, "--dsn", help="PostgreSQL connection string (default: PGLLM_DSN, "
-                            "libpq's PG* variables, then the embedded server).", show_default=False),
+    dsn: str = typer.Option(None, "--dsn", help="PostgreSQL connection string.",
+                            show_default="PGLLM_DSN, libpq's PG* variables, then the embedded server"),
     version: bool = typer.Option(False, "--version", help="Show pgllm's version and the database's pg_llm version."),
 ) -> None:
     if version:

@@ -221,10 +221,10 @@ def default_output(source: str) -> Path:
 def convert(
     source: str = typer.Argument(..., help="Hugging Face model id (gpt2, distilgpt2, gpt2-medium, ...; "
                                  "from the local cache), a save_pretrained directory, a .safetensors or a .bin file."),
-    output: Path = typer.Option(None, "--output", "-o", help="File to write (default: NAME.npz in the current "
-                                "directory; gpt2 -> gpt2-small.npz).", show_default=False),
+    output: Path = typer.Option(None, "--output", "-o", help="File to write.",
+                                show_default="NAME.npz in the current directory; gpt2 -> gpt2-small.npz"),
     n_head: int = typer.Option(None, "--n-head", help="Attention heads, for a bare weights file without "
-                               "config.json (default: d_model / 64).", show_default=False),
+                               "config.json.", show_default="d_model / 64"),
     compress: bool = typer.Option(False, "--compress", help="Huffman-code the data: about 7% smaller, "
                                   "slower to write and to import."),
 ) -> None:

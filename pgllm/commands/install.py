@@ -14,8 +14,8 @@ from ..extension import (build_and_install, check_prerequisites, check_same_majo
 
 def install(
     ctx: typer.Context,
-    pg_config: Path = typer.Option(None, "--pg-config", help="pg_config of the installation to build for "
-                                   "(default: the embedded server's, else the one on PATH).", show_default=False),
+    pg_config: Path = typer.Option(None, "--pg-config", help="pg_config of the installation to build for.",
+                                   show_default="the embedded server's, else the one on PATH"),
 ) -> None:
     """Build and install the pg_llm extension, then CREATE or ALTER EXTENSION ... UPDATE."""
     dsn, cluster = db.resolve_dsn(ctx.obj["dsn"])
