@@ -11,6 +11,22 @@
 #error "PG_LLM_VERSION must be defined (see ext/Makefile)"
 #endif
 
+/*
+ * The PostgreSQL versions pg_llm builds for: 15 and newer (README.md says which are tested).
+ * pgllm install reads this number too, to refuse an older server before building anything.
+ */
+#define PG_LLM_MIN_PG_VERSION_NUM 150000
+#if PG_VERSION_NUM < PG_LLM_MIN_PG_VERSION_NUM
+#error "pg_llm needs PostgreSQL 15 or newer"
+#endif
+
+/* Where the server's C API differs between those versions. */
+#if PG_VERSION_NUM >= 170000
+#define LLM_MY_LXID (MyProc->vxid.lxid)	/* this backend's local transaction id */
+#else
+#define LLM_MY_LXID (MyProc->lxid)
+#endif
+
 /* GUCs (see pg_llm.c) */
 extern int	llm_threads;		/* worker threads for BLAS and kernels; 0 = one per core */
 

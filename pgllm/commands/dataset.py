@@ -23,6 +23,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from .. import db
 from ..bundled import gpt2_hf_tokenizer
 from ..errors import PgllmError
+from ..optional import need
 from ..options import MODEL
 
 EOT = "<|endoftext|>"
@@ -90,11 +91,7 @@ def _hub_reachable(timeout: float = 3.0) -> bool:
 
 
 def _transformers():
-    try:
-        from transformers import AutoTokenizer, GPT2TokenizerFast
-    except ImportError:
-        raise PgllmError("--tokenizer gpt2 or DIR needs the transformers package",
-                         hint="pip install 'pgllm[convert]', or use --tokenizer db") from None
+    from transformers import AutoTokenizer, GPT2TokenizerFast  # checked by dataset() before it connects
     return AutoTokenizer, GPT2TokenizerFast
 
 
@@ -218,6 +215,8 @@ def dataset(
     The rows must fit --model: token ids within its vocabulary, --block-size within its n_positions.
     """
     files = expand_inputs(list(input) + list(more or []))
+    if tokenizer != "db":  # before connecting: a missing package is the first thing to hear about
+        need("pgllm dataset --tokenizer gpt2|DIR", "transformers", alternative="or use --tokenizer db")
     console = Console(stderr=True)
     start = time.monotonic()
     with db.session(ctx.obj["dsn"]) as pg:

@@ -17,7 +17,7 @@ from pathlib import Path
 import psycopg
 import typer
 
-from .. import db
+from .. import db, npz
 from ..errors import PgllmError
 from ..options import MODEL
 from ..progress import bytes_progress, spinner
@@ -75,6 +75,8 @@ def import_(
     path = file.expanduser().absolute()
     if not path.is_file():
         raise PgllmError(f"{file}: no such file")
+    with open(path, "rb") as f:
+        npz.check_magic(f.read(4), str(file))  # the server checks too, but cannot name the file it was sent
     start = time.perf_counter()
     with db.session(ctx.obj["dsn"]) as pg:
         existed = pg.model_config(model) is not None

@@ -8,6 +8,7 @@ import typer
 
 from .. import db
 from ..errors import PgllmError
+from ..optional import need
 from ..options import MODEL
 
 
@@ -31,12 +32,9 @@ def chart(xs: list[int], ys: list[float], width: int, height: int) -> list[str]:
 
 
 def write_png(path: Path, model: str, steps, losses, lrs) -> None:
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        raise PgllmError("--png needs matplotlib", hint="pip install matplotlib (or pgllm[dev])") from None
+    import matplotlib  # checked by log() before it connects
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
     fig, ax = plt.subplots(figsize=(8, 4.5), dpi=100)
     ax.plot(steps, losses, color="tab:blue", linewidth=1.2, label="loss")
     ax.set_xlabel("step")
@@ -65,6 +63,8 @@ def log(
     height: int = typer.Option(12, "--height", min=2, help="Chart height in rows."),
 ) -> None:
     """Show the loss curve of a model's training (llm_train_log)."""
+    if png is not None:
+        need("pgllm log --png", "matplotlib")  # before connecting
     with db.session(ctx.obj["dsn"]) as pg:
         rows = pg.execute("SELECT step, loss, lr, grad_norm, tokens_per_s FROM {llm_train_log} WHERE model = %s "
                           "ORDER BY step", (model,)).fetchall()
