@@ -21,6 +21,11 @@
  * the old ticket, or another job's ticket, and claims nothing. The check needs nothing but the
  * ticket: had it compared the shares claimed against the `parts` field it had just read, a late
  * reader could take the next job's larger `parts` for the old job's and claim a share twice.
+ *
+ * Each call runs on llm_num_threads() threads, which may change from call to call (the session's
+ * share of the server's threads: see threads.c). The pool grows to the most threads ever asked
+ * for and never shrinks; workers beyond the current count park, without spinning, until a call
+ * wants them again.
  */
 #include "pg_llm.h"
 
@@ -40,8 +45,10 @@ typedef struct Pool
 	pthread_mutex_t lock;
 	pthread_cond_t work_ready;
 	pthread_cond_t work_done;
-	int			n_workers;		/* threads besides the caller */
-	bool		stopping;		/* under lock */
+	pthread_cond_t unparked;
+	int			n_workers;		/* threads started besides the caller (only the caller reads it) */
+	int			most_workers;	/* no more after a thread could not be started (only the caller) */
+	int			active;			/* atomic: workers [0, active) take part in jobs, the others park */
 	int			sleeping;		/* workers waiting on work_ready, under lock */
 	bool		caller_sleeping;	/* the caller waits on work_done, under lock */
 
@@ -60,9 +67,11 @@ typedef struct Pool
 } Pool;
 
 static Pool pool = {
+	.most_workers = MAX_WORKERS,
 	.lock = PTHREAD_MUTEX_INITIALIZER,
 	.work_ready = PTHREAD_COND_INITIALIZER,
 	.work_done = PTHREAD_COND_INITIALIZER,
+	.unparked = PTHREAD_COND_INITIALIZER,
 };
 
 /* Share `part` of `parts` of [0, n): contiguous ranges of near-equal size. */
@@ -125,31 +134,42 @@ run_shares(uint64 t)
 	}
 }
 
+/* Sleep while this worker is beyond the number taking part (the session's share of threads). */
+static void
+park(int self)
+{
+	pthread_mutex_lock(&pool.lock);
+	while (self >= __atomic_load_n(&pool.active, __ATOMIC_SEQ_CST))
+		pthread_cond_wait(&pool.unparked, &pool.lock);
+	pthread_mutex_unlock(&pool.lock);
+}
+
 static void *
 worker_main(void *p)
 {
+	int			self = (int) (intptr_t) p;
 	uint64		seen = TICKET_JOB(__atomic_load_n(&pool.ticket, __ATOMIC_SEQ_CST));
 
 	for (;;)
 	{
-		uint64		t = __atomic_load_n(&pool.ticket, __ATOMIC_SEQ_CST);
-		uint64		deadline = now_ns() + SPIN_NS;
+		uint64		t;
+		uint64		deadline;
 
+		if (self >= __atomic_load_n(&pool.active, __ATOMIC_SEQ_CST))
+			park(self);
+		t = __atomic_load_n(&pool.ticket, __ATOMIC_SEQ_CST);
+		deadline = now_ns() + SPIN_NS;
 		for (int i = 1; TICKET_JOB(t) == seen; i++)
 		{
-			if (i % 64 == 0 && now_ns() > deadline)
+			if (i % 64 == 0 && (now_ns() > deadline || self >= __atomic_load_n(&pool.active, __ATOMIC_SEQ_CST)))
 			{
 				pthread_mutex_lock(&pool.lock);
-				while (TICKET_JOB(t = __atomic_load_n(&pool.ticket, __ATOMIC_SEQ_CST)) == seen && !pool.stopping)
+				while (TICKET_JOB(t = __atomic_load_n(&pool.ticket, __ATOMIC_SEQ_CST)) == seen &&
+					   self < __atomic_load_n(&pool.active, __ATOMIC_SEQ_CST))
 				{
 					pool.sleeping++;
 					pthread_cond_wait(&pool.work_ready, &pool.lock);
 					pool.sleeping--;
-				}
-				if (pool.stopping)
-				{
-					pthread_mutex_unlock(&pool.lock);
-					return NULL;
 				}
 				pthread_mutex_unlock(&pool.lock);
 				break;
@@ -157,62 +177,72 @@ worker_main(void *p)
 			cpu_relax();
 			t = __atomic_load_n(&pool.ticket, __ATOMIC_SEQ_CST);
 		}
-		seen = TICKET_JOB(t);
-		run_shares(t);
+		if (TICKET_JOB(t) != seen)
+		{
+			seen = TICKET_JOB(t);
+			run_shares(t);
+		}
 	}
+	return NULL;
 }
 
+/* Start workers up to `workers` in all; on failure run with fewer from then on, never fail the caller. */
 static void
-pool_stop(void)
-{
-	pthread_mutex_lock(&pool.lock);
-	pool.stopping = true;
-	pthread_cond_broadcast(&pool.work_ready);
-	pthread_mutex_unlock(&pool.lock);
-	for (int i = 0; i < pool.n_workers; i++)
-		pthread_join(pool.threads[i], NULL);
-	pool.n_workers = 0;
-	pool.stopping = false;
-}
-
-/* (Re)start the pool with want-1 workers; on failure run with fewer, never fail the caller. */
-static void
-pool_resize(int want)
+pool_grow(int workers)
 {
 	sigset_t	all,
 				old;
-	int			workers = Min(want - 1, MAX_WORKERS);
 
-	if (pool.n_workers > 0)
-		pool_stop();
 	sigfillset(&all);
 	pthread_sigmask(SIG_SETMASK, &all, &old);
-	for (int i = 0; i < workers; i++)
+	while (pool.n_workers < workers)
 	{
-		if (pthread_create(&pool.threads[i], NULL, worker_main, NULL) != 0)
+		if (pthread_create(&pool.threads[pool.n_workers], NULL, worker_main, (void *) (intptr_t) pool.n_workers) != 0)
+		{
+			pool.most_workers = pool.n_workers;
 			break;
+		}
 		pool.n_workers++;
 	}
 	pthread_sigmask(SIG_SETMASK, &old, NULL);
 }
 
+/* Let workers [0, workers) take part in the next jobs, and park the others. */
+static void
+pool_activate(int workers)
+{
+	int			before = __atomic_load_n(&pool.active, __ATOMIC_RELAXED);
+
+	if (workers == before)
+		return;
+	__atomic_store_n(&pool.active, workers, __ATOMIC_SEQ_CST);
+	if (workers > before)
+	{
+		pthread_mutex_lock(&pool.lock);
+		pthread_cond_broadcast(&pool.unparked);
+		pthread_mutex_unlock(&pool.lock);
+	}
+}
+
 void
 llm_parallel_for(size_t n, llm_task_fn fn, void *arg)
 {
-	int			want = llm_num_threads();
+	int			workers = Min(llm_num_threads() - 1, pool.most_workers);
 	int			parts;
 	uint64		ticket;
 	uint64		deadline;
 
-	if (pool.n_workers != want - 1 && !(want - 1 > pool.n_workers && pool.n_workers == MAX_WORKERS))
-		pool_resize(want);
-	if (pool.n_workers == 0 || n < 2)
+	if (workers > pool.n_workers)
+		pool_grow(workers);
+	workers = Min(workers, pool.n_workers);
+	pool_activate(workers);
+	if (workers == 0 || n < 2)
 	{
 		fn(arg, 0, n);
 		return;
 	}
 
-	parts = (int) Min(n, (size_t) pool.n_workers + 1);
+	parts = (int) Min(n, (size_t) workers + 1);
 	__atomic_store_n(&pool.fn, fn, __ATOMIC_RELAXED);
 	__atomic_store_n(&pool.arg, arg, __ATOMIC_RELAXED);
 	__atomic_store_n(&pool.n, n, __ATOMIC_RELAXED);

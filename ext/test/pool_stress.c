@@ -2,7 +2,7 @@
  * pool_stress.c: a stress test of the worker pool (src/parallel.c), built and run by
  * tests/test_pool.py, outside PostgreSQL.
  *
- *   pool_stress THREADS JOBS
+ *   pool_stress THREADS JOBS [vary]
  *
  * Runs JOBS calls of llm_parallel_for on a pool of THREADS threads, alternating small jobs (2
  * elements, so 2 shares) and full ones (one share per thread, of one element or of three or four):
@@ -11,11 +11,15 @@
  * counter of the job is exactly 1, then closes the job, and a task that starts or ends on a closed
  * job counts as a late run. At the end every counter is checked again. Any count other than 1, or
  * any late run, fails (exit status 1). Run it with more threads than cores: a worker descheduled
- * at an unlucky moment is what breaks a wrong protocol.
+ * at an unlucky moment is what breaks a wrong protocol. With `vary`, the number of threads a call
+ * may use (llm_num_threads) changes every 4 calls, through every value from 1 to THREADS, as a
+ * session's share of the server's threads does: workers park and come back between jobs.
  */
+#include <stdbool.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
+#include <string.h>
 
 /* The pool's interface (declared in the extension's headers; repeated here to build without them). */
 typedef void (*llm_task_fn) (void *arg, size_t start, size_t end);
@@ -29,13 +33,17 @@ typedef struct Job
 } Job;
 
 static int	threads;
+static bool vary;
+static long calls;				/* calls of llm_num_threads: one per llm_parallel_for */
 static long late_runs;			/* atomic: tasks that ran on a job whose call had returned */
 
 /* the pool asks how many threads to use; parallel.c's only outside dependency */
 int
 llm_num_threads(void)
 {
-	return threads;
+	long		c = calls++;
+
+	return vary ? 1 + (int) ((c / 4 * 5) % threads) : threads;
 }
 
 static void
@@ -90,9 +98,10 @@ main(int argc, char **argv)
 	uint8_t    *counts;
 	size_t		n_counts = 0;
 
-	if (argc != 3 || (threads = atoi(argv[1])) < 2 || threads > 256 || (n_jobs = atol(argv[2])) < 1)
+	vary = argc == 4 && strcmp(argv[3], "vary") == 0;
+	if ((argc != 3 && !vary) || (threads = atoi(argv[1])) < 2 || threads > 256 || (n_jobs = atol(argv[2])) < 1)
 	{
-		fprintf(stderr, "usage: pool_stress THREADS(2..256) JOBS\n");
+		fprintf(stderr, "usage: pool_stress THREADS(2..256) JOBS [vary]\n");
 		return 2;
 	}
 	for (long j = 0; j < n_jobs; j++)
@@ -122,7 +131,7 @@ main(int argc, char **argv)
 	}
 	at_end = bad_counts(jobs, n_jobs, "at the end");
 
-	printf("%ld jobs on %d threads: %ld jobs had a wrong count when the call returned, %ld at the end; %ld late runs\n",
-		   n_jobs, threads, at_return, at_end, __atomic_load_n(&late_runs, __ATOMIC_SEQ_CST));
+	printf("%ld jobs on %d threads%s: %ld jobs had a wrong count when the call returned, %ld at the end; %ld late runs\n",
+		   n_jobs, threads, vary ? " (varying)" : "", at_return, at_end, __atomic_load_n(&late_runs, __ATOMIC_SEQ_CST));
 	return (at_return == 0 && at_end == 0 && late_runs == 0) ? 0 : 1;
 }
