@@ -20,6 +20,7 @@
 PG_MODULE_MAGIC;
 
 int			llm_threads = 0;
+int			llm_server_threads = 0;
 
 void		_PG_init(void);
 
@@ -32,6 +33,13 @@ _PG_init(void)
 							&llm_threads,
 							0, 0, 256,
 							PGC_USERSET, 0,
+							NULL, NULL, NULL);
+	DefineCustomIntVariable("pg_llm.server_threads",
+							"Threads that all sessions computing at once share (0 = one per CPU core).",
+							"Each computing session gets an equal share, at least one, and at most pg_llm.threads.",
+							&llm_server_threads,
+							0, 0, 4096,
+							PGC_SUSET, 0,
 							NULL, NULL, NULL);
 	MarkGUCPrefixReserved("pg_llm");
 }

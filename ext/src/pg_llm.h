@@ -29,6 +29,7 @@
 
 /* GUCs (see pg_llm.c) */
 extern int	llm_threads;		/* worker threads for BLAS and kernels; 0 = one per core */
+extern int	llm_server_threads;	/* threads all computing sessions share; 0 = one per core */
 
 /* pg_llm.c */
 extern char *llm_table(const char *name);	/* schema-qualified, quoted name of a pg_llm table */
@@ -41,6 +42,8 @@ extern void llm_parallel_for(size_t n, llm_task_fn fn, void *arg);
 /* blas.c */
 extern void llm_blas_init(void);
 extern void llm_blas_set_threads(int n);	/* after llm_blas_init; 1 when calling BLAS from workers */
+
+/* threads.c: threads this session may use now (its share of the server's) */
 extern int	llm_num_threads(void);
 
 /* Signatures of the CBLAS entry points we use (declared here so that no BLAS header is needed). */
