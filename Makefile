@@ -26,7 +26,8 @@ system-packages:
 
 venv: $(STAMP)
 
-$(STAMP): pyproject.toml
+# pgllm/__init__.py holds the version that the editable install records.
+$(STAMP): pyproject.toml pgllm/__init__.py
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q -e '.[dev]'

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import os
+
 import psycopg
+import psycopg.sql
 import typer
 from typer.core import TyperGroup
 
-from . import __version__
+from . import __version__, db
 from .errors import PgllmError
+from .extension import control_version
 
 
 def database_error_line(e: psycopg.Error) -> str:
@@ -46,24 +50,51 @@ app = typer.Typer(
     cls=ErrorBoundary,
     help="Train and serve GPT-2 models inside PostgreSQL.",
     no_args_is_help=True,
+    invoke_without_command=True,  # for --version, which may follow --dsn
     add_completion=False,
     pretty_exceptions_enable=False,
 )
 
 
-def _version(value: bool) -> None:
-    if value:
-        typer.echo(f"pgllm {__version__}")
-        raise typer.Exit()
+def installed_extension(dsn: str | None) -> str:
+    """The database's pg_llm, for --version: never starts a server, never fails."""
+    target, cluster = db.resolve_dsn(dsn)
+    if cluster is not None and not cluster.running():
+        return "unknown, the embedded server is not running (pgllm server start)"
+    os.environ.setdefault("PGCONNECT_TIMEOUT", "5")
+    try:
+        with db.connect(dsn, autocommit=True, start=False) as conn:
+            row = conn.execute("SELECT e.extversion, n.nspname FROM pg_catalog.pg_extension e "
+                               "JOIN pg_catalog.pg_namespace n ON n.oid = e.extnamespace "
+                               "WHERE e.extname = 'pg_llm'").fetchone()
+            if row is None:
+                return f"not installed in {db.redact(target)} (pgllm install)"
+            version, schema = row
+            try:
+                library = conn.execute(psycopg.sql.SQL("SELECT {}.pg_llm_version()").format(
+                    psycopg.sql.Identifier(schema))).fetchone()[0]
+            except psycopg.Error as e:
+                library = f"unusable ({database_error_line(e)})"
+    except (PgllmError, psycopg.Error) as e:
+        return f"unknown, {e if isinstance(e, PgllmError) else database_error_line(e)}"
+    where = f"{version} in {db.redact(target)}"
+    return where if library == version else f"{where}, library {library} (pgllm install updates it)"
 
 
 @app.callback()
 def main_options(
     ctx: typer.Context,
-    dsn: str = typer.Option(None, "--dsn", help="PostgreSQL connection string (default: PGLLM_DSN, "
-                            "libpq's PG* variables, then the embedded server).", show_default=False),
-    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Show the version."),
+    dsn: str = typer.Option(None, "--dsn", help="PostgreSQL connection string.",
+                            show_default="PGLLM_DSN, libpq's PG* variables, then the embedded server"),
+    version: bool = typer.Option(False, "--version", help="Show pgllm's version and the database's pg_llm version."),
 ) -> None:
+    if version:
+        typer.echo(f"pgllm {__version__} (carries pg_llm {control_version()})")
+        typer.echo(f"pg_llm in the database: {installed_extension(dsn)}")
+        raise typer.Exit()
+    if ctx.invoked_subcommand is None:
+        typer.echo(ctx.get_help())
+        raise typer.Exit(2)
     ctx.obj = {"dsn": dsn}
 
 

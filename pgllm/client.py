@@ -25,12 +25,15 @@ from dataclasses import dataclass
 import psycopg
 from psycopg import sql
 
+from .db import Pgllm
+
 DEFAULT_MODEL = "gpt2-small"
+MODEL_ENV = "PGLLM_MODEL"
 
 
 def default_model() -> str:
-    """PGLLM_MODEL, else gpt2-small: the default of every pgllm command too."""
-    return os.environ.get("PGLLM_MODEL") or DEFAULT_MODEL
+    """PGLLM_MODEL, else gpt2-small: the default of every pgllm command's --model too."""
+    return os.environ.get(MODEL_ENV) or DEFAULT_MODEL
 
 
 @dataclass(frozen=True)
@@ -59,23 +62,18 @@ class PGLLMClient:
     def __init__(self, conn: psycopg.Connection, model: str | None = None):
         self.conn = conn
         self.model = model or default_model()
-        self._schema: sql.Identifier | None = None
+        self._pg: Pgllm | None = None
 
-    def _function(self, name: str) -> sql.Composed:
-        """The function qualified with pg_llm's schema, whatever the search_path."""
-        if self._schema is None:
-            row = self.conn.execute("SELECT n.nspname FROM pg_extension e JOIN pg_namespace n "
-                                    "ON n.oid = e.extnamespace WHERE e.extname = 'pg_llm'").fetchone()
-            if row is None:
-                raise psycopg.errors.UndefinedObject(
-                    "extension \"pg_llm\" is not installed in this database (run pgllm install)")
-            self._schema = sql.Identifier(row[0])
-        return sql.SQL("{}.{}").format(self._schema, sql.Identifier(name))
+    def _sql(self, query: str) -> sql.Composed:
+        """The statement with pg_llm's names qualified by its schema, whatever the search_path."""
+        if self._pg is None:
+            self._pg = Pgllm(self.conn)
+        return self._pg.sql(query)
 
     def generate(self, prompt: str, temperature: float = 1.0, max_tokens: int = 64, top_k: int = 50,
                  top_p: float = 0.95, seed: int | None = None, model: str | None = None) -> str:
         """The text generated after the prompt (temperature 0: greedy; a seed: reproducible)."""
-        query = sql.SQL("SELECT {}(%s, %s, %s, %s, %s, %s, %s)").format(self._function("llm_generate"))
+        query = self._sql("SELECT {llm_generate}(%s, %s, %s, %s, %s, %s, %s)")
         with self.conn.transaction():
             row = self.conn.execute(query, (prompt, max_tokens, temperature, top_k, top_p,
                                             model or self.model, seed)).fetchone()
@@ -84,8 +82,7 @@ class PGLLMClient:
     def stream(self, prompt: str, max_tokens: int = 64, temperature: float = 1.0, top_k: int = 50,
                top_p: float = 0.95, seed: int | None = None, model: str | None = None) -> Iterator[StreamEvent]:
         """Yield each token as the server produces it. Leaving the loop early cancels the query."""
-        query = sql.SQL("SELECT (e).* FROM (SELECT {}(%s, %s, %s, %s, %s, %s, %s) AS e) s").format(
-            self._function("llm_generate_stream"))
+        query = self._sql("SELECT (e).* FROM (SELECT {llm_generate_stream}(%s, %s, %s, %s, %s, %s, %s) AS e) s")
         with self.conn.transaction(), self.conn.cursor() as cur:
             for row in cur.stream(query, (prompt, max_tokens, temperature, top_k, top_p, model or self.model, seed)):
                 yield StreamEvent(*row)
@@ -93,8 +90,8 @@ class PGLLMClient:
     def beam_search(self, prompt: str, beam_width: int = 4, max_tokens: int = 32, length_penalty: float = 1.0,
                     model: str | None = None) -> list[BeamCandidate]:
         """beam_width hypotheses, best first, as transformers' generate(num_beams=beam_width)."""
-        query = sql.SQL("SELECT rank, score, token_ids, text FROM {}(%s, %s, %s, %s, %s) ORDER BY rank").format(
-            self._function("llm_beam_search"))
+        query = self._sql("SELECT rank, score, token_ids, text FROM {llm_beam_search}(%s, %s, %s, %s, %s) "
+                          "ORDER BY rank")
         with self.conn.transaction():
             rows = self.conn.execute(query, (prompt, beam_width, max_tokens, model or self.model,
                                              length_penalty)).fetchall()

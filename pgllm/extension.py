@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import ctypes.util
+import fcntl
 import hashlib
 import os
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -18,17 +20,55 @@ EXTENSION = "pg_llm"
 
 
 def source_dir() -> Path:
-    ext = Path(__file__).resolve().parent.parent / "ext"
-    if not (ext / "Makefile").exists():
-        raise PgllmError(f"the extension sources are not at {ext}",
-                         hint="run pgllm from a source checkout (pip install -e .)")
-    return ext
+    """The extension's sources: pgllm/ext in an installed package (pyproject.toml maps the
+    checkout's ext/ there), the checkout's ext/ in an editable install."""
+    here = Path(__file__).resolve().parent
+    for ext in (here / "ext", here.parent / "ext"):
+        if (ext / "Makefile").is_file() and (ext / f"{EXTENSION}.control").is_file():
+            return ext
+    raise PgllmError(f"the extension sources are missing from {here / 'ext'}",
+                     hint="reinstall pgllm: pip install --force-reinstall pgllm")
+
+
+def control_version(ext: Path | None = None) -> str:
+    """default_version of the control file: the version `pgllm install` installs."""
+    control = (ext or source_dir()) / f"{EXTENSION}.control"
+    for line in control.read_text().splitlines():
+        key, _, value = line.partition("=")
+        if key.strip() == "default_version":
+            return value.strip().strip("'")
+    raise PgllmError(f"{control} has no default_version")
+
+
+def min_server_version() -> int:
+    """The oldest PostgreSQL pg_llm builds for, as server_version_num: pg_llm.h says it."""
+    header = (source_dir() / "src" / "pg_llm.h").read_text()
+    return int(re.search(r"^#define PG_LLM_MIN_PG_VERSION_NUM (\d+)", header, re.M).group(1))
+
+
+def check_version_supported(version_num: int, what: str) -> None:
+    """Refuse a PostgreSQL older than pg_llm supports (version_num as server_version_num)."""
+    oldest = min_server_version()
+    if version_num < oldest:
+        major = str(version_num // 10000) if version_num >= 100000 else f"{version_num // 10000}.{version_num // 100 % 100}"
+        raise PgllmError(f"{what} is PostgreSQL {major}; pg_llm needs PostgreSQL {oldest // 10000} or newer",
+                         hint="use a newer PostgreSQL: pass its pg_config and connection string")
+
+
+def pg_config_version_num(cfg: dict[str, str]) -> int:
+    """pg_config's "PostgreSQL 15.18 (Debian ...)" as server_version_num says it (150018)."""
+    parts = [int(re.match(r"\d*", p).group() or 0) for p in cfg["version"].split()[1].split(".")] + [0, 0]
+    if parts[0] >= 10:  # major.minor since PostgreSQL 10
+        return parts[0] * 10000 + parts[1]
+    return parts[0] * 10000 + parts[1] * 100 + parts[2]
 
 
 def check_prerequisites(pg_config: Path) -> dict[str, str]:
     """Everything PGXS needs, each missing piece named with the package that provides it."""
     cfg = pg_config_values(pg_config)
-    major = cfg["version"].split()[-1].split(".")[0]
+    version = pg_config_version_num(cfg)
+    check_version_supported(version, pg_config)
+    major = version // 10000
     if not (Path(cfg["includedir-server"]) / "postgres.h").exists():
         raise PgllmError(f"PostgreSQL server headers not found in {cfg['includedir-server']}",
                          hint=f"install them: apt-get install postgresql-server-dev-{major}")
@@ -47,9 +87,10 @@ def check_prerequisites(pg_config: Path) -> dict[str, str]:
 
 def check_same_major(conn: psycopg.Connection, cfg: dict[str, str]) -> None:
     """The extension must be built for the server's major version."""
-    server = conn.execute("SHOW server_version_num").fetchone()[0]
-    server_major = int(server) // 10000
-    built_major = int(cfg["version"].split()[-1].split(".")[0])
+    server = int(conn.execute("SHOW server_version_num").fetchone()[0])
+    check_version_supported(server, "the server")
+    server_major = server // 10000
+    built_major = pg_config_version_num(cfg) // 10000
     if server_major != built_major:
         raise PgllmError(f"the server runs PostgreSQL {server_major} but pg_config is for {built_major}",
                          hint="pass --pg-config of the server's own installation")
@@ -64,18 +105,23 @@ def build_dir(ext: Path, cfg: dict[str, str]) -> Path:
     return cache / "pgllm" / f"build-{key}"
 
 
-def build_and_install(pg_config: Path) -> dict[str, str]:
+def build_and_install(pg_config: Path, ext: Path | None = None) -> dict[str, str]:
+    """make and make install of `ext` (default: the sources pgllm carries) out of tree, so that
+    the sources may be read-only (a package installed by root, used by anyone)."""
     cfg = check_prerequisites(pg_config)
-    ext = source_dir()
+    ext = ext or source_dir()
     build = build_dir(ext, cfg)
     build.mkdir(parents=True, exist_ok=True)
     make = ["make", "-C", str(build), "-f", str(ext / "Makefile"), f"VPATH={ext}", f"PG_CONFIG={pg_config}"]
-    for target in (["-j", str(os.cpu_count() or 1)], ["install"]):
-        proc = subprocess.run(make + target, capture_output=True, text=True)
-        if proc.returncode != 0:
-            output = (proc.stderr + proc.stdout).strip().splitlines()
-            errors = [line for line in output if "error:" in line or "cannot" in line] or output[-1:]
-            raise PgllmError(f"building the extension failed: {errors[0] if errors else 'make exited ' + str(proc.returncode)}")
+    # one build at a time per folder: two installs at once would write the same objects
+    with open(build / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        for target in (["-j", str(os.cpu_count() or 1)], ["install"]):
+            proc = subprocess.run(make + target, capture_output=True, text=True)
+            if proc.returncode != 0:
+                output = (proc.stderr + proc.stdout).strip().splitlines()
+                errors = [line for line in output if "error:" in line or "cannot" in line] or output[-1:]
+                raise PgllmError(f"building the extension failed: {errors[0] if errors else 'make exited ' + str(proc.returncode)}")
     return cfg
 
 

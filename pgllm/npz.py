@@ -2,9 +2,10 @@
 
     [uint16 LE name length][UTF-8 name][.npy v1.0 array]   repeated
 
-Tensors are float32 little-endian, C order, named as in llm_param (`wte`, `wpe`, `h.0.ln_1.weight`,
-..., `ln_f.bias`). The first record, `__config__`, is an int64 array
-[n_layer, n_head, d_model, n_positions, vocab], so that importing the file can register the model.
+The format is described once, in the extension's sources, which pgllm carries: ext/src/npz.h (the
+record names, the version, the limits) and ext/src/tensors.def (every tensor's name and shape).
+This module reads both, so that the files it writes and the server's reader agree by construction,
+also where no server is at hand (`pgllm convert`).
 
 The writer emits 4 MB blocks as separate gzip members (a gzip stream may be several members back
 to back), made on all cores. float32 weights barely compress (about 7%), so by default the blocks
@@ -14,9 +15,11 @@ compress=True they are Huffman-coded (float data has almost no repeated strings 
 
 from __future__ import annotations
 
+import functools
 import gzip
 import io
 import os
+import re
 import struct
 import zlib
 from concurrent.futures import ThreadPoolExecutor
@@ -25,18 +28,42 @@ from typing import BinaryIO, Iterator
 
 import numpy as np
 
-CONFIG_NAME = "__config__"
+from .errors import PgllmError
+from .extension import source_dir
+
+
+def _definitions() -> dict[str, str | int]:
+    """The NPZ_ definitions of npz.h: each a plain string or a decimal number."""
+    text = (source_dir() / "src" / "npz.h").read_text()
+    return {name: value.strip('"') if value.startswith('"') else int(value)
+            for name, value in re.findall(r'^#define (NPZ_\w+)\s+("[^"\\]*"|\d+)', text, re.M)}
+
+
+@functools.lru_cache(maxsize=1)
+def _tensor_table() -> list[tuple[str, str, str, str]]:
+    """(name, scope, rows, cols) of every kind in tensors.def, in its order."""
+    text = (source_dir() / "src" / "tensors.def").read_text()
+    return re.findall(r'^LLM_TENSOR\(\w+, "([^"]+)", (MODEL|LAYER), ([^,]+), ([^)]+)\)', text, re.M)
+
+
+_NPZ = _definitions()
+FORMAT_NAME: str = _NPZ["NPZ_FORMAT_NAME"]
+FORMAT_VERSION: int = _NPZ["NPZ_FORMAT_VERSION"]
+CONFIG_NAME: str = _NPZ["NPZ_CONFIG_NAME"]
+BLOCK: int = _NPZ["NPZ_GZIP_BLOCK"]
 CONFIG_FIELDS = ("n_layer", "n_head", "d_model", "n_positions", "vocab")
-BLOCK = 4 << 20
-
-LAYER_SUFFIXES = (
-    "ln_1.weight", "ln_1.bias", "attn.c_attn.weight", "attn.c_attn.bias", "attn.c_proj.weight",
-    "attn.c_proj.bias", "ln_2.weight", "ln_2.bias", "mlp.c_fc.weight", "mlp.c_fc.bias",
-    "mlp.c_proj.weight", "mlp.c_proj.bias",
-)
 
 
-class FormatError(ValueError):
+def _dim(expr: str, sizes: dict[str, int]) -> int:
+    """A dimension of tensors.def: V, P, C, k * C or 0."""
+    m = re.fullmatch(r"\s*(?:(\d+)\s*\*\s*)?([VPC]|\d+)\s*", expr)
+    if m is None:
+        raise ValueError(f"tensors.def: cannot read the dimension {expr!r}")
+    factor, term = m.groups()
+    return int(factor or 1) * (sizes[term] if term in sizes else int(term))
+
+
+class FormatError(PgllmError, ValueError):
     """The file is not a valid checkpoint file."""
 
 
@@ -49,18 +76,13 @@ class Config:
     vocab: int
 
     def tensors(self) -> list[tuple[str, tuple[int, ...]]]:
-        """(name, shape) of every tensor, in state-dict order (as ext/src/model.c lists them)."""
-        C, L = self.d_model, self.n_layer
-        shapes = {
-            "ln_1.weight": (C,), "ln_1.bias": (C,), "attn.c_attn.weight": (C, 3 * C), "attn.c_attn.bias": (3 * C,),
-            "attn.c_proj.weight": (C, C), "attn.c_proj.bias": (C,), "ln_2.weight": (C,), "ln_2.bias": (C,),
-            "mlp.c_fc.weight": (C, 4 * C), "mlp.c_fc.bias": (4 * C,), "mlp.c_proj.weight": (4 * C, C),
-            "mlp.c_proj.bias": (C,),
-        }
-        out = [("wte", (self.vocab, C)), ("wpe", (self.n_positions, C))]
-        for i in range(L):
-            out += [(f"h.{i}.{s}", shapes[s]) for s in LAYER_SUFFIXES]
-        return out + [("ln_f.weight", (C,)), ("ln_f.bias", (C,))]
+        """(name, shape) of every tensor, in state-dict order (as the server lists them)."""
+        sizes = {"V": self.vocab, "P": self.n_positions, "C": self.d_model}
+        before, layer, after = [], [], []
+        for name, scope, rows, cols in _tensor_table():
+            shape = (_dim(rows, sizes),) + ((_dim(cols, sizes),) if _dim(cols, sizes) else ())
+            (layer if scope == "LAYER" else after if layer else before).append((name, shape))
+        return before + [(f"h.{i}.{name}", shape) for i in range(self.n_layer) for name, shape in layer] + after
 
     def num_params(self) -> int:
         return sum(int(np.prod(shape)) for _, shape in self.tensors())
@@ -156,11 +178,13 @@ class ParallelGzipWriter:
 
 
 class Writer:
-    """Writes a checkpoint file: the configuration record, then tensors (float32, C order)."""
+    """Writes a checkpoint file: the format and configuration records, then tensors (float32, C order)."""
 
     def __init__(self, raw: BinaryIO, config: Config, compress: bool = False, threads: int | None = None):
         self.gz = ParallelGzipWriter(raw, compress, threads)
         self.config = config
+        self.gz.write(record_header(FORMAT_NAME, "<i8", (1,)))
+        self.gz.write(np.array([FORMAT_VERSION], dtype="<i8").tobytes())
         self.gz.write(record_header(CONFIG_NAME, "<i8", (5,)))
         self.gz.write(config.as_array().tobytes())
 
@@ -200,8 +224,20 @@ def _read_exact(f, n: int, what: str) -> bytes:
     return data
 
 
-def iter_records(raw: BinaryIO) -> Iterator[tuple[str, np.ndarray]]:
-    """(name, array) for every record of the stream, the configuration record included."""
+def check_magic(head: bytes, label: str) -> None:
+    """What a file's first bytes say (as the server's reader checks them): pgllm's checkpoint
+    files are gzip streams, while NumPy's .npz files are zip archives."""
+    if head.startswith(b"PK\x03\x04"):
+        raise FormatError(f"{label} is a NumPy .npz archive (a zip file), not a pg_llm checkpoint file",
+                          hint="convert it: pgllm convert FILE.npz --output OTHER.npz, then import OTHER.npz")
+    if len(head) >= 2 and head[:2] != b"\x1f\x8b":
+        raise FormatError(f"{label} is not a pg_llm checkpoint file (not a gzip stream)",
+                          hint="pgllm convert writes checkpoint files from Hugging Face checkpoints")
+
+
+def iter_records(raw: io.BufferedReader, label: str = "the file") -> Iterator[tuple[str, np.ndarray]]:
+    """(name, array) for every record of the stream, the format and configuration records included."""
+    check_magic(raw.peek(4)[:4], label)
     with gzip.GzipFile(fileobj=raw, mode="rb") as f:
         while True:
             try:
@@ -236,11 +272,18 @@ def iter_records(raw: BinaryIO) -> Iterator[tuple[str, np.ndarray]]:
 
 
 def read_file(path: str | os.PathLike) -> tuple[Config | None, dict[str, np.ndarray]]:
-    """The configuration (None when the file has none) and every tensor of a checkpoint file."""
+    """The configuration (None when the file has none) and every tensor of a checkpoint file
+    of any format (see npz.h)."""
     config, tensors = None, {}
     with open(path, "rb") as raw:
-        for name, array in iter_records(io.BufferedReader(raw)):
-            if name == CONFIG_NAME:
+        for i, (name, array) in enumerate(iter_records(io.BufferedReader(raw), str(path))):
+            if name == FORMAT_NAME:
+                if i > 0:
+                    raise FormatError(f"{path}: the format record must be the first record")
+                if int(array[0]) > FORMAT_VERSION:
+                    raise FormatError(f"{path} is a checkpoint file of format {int(array[0])}, newer than "
+                                      f"this pgllm reads ({FORMAT_VERSION})", hint="upgrade pgllm")
+            elif name == CONFIG_NAME:
                 config = Config(*(int(v) for v in array))
             else:
                 tensors[name] = array

@@ -229,7 +229,7 @@ def test_seed_flow_without_configuration_record(conn, server_dir):
     assert_same_tensors(db_state(conn, "custom"), want)
     # a configuration record, when there is one, comes first
     late = records_file(valid_records(TINY)[:1]) + records_file([], config=list(TINY.as_array()))
-    with pytest.raises(psycopg.errors.DataCorrupted, match="must be the first record"):
+    with pytest.raises(psycopg.errors.DataCorrupted, match="must come before the tensors"):
         conn.execute("SELECT pg_llm_import_npz_bytes(%s, 'custom', true)", (late,))
     assert_same_tensors(db_state(conn, "custom"), want)
 
@@ -294,7 +294,8 @@ def _bad_files():
     return {
         "truncated gzip": (ok[: len(ok) - 100], "is truncated"),
         "corrupt gzip": (bytes(stored), "not valid gzip data: incorrect data check"),
-        "not gzip": (b"PK\x03\x04" + ok, "not valid gzip data: incorrect header check"),
+        "not gzip": (b"\x00\x01" + ok, "is not a pg_llm checkpoint file"),
+        "a zip file": (b"PK\x03\x04" + ok, "is a NumPy .npz archive (a zip file), not a pg_llm checkpoint file"),
         "trailing garbage": (ok + b"\x00\x01garbage", "not valid gzip data"),
         "empty": (b"", "is empty"),
         "huge name": (gzip.compress(b"\xff\xff" + body), "record name of 65535 bytes"),

@@ -6,6 +6,41 @@
 -- updated one are the same by construction. Keep each change in the section of its topic.
 \echo Use "CREATE EXTENSION pg_llm" or "ALTER EXTENSION pg_llm UPDATE" to load this file. \quit
 
+-- ==== release: pg_dump keeps a user's own gpt2-small ====
+-- 0.1.0 left gpt2-small's row out of dumps, since CREATE EXTENSION registers it: a gpt2-small
+-- that a user had re-created with another shape lost its row, and its weights then failed to
+-- restore. Every row is dumped now. On restore, CREATE EXTENSION has registered the built-in
+-- gpt2-small again before the dumped rows arrive; the dumped gpt2-small row takes its place,
+-- provided it is still the built-in registration (GPT-2 small's shape) that nothing uses yet.
+-- At any other time the same holds: inserting gpt2-small replaces an unused built-in row, and
+-- is refused by the primary key as before when that row has weights or state.
+CREATE FUNCTION llm_model_config_replace_builtin() RETURNS trigger
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = @extschema@, pg_catalog, pg_temp AS $$
+DECLARE
+    ref record;
+    used boolean;
+BEGIN
+    -- every table that references llm_model_config, so that a table added later counts too
+    FOR ref IN SELECT c.conrelid::regclass AS tab, a.attname
+                 FROM pg_constraint c
+                 JOIN pg_attribute a ON a.attrelid = c.conrelid AND a.attnum = c.conkey[1]
+                WHERE c.confrelid = 'llm_model_config'::regclass AND c.contype = 'f'
+    LOOP
+        EXECUTE format('SELECT EXISTS (SELECT 1 FROM %s WHERE %I = $1)', ref.tab, ref.attname)
+            INTO used USING NEW.model;
+        IF used THEN
+            RETURN NEW;
+        END IF;
+    END LOOP;
+    DELETE FROM llm_model_config c
+     WHERE c.model = NEW.model
+       AND (c.n_layer, c.n_head, c.d_model, c.n_positions, c.vocab) = (12, 12, 768, 1024, 50257);
+    RETURN NEW;
+END $$;
+CREATE TRIGGER llm_model_config_builtin BEFORE INSERT ON llm_model_config
+    FOR EACH ROW WHEN (NEW.model = 'gpt2-small') EXECUTE FUNCTION llm_model_config_replace_builtin();
+SELECT pg_catalog.pg_extension_config_dump('llm_model_config', '');
+
 -- ==== shared weights ====
 -- The shared read-only copies of model weights (one file per database, model, weights_version
 -- and format in the data directory's pgsql_tmp_pg_llm/): every backend that serves a model maps

@@ -22,28 +22,21 @@ llm_sgemv_fn llm_cblas_sgemv = NULL;
 typedef void (*set_threads_fn) (int);
 typedef int (*get_threads_fn) (void);
 
+static void blas_threads(int want);
+static void sgemm_in_share(int order, int transa, int transb, int m, int n, int k, float alpha,
+						   const float *a, int lda, const float *b, int ldb, float beta, float *c, int ldc);
+
 static void *blas_handle = NULL;
 static const char *blas_name = NULL;
+static llm_sgemm_fn blas_sgemm = NULL;	/* the library's own */
 static set_threads_fn blas_set_threads = NULL;
 static int	blas_threads_set = -1;
+static bool blas_follow_share = false;	/* set threads to llm_num_threads() before each product */
 
 /* Libraries tried in order: OpenBLAS (Debian's libopenblas0), then the reference CBLAS. */
 static const char *const blas_candidates[] = {
 	"libopenblas.so.0", "libopenblas.so", "libcblas.so.3", "libblas.so.3",
 };
-
-int
-llm_num_threads(void)
-{
-	/* sysconf reads /sys on every call, and this runs before every parallel kernel: ask once */
-	static int	cores = 0;
-
-	if (llm_threads > 0)
-		return llm_threads;
-	if (cores == 0)
-		cores = Max(1, (int) sysconf(_SC_NPROCESSORS_ONLN));
-	return cores;
-}
 
 void
 llm_blas_init(void)
@@ -69,9 +62,9 @@ llm_blas_init(void)
 
 			if (h == NULL)
 				continue;
-			llm_cblas_sgemm = (llm_sgemm_fn) dlsym(h, "cblas_sgemm");
+			blas_sgemm = (llm_sgemm_fn) dlsym(h, "cblas_sgemm");
 			llm_cblas_sgemv = (llm_sgemv_fn) dlsym(h, "cblas_sgemv");
-			if (llm_cblas_sgemm == NULL || llm_cblas_sgemv == NULL)
+			if (blas_sgemm == NULL || llm_cblas_sgemv == NULL)
 			{
 				dlclose(h);
 				continue;
@@ -87,8 +80,9 @@ llm_blas_init(void)
 						b = 1.0f,
 						c = 0.0f;
 
-			llm_cblas_sgemm(LlmCblasRowMajor, LlmCblasNoTrans, LlmCblasNoTrans, 1, 1, 1,
-							1.0f, &a, 1, &b, 1, 0.0f, &c, 1);
+			blas_sgemm(LlmCblasRowMajor, LlmCblasNoTrans, LlmCblasNoTrans, 1, 1, 1,
+					   1.0f, &a, 1, &b, 1, 0.0f, &c, 1);
+			llm_cblas_sgemm = sgemm_in_share;
 		}
 		pthread_sigmask(SIG_SETMASK, &old, NULL);
 
@@ -100,7 +94,8 @@ llm_blas_init(void)
 					 errhint("Install OpenBLAS on the database server, e.g. apt-get install libopenblas0.")));
 	}
 
-	llm_blas_set_threads(llm_num_threads());
+	blas_threads(llm_num_threads());
+	blas_follow_share = true;
 }
 
 /*
@@ -109,6 +104,13 @@ llm_blas_init(void)
  */
 void
 llm_blas_set_threads(int want)
+{
+	blas_follow_share = false;
+	blas_threads(want);
+}
+
+static void
+blas_threads(int want)
 {
 	if (blas_set_threads != NULL && want != blas_threads_set)
 	{
@@ -122,6 +124,20 @@ llm_blas_set_threads(int want)
 		pthread_sigmask(SIG_SETMASK, &old, NULL);
 		blas_threads_set = want;
 	}
+}
+
+/*
+ * cblas_sgemm as pg_llm calls it. After llm_blas_init, BLAS runs its own threads (training calls
+ * it from the backend's thread): match them first to the session's share of the server's threads,
+ * which changes as other sessions start and stop computing.
+ */
+static void
+sgemm_in_share(int order, int transa, int transb, int m, int n, int k, float alpha, const float *a,
+			   int lda, const float *b, int ldb, float beta, float *c, int ldc)
+{
+	if (blas_follow_share)
+		blas_threads(llm_num_threads());
+	blas_sgemm(order, transa, transb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
 }
 
 PG_FUNCTION_INFO_V1(pg_llm_blas_info);

@@ -558,7 +558,7 @@ stamp_matches(const BpeTokenizer *t, Snapshot snap)
 	const SnapshotStamp *st = &t->stamp;
 
 	return t->checked && snap != NULL &&
-		st->lxid == MyProc->lxid && st->subxid == GetCurrentSubTransactionId() &&
+		st->lxid == LLM_MY_LXID && st->subxid == GetCurrentSubTransactionId() &&
 		st->curcid == snap->curcid && st->xmin == snap->xmin && st->xmax == snap->xmax &&
 		st->xcnt == snap->xcnt && st->subxcnt == snap->subxcnt &&
 		st->suboverflowed == snap->suboverflowed && st->recovery == snap->takenDuringRecovery &&
@@ -586,7 +586,7 @@ stamp_set(BpeTokenizer *t, Snapshot snap)
 		st->xids = xids;
 		st->xids_cap = n;
 	}
-	st->lxid = MyProc->lxid;
+	st->lxid = LLM_MY_LXID;
 	st->subxid = GetCurrentSubTransactionId();
 	st->curcid = snap->curcid;
 	st->xmin = snap->xmin;

@@ -22,69 +22,45 @@
 #include "utils/memutils.h"
 #include "utils/timestamp.h"
 
-/* Per-layer tensor kinds in the order of the Hugging Face state dict, with their suffixes. */
+/* Names and scopes of the kinds (tensors.def). */
 static const struct
 {
-	LlmParamKind kind;
-	const char *suffix;
-}			layer_tensors[] = {
-	{LLM_LN1W, "ln_1.weight"},
-	{LLM_LN1B, "ln_1.bias"},
-	{LLM_QKVW, "attn.c_attn.weight"},
-	{LLM_QKVB, "attn.c_attn.bias"},
-	{LLM_ATTPROJW, "attn.c_proj.weight"},
-	{LLM_ATTPROJB, "attn.c_proj.bias"},
-	{LLM_LN2W, "ln_2.weight"},
-	{LLM_LN2B, "ln_2.bias"},
-	{LLM_FCW, "mlp.c_fc.weight"},
-	{LLM_FCB, "mlp.c_fc.bias"},
-	{LLM_FCPROJW, "mlp.c_proj.weight"},
-	{LLM_FCPROJB, "mlp.c_proj.bias"},
+	const char *name;
+	bool		layered;
+}			kinds[] = {
+#define LLM_TENSOR(kind, name, scope, rows, cols) [LLM_##kind] = {name, LLM_SCOPE_##scope},
+#define LLM_SCOPE_MODEL false
+#define LLM_SCOPE_LAYER true
+#include "tensors.def"
+#undef LLM_TENSOR
 };
 
-#define LAYER_TENSORS ((int) lengthof(layer_tensors))
+/* GPT-2's state dict: wte, wpe, then each layer's tensors (consecutive kinds), then ln_f. */
+#define FIRST_LAYER_KIND LLM_LN1W
+#define LAYER_TENSORS (LLM_FCPROJB - LLM_LN1W + 1)
 
 static bool
 kind_is_layered(LlmParamKind kind)
 {
-	return kind != LLM_WTE && kind != LLM_WPE && kind != LLM_LNFW && kind != LLM_LNFB;
+	return kinds[kind].layered;
 }
 
-/* The shape of one tensor of this kind (one layer's, for layered kinds). */
+/* The shape of one tensor of this kind (one layer's, for layered kinds), as tensors.def says. */
 static int
 kind_shape(const LlmConfig *cfg, LlmParamKind kind, int shape[2])
 {
-	size_t		C = cfg->d_model;
+	int			V = cfg->vocab,
+				P = cfg->n_positions,
+				C = cfg->d_model;
 
 	switch (kind)
 	{
-		case LLM_WTE:
-			shape[0] = cfg->vocab, shape[1] = C;
-			return 2;
-		case LLM_WPE:
-			shape[0] = cfg->n_positions, shape[1] = C;
-			return 2;
-		case LLM_QKVW:
-			shape[0] = C, shape[1] = 3 * C;
-			return 2;
-		case LLM_ATTPROJW:
-			shape[0] = C, shape[1] = C;
-			return 2;
-		case LLM_FCW:
-			shape[0] = C, shape[1] = 4 * C;
-			return 2;
-		case LLM_FCPROJW:
-			shape[0] = 4 * C, shape[1] = C;
-			return 2;
-		case LLM_QKVB:
-			shape[0] = 3 * C;
-			return 1;
-		case LLM_FCB:
-			shape[0] = 4 * C;
-			return 1;
+#define LLM_TENSOR(kind, name, scope, rows, cols) \
+		case LLM_##kind: shape[0] = (rows); shape[1] = (cols); return (cols) != 0 ? 2 : 1;
+#include "tensors.def"
+#undef LLM_TENSOR
 		default:
-			shape[0] = C;
-			return 1;
+			elog(ERROR, "unknown tensor kind %d", (int) kind);
 	}
 }
 
@@ -128,22 +104,22 @@ llm_tensor_info(const LlmConfig *cfg, const LlmLayout *layout, int index, LlmTen
 	int			n_layered = LAYER_TENSORS * cfg->n_layer;
 
 	Assert(index >= 0 && index < layout->num_tensors);
-	if (index == 0)
-		fill_info(cfg, layout, LLM_WTE, -1, "wte", info);
-	else if (index == 1)
-		fill_info(cfg, layout, LLM_WPE, -1, "wpe", info);
+	if (index < 2)
+		fill_info(cfg, layout, (LlmParamKind) index, -1, kinds[index].name, info);
 	else if (index - 2 < n_layered)
 	{
 		int			layer = (index - 2) / LAYER_TENSORS;
-		int			t = (index - 2) % LAYER_TENSORS;
+		LlmParamKind kind = FIRST_LAYER_KIND + (index - 2) % LAYER_TENSORS;
 
-		snprintf(name, sizeof(name), "h.%d.%s", layer, layer_tensors[t].suffix);
-		fill_info(cfg, layout, layer_tensors[t].kind, layer, name, info);
+		snprintf(name, sizeof(name), "h.%d.%s", layer, kinds[kind].name);
+		fill_info(cfg, layout, kind, layer, name, info);
 	}
-	else if (index - 2 == n_layered)
-		fill_info(cfg, layout, LLM_LNFW, -1, "ln_f.weight", info);
 	else
-		fill_info(cfg, layout, LLM_LNFB, -1, "ln_f.bias", info);
+	{
+		LlmParamKind kind = LLM_LNFW + (index - 2 - n_layered);
+
+		fill_info(cfg, layout, kind, -1, kinds[kind].name, info);
+	}
 }
 
 /* Index of the tensor with this name, or -1. */
@@ -163,7 +139,7 @@ llm_tensor_find(const LlmConfig *cfg, const LlmLayout *layout, const char *name,
 			return -1;
 		for (int t = 0; t < LAYER_TENSORS; t++)
 		{
-			if (strcmp(end + 1, layer_tensors[t].suffix) == 0)
+			if (strcmp(end + 1, kinds[FIRST_LAYER_KIND + t].name) == 0)
 			{
 				int			index = 2 + (int) layer * LAYER_TENSORS + t;
 

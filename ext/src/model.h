@@ -26,22 +26,12 @@ typedef struct LlmConfig
 	Oid			table_oid;		/* of llm_model_config: versions restart when the extension is re-created */
 } LlmConfig;
 
-/* Parameter kinds, in block order. */
+/* Parameter kinds, in block order: LLM_WTE, LLM_WPE, LLM_LN1W, ... (see tensors.def for shapes). */
 typedef enum LlmParamKind
 {
-	LLM_WTE,					/* (V, C) token embeddings; also the tied output head */
-	LLM_WPE,					/* (P, C) position embeddings */
-	LLM_LN1W, LLM_LN1B,			/* (L, C) */
-	LLM_QKVW,					/* (L, C, 3C) attn.c_attn.weight */
-	LLM_QKVB,					/* (L, 3C) */
-	LLM_ATTPROJW,				/* (L, C, C) attn.c_proj.weight */
-	LLM_ATTPROJB,				/* (L, C) */
-	LLM_LN2W, LLM_LN2B,			/* (L, C) */
-	LLM_FCW,					/* (L, C, 4C) mlp.c_fc.weight */
-	LLM_FCB,					/* (L, 4C) */
-	LLM_FCPROJW,				/* (L, 4C, C) mlp.c_proj.weight */
-	LLM_FCPROJB,				/* (L, C) */
-	LLM_LNFW, LLM_LNFB,			/* (C) */
+#define LLM_TENSOR(kind, name, scope, rows, cols) LLM_##kind,
+#include "tensors.def"
+#undef LLM_TENSOR
 	LLM_NUM_KINDS
 } LlmParamKind;
 

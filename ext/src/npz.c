@@ -1,14 +1,5 @@
 /*
- * npz.c: the checkpoint file format, imported into llm_param and exported from it.
- *
- * A file is a gzip stream (one member or several, concatenated) of records
- *
- *     [uint16 LE name length][UTF-8 name][a .npy v1.0 or v2.0 array]
- *
- * Tensors are float32 little-endian ('<f4'), C order, named as in llm_param (the Hugging Face
- * state dict without "transformer."). An optional first record named "__config__" is an int64
- * (or int32) array of 5 values [n_layer, n_head, d_model, n_positions, vocab]: with it a file
- * registers its own architecture; without it the model must already be in llm_model_config.
+ * npz.c: the checkpoint file format (see npz.h), imported into llm_param and exported from it.
  *
  * Import streams: the input (a server file, a bytea, or a file staged over the connection) is
  * inflated piece by piece and each tensor is read straight into the bytea that is inserted, so
@@ -16,12 +7,13 @@
  * against the architecture before anything is allocated, and everything is written in the
  * caller's transaction, so any ERROR leaves no trace.
  *
- * Export writes the same format, configuration record first, as gzip members of stored blocks
- * made in parallel (float32 weights barely compress, and stored blocks import fastest).
+ * Export writes the same format, the format and configuration records first, as gzip members of
+ * stored blocks made in parallel (float32 weights barely compress, and stored blocks import fastest).
  */
 #include "pg_llm.h"
 #include "model.h"
 #include "checkpoint.h"
+#include "npz.h"
 
 #include <math.h>
 #include <sys/stat.h>
@@ -43,12 +35,7 @@
 #include "utils/resowner.h"
 #include "utils/wait_event.h"
 
-#define NPZ_CONFIG_NAME "__config__"
-#define NPZ_NAME_MAX 1024		/* longest record name accepted (real ones are < 64 bytes) */
-#define NPZ_HEADER_MAX 16384	/* longest .npy header accepted (numpy writes 128 bytes here) */
-#define NPZ_MAX_DIMS 8
 #define NPZ_FILE_BUFFER (1 << 20)
-#define NPZ_GZIP_BLOCK (4 << 20)	/* export: bytes per gzip member, made in parallel */
 
 /* ---- privileges ------------------------------------------------------------------------------- */
 
@@ -154,6 +141,27 @@ where(NpzReader *r)
 		: psprintf("at byte %llu of the decompressed data", (unsigned long long) r->offset);
 }
 
+/*
+ * The first bytes of the input say what it is: a gzip stream, or something else that a user may
+ * well take for a checkpoint (NumPy's .npz files are zip archives).
+ */
+static void
+check_magic(const char *label, const uint8 *data, size_t len)
+{
+	if (len >= 4 && memcmp(data, "PK\003\004", 4) == 0)
+		ereport(ERROR,
+				(errcode(ERRCODE_DATA_EXCEPTION),
+				 errmsg("%s is a NumPy .npz archive (a zip file), not a pg_llm checkpoint file", label),
+				 errdetail("pg_llm reads a gzip stream of named .npy records, as pgllm convert and pgllm export write it."),
+				 errhint("Convert it on the client: pgllm convert FILE.npz --output OTHER.npz (it reads NumPy archives of a GPT-2 state dict), then import OTHER.npz.")));
+	if (len >= 2 && (data[0] != 0x1f || data[1] != 0x8b))
+		ereport(ERROR,
+				(errcode(ERRCODE_DATA_CORRUPTED),
+				 errmsg("%s is not a pg_llm checkpoint file", label),
+				 errdetail("A checkpoint file is a gzip stream; this one starts with the bytes %02x %02x, not 1f 8b.", data[0], data[1]),
+				 errhint("pgllm convert writes checkpoint files from Hugging Face checkpoints.")));
+}
+
 static void
 npz_truncated(NpzReader *r)
 {
@@ -184,6 +192,8 @@ npz_read(NpzReader *r, void *dst, size_t n)
 
 			if (r->in->next(r->in, &data, &len))
 			{
+				if (r->compressed == 0)
+					check_magic(r->in->label, data, len);
 				r->zs.next_in = (Bytef *) data;
 				r->zs.avail_in = len;
 				r->compressed += len;
@@ -449,6 +459,31 @@ read_record_header(NpzReader *r, NpyHeader *h)
 	return true;
 }
 
+/* The format record: one int64, a version this reader knows. */
+static void
+read_format_record(NpzReader *r, const NpyHeader *h)
+{
+	int64		version;
+
+	if (strcmp(h->descr, "<i8") != 0 || h->fortran_order || h->ndim != 1 || h->shape[0] != 1)
+		ereport(ERROR,
+				(errcode(ERRCODE_DATA_CORRUPTED),
+				 errmsg("the format record \"%s\" must be one integer ('<i8')", NPZ_FORMAT_NAME),
+				 errdetail("It has dtype '%s' and shape %s.", h->descr, shape_string(h->shape, h->ndim))));
+	npz_read_exact(r, &version, sizeof(version));
+	if (version > NPZ_FORMAT_VERSION)
+		ereport(ERROR,
+				(errcode(ERRCODE_FEATURE_NOT_SUPPORTED),
+				 errmsg("%s is a checkpoint file of format %lld, newer than this pg_llm reads", r->in->label, (long long) version),
+				 errdetail("pg_llm %s reads formats up to %d.", PG_LLM_VERSION, NPZ_FORMAT_VERSION),
+				 errhint("Install a newer pg_llm (pgllm install from a newer pgllm).")));
+	if (version < 2)
+		ereport(ERROR,
+				(errcode(ERRCODE_DATA_CORRUPTED),
+				 errmsg("%s has an invalid format version %lld", r->in->label, (long long) version),
+				 errdetail("Files with a format record are of format 2 or later.")));
+}
+
 /* The configuration record: 5 integers, int64 or int32 little-endian. */
 static void
 read_config_record(NpzReader *r, const NpyHeader *h, const char *model, LlmConfig *cfg)
@@ -518,6 +553,7 @@ npz_import(NpzInput *in, const char *model, bool replace)
 	NpyHeader	h;
 	LlmWeightWriter w;
 	bool		begun = false;
+	int			records = 0;
 	int			ret;
 
 	llm_check_model_name(model);
@@ -540,6 +576,16 @@ npz_import(NpzInput *in, const char *model, bool replace)
 		size_t		bad;
 
 		CHECK_FOR_INTERRUPTS();
+		if (strcmp(name, NPZ_FORMAT_NAME) == 0)
+		{
+			if (records++ > 0)
+				ereport(ERROR,
+						(errcode(ERRCODE_DATA_CORRUPTED),
+						 errmsg("the format record \"%s\" must be the first record", NPZ_FORMAT_NAME)));
+			read_format_record(&r, &h);
+			continue;
+		}
+		records++;
 		if (strcmp(name, NPZ_CONFIG_NAME) == 0)
 		{
 			LlmConfig	arch;
@@ -547,7 +593,7 @@ npz_import(NpzInput *in, const char *model, bool replace)
 			if (begun)
 				ereport(ERROR,
 						(errcode(ERRCODE_DATA_CORRUPTED),
-						 errmsg("the configuration record \"%s\" must be the first record", NPZ_CONFIG_NAME)));
+						 errmsg("the configuration record \"%s\" must come before the tensors", NPZ_CONFIG_NAME)));
 			read_config_record(&r, &h, model, &arch);
 			llm_weights_begin(&w, model, &arch, replace);
 			begun = true;
@@ -871,7 +917,7 @@ npz_write_record_header(NpzWriter *w, const char *name, const char *descr, const
 PG_FUNCTION_INFO_V1(pg_llm_export_npz);
 
 /*
- * pg_llm_export_npz(path, model) -> bytes written: the configuration record, then every tensor
+ * pg_llm_export_npz(path, model) -> bytes written: the format and configuration records, then every tensor
  * in state-dict order. Written to a temporary file beside `path` and renamed at the end, so
  * that `path` is either the complete file or untouched.
  */
@@ -898,9 +944,13 @@ pg_llm_export_npz(PG_FUNCTION_ARGS)
 				 errmsg("could not create file \"%s\": %m", tmp)));
 	PG_TRY();
 	{
+		int64		format = NPZ_FORMAT_VERSION;
 		int64		config[5] = {cfg.n_layer, cfg.n_head, cfg.d_model, cfg.n_positions, cfg.vocab};
-		int			five = 5;
+		int			one = 1,
+					five = 5;
 
+		npz_write_record_header(&w, NPZ_FORMAT_NAME, "<i8", &one, 1);
+		npz_write(&w, &format, sizeof(format));
 		npz_write_record_header(&w, NPZ_CONFIG_NAME, "<i8", &five, 1);
 		npz_write(&w, config, sizeof(config));
 

@@ -11,6 +11,21 @@
  * yet (the machine is busy) therefore delays nothing: the caller runs its share too. Threads spin
  * for a short while before they sleep, because in a forward pass jobs follow each other within
  * microseconds, and waking a sleeping thread takes longer than that.
+ *
+ * The caller writes a job's fields, then publishes its ticket: the job number and the count of
+ * shares not yet claimed. A thread claims a share by a compare-and-swap that lowers that count
+ * on the very ticket after which it read the fields. A successful claim therefore proves that the
+ * job was unfinished when the fields were read (the caller rewrites them only after every share
+ * of the job has been claimed and has finished), so they were this job's; a thread that read the
+ * fields too late, when the caller was already writing the next job's, finds no share left on
+ * the old ticket, or another job's ticket, and claims nothing. The check needs nothing but the
+ * ticket: had it compared the shares claimed against the `parts` field it had just read, a late
+ * reader could take the next job's larger `parts` for the old job's and claim a share twice.
+ *
+ * Each call runs on llm_num_threads() threads, which may change from call to call (the session's
+ * share of the server's threads: see threads.c). The pool grows to the most threads ever asked
+ * for and never shrinks; workers beyond the current count park, without spinning, until a call
+ * wants them again.
  */
 #include "pg_llm.h"
 
@@ -21,21 +36,26 @@
 #define MAX_WORKERS 255
 #define SPIN_NS 100000			/* spin this long (0.1 ms) before sleeping */
 
-/* The job ticket: job number in the high bits, the next share to claim in the low 16. */
+/* The job ticket: job number in the high 48 bits, shares not yet claimed in the low 16. */
 #define TICKET_JOB(t) ((t) >> 16)
-#define TICKET_SHARE(t) ((int) ((t) & 0xFFFF))
+#define TICKET_LEFT(t) ((int) ((t) & 0xFFFF))
 
 typedef struct Pool
 {
 	pthread_mutex_t lock;
 	pthread_cond_t work_ready;
 	pthread_cond_t work_done;
-	int			n_workers;		/* threads besides the caller */
-	bool		stopping;		/* under lock */
+	pthread_cond_t unparked;
+	int			n_workers;		/* threads started besides the caller (only the caller reads it) */
+	int			most_workers;	/* no more after a thread could not be started (only the caller) */
+	int			active;			/* atomic: workers [0, active) take part in jobs, the others park */
 	int			sleeping;		/* workers waiting on work_ready, under lock */
 	bool		caller_sleeping;	/* the caller waits on work_done, under lock */
 
-	/* the current job, written by the caller before it publishes the job's ticket */
+	/*
+	 * The current job, written by the caller before it publishes the job's ticket, read by
+	 * workers that may be late (hence atomic, relaxed: their claim on the ticket orders them).
+	 */
 	llm_task_fn fn;
 	void	   *arg;
 	size_t		n;
@@ -47,9 +67,11 @@ typedef struct Pool
 } Pool;
 
 static Pool pool = {
+	.most_workers = MAX_WORKERS,
 	.lock = PTHREAD_MUTEX_INITIALIZER,
 	.work_ready = PTHREAD_COND_INITIALIZER,
 	.work_done = PTHREAD_COND_INITIALIZER,
+	.unparked = PTHREAD_COND_INITIALIZER,
 };
 
 /* Share `part` of `parts` of [0, n): contiguous ranges of near-equal size. */
@@ -78,27 +100,27 @@ now_ns(void)
 }
 
 /*
- * Claim and run shares of job `job` until none is left (or another job has started: then this
- * thread read the job's fields too late, and its shares were all claimed already).
+ * Claim and run shares of the job whose ticket this thread saw as `t`, until none is left (or
+ * another job has started: this thread came too late, and the job's shares were all claimed).
  */
 static void
-run_shares(uint64 job)
+run_shares(uint64 t)
 {
-	llm_task_fn fn = pool.fn;
-	void	   *arg = pool.arg;
-	size_t		n = pool.n;
-	int			parts = pool.parts;
-	uint64		t = __atomic_load_n(&pool.ticket, __ATOMIC_SEQ_CST);
+	uint64		job = TICKET_JOB(t);
+	llm_task_fn fn = __atomic_load_n(&pool.fn, __ATOMIC_RELAXED);
+	void	   *arg = __atomic_load_n(&pool.arg, __ATOMIC_RELAXED);
+	size_t		n = __atomic_load_n(&pool.n, __ATOMIC_RELAXED);
+	int			parts = __atomic_load_n(&pool.parts, __ATOMIC_RELAXED);
 
-	while (TICKET_JOB(t) == job && TICKET_SHARE(t) < parts)
+	while (TICKET_JOB(t) == job && TICKET_LEFT(t) > 0)
 	{
 		size_t		start,
 					end;
 
-		/* a successful claim means the job was not finished, so the fields read above are its own */
-		if (!__atomic_compare_exchange_n(&pool.ticket, &t, t + 1, true, __ATOMIC_SEQ_CST, __ATOMIC_SEQ_CST))
+		/* success proves the fields read above are this job's (see the top of the file) */
+		if (!__atomic_compare_exchange_n(&pool.ticket, &t, t - 1, true, __ATOMIC_SEQ_CST, __ATOMIC_SEQ_CST))
 			continue;			/* t now holds the current ticket */
-		share(n, TICKET_SHARE(t), parts, &start, &end);
+		share(n, parts - TICKET_LEFT(t), parts, &start, &end);
 		if (start < end)
 			fn(arg, start, end);
 		if (__atomic_add_fetch(&pool.done, 1, __ATOMIC_SEQ_CST) == parts)
@@ -112,31 +134,42 @@ run_shares(uint64 job)
 	}
 }
 
+/* Sleep while this worker is beyond the number taking part (the session's share of threads). */
+static void
+park(int self)
+{
+	pthread_mutex_lock(&pool.lock);
+	while (self >= __atomic_load_n(&pool.active, __ATOMIC_SEQ_CST))
+		pthread_cond_wait(&pool.unparked, &pool.lock);
+	pthread_mutex_unlock(&pool.lock);
+}
+
 static void *
 worker_main(void *p)
 {
+	int			self = (int) (intptr_t) p;
 	uint64		seen = TICKET_JOB(__atomic_load_n(&pool.ticket, __ATOMIC_SEQ_CST));
 
 	for (;;)
 	{
-		uint64		t = __atomic_load_n(&pool.ticket, __ATOMIC_SEQ_CST);
-		uint64		deadline = now_ns() + SPIN_NS;
+		uint64		t;
+		uint64		deadline;
 
+		if (self >= __atomic_load_n(&pool.active, __ATOMIC_SEQ_CST))
+			park(self);
+		t = __atomic_load_n(&pool.ticket, __ATOMIC_SEQ_CST);
+		deadline = now_ns() + SPIN_NS;
 		for (int i = 1; TICKET_JOB(t) == seen; i++)
 		{
-			if (i % 64 == 0 && now_ns() > deadline)
+			if (i % 64 == 0 && (now_ns() > deadline || self >= __atomic_load_n(&pool.active, __ATOMIC_SEQ_CST)))
 			{
 				pthread_mutex_lock(&pool.lock);
-				while (TICKET_JOB(t = __atomic_load_n(&pool.ticket, __ATOMIC_SEQ_CST)) == seen && !pool.stopping)
+				while (TICKET_JOB(t = __atomic_load_n(&pool.ticket, __ATOMIC_SEQ_CST)) == seen &&
+					   self < __atomic_load_n(&pool.active, __ATOMIC_SEQ_CST))
 				{
 					pool.sleeping++;
 					pthread_cond_wait(&pool.work_ready, &pool.lock);
 					pool.sleeping--;
-				}
-				if (pool.stopping)
-				{
-					pthread_mutex_unlock(&pool.lock);
-					return NULL;
 				}
 				pthread_mutex_unlock(&pool.lock);
 				break;
@@ -144,82 +177,94 @@ worker_main(void *p)
 			cpu_relax();
 			t = __atomic_load_n(&pool.ticket, __ATOMIC_SEQ_CST);
 		}
-		seen = TICKET_JOB(t);
-		run_shares(seen);
+		if (TICKET_JOB(t) != seen)
+		{
+			seen = TICKET_JOB(t);
+			run_shares(t);
+		}
 	}
+	return NULL;
 }
 
+/* Start workers up to `workers` in all; on failure run with fewer from then on, never fail the caller. */
 static void
-pool_stop(void)
-{
-	pthread_mutex_lock(&pool.lock);
-	pool.stopping = true;
-	pthread_cond_broadcast(&pool.work_ready);
-	pthread_mutex_unlock(&pool.lock);
-	for (int i = 0; i < pool.n_workers; i++)
-		pthread_join(pool.threads[i], NULL);
-	pool.n_workers = 0;
-	pool.stopping = false;
-}
-
-/* (Re)start the pool with want-1 workers; on failure run with fewer, never fail the caller. */
-static void
-pool_resize(int want)
+pool_grow(int workers)
 {
 	sigset_t	all,
 				old;
-	int			workers = Min(want - 1, MAX_WORKERS);
 
-	if (pool.n_workers > 0)
-		pool_stop();
 	sigfillset(&all);
 	pthread_sigmask(SIG_SETMASK, &all, &old);
-	for (int i = 0; i < workers; i++)
+	while (pool.n_workers < workers)
 	{
-		if (pthread_create(&pool.threads[i], NULL, worker_main, NULL) != 0)
+		if (pthread_create(&pool.threads[pool.n_workers], NULL, worker_main, (void *) (intptr_t) pool.n_workers) != 0)
+		{
+			pool.most_workers = pool.n_workers;
 			break;
+		}
 		pool.n_workers++;
 	}
 	pthread_sigmask(SIG_SETMASK, &old, NULL);
 }
 
+/* Let workers [0, workers) take part in the next jobs, and park the others. */
+static void
+pool_activate(int workers)
+{
+	int			before = __atomic_load_n(&pool.active, __ATOMIC_RELAXED);
+
+	if (workers == before)
+		return;
+	__atomic_store_n(&pool.active, workers, __ATOMIC_SEQ_CST);
+	if (workers > before)
+	{
+		pthread_mutex_lock(&pool.lock);
+		pthread_cond_broadcast(&pool.unparked);
+		pthread_mutex_unlock(&pool.lock);
+	}
+}
+
 void
 llm_parallel_for(size_t n, llm_task_fn fn, void *arg)
 {
-	int			want = llm_num_threads();
-	uint64		job;
+	int			workers = Min(llm_num_threads() - 1, pool.most_workers);
+	int			parts;
+	uint64		ticket;
 	uint64		deadline;
 
-	if (pool.n_workers != want - 1 && !(want - 1 > pool.n_workers && pool.n_workers == MAX_WORKERS))
-		pool_resize(want);
-	if (pool.n_workers == 0 || n < 2)
+	if (workers > pool.n_workers)
+		pool_grow(workers);
+	workers = Min(workers, pool.n_workers);
+	pool_activate(workers);
+	if (workers == 0 || n < 2)
 	{
 		fn(arg, 0, n);
 		return;
 	}
 
-	pool.fn = fn;
-	pool.arg = arg;
-	pool.n = n;
-	pool.parts = (int) Min(n, (size_t) pool.n_workers + 1);
-	__atomic_store_n(&pool.done, 0, __ATOMIC_SEQ_CST);
-	job = TICKET_JOB(__atomic_load_n(&pool.ticket, __ATOMIC_SEQ_CST)) + 1;
-	__atomic_store_n(&pool.ticket, job << 16, __ATOMIC_SEQ_CST);	/* publishes the job */
+	parts = (int) Min(n, (size_t) workers + 1);
+	__atomic_store_n(&pool.fn, fn, __ATOMIC_RELAXED);
+	__atomic_store_n(&pool.arg, arg, __ATOMIC_RELAXED);
+	__atomic_store_n(&pool.n, n, __ATOMIC_RELAXED);
+	__atomic_store_n(&pool.parts, parts, __ATOMIC_RELAXED);
+	__atomic_store_n(&pool.done, 0, __ATOMIC_RELAXED);
+	ticket = ((TICKET_JOB(__atomic_load_n(&pool.ticket, __ATOMIC_RELAXED)) + 1) << 16) | (uint64) parts;
+	__atomic_store_n(&pool.ticket, ticket, __ATOMIC_SEQ_CST);	/* publishes the job */
 	pthread_mutex_lock(&pool.lock);
 	if (pool.sleeping > 0)
 		pthread_cond_broadcast(&pool.work_ready);
 	pthread_mutex_unlock(&pool.lock);
 
-	run_shares(job);
+	run_shares(ticket);
 
 	/* what is left are shares that workers claimed and are running */
 	deadline = now_ns() + SPIN_NS;
-	for (int i = 1; __atomic_load_n(&pool.done, __ATOMIC_SEQ_CST) < pool.parts; i++)
+	for (int i = 1; __atomic_load_n(&pool.done, __ATOMIC_SEQ_CST) < parts; i++)
 	{
 		if (i % 64 == 0 && now_ns() > deadline)
 		{
 			pthread_mutex_lock(&pool.lock);
-			while (__atomic_load_n(&pool.done, __ATOMIC_SEQ_CST) < pool.parts)
+			while (__atomic_load_n(&pool.done, __ATOMIC_SEQ_CST) < parts)
 			{
 				pool.caller_sleeping = true;
 				pthread_cond_wait(&pool.work_done, &pool.lock);

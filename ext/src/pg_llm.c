@@ -16,10 +16,12 @@
 #include "utils/builtins.h"
 #include "utils/guc.h"
 #include "utils/lsyscache.h"
+#include "utils/rel.h"
 
 PG_MODULE_MAGIC;
 
 int			llm_threads = 0;
+int			llm_server_threads = 0;
 
 void		_PG_init(void);
 
@@ -32,6 +34,13 @@ _PG_init(void)
 							&llm_threads,
 							0, 0, 256,
 							PGC_USERSET, 0,
+							NULL, NULL, NULL);
+	DefineCustomIntVariable("pg_llm.server_threads",
+							"Threads that all sessions computing at once share (0 = one per CPU core).",
+							"Each computing session gets an equal share, at least one, and at most pg_llm.threads.",
+							&llm_server_threads,
+							0, 0, 4096,
+							PGC_SUSET, 0,
 							NULL, NULL, NULL);
 	llm_wc_init();
 	MarkGUCPrefixReserved("pg_llm");
@@ -47,6 +56,11 @@ pg_llm_version(PG_FUNCTION_ARGS)
 /*
  * Tables are always named with the extension's schema, so that a caller's search_path can
  * neither hide them nor substitute others.
+ *
+ * Every table access comes through here, so this is also where a library meets a schema of
+ * another version: after `make install` of a new library but before ALTER EXTENSION pg_llm
+ * UPDATE (or on a standby whose library is not the primary's), the tables may lack what the
+ * library reads and writes. That is an error that says what to do, never a guess.
  */
 char *
 llm_table(const char *name)
@@ -56,13 +70,20 @@ llm_table(const char *name)
 	SysScanDesc scan;
 	HeapTuple	tuple;
 	Oid			schema = InvalidOid;
+	char	   *version = NULL;
 
 	ScanKeyInit(&key, Anum_pg_extension_extname, BTEqualStrategyNumber, F_NAMEEQ,
 				CStringGetDatum("pg_llm"));
 	scan = systable_beginscan(rel, ExtensionNameIndexId, true, NULL, 1, &key);
 	tuple = systable_getnext(scan);
 	if (HeapTupleIsValid(tuple))
+	{
+		bool		isnull;
+		Datum		d = heap_getattr(tuple, Anum_pg_extension_extversion, RelationGetDescr(rel), &isnull);
+
 		schema = ((Form_pg_extension) GETSTRUCT(tuple))->extnamespace;
+		version = isnull ? "" : TextDatumGetCString(d);
+	}
 	systable_endscan(scan);
 	table_close(rel, AccessShareLock);
 	if (!OidIsValid(schema))
@@ -70,6 +91,12 @@ llm_table(const char *name)
 				(errcode(ERRCODE_UNDEFINED_OBJECT),
 				 errmsg("extension \"pg_llm\" is not installed in this database"),
 				 errhint("Run pgllm install, or CREATE EXTENSION pg_llm.")));
+	if (strcmp(version, PG_LLM_VERSION) != 0)
+		ereport(ERROR,
+				(errcode(ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE),
+				 errmsg("the pg_llm library is version %s but this database has pg_llm %s", PG_LLM_VERSION, version),
+				 errdetail("The library only works with the tables of its own version."),
+				 errhint("Run pgllm install, or ALTER EXTENSION pg_llm UPDATE, to bring the database to the library's version.")));
 	return psprintf("%s.%s", quote_identifier(get_namespace_name(schema)), quote_identifier(name));
 }
 

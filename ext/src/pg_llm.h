@@ -11,8 +11,25 @@
 #error "PG_LLM_VERSION must be defined (see ext/Makefile)"
 #endif
 
+/*
+ * The PostgreSQL versions pg_llm builds for: 15 and newer (README.md says which are tested).
+ * pgllm install reads this number too, to refuse an older server before building anything.
+ */
+#define PG_LLM_MIN_PG_VERSION_NUM 150000
+#if PG_VERSION_NUM < PG_LLM_MIN_PG_VERSION_NUM
+#error "pg_llm needs PostgreSQL 15 or newer"
+#endif
+
+/* Where the server's C API differs between those versions. */
+#if PG_VERSION_NUM >= 170000
+#define LLM_MY_LXID (MyProc->vxid.lxid)	/* this backend's local transaction id */
+#else
+#define LLM_MY_LXID (MyProc->lxid)
+#endif
+
 /* GUCs (see pg_llm.c) */
 extern int	llm_threads;		/* worker threads for BLAS and kernels; 0 = one per core */
+extern int	llm_server_threads;	/* threads all computing sessions share; 0 = one per core */
 
 /* pg_llm.c */
 extern char *llm_table(const char *name);	/* schema-qualified, quoted name of a pg_llm table */
@@ -25,6 +42,8 @@ extern void llm_parallel_for(size_t n, llm_task_fn fn, void *arg);
 /* blas.c */
 extern void llm_blas_init(void);
 extern void llm_blas_set_threads(int n);	/* after llm_blas_init; 1 when calling BLAS from workers */
+
+/* threads.c: threads this session may use now (its share of the server's) */
 extern int	llm_num_threads(void);
 
 /* Signatures of the CBLAS entry points we use (declared here so that no BLAS header is needed). */

@@ -6,12 +6,14 @@ import json
 import os
 import re
 import time
+import zipfile
 from pathlib import Path
 
 import typer
 
 from .. import npz
 from ..errors import PgllmError
+from ..optional import need
 from ..progress import bytes_progress
 
 # Architecture settings pg_llm computes with; a checkpoint that needs others would give other logits.
@@ -63,18 +65,31 @@ def infer_config(state: dict, n_head: int | None, where: str) -> npz.Config:
 
 def read_safetensors(path: Path) -> dict:
     """A .safetensors file without torch when numpy can hold its dtypes (bfloat16 needs torch)."""
+    need("pgllm convert of a .safetensors file", "safetensors")
     from safetensors import SafetensorError
     from safetensors.numpy import load_file
     try:
         return load_file(str(path))
     except (TypeError, ValueError):
+        need(f"pgllm convert of {path.name} (bfloat16)", "torch")
         from safetensors.torch import load_file as load_torch
         return load_torch(str(path))
     except (SafetensorError, OSError) as e:
         raise PgllmError(f"cannot read {path}: {e}") from None
 
 
+def read_numpy(path: Path) -> dict:
+    """A NumPy .npz archive (np.savez) of a state dict: numpy alone reads it."""
+    import numpy as np
+    try:
+        with np.load(path, allow_pickle=False) as archive:
+            return {name: archive[name] for name in archive.files}
+    except (OSError, ValueError, zipfile.BadZipFile) as e:
+        raise PgllmError(f"cannot read {path}: {str(e).splitlines()[0]}") from None
+
+
 def read_torch(path: Path) -> dict:
+    need("pgllm convert of a PyTorch file", "torch")
     import torch
     try:
         state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
@@ -91,6 +106,7 @@ def read_pretrained(source: str) -> tuple[dict, dict]:
     A model id in the Hugging Face cache is loaded from there without asking the Hub (which,
     unreachable, costs half a minute of retries); others are downloaded as transformers does.
     """
+    need(f"pgllm convert {source}", "transformers", "torch")
     import torch
     from huggingface_hub import try_to_load_from_cache
     from transformers import GPT2LMHeadModel
@@ -121,9 +137,11 @@ def load_source(source: str, n_head: int | None) -> tuple[npz.Config, dict]:
             state = read_safetensors(path)
         elif path.suffix in (".bin", ".pt", ".pth"):
             state = read_torch(path)
+        elif zipfile.is_zipfile(path):  # np.savez; pgllm's own .npz files are gzip streams
+            state = read_numpy(path)
         else:
-            raise PgllmError(f"{path}: unknown kind of file", hint="give a .safetensors or a PyTorch .bin file, "
-                             "a directory written by save_pretrained, or a Hugging Face model id")
+            raise PgllmError(f"{path}: unknown kind of file", hint="give a .safetensors, a PyTorch .bin or a NumPy "
+                             ".npz file, a directory written by save_pretrained, or a Hugging Face model id")
         beside = path.parent / "config.json"
         if beside.exists() and n_head is None:
             return config_from_hf(json.loads(beside.read_text()), str(beside)), state
@@ -195,16 +213,18 @@ def default_output(source: str) -> Path:
         stem = path.parent.resolve().name if path.stem in ("model", "pytorch_model") else path.stem
     else:
         stem = path.resolve().name if path.is_dir() else source.rstrip("/").split("/")[-1]
-    return Path.cwd() / f"{'gpt2-small' if stem == 'gpt2' else stem}.npz"
+    output = Path.cwd() / f"{'gpt2-small' if stem == 'gpt2' else stem}.npz"
+    # a NumPy .npz source must not be overwritten by its own conversion
+    return output.with_suffix(".pgllm.npz") if path.is_file() and output == path.resolve() else output
 
 
 def convert(
     source: str = typer.Argument(..., help="Hugging Face model id (gpt2, distilgpt2, gpt2-medium, ...; "
                                  "from the local cache), a save_pretrained directory, a .safetensors or a .bin file."),
-    output: Path = typer.Option(None, "--output", "-o", help="File to write (default: NAME.npz in the current "
-                                "directory; gpt2 -> gpt2-small.npz).", show_default=False),
+    output: Path = typer.Option(None, "--output", "-o", help="File to write.",
+                                show_default="NAME.npz in the current directory; gpt2 -> gpt2-small.npz"),
     n_head: int = typer.Option(None, "--n-head", help="Attention heads, for a bare weights file without "
-                               "config.json (default: d_model / 64).", show_default=False),
+                               "config.json.", show_default="d_model / 64"),
     compress: bool = typer.Option(False, "--compress", help="Huffman-code the data: about 7% smaller, "
                                   "slower to write and to import."),
 ) -> None:

@@ -16,7 +16,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-import psycopg
 import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -24,12 +23,10 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from .. import db
 from ..bundled import gpt2_hf_tokenizer
 from ..errors import PgllmError
+from ..optional import need
+from ..options import MODEL
 
 EOT = "<|endoftext|>"
-
-
-def default_model() -> str:
-    return os.environ.get("PGLLM_MODEL") or "gpt2-small"
 
 
 def expand_inputs(patterns: list[str]) -> list[Path]:
@@ -94,11 +91,7 @@ def _hub_reachable(timeout: float = 3.0) -> bool:
 
 
 def _transformers():
-    try:
-        from transformers import AutoTokenizer, GPT2TokenizerFast
-    except ImportError:
-        raise PgllmError("--tokenizer gpt2 or DIR needs the transformers package",
-                         hint="pip install 'pgllm[convert]', or use --tokenizer db") from None
+    from transformers import AutoTokenizer, GPT2TokenizerFast  # checked by dataset() before it connects
     return AutoTokenizer, GPT2TokenizerFast
 
 
@@ -143,13 +136,10 @@ class HFTokenizer:
 class DBTokenizer:
     """llm_encode inside the database, with the model's tokenizer tables."""
 
-    def __init__(self, conn: psycopg.Connection, model: str):
-        self.conn, self.model = conn, model
-        if not conn.execute("SELECT EXISTS (SELECT FROM pg_proc WHERE proname = 'llm_encode')").fetchone()[0]:
-            raise PgllmError("--tokenizer db needs llm_encode, which this pg_llm does not have",
-                             hint="update the extension with pgllm install")
-        row = conn.execute("SELECT token_id FROM llm_bpe_vocab WHERE model = %s AND token = %s",
-                           (model, EOT)).fetchone()
+    def __init__(self, pg: db.Pgllm, model: str):
+        self.pg, self.model = pg, model
+        row = pg.execute("SELECT token_id FROM {llm_bpe_vocab} WHERE model = %s AND token = %s",
+                         (model, EOT)).fetchone()
         if row is None:
             raise PgllmError(f'model "{model}" has no tokenizer with {EOT} in the database',
                              hint=f"load one with pgllm tokenizer --model {model}")
@@ -157,7 +147,7 @@ class DBTokenizer:
         self.description = f'llm_encode (model "{model}")'
 
     def encode(self, docs: list[str]) -> list[list[int]]:
-        return [self.conn.execute("SELECT llm_encode(%s, %s)", (d, self.model)).fetchone()[0] for d in docs]
+        return [self.pg.execute("SELECT {llm_encode}(%s, %s)", (d, self.model)).fetchone()[0] for d in docs]
 
 
 # ---- rows -------------------------------------------------------------------------------------
@@ -165,8 +155,8 @@ class DBTokenizer:
 class RowWriter:
     """Cuts the token stream into rows and COPYs them, batch_size rows at a time."""
 
-    def __init__(self, conn: psycopg.Connection, block_size: int, batch_size: int, vocab: int, model: str):
-        self.conn, self.T, self.batch_size, self.vocab, self.model = conn, block_size, batch_size, vocab, model
+    def __init__(self, pg: db.Pgllm, block_size: int, batch_size: int, vocab: int, model: str):
+        self.pg, self.T, self.batch_size, self.vocab, self.model = pg, block_size, batch_size, vocab, model
         self.buffer = np.zeros(0, dtype=np.int64)
         self.pending: list[np.ndarray] = []
         self.rows = 0
@@ -193,8 +183,8 @@ class RowWriter:
         if n == 0:
             return
         batch, self.pending = self.pending[:n], self.pending[n:]
-        with self.conn.cursor() as cur:
-            with cur.copy("COPY llm_dataset (tokens, target) FROM STDIN") as copy:
+        with self.pg.conn.cursor() as cur:
+            with self.pg.copy(cur, "COPY {llm_dataset} (tokens, target) FROM STDIN") as copy:
                 for r in batch:
                     copy.write_row((r[:-1].tolist(), r[1:].tolist()))
         self.rows += n
@@ -213,32 +203,32 @@ def dataset(
     tokenizer: str = typer.Option("gpt2", "--tokenizer", help="gpt2 (transformers; the bundled GPT-2 files "
                                   "when the Hub is out of reach), DIR (a saved Hugging Face tokenizer) or db "
                                   "(llm_encode in the database, with --model's tokenizer)."),
-    model: str = typer.Option(None, "--model", help="Model whose vocabulary (and n_positions) the rows must fit "
-                              "[default: $PGLLM_MODEL or gpt2-small]", show_default=False),
+    model: str = MODEL,
     block_size: int = typer.Option(1024, "--block-size", min=1, help="Tokens per row."),
     batch_size: int = typer.Option(512, "--batch-size", min=1, help="Rows per COPY."),
     truncate: bool = typer.Option(False, "--truncate", help="Empty llm_dataset first (in the same transaction)."),
     split_on: str = typer.Option(None, "--split-on", help="A line that separates documents inside a file, "
-                                 "e.g. % for fortune files.", show_default=False),
+                                 "e.g. % for fortune files.", show_default="none: one document per file"),
 ) -> None:
-    """Tokenize text files into fixed-length (tokens, target) rows of llm_dataset."""
-    model = model or default_model()
+    """Tokenize text files into fixed-length (tokens, target) rows of llm_dataset.
+
+    The rows must fit --model: token ids within its vocabulary, --block-size within its n_positions.
+    """
     files = expand_inputs(list(input) + list(more or []))
+    if tokenizer != "db":  # before connecting: a missing package is the first thing to hear about
+        need("pgllm dataset --tokenizer gpt2|DIR", "transformers", alternative="or use --tokenizer db")
     console = Console(stderr=True)
     start = time.monotonic()
-    with db.connect(ctx.obj["dsn"]) as conn:
-        row = conn.execute("SELECT vocab, n_positions FROM llm_model_config WHERE model = %s", (model,)).fetchone()
-        if row is None:
-            raise PgllmError(f'model "{model}" does not exist',
-                             hint="the rows are checked against its vocabulary: register it first "
-                                  "(pgllm import or pgllm init), or pass --model")
-        vocab, n_positions = row
-        if block_size > n_positions:
-            raise PgllmError(f'--block-size {block_size} is larger than model "{model}"\'s n_positions {n_positions}')
-        tok = DBTokenizer(conn, model) if tokenizer == "db" else HFTokenizer(tokenizer)
+    with db.session(ctx.obj["dsn"]) as pg:
+        cfg = pg.require_model(model, hint="the rows are checked against its vocabulary: register it first "
+                                           "(pgllm import or pgllm init), or pass --model")
+        if block_size > cfg.n_positions:
+            raise PgllmError(f'--block-size {block_size} is larger than model "{model}"\'s n_positions '
+                             f'{cfg.n_positions}')
+        tok = DBTokenizer(pg, model) if tokenizer == "db" else HFTokenizer(tokenizer)
         if truncate:
-            conn.execute("TRUNCATE llm_dataset RESTART IDENTITY")
-        writer = RowWriter(conn, block_size, batch_size, vocab, model)
+            pg.execute("TRUNCATE {llm_dataset} RESTART IDENTITY")
+        writer = RowWriter(pg, block_size, batch_size, cfg.vocab, model)
         n_docs = 0
         total_bytes = sum(f.stat().st_size for f in files)
         with Progress(TextColumn("[bold]tokenizing"), BarColumn(), MofNCompleteColumn(),
@@ -255,8 +245,8 @@ def dataset(
         if writer.rows == 0:
             raise PgllmError(f"the input has {writer.tokens} tokens, too few for one row of {block_size} "
                              f"(+1 for the target)", hint="lower --block-size; nothing was written")
-        conn.commit()
-        total = conn.execute("SELECT count(*) FROM llm_dataset").fetchone()[0]
+        pg.conn.commit()
+        total = pg.execute("SELECT count(*) FROM {llm_dataset}").fetchone()[0]
     elapsed = time.monotonic() - start
     typer.echo(f"{len(files)} files ({total_bytes / 1e6:.1f} MB), {n_docs} documents, {writer.tokens} tokens "
                f"with {tok.description} -> {writer.rows} rows of {block_size} tokens "

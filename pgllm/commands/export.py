@@ -13,11 +13,11 @@ import time
 from pathlib import Path
 
 import numpy as np
-import psycopg
 import typer
 
 from .. import db, npz
 from ..errors import PgllmError
+from ..options import MODEL_ARGUMENT
 from ..progress import bytes_progress
 
 FORMATS = ("npz", "safetensors")
@@ -70,11 +70,11 @@ def safetensors_header(cfg: npz.Config) -> bytes:
     return struct.pack("<Q", len(raw)) + raw
 
 
-def read_tensors(conn: psycopg.Connection, model: str, cfg: npz.Config):
+def read_tensors(pg: db.Pgllm, model: str, cfg: npz.Config):
     """(name, shape, float32 bytes) of every tensor in state-dict order, one at a time."""
     for name, shape in cfg.tensors():
-        row = conn.execute("SELECT data FROM llm_param WHERE model = %s AND name = %s", (model, name),
-                           binary=True).fetchone()
+        row = pg.execute("SELECT data FROM {llm_param} WHERE model = %s AND name = %s", (model, name),
+                         binary=True).fetchone()
         if row is None:
             raise PgllmError(f"model {model!r} has no weights for tensor {name!r}",
                              hint="load them with pgllm import, or create them with pgllm init")
@@ -99,7 +99,7 @@ def write_atomically(target: Path, write) -> None:
 
 def export(
     ctx: typer.Context,
-    model: str = typer.Argument("gpt2-small", envvar="PGLLM_MODEL", help="Model to export."),
+    model: str = MODEL_ARGUMENT,
     output: Path = typer.Option(..., "--output", "-o", help="npz: the file to write; safetensors: the directory."),
     format: str = typer.Option("npz", "--format", help="npz (pgllm's checkpoint file) or safetensors "
                                "(a Hugging Face directory: config.json + model.safetensors)."),
@@ -110,19 +110,17 @@ def export(
         raise PgllmError(f"--format must be npz or safetensors, not {format!r}")
     start = time.perf_counter()
     output = output.expanduser()
-    with db.connect(ctx.obj["dsn"]) as conn:
-        row = conn.execute("SELECT n_layer, n_head, d_model, n_positions, vocab FROM llm_model_config "
-                           "WHERE model = %s", (model,)).fetchone()
-        if row is None:
+    with db.session(ctx.obj["dsn"]) as pg:
+        cfg = pg.model_config(model)
+        if cfg is None:
             raise PgllmError(f"model {model!r} does not exist")
-        cfg = npz.Config(*row)
         total = 4 * cfg.num_params()
         with bytes_progress() as progress:
             task = progress.add_task(f"exporting {model}", total=total)
             if format == "npz":
                 def write(f):
                     writer = npz.Writer(f, cfg, compress=compress)
-                    for name, shape, data in read_tensors(conn, model, cfg):
+                    for name, shape, data in read_tensors(pg, model, cfg):
                         writer.write_raw(name, shape, data)
                         progress.update(task, advance=len(data))
                     writer.close()
@@ -134,7 +132,7 @@ def export(
 
                 def write(f):
                     f.write(safetensors_header(cfg))
-                    for _, _, data in read_tensors(conn, model, cfg):
+                    for _, _, data in read_tensors(pg, model, cfg):
                         f.write(data)
                         progress.update(task, advance=len(data))
                 write_atomically(output / "model.safetensors", write)

@@ -12,26 +12,25 @@ import typer
 from rich.console import Console
 
 from .. import db
-from ..client import PGLLMClient, default_model
+from ..client import PGLLMClient
+from ..options import MODEL
 
 
 def generate(
     ctx: typer.Context,
     prompt: str = typer.Argument(..., help="The text to continue."),
-    model: str = typer.Option(None, "--model", "-m", help="Model (default: PGLLM_MODEL, else gpt2-small).",
-                              show_default=False),
+    model: str = MODEL,
     max_tokens: int = typer.Option(64, "--max-tokens", "-n", help="Tokens to generate at most."),
     temperature: float = typer.Option(1.0, "--temperature", "-t", help="0 for greedy decoding."),
     top_k: int = typer.Option(50, "--top-k", help="Sample among the k likeliest tokens (0: all)."),
     top_p: float = typer.Option(0.95, "--top-p", help="Sample within the smallest set of tokens reaching this "
                                 "probability (1: all)."),
-    seed: int = typer.Option(None, "--seed", help="Make sampling reproducible.", show_default=False),
+    seed: int = typer.Option(None, "--seed", help="Make sampling reproducible.", show_default="random"),
     stream: bool = typer.Option(True, "--stream/--no-stream", help="Print tokens as they are generated."),
     beam_width: int = typer.Option(None, "--beam-width", help="Beam search with N beams; prints N hypotheses.",
-                                   show_default=False),
+                                   show_default="off: sampling"),
 ) -> None:
     """Generate text after PROMPT: streamed token by token, or by beam search."""
-    model = model or default_model()
     err = Console(stderr=True)
     with db.connect(ctx.obj["dsn"]) as conn:
         client = PGLLMClient(conn, model)

@@ -11,13 +11,15 @@ Two routes, the same checks (all in the server, in one transaction):
 from __future__ import annotations
 
 import time
+from dataclasses import astuple
 from pathlib import Path
 
 import psycopg
 import typer
 
-from .. import db
+from .. import db, npz
 from ..errors import PgllmError
+from ..options import MODEL
 from ..progress import bytes_progress, spinner
 
 CHUNK = 512 << 10  # measured: larger pieces cost more (fresh pages per piece on both sides)
@@ -27,40 +29,41 @@ NO_ACCESS = {"58P01", "42501", "58030", "42809"}
 LOOPBACK = ("localhost", "127.0.0.1", "::1")
 
 
-def server_route_possible(conn: psycopg.Connection) -> bool:
+def server_route_possible(pg: db.Pgllm) -> bool:
     """The server runs on this machine and this role may make it read files."""
-    host = conn.info.host or ""
+    host = pg.conn.info.host or ""
     if not (host.startswith("/") or host in LOOPBACK):
         return False
-    return conn.execute(
-        "SELECT pg_catalog.has_function_privilege('pg_llm_import_npz(text, text, boolean)', 'EXECUTE') "
+    return pg.conn.execute(
+        "SELECT pg_catalog.has_function_privilege(%s, 'EXECUTE') "
         "AND ((SELECT rolsuper FROM pg_catalog.pg_roles WHERE rolname = current_user) "
-        "     OR pg_catalog.pg_has_role('pg_read_server_files', 'USAGE'))").fetchone()[0]
+        "     OR pg_catalog.pg_has_role('pg_read_server_files', 'USAGE'))",
+        (pg.name("pg_llm_import_npz") + "(text, text, boolean)",)).fetchone()[0]
 
 
-def import_via_server(conn: psycopg.Connection, path: Path, model: str, replace: bool) -> int:
+def import_via_server(pg: db.Pgllm, path: Path, model: str, replace: bool) -> int:
     with spinner() as progress:
         progress.add_task(f"the server imports {path.name}")
-        return conn.execute("SELECT pg_llm_import_npz(%s, %s, %s)", (str(path), model, replace)).fetchone()[0]
+        return pg.execute("SELECT {pg_llm_import_npz}(%s, %s, %s)", (str(path), model, replace)).fetchone()[0]
 
 
-def import_via_client(conn: psycopg.Connection, path: Path, model: str, replace: bool) -> int:
+def import_via_client(pg: db.Pgllm, path: Path, model: str, replace: bool) -> int:
     """Stage the file in the server piece by piece (a temporary file there), then import it."""
     size = path.stat().st_size
     with bytes_progress() as progress, open(path, "rb") as f:
         task = progress.add_task(f"sending {path.name}", total=size)
         while piece := f.read(CHUNK):
-            conn.execute("SELECT pg_llm_import_npz_stage(%b)", (piece,))
+            pg.execute("SELECT {pg_llm_import_npz_stage}(%b)", (piece,))
             progress.update(task, advance=len(piece))
     with spinner() as progress:
         progress.add_task(f"the server imports {path.name}")
-        return conn.execute("SELECT pg_llm_import_npz_staged(%s, %s)", (model, replace)).fetchone()[0]
+        return pg.execute("SELECT {pg_llm_import_npz_staged}(%s, %s)", (model, replace)).fetchone()[0]
 
 
 def import_(
     ctx: typer.Context,
     file: Path = typer.Argument(..., help="Checkpoint file written by pgllm convert or pgllm export."),
-    model: str = typer.Option("gpt2-small", "--model", envvar="PGLLM_MODEL", help="Model to load the weights into."),
+    model: str = MODEL,
     replace: bool = typer.Option(False, "--replace", help="Overwrite the model's existing weights "
                                  "(also clears its optimizer state, training state and training log)."),
     via: str = typer.Option("auto", "--via", help="server: the server reads FILE; client: send its bytes over "
@@ -72,23 +75,25 @@ def import_(
     path = file.expanduser().absolute()
     if not path.is_file():
         raise PgllmError(f"{file}: no such file")
+    with open(path, "rb") as f:
+        npz.check_magic(f.read(4), str(file))  # the server checks too, but cannot name the file it was sent
     start = time.perf_counter()
-    with db.connect(ctx.obj["dsn"]) as conn:
-        existed = conn.execute("SELECT 1 FROM llm_model_config WHERE model = %s", (model,)).fetchone() is not None
-        conn.commit()
+    with db.session(ctx.obj["dsn"]) as pg:
+        existed = pg.model_config(model) is not None
+        pg.conn.commit()
         n, route = None, "client"
-        if via == "server" or (via == "auto" and server_route_possible(conn)):
+        if via == "server" or (via == "auto" and server_route_possible(pg)):
             try:
-                n, route = import_via_server(conn, path, model, replace), "server"
+                n, route = import_via_server(pg, path, model, replace), "server"
             except psycopg.Error as e:
-                conn.rollback()
+                pg.conn.rollback()
                 if via == "server" or e.sqlstate not in NO_ACCESS:
                     raise
         if n is None:
-            n = import_via_client(conn, path, model, replace)
-        conn.commit()
-        cfg = conn.execute("SELECT n_layer, n_head, d_model, n_positions, vocab FROM llm_model_config "
-                           "WHERE model = %s", (model,)).fetchone()
+            n = import_via_client(pg, path, model, replace)
+        pg.conn.commit()
+        cfg = pg.model_config(model)
     how = "the server read the file" if route == "server" else f"sent {path.stat().st_size / 1e6:.1f} MB"
-    registered = "" if existed else " (registered: n_layer={}, n_head={}, d_model={}, n_positions={}, vocab={})".format(*cfg)
+    registered = "" if existed else " (registered: n_layer={}, n_head={}, d_model={}, n_positions={}, vocab={})".format(
+        *astuple(cfg))
     typer.echo(f"imported {n} tensors into model {model!r}{registered} in {time.perf_counter() - start:.1f} s; {how}")

@@ -8,13 +8,14 @@ import typer
 
 from .. import db
 from ..cluster import find_system_pg_config
-from ..extension import build_and_install, check_prerequisites, check_same_major, create_or_update
+from ..extension import (build_and_install, check_prerequisites, check_same_major, control_version,
+                         create_or_update, source_dir)
 
 
 def install(
     ctx: typer.Context,
-    pg_config: Path = typer.Option(None, "--pg-config", help="pg_config of the installation to build for "
-                                   "(default: the embedded server's, else the one on PATH).", show_default=False),
+    pg_config: Path = typer.Option(None, "--pg-config", help="pg_config of the installation to build for.",
+                                   show_default="the embedded server's, else the one on PATH"),
 ) -> None:
     """Build and install the pg_llm extension, then CREATE or ALTER EXTENSION ... UPDATE."""
     dsn, cluster = db.resolve_dsn(ctx.obj["dsn"])
@@ -27,13 +28,13 @@ def install(
     cfg = check_prerequisites(pg_config)
     with db.connect(ctx.obj["dsn"]) as conn:
         check_same_major(conn, cfg)
-        typer.echo(f"building pg_llm with {pg_config}")
+        typer.echo(f"building pg_llm {control_version()} from {source_dir()} with {pg_config}")
         build_and_install(pg_config)
         typer.echo(f"installed into {cfg['pkglibdir']}")
         old, new = create_or_update(conn)
     if old is None:
         typer.echo(f"created extension pg_llm {new}")
     elif old != new:
-        typer.echo(f"updated extension pg_llm {old} -> {new}")
+        typer.echo(f"updated extension pg_llm from {old} to {new}")
     else:
         typer.echo(f"extension pg_llm {new} is up to date")

@@ -8,7 +8,8 @@ import typer
 
 from .. import db
 from ..errors import PgllmError
-from .dataset import default_model
+from ..optional import need
+from ..options import MODEL
 
 
 def chart(xs: list[int], ys: list[float], width: int, height: int) -> list[str]:
@@ -31,12 +32,9 @@ def chart(xs: list[int], ys: list[float], width: int, height: int) -> list[str]:
 
 
 def write_png(path: Path, model: str, steps, losses, lrs) -> None:
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        raise PgllmError("--png needs matplotlib", hint="pip install matplotlib (or pgllm[dev])") from None
+    import matplotlib  # checked by log() before it connects
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
     fig, ax = plt.subplots(figsize=(8, 4.5), dpi=100)
     ax.plot(steps, losses, color="tab:blue", linewidth=1.2, label="loss")
     ax.set_xlabel("step")
@@ -57,18 +55,19 @@ def write_png(path: Path, model: str, steps, losses, lrs) -> None:
 
 def log(
     ctx: typer.Context,
-    model: str = typer.Option(None, "--model", help="[default: $PGLLM_MODEL or gpt2-small]", show_default=False),
+    model: str = MODEL,
     png: Path = typer.Option(None, "--png", help="Also write the curve (loss and learning rate) to this PNG file.",
-                             show_default=False),
-    last: int = typer.Option(None, "--last", min=1, help="Only the last N steps.", show_default=False),
+                             show_default="none"),
+    last: int = typer.Option(None, "--last", min=1, help="Only the last N steps.", show_default="every step"),
     width: int = typer.Option(72, "--width", min=8, help="Chart width in columns."),
     height: int = typer.Option(12, "--height", min=2, help="Chart height in rows."),
 ) -> None:
     """Show the loss curve of a model's training (llm_train_log)."""
-    model = model or default_model()
-    with db.connect(ctx.obj["dsn"]) as conn:
-        rows = conn.execute("SELECT step, loss, lr, grad_norm, tokens_per_s FROM llm_train_log WHERE model = %s "
-                            "ORDER BY step", (model,)).fetchall()
+    if png is not None:
+        need("pgllm log --png", "matplotlib")  # before connecting
+    with db.session(ctx.obj["dsn"]) as pg:
+        rows = pg.execute("SELECT step, loss, lr, grad_norm, tokens_per_s FROM {llm_train_log} WHERE model = %s "
+                          "ORDER BY step", (model,)).fetchall()
     if not rows:
         raise PgllmError(f'model "{model}" has no training log', hint="train it with pgllm train")
     if last is not None:

@@ -13,7 +13,8 @@ app = typer.Typer(help="Manage the embedded PostgreSQL server (data in PGLLM_HOM
 
 @app.command()
 def start(port: int = typer.Option(None, "--port", min=1, max=65535,
-                                   help="Also listen on localhost:PORT over TCP (kept for later starts).")) -> None:
+                                   help="Also listen on localhost:PORT over TCP (kept for later starts).",
+                                   show_default="the port given before, if any")) -> None:
     """Start the embedded server (initdb on first use)."""
     cluster = Cluster.default()
     started = cluster.start(port=port)

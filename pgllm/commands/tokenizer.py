@@ -17,6 +17,7 @@ import typer
 from .. import db
 from ..bundled import gpt2_tokenizer_files
 from ..errors import PgllmError
+from ..options import MODEL
 
 MAX_TOKEN_ID = 9_999_999  # as llm_model_config.vocab: fewer than 10 million tokens
 
@@ -131,48 +132,37 @@ def parse_merges(path: Path, tokens: set[str]) -> list[tuple[str, str]]:
     return merges
 
 
-def extension_schema(conn: psycopg.Connection) -> str:
-    """The schema pg_llm is installed in, quoted for SQL."""
-    row = conn.execute("SELECT quote_ident(n.nspname) FROM pg_extension e "
-                       "JOIN pg_namespace n ON n.oid = e.extnamespace WHERE e.extname = 'pg_llm'").fetchone()
-    if row is None:
-        raise PgllmError("the pg_llm extension is not installed in this database", hint="run `pgllm install`")
-    return row[0]
-
-
 def load(conn: psycopg.Connection, model: str, vocab: list[tuple[str, int]], merges: list[tuple[str, str]],
          *, replace: bool, progress=lambda message: None) -> None:
     """Write one model's tokenizer in the current transaction (the caller commits)."""
-    schema = extension_schema(conn)
+    pg = db.Pgllm(conn)
     # Serialises loads of one model (pg_llm_load_bpe_vocab/merges take the same lock).
-    conn.execute("SELECT pg_advisory_xact_lock(hashtext('pg_llm tokenizer'), hashtext(%s))", (model,))
-    n_tokens = conn.execute(f"SELECT count(*) FROM {schema}.llm_bpe_vocab WHERE model = %s", (model,)).fetchone()[0]
-    n_merges = conn.execute(f"SELECT count(*) FROM {schema}.llm_bpe_merges WHERE model = %s", (model,)).fetchone()[0]
+    pg.execute("SELECT pg_advisory_xact_lock(hashtext('pg_llm tokenizer'), hashtext(%s))", (model,))
+    n_tokens = pg.execute("SELECT count(*) FROM {llm_bpe_vocab} WHERE model = %s", (model,)).fetchone()[0]
+    n_merges = pg.execute("SELECT count(*) FROM {llm_bpe_merges} WHERE model = %s", (model,)).fetchone()[0]
     if n_tokens or n_merges:
         if not replace:
             raise PgllmError(f'model "{model}" already has a tokenizer ({n_tokens} tokens, {n_merges} merges)',
                              hint="pass --truncate to replace it")
         progress(f"replacing the tokenizer of {model} ({n_tokens} tokens, {n_merges} merges)")
-        conn.execute(f"DELETE FROM {schema}.llm_bpe_merges WHERE model = %s", (model,))
-        conn.execute(f"DELETE FROM {schema}.llm_bpe_vocab WHERE model = %s", (model,))
-    with conn.cursor() as cur:
+        pg.execute("DELETE FROM {llm_bpe_merges} WHERE model = %s", (model,))
+        pg.execute("DELETE FROM {llm_bpe_vocab} WHERE model = %s", (model,))
+    with pg.conn.cursor() as cur:
         progress(f"copying {len(vocab)} tokens")
-        with cur.copy(f"COPY {schema}.llm_bpe_vocab (model, token_id, token) FROM STDIN") as copy:
+        with pg.copy(cur, "COPY {llm_bpe_vocab} (model, token_id, token) FROM STDIN") as copy:
             for token, token_id in vocab:
                 copy.write_row((model, token_id, token))
         progress(f"copying {len(merges)} merges")
-        with cur.copy(f'COPY {schema}.llm_bpe_merges (model, rank, "left", "right") FROM STDIN') as copy:
+        with pg.copy(cur, 'COPY {llm_bpe_merges} (model, rank, "left", "right") FROM STDIN') as copy:
             for rank, (left, right) in enumerate(merges):
                 copy.write_row((model, rank, left, right))
 
 
 def tokenizer(
     ctx: typer.Context,
-    model: str = typer.Option(..., "--model", "-m", help="Model the tokenizer is for (tokenizers are keyed by model)."),
-    vocab: Path = typer.Option(None, "--vocab", help="vocab.json (default: the GPT-2 tokenizer bundled with pgllm).",
-                               show_default=False),
-    merges: Path = typer.Option(None, "--merges", help="merges.txt (default: the bundled GPT-2 merges).",
-                                show_default=False),
+    model: str = MODEL,
+    vocab: Path = typer.Option(None, "--vocab", help="vocab.json.", show_default="the GPT-2 tokenizer bundled with pgllm"),
+    merges: Path = typer.Option(None, "--merges", help="merges.txt.", show_default="the bundled GPT-2 merges"),
     truncate: bool = typer.Option(False, "--truncate", help="Replace the model's tokenizer if it already has one."),
 ) -> None:
     """Load a GPT-2 byte-level BPE tokenizer into llm_bpe_vocab / llm_bpe_merges for a model."""

@@ -19,41 +19,41 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from .. import db
 from ..errors import PgllmError
-from .dataset import default_model
+from ..options import MODEL
 
 STEP_RE = re.compile(r"^llm_train step=(\d+) loss=(\S+) lr=(\S+) grad_norm=(\S+) tokens_per_s=(\S+) done=(\d+)/(\d+)$")
 
 
 def train(
     ctx: typer.Context,
-    model: str = typer.Option(None, "--model", help="[default: $PGLLM_MODEL or gpt2-small]", show_default=False),
+    model: str = MODEL,
     steps: int = typer.Option(..., "--steps", min=1, help="Optimizer steps to run.", show_default=False),
     batch_size: int = typer.Option(4, "--batch-size", min=1, help="Rows of llm_dataset per micro-batch."),
     grad_accum: int = typer.Option(1, "--grad-accum", min=1, help="Micro-batches per optimizer step."),
     lr_max: float = typer.Option(2.5e-4, "--lr-max", help="Peak learning rate."),
     lr_min: float = typer.Option(0.0, "--lr-min", help="Floor the cosine decays to."),
-    warmup: int = typer.Option(None, "--warmup", min=0, help="Linear warmup steps [default: a tenth of the "
-                               "schedule, at most 2000]", show_default=False),
-    total_steps: int = typer.Option(None, "--total-steps", min=1, help="Schedule length, counted from step 0 "
-                                    "[default: the model's step counter + --steps]", show_default=False),
-    beta1: float = typer.Option(0.9, "--beta1"),
-    beta2: float = typer.Option(0.999, "--beta2"),
-    eps: float = typer.Option(1e-8, "--eps"),
+    warmup: int = typer.Option(None, "--warmup", min=0, help="Linear warmup steps.",
+                               show_default="a tenth of the schedule, at most 2000"),
+    total_steps: int = typer.Option(None, "--total-steps", min=1, help="Schedule length, counted from step 0.",
+                                    show_default="the model's step counter + --steps"),
+    beta1: float = typer.Option(0.9, "--beta1", help="AdamW decay rate of the gradient's running mean."),
+    beta2: float = typer.Option(0.999, "--beta2", help="AdamW decay rate of the squared gradient's running mean."),
+    eps: float = typer.Option(1e-8, "--eps", help="AdamW term added to the denominator, for stability."),
     wd: float = typer.Option(0.01, "--wd", help="AdamW weight decay (2-D tensors only)."),
     grad_clip: float = typer.Option(1.0, "--grad-clip", help="Global gradient-norm clip; 0 = off."),
-    dropout: float = typer.Option(0.0, "--dropout"),
+    dropout: float = typer.Option(0.0, "--dropout", help="Dropout probability on embeddings, attention and "
+                                  "residual branches (GPT-2's *_pdrop)."),
     seed: int = typer.Option(1337, "--seed", help="Seed of the dropout masks."),
     commit_every: int = typer.Option(100, "--commit-every", min=1, help="Steps per transaction."),
-    threads: int = typer.Option(None, "--threads", min=0, help="pg_llm.threads for this run [default: the "
-                                "server's setting]", show_default=False),
+    threads: int = typer.Option(None, "--threads", min=0, help="pg_llm.threads for this run.",
+                                show_default="the server's setting"),
 ) -> None:
     """Train a model on llm_dataset with llm_train, committing every N steps."""
-    model = model or default_model()
     console = Console(stderr=True)
-    with db.connect(ctx.obj["dsn"]) as conn:
-        if conn.execute("SELECT 1 FROM llm_model_config WHERE model = %s", (model,)).fetchone() is None:
-            raise PgllmError(f'model "{model}" does not exist', hint="pgllm import or pgllm init creates it")
-        row = conn.execute("SELECT step FROM llm_train_state WHERE model = %s", (model,)).fetchone()
+    with db.session(ctx.obj["dsn"]) as pg:
+        conn = pg.conn
+        pg.require_model(model, hint="pgllm import or pgllm init creates it")
+        row = pg.execute("SELECT step FROM {llm_train_state} WHERE model = %s", (model,)).fetchone()
         start_step = row[0] if row else 0
         total = total_steps if total_steps is not None else start_step + steps
         if warmup is None:
@@ -88,8 +88,8 @@ def train(
             try:
                 while committed < steps:
                     n = min(commit_every, steps - committed)
-                    conn.execute(
-                        "SELECT llm_train(%s, %s, beta1 => %s, beta2 => %s, eps => %s, wd => %s, lr_max => %s, "
+                    pg.execute(
+                        "SELECT {llm_train}(%s, %s, beta1 => %s, beta2 => %s, eps => %s, wd => %s, lr_max => %s, "
                         "warmup => %s, batch_size => %s, grad_accum => %s, grad_clip => %s, lr_min => %s, "
                         "total_steps => %s, dropout => %s, seed => %s)",
                         (model, n, beta1, beta2, eps, wd, lr_max, warmup, batch_size, grad_accum, grad_clip,
