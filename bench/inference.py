@@ -11,10 +11,11 @@ in a temporary folder, as the tests do. Measured, best of --repeat runs, the two
     run the same prompt pass), over 64. PyTorch: 64 calls of model(next_token, cache) + argmax.
   - prompt tokens/s at T = 128 and 512: ours llm_logits(T tokens), timed on the client; PyTorch
     model(ids, use_cache=True, logits_to_keep=1), as generate's prefill.
-  - backend memory: the server process's private resident memory (RssAnon: the weights, the
-    caches and buffers; not the shared buffers it reads the tables through), at its peak while
-    it loads the weights and runs everything above (sampled every 5 ms), and at the end, beside
-    the size of the weights. Read from /proc, so only when the server runs on this machine.
+  - backend memory: the server process's private resident memory (RssAnon: its caches and
+    buffers; not the shared buffers it reads the tables through, nor the weights, which are the
+    server's one shared copy, mapped from a file: see bench.serving), at its peak while it builds
+    that copy and runs everything above (sampled every 5 ms), and at the end, beside the size of
+    the weights. Read from /proc, so only when the server runs on this machine.
 """
 
 from __future__ import annotations
@@ -164,7 +165,7 @@ def main() -> None:
         print(f"{label:28}{a[k]:12.1f}{b[k]:12.1f}{a[k] / b[k]:8.2f}x")
     if memory:
         peak, end = memory
-        print(f"\nbackend private memory (RssAnon): peak {peak / 2**20:.0f} MB = {peak / weights:.2f}x the weights "
+        print(f"\nbackend private memory (RssAnon; the weights are the server's shared copy): peak {peak / 2**20:.0f} MB = {peak / weights:.2f}x the weights "
               f"({weights / 2**20:.0f} MB), at the end {end / 2**20:.0f} MB = {end / weights:.2f}x")
 
 if __name__ == "__main__":

@@ -352,7 +352,27 @@ class Cluster:
                 info["server_version"] = conn.execute("SHOW server_version").fetchone()[0]
                 row = conn.execute("SELECT extversion FROM pg_extension WHERE extname = 'pg_llm'").fetchone()
                 info["extension_version"] = row[0] if row else None
+                info["weight_cache"] = weight_cache(conn) if row else None
         return info
+
+
+def weight_cache(conn) -> dict | None:
+    """The shared copies of model weights on the server (pg_llm_weight_cache()); None before 0.2.0."""
+    import psycopg
+
+    columns = ("database", "model", "weights_version", "format", "bytes", "built_at", "last_used", "backends", "path")
+    try:
+        rows = conn.execute(f"SELECT {', '.join(columns)} FROM pg_llm_weight_cache() "
+                            "ORDER BY database, model, format, weights_version").fetchall()
+    except psycopg.errors.UndefinedFunction:
+        return None
+    copies = [{k: v.isoformat() if hasattr(v, "isoformat") else v for k, v in zip(columns, row)} for row in rows]
+    return {
+        "shared_weights": conn.execute("SHOW pg_llm.shared_weights").fetchone()[0],
+        "size_limit": conn.execute("SHOW pg_llm.weight_cache_size").fetchone()[0],
+        "bytes": sum(c["bytes"] for c in copies),
+        "copies": copies,
+    }
 
 
 def available_extension_version(root: Path) -> str | None:

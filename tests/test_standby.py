@@ -39,7 +39,7 @@ def run_as_server(cluster: Cluster, argv: list[str]) -> None:
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def primary_and_standby():
     home = make_home("pgllm-primary-")
     primary = Cluster(home)
@@ -103,3 +103,32 @@ def test_a_model_imported_on_the_primary_generates_the_same_text_on_the_standby(
         assert on_standby == on_primary
         assert on_primary[0] and len(on_primary[2]) == 50257
         assert s.execute("SELECT pg_is_in_recovery()").fetchone()[0] is True
+
+
+@pytest.mark.slow
+def test_the_standby_serves_from_its_own_shared_copy(primary_and_standby):
+    """A standby builds its copy from its replicated tables, in its own data directory, shares it
+    between its backends, and replaces it when a new version is replayed."""
+    primary_dsn, standby_dsn = primary_and_standby
+    name = f"standby-cache-{uuid.uuid4().hex[:6]}"
+    copies = "SELECT weights_version, path, backends FROM pg_llm_weight_cache() WHERE model = %s"
+    logits = "SELECT llm_logits('{1,2,3}', %s)"
+    with psycopg.connect(primary_dsn, autocommit=True) as p, psycopg.connect(standby_dsn, autocommit=True) as s1, \
+            psycopg.connect(standby_dsn, autocommit=True) as s2:
+        store_hf_model(p, name, random_gpt2(8, **TEXT))
+        wait_for_replay(p, s1)
+        on_primary = p.execute(logits, (name,)).fetchone()[0]
+        assert s1.execute(logits, (name,)).fetchone()[0] == s2.execute(logits, (name,)).fetchone()[0] == on_primary
+        [(version, path, backends)] = s1.execute(copies, (name,)).fetchall()
+        assert backends == 2
+        standby_data = s1.execute("SHOW data_directory").fetchone()[0]
+        primary_data = p.execute("SHOW data_directory").fetchone()[0]
+        assert os.stat(os.path.join(standby_data, path)).st_ino != os.stat(os.path.join(primary_data, path)).st_ino
+
+        p.execute("UPDATE llm_param SET data = decode(repeat('0000003f', 64), 'hex') "
+                  "WHERE model = %s AND name = 'ln_f.bias'", (name,))
+        wait_for_replay(p, s1)
+        changed = p.execute(logits, (name,)).fetchone()[0]
+        assert changed != on_primary and s1.execute(logits, (name,)).fetchone()[0] == changed
+        [(new_version, new_path, _)] = s1.execute(copies, (name,)).fetchall()
+        assert new_version > version and not os.path.exists(os.path.join(standby_data, path))

@@ -40,3 +40,13 @@ END $$;
 CREATE TRIGGER llm_model_config_builtin BEFORE INSERT ON llm_model_config
     FOR EACH ROW WHEN (NEW.model = 'gpt2-small') EXECUTE FUNCTION llm_model_config_replace_builtin();
 SELECT pg_catalog.pg_extension_config_dump('llm_model_config', '');
+
+-- ==== shared weights ====
+-- The shared read-only copies of model weights (one file per database, model, weights_version
+-- and format in the data directory's pgsql_tmp_pg_llm/): every backend that serves a model maps
+-- the same copy. Rows of other databases only for roles with pg_read_all_stats' privileges.
+CREATE FUNCTION pg_llm_weight_cache(
+    OUT database text, OUT model text, OUT weights_version bigint, OUT format text, OUT bytes bigint,
+    OUT built_at timestamptz, OUT last_used timestamptz, OUT backends int, OUT path text)
+RETURNS SETOF record
+AS 'MODULE_PATHNAME', 'pg_llm_weight_cache' LANGUAGE C VOLATILE STRICT;

@@ -1,14 +1,17 @@
 /*
- * model.c: GPT-2 tensor names and layout, llm_model_config, and the per-backend weight cache.
+ * model.c: GPT-2 tensor names and layout, llm_model_config, and the backend's model (its weights
+ * from weights_cache.c: the server's shared copy, or a private one).
  */
 #include "pg_llm.h"
 #include "model.h"
+#include "weights_cache.h"
 
 #include <ctype.h>
 #include <stdlib.h>
 
 #include "access/detoast.h"
 #include "access/htup_details.h"
+#include "access/xact.h"
 #include "catalog/pg_type.h"
 #include "commands/trigger.h"
 #include "executor/spi.h"
@@ -17,6 +20,7 @@
 #include "utils/builtins.h"
 #include "utils/lsyscache.h"
 #include "utils/memutils.h"
+#include "utils/timestamp.h"
 
 /* Names and scopes of the kinds (tensors.def). */
 static const struct
@@ -235,22 +239,41 @@ llm_config_load(const char *model, LlmConfig *cfg)
 
 /* ---- the weight cache ---------------------------------------------------------------------- */
 
+/*
+ * The backend's model. Its weights are a copy from weights_cache.c: the server's shared read-only
+ * copy (pg_llm.shared_weights, the default) or private memory, for one of these reasons.
+ */
+typedef enum CopyKind
+{
+	COPY_SHARED,
+	COPY_OFF,					/* pg_llm.shared_weights = off */
+	COPY_XACT,					/* weights this transaction changed: not to be seen by others */
+	COPY_FALLBACK,				/* sharing failed (no room, an I/O error): said in a WARNING */
+	COPY_TRAIN,					/* training writes into it (llm_model_get_private) */
+} CopyKind;
+
 static LlmModel *cached = NULL;
+static LlmWcCopy *cached_copy = NULL;
+static CopyKind cached_kind;
+static TransactionId cached_xmin;	/* of the llm_model_config row a COPY_XACT copy was made for */
 
 void
 llm_model_forget(void)
 {
 	if (cached != NULL)
 	{
-		free(cached->memory);
+		llm_wc_release(cached_copy);
 		free(cached);
 		cached = NULL;
+		cached_copy = NULL;
 	}
 }
 
 void
 llm_model_set_version(LlmModel *m, int64 version)
 {
+	if (m != cached || cached_kind != COPY_TRAIN)
+		elog(ERROR, "llm_model_set_version needs the copy of llm_model_get_private");
 	m->cfg.weights_version = version;
 }
 
@@ -281,9 +304,9 @@ check_shape(const LlmTensorInfo *info, ArrayType *shape)
 
 #define LOAD_SLICE_BYTES ((size_t) 8 << 20)
 
-/* Copy every tensor of the model from llm_param into memory (num_params floats). */
+/* Writes every tensor of the model from llm_param into section 0 of a copy (num_params floats). */
 static void
-load_weights(const LlmConfig *cfg, const LlmLayout *layout, float *memory)
+load_weights(const LlmConfig *cfg, const LlmLayout *layout, LlmWcWriter *w)
 {
 	Oid			argtypes[1] = {TEXTOID};
 	Datum		values[1] = {CStringGetTextDatum(cfg->model)};
@@ -333,7 +356,7 @@ load_weights(const LlmConfig *cfg, const LlmLayout *layout, float *memory)
 				size_t		len = Min(LOAD_SLICE_BYTES, bytes - off);
 				bytea	   *slice = DatumGetByteaPSlice(datum, (int32) off, (int32) len);
 
-				memcpy((char *) (memory + info.offset) + off, VARDATA(slice), len);
+				llm_wc_write(w, 0, info.offset * sizeof(float) + off, VARDATA(slice), len);
 				pfree(slice);
 			}
 			seen[index] = true;
@@ -360,48 +383,169 @@ load_weights(const LlmConfig *cfg, const LlmLayout *layout, float *memory)
 	pfree(seen);
 }
 
+static void
+fill_from_tables(const LlmConfig *cfg, LlmWcWriter *w, void *arg)
+{
+	LlmLayout	layout;
+
+	llm_layout_init(cfg, &layout);
+	load_weights(cfg, &layout, w);
+}
+
+static void
+fill_from_memory(const LlmConfig *cfg, LlmWcWriter *w, void *arg)
+{
+	LlmLayout	layout;
+
+	llm_layout_init(cfg, &layout);
+	llm_wc_write(w, 0, 0, arg, layout.num_params * sizeof(float));
+}
+
+/* float32 in the block layout of model.h: one section, the whole block. */
+static void
+float32_format(const LlmLayout *layout, LlmWcFormat *fmt)
+{
+	memset(fmt, 0, sizeof(*fmt));
+	fmt->name = "float32";
+	fmt->layout = LLM_WC_LAYOUT_BLOCK;
+	fmt->precision = LLM_WC_FLOAT32;
+	fmt->n_sections = 1;
+	fmt->section_id[0] = LLM_WC_SECTION_PARAMS;
+	fmt->section_bytes[0] = layout->num_params * sizeof(float);
+	fmt->fill = fill_from_tables;
+}
+
+/* The xmin of the model's llm_model_config row: this transaction's when it changed the weights. */
+static TransactionId
+config_xmin(const char *model)
+{
+	Oid			argtypes[1] = {TEXTOID};
+	Datum		values[1] = {CStringGetTextDatum(model)};
+	TransactionId xmin = InvalidTransactionId;
+	bool		isnull;
+
+	SPI_connect();
+	if (SPI_execute_with_args(psprintf("SELECT xmin FROM %s WHERE model = $1", llm_table("llm_model_config")),
+							  1, argtypes, values, NULL, true, 1) == SPI_OK_SELECT && SPI_processed == 1)
+	{
+		Datum		d = SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1, &isnull);
+
+		if (!isnull)
+			xmin = DatumGetTransactionId(d);
+	}
+	SPI_finish();
+	return xmin;
+}
+
+/* Replaces the backend's model by a new copy of cfg's weights. */
+static LlmModel *
+load_model(const LlmConfig *cfg, CopyKind kind, const float *source)
+{
+	static const char *const kinds[] = {"the shared copy", "a private copy (pg_llm.shared_weights = off)",
+		"a private copy (weights changed by this transaction)", "a private copy", "a private copy for training"};
+	TimestampTz start = GetCurrentTimestamp();
+	LlmModel   *m = calloc(1, sizeof(LlmModel));
+	LlmWcFormat fmt;
+	LlmWcCopy  *copy;
+
+	if (m == NULL)
+		ereport(ERROR, (errcode(ERRCODE_OUT_OF_MEMORY), errmsg("out of memory")));
+	m->cfg = *cfg;
+	llm_layout_init(cfg, &m->layout);
+	float32_format(&m->layout, &fmt);
+	if (source != NULL)
+	{
+		fmt.fill = fill_from_memory;
+		fmt.arg = (void *) source;
+	}
+	if (source == NULL)
+		llm_model_forget();		/* first: two private copies at once could exhaust memory */
+	PG_TRY();
+	{
+		copy = llm_wc_get(cfg, &fmt, kind == COPY_SHARED);
+	}
+	PG_CATCH();
+	{
+		free(m);
+		PG_RE_THROW();
+	}
+	PG_END_TRY();
+	llm_model_forget();			/* the source, if any, was the old copy */
+	m->memory = (float *) copy->section[0];
+	llm_params_point(m->memory, &m->layout, &m->p);
+	cached = m;
+	cached_copy = copy;
+	cached_kind = (kind == COPY_SHARED && !copy->shared) ? COPY_FALLBACK : kind;
+	ereport(DEBUG1,
+			(errmsg_internal("pg_llm: model \"%s\" (weights_version " INT64_FORMAT ") from %s in %.1f ms",
+							 cfg->model, cfg->weights_version, kinds[cached_kind],
+							 (GetCurrentTimestamp() - start) / 1000.0),
+			 errhidestmt(true)));
+	return m;
+}
+
+static bool
+is_current(const LlmConfig *cfg)
+{
+	return cached != NULL && same_architecture(&cached->cfg, cfg) &&
+		cached->cfg.weights_version == cfg->weights_version && cached->cfg.table_oid == cfg->table_oid;
+}
+
 LlmModel *
 llm_model_get(const char *model)
 {
 	LlmConfig	cfg;
 	LlmModel   *m;
+	TransactionId xmin;
+	bool		reuse = false;
 
 	llm_config_load(model, &cfg);
-	if (cached != NULL && same_architecture(&cached->cfg, &cfg) &&
-		cached->cfg.weights_version == cfg.weights_version && cached->cfg.table_oid == cfg.table_oid)
+	if (is_current(&cfg))
+	{
+		switch (cached_kind)
+		{
+			case COPY_SHARED:
+				reuse = llm_shared_weights;
+				break;
+			case COPY_OFF:
+				reuse = !llm_shared_weights;
+				break;
+			case COPY_XACT:
+				reuse = TransactionIdIsCurrentTransactionId(cached_xmin);
+				break;
+			case COPY_FALLBACK:
+			case COPY_TRAIN:
+				reuse = true;
+				break;
+		}
+	}
+	if (reuse)
 		return cached;
+	if (!llm_shared_weights)
+		return load_model(&cfg, COPY_OFF, NULL);
 
-	llm_model_forget();
-	m = calloc(1, sizeof(LlmModel));
-	if (m == NULL)
-		ereport(ERROR, (errcode(ERRCODE_OUT_OF_MEMORY), errmsg("out of memory")));
-	m->cfg = cfg;
-	llm_layout_init(&cfg, &m->layout);
-	m->memory = llm_alloc_floats(m->layout.num_params);
-	if (m->memory == NULL)
-	{
-		size_t		mb = m->layout.num_params * sizeof(float) >> 20;
-
-		free(m);
-		ereport(ERROR,
-				(errcode(ERRCODE_OUT_OF_MEMORY),
-				 errmsg("out of memory loading model \"%s\"", model),
-				 errdetail("The weights need %zu MB.", mb)));
-	}
-	PG_TRY();
-	{
-		load_weights(&cfg, &m->layout, m->memory);
-	}
-	PG_CATCH();
-	{
-		free(m->memory);
-		free(m);
-		PG_RE_THROW();
-	}
-	PG_END_TRY();
-	llm_params_point(m->memory, &m->layout, &m->p);
-	cached = m;
+	/* weights this transaction wrote are not committed: no other may see them, nor a file */
+	xmin = config_xmin(model);
+	if (!TransactionIdIsCurrentTransactionId(xmin))
+		return load_model(&cfg, COPY_SHARED, NULL);
+	m = load_model(&cfg, COPY_XACT, NULL);
+	cached_xmin = xmin;
 	return m;
+}
+
+LlmModel *
+llm_model_get_private(const char *model)
+{
+	LlmConfig	cfg;
+
+	llm_config_load(model, &cfg);
+	if (is_current(&cfg) && cached_copy->writable)
+	{
+		cached_kind = COPY_TRAIN;
+		return cached;
+	}
+	/* from the shared copy this backend maps, when it is current: faster than the tables */
+	return load_model(&cfg, COPY_TRAIN, is_current(&cfg) ? cached->memory : NULL);
 }
 
 /* ---- weights_version: bumped once per statement for each model whose parameters changed ---- */

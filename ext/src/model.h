@@ -1,5 +1,5 @@
 /*
- * model.h: GPT-2 architecture, the tensor name table, and the per-backend weight cache.
+ * model.h: GPT-2 architecture, the tensor name table, and the backend's model with its weights.
  *
  * Parameters live in one contiguous float block, grouped by kind across layers as in llm.c
  * (all layers' ln_1 weights, then all ln_1 biases, ...), each tensor in Hugging Face orientation:
@@ -81,7 +81,7 @@ typedef struct LlmModel
 {
 	LlmConfig	cfg;
 	LlmLayout	layout;
-	float	   *memory;			/* layout.num_params floats, malloc'd, 64-byte aligned */
+	float	   *memory;			/* layout.num_params floats, 64-byte aligned; read-only unless private */
 	LlmParams	p;				/* pointers into memory */
 } LlmModel;
 
@@ -101,18 +101,23 @@ extern bool llm_config_lookup(const char *model, LlmConfig *cfg, bool for_update
 extern void llm_config_load(const char *model, LlmConfig *cfg);
 
 /*
- * The model with its weights, loaded from llm_param on first use and kept until the model's
- * weights_version changes (one indexed lookup per call). ERROR when a tensor is missing or has
- * the wrong size. The returned model stays valid until the next llm_model_get call.
+ * The model with its weights, from llm_param on first use and kept until the model's
+ * weights_version changes (one indexed lookup per call): the server's shared read-only copy
+ * (weights_cache.h; pg_llm.shared_weights), else a private one. ERROR when a tensor is missing or
+ * has the wrong size. The returned model stays valid until the next llm_model_get* call. Never
+ * write into its memory: it may be mapped read-only.
  */
 extern LlmModel *llm_model_get(const char *model);
 
-/* Drop the cached weights (frees their memory). */
+/* The same, in private memory that the caller may write into (training). */
+extern LlmModel *llm_model_get_private(const char *model);
+
+/* Drop the backend's model (frees or unmaps its weights). */
 extern void llm_model_forget(void);
 
 /*
- * After this backend itself wrote new weights for the cached model (training), record the
- * version it now sees so that the next llm_model_get does not reload what it already holds.
+ * After this backend itself wrote new weights into the model of llm_model_get_private (training),
+ * record the version it now sees so that the next llm_model_get does not reload what it holds.
  */
 extern void llm_model_set_version(LlmModel *m, int64 version);
 

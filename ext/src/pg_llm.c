@@ -2,6 +2,7 @@
  * pg_llm.c: module entry point, GUCs, version.
  */
 #include "pg_llm.h"
+#include "weights_cache.h"
 
 #include <stdlib.h>
 
@@ -41,6 +42,7 @@ _PG_init(void)
 							0, 0, 4096,
 							PGC_SUSET, 0,
 							NULL, NULL, NULL);
+	llm_wc_init();
 	MarkGUCPrefixReserved("pg_llm");
 }
 

@@ -903,7 +903,7 @@ llm_train(PG_FUNCTION_ARGS)
 	if ((int64) args.batch_size * ds.T > PG_INT32_MAX / 4)
 		bad_argument(psprintf("batch_size %d times the block size %d is too large", args.batch_size, ds.T),
 					 "Use grad_accum for a larger effective batch.");
-	model = llm_model_get(args.model);
+	model = llm_model_get_private(args.model);
 
 	tr = palloc0(sizeof(Trainer));
 	PG_TRY();

@@ -30,7 +30,7 @@ def stop() -> None:
 
 @app.command()
 def status(as_json: bool = typer.Option(False, "--json", help="Print the status as JSON.")) -> None:
-    """Show where the embedded server lives, whether it runs, and the pg_llm version in it."""
+    """Show where the embedded server lives, whether it runs, the pg_llm version and the shared weights in it."""
     info = Cluster.default().status()
     if as_json:
         typer.echo(json.dumps(info, indent=2))
@@ -44,6 +44,14 @@ def status(as_json: bool = typer.Option(False, "--json", help="Print the status 
         ("pg_llm installed", info["extension_version"] or "no"),
         ("pg_llm available", info["extension_available"] or "no (run `pgllm install`)"),
     ]
+    cache = info.get("weight_cache")
+    if cache is not None:
+        rows.append(("weight cache", f"{len(cache['copies'])} shared copies, {cache['bytes'] / 2**20:.0f} MB of "
+                                     f"{cache['size_limit']} (pg_llm.weight_cache_size; shared_weights "
+                                     f"{cache['shared_weights']})"))
     width = max(len(k) for k, _ in rows)
     for k, v in rows:
         typer.echo(f"{k:<{width}}  {v}")
+    for c in cache["copies"] if cache else []:
+        typer.echo(f"  {c['database'] or '(dropped)'}  {c['model'] or '(unreadable)'}  version {c['weights_version']}  "
+                   f"{c['format']}  {c['bytes'] / 2**20:.0f} MB  {c['backends']} backends  built {c['built_at']}")
