@@ -7,17 +7,16 @@
  * backend's own thread, which is the only thread that may touch PostgreSQL state.
  */
 #include "pg_llm.h"
+#include "blas.h"
 
 #include <dlfcn.h>
 #include <signal.h>
 #include <stdlib.h>
-#include <unistd.h>
 
 #include "fmgr.h"
 #include "utils/builtins.h"
 
 llm_sgemm_fn llm_cblas_sgemm = NULL;
-llm_sgemv_fn llm_cblas_sgemv = NULL;
 
 typedef void (*set_threads_fn) (int);
 typedef int (*get_threads_fn) (void);
@@ -31,19 +30,6 @@ static int	blas_threads_set = -1;
 static const char *const blas_candidates[] = {
 	"libopenblas.so.0", "libopenblas.so", "libcblas.so.3", "libblas.so.3",
 };
-
-int
-llm_num_threads(void)
-{
-	/* sysconf reads /sys on every call, and this runs before every parallel kernel: ask once */
-	static int	cores = 0;
-
-	if (llm_threads > 0)
-		return llm_threads;
-	if (cores == 0)
-		cores = Max(1, (int) sysconf(_SC_NPROCESSORS_ONLN));
-	return cores;
-}
 
 void
 llm_blas_init(void)
@@ -70,8 +56,7 @@ llm_blas_init(void)
 			if (h == NULL)
 				continue;
 			llm_cblas_sgemm = (llm_sgemm_fn) dlsym(h, "cblas_sgemm");
-			llm_cblas_sgemv = (llm_sgemv_fn) dlsym(h, "cblas_sgemv");
-			if (llm_cblas_sgemm == NULL || llm_cblas_sgemv == NULL)
+			if (llm_cblas_sgemm == NULL)
 			{
 				dlclose(h);
 				continue;

@@ -4,6 +4,7 @@
 #include "pg_llm.h"
 
 #include <stdlib.h>
+#include <unistd.h>
 
 #include "access/genam.h"
 #include "access/htup_details.h"
@@ -33,6 +34,19 @@ _PG_init(void)
 							PGC_USERSET, 0,
 							NULL, NULL, NULL);
 	MarkGUCPrefixReserved("pg_llm");
+}
+
+int
+llm_num_threads(void)
+{
+	/* sysconf reads /sys on every call, and this runs before every parallel kernel: ask once */
+	static int	cores = 0;
+
+	if (llm_threads > 0)
+		return llm_threads;
+	if (cores == 0)
+		cores = Max(1, (int) sysconf(_SC_NPROCESSORS_ONLN));
+	return cores;
 }
 
 PG_FUNCTION_INFO_V1(pg_llm_version);

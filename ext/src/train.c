@@ -16,8 +16,8 @@
  * reloads them from the tables.
  */
 #include "pg_llm.h"
+#include "blas.h"
 #include "model.h"
-#include "kernels.h"
 
 #include <math.h>
 #include <time.h>
