@@ -12,6 +12,7 @@
 #include "pg_llm.h"
 #include "bpe.h"
 #include "infer.h"
+#include "sample.h"
 
 #include <math.h>
 
