@@ -166,6 +166,38 @@ def test_three_steps_match_pytorch(conn, shape):
     assert state == (3, 3 * B * A)
 
 
+# (n_layer, n_head, n_embd, n_positions, vocab, T): prompts of 1 to T tokens run both of inference's
+# product paths (the matrix-vector kernel up to 8 rows, split sgemm beyond).
+LOGITS_SHAPES = [(2, 3, 48, 32, 97, 16), (1, 5, 70, 16, 211, 16), (2, 4, 64, 64, 512, 40)]
+# Tolerance of the mean cross-entropy (about 4 to 7 here): the two passes share the kernel library
+# but not their products (BLAS over the batch vs the inference kernels) nor their attention.
+FORWARD_RTOL, FORWARD_ATOL = 1e-5, 1e-6
+
+
+@pytest.mark.parametrize("shape", LOGITS_SHAPES, ids=lambda s: "L{}H{}C{}V{}T{}".format(*s[:3], *s[4:]))
+def test_llm_logits_equals_the_training_forward_pass(conn, db, shape):
+    """One step with lr_max 0 on a one-row dataset returns the mean cross-entropy of the training
+    forward pass; llm_logits of every prefix gives the same, and the rolled-back call left nothing."""
+    n_layer, n_head, n_embd, n_pos, vocab, T = shape
+    hf = make_hf_model(11, n_layer, n_head, n_embd, n_pos, vocab)
+    store_hf_model(conn, "fwd", hf)
+    row = np.random.default_rng(5).integers(0, vocab, size=T + 1)
+    fill_dataset(conn, row[None, :])
+    with psycopg.connect(db) as tx:
+        loss = train_sql(tx, "fwd", 1, lr_max=0.0, warmup=1, batch_size=1)
+        tx.rollback()
+    assert conn.execute("SELECT count(*) FROM llm_train_state WHERE model = 'fwd'").fetchone() == (0,)
+
+    tokens, targets = [int(x) for x in row[:-1]], row[1:]
+    losses = []
+    for t in range(T):
+        logits = np.array(conn.execute("SELECT llm_logits(%s, 'fwd')", (tokens[:t + 1],)).fetchone()[0],
+                          dtype=np.float64)
+        top = logits.max()
+        losses.append(top + math.log(np.exp(logits - top).sum()) - logits[targets[t]])
+    assert loss == pytest.approx(float(np.mean(losses)), rel=FORWARD_RTOL, abs=FORWARD_ATOL)
+
+
 def small_setup(conn, model="tiny", *, seed=7, shape=(2, 3, 48, 32, 97), T=16, N=6, data_seed=3):
     """A tiny model and a dataset of N rows of T tokens; returns the HF model and the rows."""
     n_layer, n_head, n_embd, n_pos, vocab = shape
