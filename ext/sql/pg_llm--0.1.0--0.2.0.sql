@@ -5,3 +5,13 @@
 -- update path when no install script exists for the default version), so a new install and an
 -- updated one are the same by construction. Keep each change in the section of its topic.
 \echo Use "CREATE EXTENSION pg_llm" or "ALTER EXTENSION pg_llm UPDATE" to load this file. \quit
+
+-- ==== structure: one source of truth (limits, tokenizer files) ====
+-- SQL names: pg_llm_* for the extension itself (version, BLAS, limits) and for files going in and
+-- out (checkpoint and tokenizer files, read on the server or sent as bytes by the client); llm_*
+-- for models and data in the database (training, inference, tokenizing, snapshots). llm_train
+-- keeps both "D" and d: SQL folds an unquoted D => 48 (as the seed writes it) to d.
+
+-- The limits the extension enforces (src/llm_limits.h), for clients, which ask instead of copying.
+CREATE FUNCTION pg_llm_limits() RETURNS TABLE (name text, value bigint)
+AS 'MODULE_PATHNAME', 'pg_llm_limits' LANGUAGE C STABLE STRICT PARALLEL SAFE;

@@ -42,7 +42,6 @@
 
 #define EOT_TOKEN "<|endoftext|>"
 #define EOT_LEN 13
-#define MAX_TOKEN_ID 9999999	/* as llm_model_config.vocab: ids below 10 million */
 #define MAX_CACHED_TOKENIZERS 4
 
 /*
@@ -392,7 +391,7 @@ tokenizer_build(const char *model, int64 version)
 		int			len;
 		char	   *s = datum_to_utf8(SPI_getbinval(tuple, SPI_tuptable->tupdesc, 2, &isnull), &len);
 
-		if (id < 0 || id > MAX_TOKEN_ID)
+		if (id < 0 || id > LLM_TOKEN_ID_MAX)
 			ereport(ERROR,
 					(errcode(ERRCODE_DATA_CORRUPTED),
 					 errmsg("token id %d of model \"%s\" is out of range", id, model),
@@ -1662,15 +1661,15 @@ parse_vocab(const char *path, const char *data, size_t len, char ***tokens_out, 
 			vocab_error(path, c.line, "token \"%s\" has a negative id", tokens[n]);
 		while (c.p < c.end && *c.p >= '0' && *c.p <= '9')
 		{
-			if (v <= MAX_TOKEN_ID)
+			if (v <= LLM_TOKEN_ID_MAX)
 				v = v * 10 + (*c.p - '0');
 			c.p++;
 			digits++;
 		}
 		if (digits == 0 || (c.p < c.end && (*c.p == '.' || *c.p == 'e' || *c.p == 'E')))
 			vocab_error(path, c.line, "token \"%s\" needs a non-negative integer id", tokens[n]);
-		if (v > MAX_TOKEN_ID)
-			vocab_error(path, c.line, "token \"%s\" has id past %d", tokens[n], MAX_TOKEN_ID);
+		if (v > LLM_TOKEN_ID_MAX)
+			vocab_error(path, c.line, "token \"%s\" has id past %d", tokens[n], LLM_TOKEN_ID_MAX);
 		ids[n] = (int32) v;
 		max_id = Max(max_id, ids[n]);
 		n++;

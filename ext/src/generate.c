@@ -31,9 +31,6 @@
 #include "utils/lsyscache.h"
 #include "utils/tuplestore.h"
 
-/* Beam search keeps every beam's cache; this bounds the memory and time one call can ask for. */
-#define MAX_BEAM_WIDTH 64
-
 /* The settings of one generation, checked. */
 typedef struct GenSettings
 {
@@ -439,10 +436,10 @@ beam_search(const char *model, const int32 *prompt, int T, int K, int max_tokens
 		ereport(ERROR,
 				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
 				 errmsg("beam_width must be at least 1, not %d", K)));
-	if (K > MAX_BEAM_WIDTH)
+	if (K > LLM_BEAM_WIDTH_MAX)
 		ereport(ERROR,
 				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
-				 errmsg("beam_width must be at most %d, not %d", MAX_BEAM_WIDTH, K)));
+				 errmsg("beam_width must be at most %d, not %d", LLM_BEAM_WIDTH_MAX, K)));
 	if (isnan(length_penalty) || isinf(length_penalty))
 		ereport(ERROR,
 				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),

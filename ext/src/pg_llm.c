@@ -1,5 +1,6 @@
 /*
- * pg_llm.c: module entry point, GUCs, version.
+ * pg_llm.c: module entry point, settings, version and limits, and the qualified names of the
+ * extension's tables.
  */
 #include "pg_llm.h"
 
@@ -12,10 +13,12 @@
 #include "catalog/indexing.h"
 #include "catalog/pg_extension.h"
 #include "fmgr.h"
+#include "funcapi.h"
 #include "utils/fmgroids.h"
 #include "utils/builtins.h"
 #include "utils/guc.h"
 #include "utils/lsyscache.h"
+#include "utils/tuplestore.h"
 
 PG_MODULE_MAGIC;
 
@@ -54,6 +57,43 @@ Datum
 pg_llm_version(PG_FUNCTION_ARGS)
 {
 	PG_RETURN_TEXT_P(cstring_to_text(PG_LLM_VERSION));
+}
+
+/*
+ * pg_llm_limits() -> rows (name, value): the limits of llm_limits.h, for clients, which ask the
+ * server instead of keeping copies.
+ */
+PG_FUNCTION_INFO_V1(pg_llm_limits);
+Datum
+pg_llm_limits(PG_FUNCTION_ARGS)
+{
+	ReturnSetInfo *rsinfo = (ReturnSetInfo *) fcinfo->resultinfo;
+	static const struct
+	{
+		const char *name;
+		int64		value;
+	}			limits[] = {
+		{"model_name_bytes_max", LLM_MODEL_NAME_MAX},
+		{"n_layer_max", LLM_N_LAYER_MAX},
+		{"n_head_max", LLM_N_HEAD_MAX},
+		{"d_model_max", LLM_D_MODEL_MAX},
+		{"n_positions_max", LLM_N_POSITIONS_MAX},
+		{"vocab_max", LLM_VOCAB_MAX},
+		{"token_id_max", LLM_TOKEN_ID_MAX},
+		{"batch_size_max", LLM_BATCH_SIZE_MAX},
+		{"grad_accum_max", LLM_GRAD_ACCUM_MAX},
+		{"beam_width_max", LLM_BEAM_WIDTH_MAX},
+	};
+
+	InitMaterializedSRF(fcinfo, 0);
+	for (int i = 0; i < (int) lengthof(limits); i++)
+	{
+		Datum		values[2] = {CStringGetTextDatum(limits[i].name), Int64GetDatum(limits[i].value)};
+		bool		nulls[2] = {false, false};
+
+		tuplestore_putvalues(rsinfo->setResult, rsinfo->setDesc, values, nulls);
+	}
+	return (Datum) 0;
 }
 
 /*

@@ -11,6 +11,7 @@
 #include "postgres.h"
 
 #include "kernels.h"
+#include "llm_limits.h"
 #include "parallel.h"
 
 /* The extension's version: default_version of pg_llm.control, passed in by the Makefile. */

@@ -229,10 +229,10 @@ parse_args(FunctionCallInfo fcinfo, TrainArgs *a)
 					 "lr_min is the floor that the cosine schedule decays to.");
 	if (a->warmup < 0)
 		bad_argument("warmup must not be negative", NULL);
-	if (a->batch_size < 1 || a->batch_size > 65536)
-		bad_argument(psprintf("batch_size must be between 1 and 65536, got %d", a->batch_size), NULL);
-	if (a->grad_accum < 1 || a->grad_accum > 65536)
-		bad_argument(psprintf("grad_accum must be between 1 and 65536, got %d", a->grad_accum), NULL);
+	if (a->batch_size < 1 || a->batch_size > LLM_BATCH_SIZE_MAX)
+		bad_argument(psprintf("batch_size must be between 1 and %d, got %d", LLM_BATCH_SIZE_MAX, a->batch_size), NULL);
+	if (a->grad_accum < 1 || a->grad_accum > LLM_GRAD_ACCUM_MAX)
+		bad_argument(psprintf("grad_accum must be between 1 and %d, got %d", LLM_GRAD_ACCUM_MAX, a->grad_accum), NULL);
 	if (a->grad_clip < 0)
 		bad_argument("grad_clip must not be negative", "Use 0 to turn clipping off.");
 	if (!PG_ARGISNULL(A_TOTAL_STEPS) && a->total_steps <= 0)
