@@ -1,6 +1,6 @@
 /*
- * pg_llm.c: module entry point, settings, version and limits, and the qualified names of the
- * extension's tables.
+ * pg_llm.c: module entry point, settings, version and limits, and what every module uses to reach
+ * the extension's tables (their qualified names, the SPI helpers).
  */
 #include "pg_llm.h"
 
@@ -131,4 +131,46 @@ llm_alloc_floats(size_t n)
 	size_t		bytes = (n * sizeof(float) + 63) & ~(size_t) 63;
 
 	return (float *) aligned_alloc(64, bytes == 0 ? 64 : bytes);
+}
+
+/* ---- SPI ----------------------------------------------------------------------------------- */
+
+static void
+spi_failed(const char *purpose, int ret, const char *sql)
+{
+	ereport(ERROR,
+			(errcode(ERRCODE_INTERNAL_ERROR),
+			 errmsg("%s failed: %s", purpose, SPI_result_code_string(ret)),
+			 sql ? errdetail_internal("Statement: %s", sql) : 0));
+}
+
+uint64
+llm_spi_run(const char *purpose, const char *sql, int nargs, Oid *types, Datum *values,
+			bool read_only, long count, int expect)
+{
+	int			ret = SPI_execute_with_args(sql, nargs, types, values, NULL, read_only, count);
+
+	if (ret != expect)
+		spi_failed(purpose, ret, sql);
+	return SPI_processed;
+}
+
+uint64
+llm_spi_run_plan(const char *purpose, SPIPlanPtr plan, Datum *values, bool read_only, long count, int expect)
+{
+	int			ret = SPI_execute_plan(plan, values, NULL, read_only, count);
+
+	if (ret != expect)
+		spi_failed(purpose, ret, NULL);
+	return SPI_processed;
+}
+
+SPIPlanPtr
+llm_spi_prepare(const char *purpose, const char *sql, int nargs, Oid *types)
+{
+	SPIPlanPtr	plan = SPI_prepare(sql, nargs, types);
+
+	if (plan == NULL)
+		spi_failed(purpose, SPI_result, sql);
+	return plan;
 }

@@ -1,6 +1,6 @@
 /*
  * pg_llm.h: what every module of the pg_llm extension shares: the version, the settings, the
- * names of its tables, memory for float blocks.
+ * names of its tables and running statements on them, memory for float blocks.
  *
  * It also brings in the worker pool (parallel.h) and the kernel library (kernels.h, with the one
  * SIMD dispatch macro), which most modules use.
@@ -9,6 +9,8 @@
 #define PG_LLM_H
 
 #include "postgres.h"
+
+#include "executor/spi.h"
 
 #include "kernels.h"
 #include "llm_limits.h"
@@ -30,5 +32,17 @@ extern char *llm_table(const char *name);
 
 /* malloc'd, 64-byte aligned; NULL when out of memory. */
 extern float *llm_alloc_floats(size_t n);
+
+/*
+ * Running statements through SPI (the caller is connected). Each runs one statement and raises
+ * an ERROR naming its purpose ("reading llm_train_state") unless SPI returns `expect`
+ * (SPI_OK_SELECT, SPI_OK_INSERT, ...). They return SPI_processed.
+ */
+extern uint64 llm_spi_run(const char *purpose, const char *sql, int nargs, Oid *types, Datum *values,
+						  bool read_only, long count, int expect);
+extern uint64 llm_spi_run_plan(const char *purpose, SPIPlanPtr plan, Datum *values, bool read_only,
+							   long count, int expect);
+/* A prepared statement (SPI_prepare), or an ERROR naming its purpose. */
+extern SPIPlanPtr llm_spi_prepare(const char *purpose, const char *sql, int nargs, Oid *types);
 
 #endif							/* PG_LLM_H */
