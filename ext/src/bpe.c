@@ -22,6 +22,7 @@
 #include "bpe.h"
 #include "model.h"
 #include "unicode_tables.h"
+#include "utf8.h"
 
 #include <sys/stat.h>
 
@@ -1157,81 +1158,6 @@ check_id(const BpeTokenizer *t, int32 id)
 				 errdetail("Token ids of this model run from 0 to %d.", t->vocab_size - 1)));
 }
 
-/*
- * Copies bytes into out as valid UTF-8: each maximal invalid subpart (Unicode's recommended
- * practice, as Rust's from_utf8_lossy and Python's errors="replace") becomes U+FFFD. NUL, which
- * text cannot hold, becomes U+FFFD too. out needs 3 * len + 1 bytes. Returns the length.
- */
-static size_t
-utf8_lossy(const unsigned char *s, size_t len, char *out)
-{
-	static const char fffd[3] = {(char) 0xEF, (char) 0xBF, (char) 0xBD};
-	size_t		o = 0;
-	size_t		i = 0;
-
-	while (i < len)
-	{
-		unsigned char b = s[i];
-		int			need;
-		unsigned char lo = 0x80,
-					hi = 0xBF;
-		size_t		j;
-
-		if (b != 0 && b < 0x80)
-		{
-			out[o++] = b;
-			i++;
-			continue;
-		}
-		if (b >= 0xC2 && b <= 0xDF)
-			need = 1;
-		else if (b >= 0xE0 && b <= 0xEF)
-		{
-			need = 2;
-			if (b == 0xE0)
-				lo = 0xA0;
-			else if (b == 0xED)
-				hi = 0x9F;
-		}
-		else if (b >= 0xF0 && b <= 0xF4)
-		{
-			need = 3;
-			if (b == 0xF0)
-				lo = 0x90;
-			else if (b == 0xF4)
-				hi = 0x8F;
-		}
-		else
-		{
-			/* NUL, a continuation byte, C0, C1 or F5..FF: one replacement for the byte */
-			memcpy(out + o, fffd, 3);
-			o += 3;
-			i++;
-			continue;
-		}
-		/* The second byte has a narrower range for some lead bytes; the others are 80..BF. */
-		j = i + 1;
-		for (int k = 0; k < need; k++, j++)
-		{
-			if (j >= len || s[j] < (k == 0 ? lo : 0x80) || s[j] > (k == 0 ? hi : 0xBF))
-				break;
-		}
-		if (j - i == (size_t) need + 1)
-		{
-			memcpy(out + o, s + i, j - i);
-			o += j - i;
-		}
-		else
-		{
-			memcpy(out + o, fffd, 3);
-			o += 3;
-		}
-		i = j;
-	}
-	out[o] = '\0';
-	return o;
-}
-
 /* ---- the C interface ----------------------------------------------------------------------- */
 
 int32 *
@@ -1280,7 +1206,7 @@ llm_bpe_decode(const char *model, const int32 *ids, int n, int *len_out)
 		o += len;
 	}
 	out = MemoryContextAllocHuge(CurrentMemoryContext, total * 3 + 1);
-	o = utf8_lossy(raw, total, out);
+	o = llm_utf8_lossy(raw, total, out);
 	pfree(raw);
 	if (o > MaxAllocSize - VARHDRSZ - 1)
 		ereport(ERROR,
