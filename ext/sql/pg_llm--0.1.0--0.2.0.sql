@@ -15,3 +15,13 @@
 -- The limits the extension enforces (src/llm_limits.h), for clients, which ask instead of copying.
 CREATE FUNCTION pg_llm_limits() RETURNS TABLE (name text, value bigint)
 AS 'MODULE_PATHNAME', 'pg_llm_limits' LANGUAGE C STABLE STRICT PARALLEL SAFE;
+
+-- Tokenizer files sent by the client (pgllm tokenizer), checked by the same loader as the server
+-- files: the rights needed are those on llm_bpe_vocab and llm_bpe_merges. file names the file in
+-- messages ("vocabulary file \"<file>\", line N: ...").
+CREATE FUNCTION pg_llm_load_bpe_vocab_bytes(data bytea, model text, replace boolean DEFAULT false,
+                                            file text DEFAULT 'vocab.json') RETURNS bigint
+AS 'MODULE_PATHNAME', 'pg_llm_load_bpe_vocab_bytes' LANGUAGE C VOLATILE STRICT;
+CREATE FUNCTION pg_llm_load_bpe_merges_bytes(data bytea, model text, replace boolean DEFAULT false,
+                                             file text DEFAULT 'merges.txt') RETURNS bigint
+AS 'MODULE_PATHNAME', 'pg_llm_load_bpe_merges_bytes' LANGUAGE C VOLATILE STRICT;
