@@ -382,6 +382,38 @@ def test_progress_messages_and_commit_visibility(conn, db):
     assert conn.execute("SELECT weights_version FROM llm_model_config WHERE model = 'm'").fetchone()[0] > version
 
 
+STEP_FIELDS = {"event", "model", "step", "done", "steps", "total_steps", "loss", "lr", "grad_norm", "tokens_per_s"}
+END_FIELDS = {"event", "model", "steps", "seconds", "loading_s", "training_s", "writing_s"}
+
+
+def test_progress_channel_contract(conn, db):
+    """The documented channel (README, "Training progress"): a client at client_min_messages =
+    debug1 receives, per step, one message whose detail is a JSON object with the step's fields,
+    equal to what llm_train_log records, then one at the end; pgllm reads them with train_event."""
+    from pgllm.commands.train import train_event
+
+    small_setup(conn, "m")
+    train_sql(conn, "m", 2, warmup=1, batch_size=2, total_steps=10)  # the counter does not start at 0
+    received = []  # (event or None, message): a Diagnostic is only valid inside the handler
+    with psycopg.connect(db, autocommit=True) as client:
+        client.add_notice_handler(lambda d: received.append((train_event(d), d.message_primary or "")))
+        client.execute("SET client_min_messages = debug1")
+        client.execute("SELECT llm_train('m', 3, warmup => 1, batch_size => 2, total_steps => 10)")
+    events = [e for e, _ in received if e is not None]
+    steps = [e for e in events if e["event"] == "llm_train.step"]
+    assert [e["event"] for e in events] == ["llm_train.step"] * 3 + ["llm_train.end"]
+    assert all(set(e) >= STEP_FIELDS for e in steps) and set(events[-1]) >= END_FIELDS
+    log = log_rows(conn, "m")[2:]
+    for i, (e, (step, lr, loss, norm, tps)) in enumerate(zip(steps, log)):
+        assert (e["model"], e["step"], e["done"], e["steps"], e["total_steps"]) == ("m", step, i + 1, 3, 10)
+        assert (e["loss"], e["lr"], e["grad_norm"], e["tokens_per_s"]) == pytest.approx((loss, lr, norm, tps), rel=1e-6)
+    end = events[-1]
+    assert (end["model"], end["steps"]) == ("m", 3)
+    assert end["seconds"] >= end["loading_s"] + end["training_s"] + end["writing_s"] - 1e-6 > 0
+    # any other message (PostgreSQL's own debug1 output) is not an event
+    assert all(e is None for e, message in received if not message.startswith("llm_train"))
+
+
 def test_rollback_after_training_leaves_no_trace(conn, db):
     """BEGIN; llm_train; ROLLBACK: the tables and this backend's cached weights are as before,
     so training again gives exactly what a fresh session gives."""

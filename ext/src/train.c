@@ -30,6 +30,7 @@
 #include "miscadmin.h"
 #include "utils/array.h"
 #include "utils/builtins.h"
+#include "utils/json.h"
 #include "utils/memutils.h"
 
 /* At most this many logits (rows x V) exist at once; the head runs in chunks of rows. */
@@ -779,25 +780,68 @@ train_setup(TrainRun *run, FunctionCallInfo fcinfo)
 	run->model = llm_model_get(a->model);
 }
 
-/* Progress for clients that ask for it (SET client_min_messages = debug1; pgllm train does). */
+/* A JSON number for the progress details; null when not finite. */
+static void
+json_number(StringInfo buf, const char *key, double value)
+{
+	appendStringInfo(buf, ", \"%s\": ", key);
+	if (isfinite(value))
+		appendStringInfo(buf, "%.9g", value);
+	else
+		appendStringInfoString(buf, "null");
+}
+
+/*
+ * Progress for clients that ask for it (SET client_min_messages = debug1; pgllm train does): one
+ * DEBUG1 message per step, readable text, with the same fields as a JSON object in its detail.
+ * The detail is the documented channel (README, "Training progress"): "event" says what it is,
+ * fields may be added but never renamed.
+ */
 static void
 report_step(const TrainRun *run, int done, int64 step, double loss, double lr, double norm, double tokens_per_s)
 {
+	StringInfoData detail;
+
+	initStringInfo(&detail);
+	appendStringInfoString(&detail, "{\"event\": \"llm_train.step\", \"model\": ");
+	escape_json(&detail, run->args.model);
+	appendStringInfo(&detail, ", \"step\": %lld, \"done\": %d, \"steps\": %d, \"total_steps\": %d",
+					 (long long) step, done, run->args.steps, run->total_steps);
+	json_number(&detail, "loss", loss);
+	json_number(&detail, "lr", lr);
+	json_number(&detail, "grad_norm", norm);
+	json_number(&detail, "tokens_per_s", tokens_per_s);
+	appendStringInfoChar(&detail, '}');
 	ereport(DEBUG1,
-			(errmsg("llm_train step=%lld loss=%.6f lr=%.6e grad_norm=%.6f tokens_per_s=%.1f done=%d/%d",
-					(long long) step, loss, lr, norm, tokens_per_s, done, run->args.steps),
+			(errmsg_internal("llm_train step=%lld loss=%.6f lr=%.6e grad_norm=%.6f tokens_per_s=%.1f done=%d/%d",
+							 (long long) step, loss, lr, norm, tokens_per_s, done, run->args.steps),
+			 errdetail_internal("%s", detail.data),
 			 errhidestmt(true)));
+	pfree(detail.data);
 }
 
-/* The end of a call: its steps and where the time went. */
+/* The end of a call: its steps and where the time went, as text and as JSON. */
 static void
 report_end(const TrainRun *run, double t_end)
 {
+	StringInfoData detail;
+
+	initStringInfo(&detail);
+	appendStringInfoString(&detail, "{\"event\": \"llm_train.end\", \"model\": ");
+	escape_json(&detail, run->args.model);
+	appendStringInfo(&detail, ", \"steps\": %d", run->args.steps);
+	json_number(&detail, "seconds", t_end - run->t_start);
+	json_number(&detail, "loading_s", run->t_loaded - run->t_start);
+	json_number(&detail, "training_s", run->t_trained - run->t_loaded);
+	json_number(&detail, "writing_s", t_end - run->t_trained);
+	appendStringInfoChar(&detail, '}');
 	ereport(DEBUG1,
-			(errmsg("llm_train: %d steps of model \"%s\" in %.2f s (loading %.2f s, training %.2f s, writing back %.2f s)",
-					run->args.steps, run->args.model, t_end - run->t_start, run->t_loaded - run->t_start,
-					run->t_trained - run->t_loaded, t_end - run->t_trained),
+			(errmsg_internal("llm_train: %d steps of model \"%s\" in %.2f s (loading %.2f s, training %.2f s, writing back %.2f s)",
+							 run->args.steps, run->args.model, t_end - run->t_start, run->t_loaded - run->t_start,
+							 run->t_trained - run->t_loaded, t_end - run->t_trained),
+			 errdetail_internal("%s", detail.data),
 			 errhidestmt(true)));
+	pfree(detail.data);
 }
 
 /* ERROR when a step's loss or gradient norm is not finite: nothing of the call is written. */
