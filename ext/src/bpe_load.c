@@ -663,62 +663,61 @@ load_merges(const char *file, char *data, size_t len, const char *model, bool re
 
 /* ---- SQL --------------------------------------------------------------------------------------- */
 
-/* pg_llm_load_bpe_vocab(path text, model text, replace boolean) -> tokens loaded */
+typedef int64 (*LoadFn) (const char *file, char *data, size_t len, const char *model, bool replace);
+
+/*
+ * The four functions: (path text, model, replace) read a server file (superusers and
+ * pg_read_server_files only); (data bytea, model, replace, file) take the bytes, named file.
+ * They return the rows loaded.
+ */
+static Datum
+load_sql(FunctionCallInfo fcinfo, LoadFn load, const char *what, bool server_file)
+{
+	char	   *model = text_to_cstring(PG_GETARG_TEXT_PP(1));
+	char	   *file;
+	char	   *data;
+	size_t		len;
+
+	if (server_file)
+		check_file_privilege();
+	llm_check_model_name(model);
+	if (server_file)
+	{
+		file = text_to_cstring(PG_GETARG_TEXT_PP(0));
+		data = read_server_file(file, what, &len);
+	}
+	else
+	{
+		file = text_to_cstring(PG_GETARG_TEXT_PP(3));
+		data = bytea_text(PG_GETARG_BYTEA_PP(0), &len);
+	}
+	PG_RETURN_INT64(load(file, data, len, model, PG_GETARG_BOOL(2)));
+}
+
 PG_FUNCTION_INFO_V1(pg_llm_load_bpe_vocab);
 Datum
 pg_llm_load_bpe_vocab(PG_FUNCTION_ARGS)
 {
-	char	   *path = text_to_cstring(PG_GETARG_TEXT_PP(0));
-	char	   *model = text_to_cstring(PG_GETARG_TEXT_PP(1));
-	size_t		len;
-	char	   *data;
-
-	check_file_privilege();
-	llm_check_model_name(model);
-	data = read_server_file(path, "vocabulary", &len);
-	PG_RETURN_INT64(load_vocab(path, data, len, model, PG_GETARG_BOOL(2)));
+	return load_sql(fcinfo, load_vocab, "vocabulary", true);
 }
 
-/* pg_llm_load_bpe_merges(path text, model text, replace boolean) -> merges loaded */
 PG_FUNCTION_INFO_V1(pg_llm_load_bpe_merges);
 Datum
 pg_llm_load_bpe_merges(PG_FUNCTION_ARGS)
 {
-	char	   *path = text_to_cstring(PG_GETARG_TEXT_PP(0));
-	char	   *model = text_to_cstring(PG_GETARG_TEXT_PP(1));
-	size_t		len;
-	char	   *data;
-
-	check_file_privilege();
-	llm_check_model_name(model);
-	data = read_server_file(path, "merges", &len);
-	PG_RETURN_INT64(load_merges(path, data, len, model, PG_GETARG_BOOL(2)));
+	return load_sql(fcinfo, load_merges, "merges", true);
 }
 
-/* pg_llm_load_bpe_vocab_bytes(data bytea, model text, replace boolean, file text) -> tokens loaded */
 PG_FUNCTION_INFO_V1(pg_llm_load_bpe_vocab_bytes);
 Datum
 pg_llm_load_bpe_vocab_bytes(PG_FUNCTION_ARGS)
 {
-	char	   *model = text_to_cstring(PG_GETARG_TEXT_PP(1));
-	size_t		len;
-	char	   *data;
-
-	llm_check_model_name(model);
-	data = bytea_text(PG_GETARG_BYTEA_PP(0), &len);
-	PG_RETURN_INT64(load_vocab(text_to_cstring(PG_GETARG_TEXT_PP(3)), data, len, model, PG_GETARG_BOOL(2)));
+	return load_sql(fcinfo, load_vocab, "vocabulary", false);
 }
 
-/* pg_llm_load_bpe_merges_bytes(data bytea, model text, replace boolean, file text) -> merges loaded */
 PG_FUNCTION_INFO_V1(pg_llm_load_bpe_merges_bytes);
 Datum
 pg_llm_load_bpe_merges_bytes(PG_FUNCTION_ARGS)
 {
-	char	   *model = text_to_cstring(PG_GETARG_TEXT_PP(1));
-	size_t		len;
-	char	   *data;
-
-	llm_check_model_name(model);
-	data = bytea_text(PG_GETARG_BYTEA_PP(0), &len);
-	PG_RETURN_INT64(load_merges(text_to_cstring(PG_GETARG_TEXT_PP(3)), data, len, model, PG_GETARG_BOOL(2)));
+	return load_sql(fcinfo, load_merges, "merges", false);
 }

@@ -238,9 +238,10 @@ llm_infer_prompt(LlmInfer *s, const int32 *tokens, int T)
 		float	   *vc = s->v_prompt + (size_t) l * s->max_prompt * C;
 
 		CHECK_FOR_INTERRUPTS();
-		layernorm_forward(s->ln, NULL, NULL, s->x, p->ln1w + l * lay->size[LLM_LN1W], p->ln1b + l * lay->size[LLM_LN1B], T, C);
+		layernorm_forward(s->ln, NULL, NULL, s->x, p->ln1w + l * lay->size[LLM_LN1W],
+						  p->ln1b + l * lay->size[LLM_LN1B], T, C);
 		matmul_rows(s->qkv, s->ln, p->qkvw + l * lay->size[LLM_QKVW], p->qkvb + l * lay->size[LLM_QKVB],
-			   T, C, 3 * C, false);
+					T, C, 3 * C, false);
 		for (int t = 0; t < T; t++)
 		{
 			memcpy(kc + (size_t) t * C, s->qkv + (size_t) t * 3 * C + C, C * sizeof(float));
@@ -250,14 +251,14 @@ llm_infer_prompt(LlmInfer *s, const int32 *tokens, int T)
 		att.r0 = r0;
 		llm_parallel_for(s->NH, attention_prompt_task, &att);
 		matmul_rows(s->x + r0 * C, s->att + r0 * C, p->attprojw + l * lay->size[LLM_ATTPROJW],
-			   p->attprojb + l * lay->size[LLM_ATTPROJB], R, C, C, true);
+					p->attprojb + l * lay->size[LLM_ATTPROJB], R, C, C, true);
 		layernorm_forward(s->ln + r0 * C, NULL, NULL, s->x + r0 * C, p->ln2w + l * lay->size[LLM_LN2W],
-				  p->ln2b + l * lay->size[LLM_LN2B], R, C);
+						  p->ln2b + l * lay->size[LLM_LN2B], R, C);
 		matmul_rows(s->fch + r0 * 4 * C, s->ln + r0 * C, p->fcw + l * lay->size[LLM_FCW],
-			   p->fcb + l * lay->size[LLM_FCB], R, C, 4 * C, false);
+					p->fcb + l * lay->size[LLM_FCB], R, C, 4 * C, false);
 		gelu_forward(s->fch + r0 * 4 * C, s->fch + r0 * 4 * C, R * 4 * C);
 		matmul_rows(s->x + r0 * C, s->fch + r0 * 4 * C, p->fcprojw + l * lay->size[LLM_FCPROJW],
-			   p->fcprojb + l * lay->size[LLM_FCPROJB], R, 4 * C, C, true);
+					p->fcprojb + l * lay->size[LLM_FCPROJB], R, 4 * C, C, true);
 	}
 	CHECK_FOR_INTERRUPTS();
 	layernorm_forward(s->ln, NULL, NULL, s->x + (size_t) (T - 1) * C, p->lnfw, p->lnfb, 1, C);
@@ -295,9 +296,10 @@ llm_infer_step(LlmInfer *s, const int32 *tokens)
 		float	   *vn = s->v_new + ((size_t) l * s->max_new + G) * B * C;
 
 		CHECK_FOR_INTERRUPTS();
-		layernorm_forward(s->ln, NULL, NULL, s->x, p->ln1w + l * lay->size[LLM_LN1W], p->ln1b + l * lay->size[LLM_LN1B], B, C);
+		layernorm_forward(s->ln, NULL, NULL, s->x, p->ln1w + l * lay->size[LLM_LN1W],
+						  p->ln1b + l * lay->size[LLM_LN1B], B, C);
 		matmul_rows(s->qkv, s->ln, p->qkvw + l * lay->size[LLM_QKVW], p->qkvb + l * lay->size[LLM_QKVB],
-			   B, C, 3 * C, false);
+					B, C, 3 * C, false);
 		for (size_t b = 0; b < B; b++)
 		{
 			memcpy(kn + b * C, s->qkv + b * 3 * C + C, C * sizeof(float));
@@ -306,13 +308,14 @@ llm_infer_step(LlmInfer *s, const int32 *tokens)
 		att.l = l;
 		llm_parallel_for(B * s->NH, attention_step_task, &att);
 		matmul_rows(s->x, s->att, p->attprojw + l * lay->size[LLM_ATTPROJW],
-			   p->attprojb + l * lay->size[LLM_ATTPROJB], B, C, C, true);
-		layernorm_forward(s->ln, NULL, NULL, s->x, p->ln2w + l * lay->size[LLM_LN2W], p->ln2b + l * lay->size[LLM_LN2B], B, C);
+					p->attprojb + l * lay->size[LLM_ATTPROJB], B, C, C, true);
+		layernorm_forward(s->ln, NULL, NULL, s->x, p->ln2w + l * lay->size[LLM_LN2W],
+						  p->ln2b + l * lay->size[LLM_LN2B], B, C);
 		matmul_rows(s->fch, s->ln, p->fcw + l * lay->size[LLM_FCW], p->fcb + l * lay->size[LLM_FCB],
-			   B, C, 4 * C, false);
+					B, C, 4 * C, false);
 		gelu_forward(s->fch, s->fch, B * 4 * C);
 		matmul_rows(s->x, s->fch, p->fcprojw + l * lay->size[LLM_FCPROJW],
-			   p->fcprojb + l * lay->size[LLM_FCPROJB], B, 4 * C, C, true);
+					p->fcprojb + l * lay->size[LLM_FCPROJB], B, 4 * C, C, true);
 	}
 	CHECK_FOR_INTERRUPTS();
 	layernorm_forward(s->ln, NULL, NULL, s->x, p->lnfw, p->lnfb, B, C);

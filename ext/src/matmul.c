@@ -128,6 +128,23 @@ typedef struct MatmulTask
 	bool		accumulate;		/* out += ..., else out = ... */
 } MatmulTask;
 
+/* out[:, j0:j1] = bias[j0:j1], or += when accumulating: the products then add into it. */
+static inline void
+bias_columns(const MatmulTask *t, size_t j0, size_t j1)
+{
+	for (size_t r = 0; r < t->R; r++)
+	{
+		float	   *restrict y = t->out + r * t->OC;
+
+		if (t->accumulate)
+			for (size_t j = j0; j < j1; j++)
+				y[j] += t->bias[j];
+		else
+			for (size_t j = j0; j < j1; j++)
+				y[j] = t->bias[j];
+	}
+}
+
 /*
  * out[:, cols] (+)= bias[cols] + inp @ w[:, cols] for the columns of work items [start, end).
  * Four weight rows at a time: each weight is loaded once for all R rows, and each output element is
@@ -143,17 +160,7 @@ gemv_task(void *arg, size_t start, size_t end)
 				OC = t->OC;
 	size_t		i = 0;
 
-	for (size_t r = 0; r < t->R; r++)
-	{
-		float	   *restrict y = t->out + r * OC;
-
-		if (t->accumulate)
-			for (size_t j = j0; j < j1; j++)
-				y[j] += t->bias[j];
-		else
-			for (size_t j = j0; j < j1; j++)
-				y[j] = t->bias[j];
-	}
+	bias_columns(t, j0, j1);
 	for (; i + 4 <= IC; i += 4)
 	{
 		const float *restrict w0 = t->w + i * OC;
@@ -201,17 +208,7 @@ sgemm_task(void *arg, size_t start, size_t end)
 	size_t		j0 = start * SGEMM_COL_BLOCK;
 	size_t		j1 = Min(end * SGEMM_COL_BLOCK, t->OC);
 
-	for (size_t r = 0; r < t->R; r++)
-	{
-		float	   *restrict y = t->out + r * t->OC;
-
-		if (t->accumulate)
-			for (size_t j = j0; j < j1; j++)
-				y[j] += t->bias[j];
-		else
-			for (size_t j = j0; j < j1; j++)
-				y[j] = t->bias[j];
-	}
+	bias_columns(t, j0, j1);
 	llm_cblas_sgemm(LlmCblasRowMajor, LlmCblasNoTrans, LlmCblasNoTrans, (int) t->R, (int) (j1 - j0),
 					(int) t->IC, 1.0f, t->inp, (int) t->IC, t->w + j0, (int) t->OC,
 					1.0f, t->out + j0, (int) t->OC);
