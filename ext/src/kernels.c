@@ -179,6 +179,8 @@ layernorm_forward_task(void *arg, size_t start, size_t end)
 {
 	LayernormArgs *a = arg;
 	size_t		C = a->C;
+	const float *restrict w = a->weight;
+	const float *restrict b = a->bias;
 
 	for (size_t r = start; r < end; r++)
 	{
@@ -199,7 +201,7 @@ layernorm_forward_task(void *arg, size_t start, size_t end)
 			var += acc[k];
 		s = 1.0f / sqrtf(var / (float) C + LAYERNORM_EPS);
 		for (i = 0; i < C; i++)
-			out[i] = (x[i] - m) * s * a->weight[i] + a->bias[i];
+			out[i] = (x[i] - m) * s * w[i] + b[i];
 		if (a->mean != NULL)
 		{
 			a->mean[r] = m;
@@ -498,18 +500,50 @@ typedef struct
 			   *inp2;
 }			EltwiseArgs;
 
-/* 0.5 x (1 + tanh(u)) = x sigmoid(2u): no cancellation for large negative x. */
+/* GELU(x) = 0.5 x (1 + tanh(u)) = x sigmoid(2u): no cancellation for large negative x. */
+static inline float
+gelu(float x)
+{
+	float		u = GELU_SCALE * (x + 0.044715f * x * x * x);
+
+	return x / (1.0f + llm_expf(-2.0f * u));
+}
+
+/* d/dx [x s(2u)] = s + 2 x s (1 - s) du/dx, s = sigmoid(2u). */
+static inline float
+gelu_grad(float x)
+{
+	float		u = GELU_SCALE * (x + 0.044715f * x * x * x);
+	float		du = GELU_SCALE * (1.0f + 3.0f * 0.044715f * x * x);
+	float		s = 1.0f / (1.0f + llm_expf(-2.0f * u));
+
+	return s + 2.0f * x * s * (1.0f - s) * du;
+}
+
+/*
+ * The element-wise loops read and write through local restrict pointers, in place or not: through
+ * the argument struct, every store could change the struct's pointers (PostgreSQL builds with
+ * -fno-strict-aliasing), and the loops would not vectorise.
+ */
 LLM_SIMD static void
 gelu_forward_task(void *arg, size_t start, size_t end)
 {
 	EltwiseArgs *a = arg;
 
-	for (size_t i = start; i < end; i++)
+	if (a->out == a->inp)
 	{
-		float		x = a->inp[i];
-		float		u = GELU_SCALE * (x + 0.044715f * x * x * x);
+		float	   *restrict x = a->out;
 
-		a->out[i] = x / (1.0f + llm_expf(-2.0f * u));
+		for (size_t i = start; i < end; i++)
+			x[i] = gelu(x[i]);
+	}
+	else
+	{
+		float	   *restrict out = a->out;
+		const float *restrict inp = a->inp;
+
+		for (size_t i = start; i < end; i++)
+			out[i] = gelu(inp[i]);
 	}
 }
 
@@ -524,20 +558,26 @@ gelu_forward(float *out, const float *inp, size_t N)
 		gelu_forward_task(&a, 0, N);
 }
 
-/* d/dx [x s(2u)] = s + 2 x s (1 - s) du/dx, s = sigmoid(2u). */
 LLM_SIMD static void
 gelu_backward_task(void *arg, size_t start, size_t end)
 {
 	EltwiseArgs *a = arg;
+	const float *restrict inp = a->inp;
 
-	for (size_t i = start; i < end; i++)
+	if (a->out == a->inp2)
 	{
-		float		x = a->inp[i];
-		float		u = GELU_SCALE * (x + 0.044715f * x * x * x);
-		float		du = GELU_SCALE * (1.0f + 3.0f * 0.044715f * x * x);
-		float		s = 1.0f / (1.0f + llm_expf(-2.0f * u));
+		float	   *restrict d = a->out;
 
-		a->out[i] = a->inp2[i] * (s + 2.0f * x * s * (1.0f - s) * du);
+		for (size_t i = start; i < end; i++)
+			d[i] = d[i] * gelu_grad(inp[i]);
+	}
+	else
+	{
+		float	   *restrict out = a->out;
+		const float *restrict dout = a->inp2;
+
+		for (size_t i = start; i < end; i++)
+			out[i] = dout[i] * gelu_grad(inp[i]);
 	}
 }
 
