@@ -35,6 +35,7 @@ import numpy as np
 import psycopg
 
 from bench.common import server
+from pgllm.commands.train import train_event
 
 MODEL = "bench-gpt2"
 SHAPE = dict(n_layer=12, n_head=12, n_embd=768, n_positions=1024, vocab_size=50257)
@@ -153,8 +154,8 @@ def run_ours(args, dsn: str) -> dict:
     with psycopg.connect(dsn, autocommit=True) as conn:
         conn.execute("SELECT set_config('pg_llm.threads', %s, false)", (str(args.threads),))
         conn.execute("SET client_min_messages = debug1")
-        conn.add_notice_handler(lambda d: phases.update(summary=d.message_primary)
-                                if (d.message_primary or "").startswith("llm_train: ") else None)
+        conn.add_notice_handler(lambda d: phases.update(end=event)
+                                if (event := train_event(d)) and event["event"] == "llm_train.end" else None)
         pid = conn.info.backend_pid
         start = time.perf_counter()
         conn.execute(call, (MODEL, args.steps, args.batch_size))
@@ -167,7 +168,7 @@ def run_ours(args, dsn: str) -> dict:
         "e2e_tokens_per_s": args.steps * args.batch_size * args.block_size / elapsed,
         "e2e_seconds": elapsed,
         "peak_mb": peak,
-        "phases": phases.get("summary", ""),
+        "phases": phases.get("end"),
     }
 
 
@@ -214,7 +215,10 @@ def main() -> None:
     row("pg_llm llm_train, steady (median step)", ours["steady_tokens_per_s"], ours["peak_mb"], ref_tps, ref_mb)
     row(f"pg_llm llm_train, end to end ({args.steps} steps + write-back)", ours["e2e_tokens_per_s"],
         ours["peak_mb"], ref_tps, ref_mb)
-    print(f"\n  {ours['phases']}")
+    if ours["phases"]:
+        end = ours["phases"]
+        print(f"\n  llm_train: {end['steps']} steps in {end['seconds']:.2f} s (loading {end['loading_s']:.2f} s, "
+              f"training {end['training_s']:.2f} s, writing back {end['writing_s']:.2f} s)")
 
 
 if __name__ == "__main__":

@@ -505,10 +505,12 @@ def test_cli_argument_errors(cli, db, files):
     assert "nope.json" in line and "not found" in line
 
 
-# Malformed files: (name, vocab text or None for a good one, merges text or None, line, words in the message)
+# Malformed files: (name, vocab text or None for a good one, merges text or None, line, words in the message).
+# Texts are str (written as UTF-8) or bytes (written as they are).
 def _bad_cases(good_vocab: str, good_merges: str):
     dup_id = good_vocab[:-1] + ',\n"zz": 5}'
     dup_token = good_vocab[:-1] + ',\n"he": 999}'
+    merges_lines = len(good_merges.splitlines())
     return [
         ("bad json", '{"a": 0,\n "b": 1,\n "c" 2}', None, 3, ["Expecting", "delimiter"]),
         ("not an object", "[1, 2]", None, 1, ["JSON object"]),
@@ -516,13 +518,32 @@ def _bad_cases(good_vocab: str, good_merges: str):
         ("duplicate token", dup_token, None, 2, ['token "he" appears twice (first on line 1)']),
         ("negative id", '{"a": 0,\n"b": -1}', None, 2, ['token "b" has a negative id']),
         ("fractional id", '{"a": 0,\n"b": 1.5}', None, 2, ['token "b" needs a non-negative integer id']),
-        ("merge of unknown tokens", None, good_merges + "q zzz\n", len(good_merges.splitlines()) + 1,
-         ["zzz", "not in the vocabulary"]),
-        ("merge whose result is unknown", None, good_merges + "x y\n", len(good_merges.splitlines()) + 1,
-         ["xy", "not in the vocabulary"]),
+        ("merge of unknown tokens", None, good_merges + "q zzz\n", merges_lines + 1, ["zzz", "not in the vocabulary"]),
+        ("merge whose result is unknown", None, good_merges + "x y\n", merges_lines + 1, ["xy", "not in the vocabulary"]),
         ("wrong header", None, "version 0.2\nh e\n", 1, ["#version"]),
         ("three tokens on a line", None, "#version: 0.2\nh e\nh e l\n", 3, ["two tokens"]),
         ("repeated merge", None, "#version: 0.2\nh e\nl l\nh e\n", 4, ["h e"]),
+        # where pgllm tokenizer and the server loaders used to disagree, or had no test
+        ("empty token", '{"a": 0,\n"": 1}', None, 2, ["empty token"]),
+        ("exponent id", '{"a": 0,\n"b": 1e3}', None, 2, ['token "b" needs a non-negative integer id']),
+        ("string id", '{"a": 0,\n"b": "1"}', None, 2, ['token "b" needs a non-negative integer id']),
+        ("object as an id", '{"a": 0,\n"b": {"c": 1}}', None, 2, ['token "b" needs a non-negative integer id']),
+        ("id past the limit", '{"a": 0,\n"b": 10000000}', None, 2, ['token "b" has id past 9999999']),
+        ("huge id", '{"a": 0,\n"b": 123456789012345678901234567890}', None, 2, ["has id past"]),
+        ("leading zeros", '{"a": 0,\n"b": 007}', None, 2, ['invalid token "007"']),
+        ("\\u0000 in a token", '{"a": 0,\n"b\\u0000": 1}', None, 2, ["\\u0000"]),
+        ("unpaired surrogate", '{"a": 0,\n"\\ud800x": 1}', None, 2, ["surrogate"]),
+        ("bad escape", '{"a": 0,\n"\\q": 1}', None, 2, ["bad escape \\q"]),
+        ("raw control character", '{"a": 0,\n"b\tc": 1}', None, 2, ["control character"]),
+        ("text after the object", '{"a": 0}\n{"b": 1}', None, 2, ["after the JSON object"]),
+        ("unfinished object", '{"a": 0,\n"b": 1', None, 2, ["ends inside"]),
+        ("empty vocabulary", "{}", None, 1, ["empty"]),
+        ("empty vocabulary file", "", None, 1, ["JSON object"]),
+        ("vocabulary not UTF-8", b'{"a": 0,\n"\xff": 1}', None, 2, ["not valid UTF-8"]),
+        ("NUL byte in the vocabulary", b'{"a": 0,\n"b\x00": 1}', None, 2, ["NUL"]),
+        ("empty merges file", None, "", 1, ["#version"]),
+        ("one token on a line", None, "#version: 0.2\nh e\nh\n", 3, ["two tokens"]),
+        ("merges not UTF-8", None, b"#version: 0.2\nh e\n\xc3 e\n", 3, ["not valid UTF-8"]),
     ]
 
 
@@ -532,48 +553,95 @@ def good_files(files):
     return vocab, merges
 
 
-def test_malformed_files_are_refused_by_the_cli(cli, db, conn, files, good_files):
+def _write(path: Path, text: str | bytes) -> Path:
+    path.write_bytes(text if isinstance(text, bytes) else text.encode("utf-8"))
+    os.chmod(path, 0o644)
+    return path
+
+
+def test_malformed_files_are_refused_alike_by_the_server_loaders_and_the_cli(cli, db, conn, files, good_files):
+    """One corpus of bad files through both ways in: pg_llm_load_bpe_vocab/merges on server files,
+    and pgllm tokenizer, which sends the bytes to the same loader. Each file is refused with its
+    name and the line at fault, the same message both ways, and nothing is loaded."""
     good_vocab, good_merges = good_files
-    for name, vocab_text, merges_text, line, words in _bad_cases(good_vocab.read_text(), good_merges.read_text()):
-        vocab, merges = good_vocab, good_merges
-        if vocab_text is not None:
-            vocab = files / "bad_vocab.json"
-            vocab.write_text(vocab_text, encoding="utf-8")
-        if merges_text is not None:
-            merges = files / "bad_merges.txt"
-            merges.write_text(merges_text, encoding="utf-8")
+    cases = _bad_cases(good_vocab.read_text(), good_merges.read_text())
+    for name, vocab_text, merges_text, line, words in cases:
+        vocab = _write(files / "bad_vocab.json", vocab_text) if vocab_text is not None else good_vocab
+        merges = _write(files / "bad_merges.txt", merges_text) if merges_text is not None else good_merges
+        bad = vocab if vocab_text is not None else merges
+
+        # the server's loaders on the server's files
+        if vocab_text is None:
+            conn.execute("SELECT pg_llm_load_bpe_vocab(%s, 'bad')", (str(good_vocab),))
+            sql = "SELECT pg_llm_load_bpe_merges(%s, 'bad')"
+        else:
+            sql = "SELECT pg_llm_load_bpe_vocab(%s, 'bad')"
+        with pytest.raises(psycopg.Error) as e:
+            conn.execute(sql, (str(bad),))
+        server = e.value.diag
+        assert f"line {line}:" in server.message_primary and str(bad) in server.message_primary, (name, server.message_primary)
+        for word in words:
+            assert word in server.message_primary, (name, server.message_primary)
+        assert counts(conn, "bad") == ((0, 0) if vocab_text is not None else (263, 0)), name
+        conn.execute("DELETE FROM llm_bpe_vocab WHERE model = 'bad'")
+
+        # pgllm tokenizer: one line, the server's message and hint
         result = cli("--dsn", db, "tokenizer", "--model", "bad", "--vocab", str(vocab), "--merges", str(merges))
         message = one_error_line(result)
         assert f"line {line}:" in message, (name, message)
         assert str(vocab if vocab_text is not None else merges) in message, (name, message)
         for word in words:
             assert word in message, (name, message)
+        assert message == f"Error: {server.message_primary} ({server.message_hint or server.message_detail})", name
         assert counts(conn, "bad") == (0, 0), name
 
 
-def test_malformed_files_are_refused_by_the_server_loaders(conn, files, good_files):
-    good_vocab, good_merges = good_files
-    for name, vocab_text, merges_text, line, words in _bad_cases(good_vocab.read_text(), good_merges.read_text()):
-        if vocab_text is not None:
-            path = files / "bad_vocab.json"
-            path.write_text(vocab_text, encoding="utf-8")
-            os.chmod(path, 0o644)
-            sql = "SELECT pg_llm_load_bpe_vocab(%s, 'bad')"
-        else:
-            conn.execute("SELECT pg_llm_load_bpe_vocab(%s, 'bad')", (str(good_vocab),))
-            path = files / "bad_merges.txt"
-            path.write_text(merges_text, encoding="utf-8")
-            os.chmod(path, 0o644)
-            sql = "SELECT pg_llm_load_bpe_merges(%s, 'bad')"
-        with pytest.raises(psycopg.Error) as e:
-            conn.execute(sql, (str(path),))
-        message = e.value.diag.message_primary
-        assert f"line {line}:" in message and str(path) in message, (name, message)
-        if name not in ("bad json",):  # the server's JSON messages are its own
-            for word in words:
-                assert word in message, (name, message)
-        assert counts(conn, "bad") == ((0, 0) if vocab_text is not None else (263, 0)), name
-        conn.execute("DELETE FROM llm_bpe_vocab WHERE model = 'bad'")
+def test_bytes_loaders_need_only_the_table_rights(conn, good_files):
+    """pg_llm_load_bpe_vocab_bytes/merges_bytes: a role with rights on the tokenizer tables (and
+    not on server files) loads a tokenizer; without them it is refused by the tables' own rights."""
+    vocab, merges = good_files
+    role = f"tok_{uuid.uuid4().hex[:8]}"
+    conn.execute(f'CREATE ROLE "{role}" NOSUPERUSER')
+    try:
+        conn.execute(f'SET ROLE "{role}"')
+        with pytest.raises(psycopg.errors.InsufficientPrivilege):
+            conn.execute("SELECT pg_llm_load_bpe_vocab_bytes(%s, 'r')", (vocab.read_bytes(),))
+        conn.execute("RESET ROLE")
+        conn.execute(f'GRANT SELECT, INSERT, DELETE ON llm_bpe_vocab, llm_bpe_merges TO "{role}"')
+        conn.execute(f'SET ROLE "{role}"')
+        assert conn.execute("SELECT pg_llm_load_bpe_vocab_bytes(%s, 'r')", (vocab.read_bytes(),)).fetchone() == (263,)
+        assert conn.execute("SELECT pg_llm_load_bpe_merges_bytes(%s, 'r')",
+                            (merges.read_bytes(),)).fetchone() == (len(HELLO_MERGES),)
+        with pytest.raises(psycopg.errors.InsufficientPrivilege):
+            conn.execute("SELECT pg_llm_load_bpe_vocab(%s, 'r', replace => true)", (str(vocab),))
+    finally:
+        conn.execute("RESET ROLE")
+        conn.execute(f'REVOKE ALL ON llm_bpe_vocab, llm_bpe_merges FROM "{role}"')
+        conn.execute(f'DROP ROLE "{role}"')
+    assert encode(conn, ["hello world"], "r") == [[259, 261, ord("r"), ord("l"), ord("d")]]
+
+
+def test_bundled_tokenizer_in_a_sql_ascii_database(cluster, cli, hf):
+    """In a database whose encoding is not UTF8, the JSON parser would turn the bundled vocab.json's
+    \\u escapes into that encoding (or refuse them in SQL_ASCII): the loader writes them out as
+    UTF-8 first, so the tokenizer is the same as in a UTF8 database."""
+    name = f"t_{uuid.uuid4().hex[:10]}"
+    with psycopg.connect(cluster.dsn("postgres"), autocommit=True) as admin:
+        admin.execute(f"CREATE DATABASE \"{name}\" ENCODING 'SQL_ASCII' LOCALE 'C' TEMPLATE template0")
+    try:
+        with psycopg.connect(cluster.dsn(name), autocommit=True) as c:
+            c.execute("CREATE EXTENSION pg_llm")
+        result = cli("--dsn", cluster.dsn(name), "tokenizer", "--model", MODEL)
+        assert result.exit_code == 0, result.output
+        with psycopg.connect(cluster.dsn(name), autocommit=True) as c:
+            c.execute("SET client_encoding = 'UTF8'")
+            texts = [PROSE, "naïve café 日本 👍🏽", "Ġ ĉ Ċ"]
+            rows = c.execute("SELECT llm_encode(convert_from(t, 'UTF8'), %s) FROM unnest(%s::bytea[]) "
+                             "WITH ORDINALITY AS u(t, i) ORDER BY i", (MODEL, [t.encode() for t in texts])).fetchall()
+            assert [r[0] for r in rows] == hf(texts)["input_ids"]
+    finally:
+        with psycopg.connect(cluster.dsn("postgres"), autocommit=True) as admin:
+            admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
 def test_server_loaders_match_the_cli(cli, db, conn, files):

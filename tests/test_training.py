@@ -166,6 +166,38 @@ def test_three_steps_match_pytorch(conn, shape):
     assert state == (3, 3 * B * A)
 
 
+# (n_layer, n_head, n_embd, n_positions, vocab, T): prompts of 1 to T tokens run both of inference's
+# product paths (the matrix-vector kernel up to 8 rows, split sgemm beyond).
+LOGITS_SHAPES = [(2, 3, 48, 32, 97, 16), (1, 5, 70, 16, 211, 16), (2, 4, 64, 64, 512, 40)]
+# Tolerance of the mean cross-entropy (about 4 to 7 here): the two passes share the kernel library
+# but not their products (BLAS over the batch vs the inference kernels) nor their attention.
+FORWARD_RTOL, FORWARD_ATOL = 1e-5, 1e-6
+
+
+@pytest.mark.parametrize("shape", LOGITS_SHAPES, ids=lambda s: "L{}H{}C{}V{}T{}".format(*s[:3], *s[4:]))
+def test_llm_logits_equals_the_training_forward_pass(conn, db, shape):
+    """One step with lr_max 0 on a one-row dataset returns the mean cross-entropy of the training
+    forward pass; llm_logits of every prefix gives the same, and the rolled-back call left nothing."""
+    n_layer, n_head, n_embd, n_pos, vocab, T = shape
+    hf = make_hf_model(11, n_layer, n_head, n_embd, n_pos, vocab)
+    store_hf_model(conn, "fwd", hf)
+    row = np.random.default_rng(5).integers(0, vocab, size=T + 1)
+    fill_dataset(conn, row[None, :])
+    with psycopg.connect(db) as tx:
+        loss = train_sql(tx, "fwd", 1, lr_max=0.0, warmup=1, batch_size=1)
+        tx.rollback()
+    assert conn.execute("SELECT count(*) FROM llm_train_state WHERE model = 'fwd'").fetchone() == (0,)
+
+    tokens, targets = [int(x) for x in row[:-1]], row[1:]
+    losses = []
+    for t in range(T):
+        logits = np.array(conn.execute("SELECT llm_logits(%s, 'fwd')", (tokens[:t + 1],)).fetchone()[0],
+                          dtype=np.float64)
+        top = logits.max()
+        losses.append(top + math.log(np.exp(logits - top).sum()) - logits[targets[t]])
+    assert loss == pytest.approx(float(np.mean(losses)), rel=FORWARD_RTOL, abs=FORWARD_ATOL)
+
+
 def small_setup(conn, model="tiny", *, seed=7, shape=(2, 3, 48, 32, 97), T=16, N=6, data_seed=3):
     """A tiny model and a dataset of N rows of T tokens; returns the HF model and the rows."""
     n_layer, n_head, n_embd, n_pos, vocab = shape
@@ -348,6 +380,38 @@ def test_progress_messages_and_commit_visibility(conn, db):
     after = load_params(conn, "m")
     assert not np.array_equal(after["wte"], before["wte"])
     assert conn.execute("SELECT weights_version FROM llm_model_config WHERE model = 'm'").fetchone()[0] > version
+
+
+STEP_FIELDS = {"event", "model", "step", "done", "steps", "total_steps", "loss", "lr", "grad_norm", "tokens_per_s"}
+END_FIELDS = {"event", "model", "steps", "seconds", "loading_s", "training_s", "writing_s"}
+
+
+def test_progress_channel_contract(conn, db):
+    """The documented channel (README, "Training progress"): a client at client_min_messages =
+    debug1 receives, per step, one message whose detail is a JSON object with the step's fields,
+    equal to what llm_train_log records, then one at the end; pgllm reads them with train_event."""
+    from pgllm.commands.train import train_event
+
+    small_setup(conn, "m")
+    train_sql(conn, "m", 2, warmup=1, batch_size=2, total_steps=10)  # the counter does not start at 0
+    received = []  # (event or None, message): a Diagnostic is only valid inside the handler
+    with psycopg.connect(db, autocommit=True) as client:
+        client.add_notice_handler(lambda d: received.append((train_event(d), d.message_primary or "")))
+        client.execute("SET client_min_messages = debug1")
+        client.execute("SELECT llm_train('m', 3, warmup => 1, batch_size => 2, total_steps => 10)")
+    events = [e for e, _ in received if e is not None]
+    steps = [e for e in events if e["event"] == "llm_train.step"]
+    assert [e["event"] for e in events] == ["llm_train.step"] * 3 + ["llm_train.end"]
+    assert all(set(e) >= STEP_FIELDS for e in steps) and set(events[-1]) >= END_FIELDS
+    log = log_rows(conn, "m")[2:]
+    for i, (e, (step, lr, loss, norm, tps)) in enumerate(zip(steps, log)):
+        assert (e["model"], e["step"], e["done"], e["steps"], e["total_steps"]) == ("m", step, i + 1, 3, 10)
+        assert (e["loss"], e["lr"], e["grad_norm"], e["tokens_per_s"]) == pytest.approx((loss, lr, norm, tps), rel=1e-6)
+    end = events[-1]
+    assert (end["model"], end["steps"]) == ("m", 3)
+    assert end["seconds"] >= end["loading_s"] + end["training_s"] + end["writing_s"] - 1e-6 > 0
+    # any other message (PostgreSQL's own debug1 output) is not an event
+    assert all(e is None for e, message in received if not message.startswith("llm_train"))
 
 
 def test_rollback_after_training_leaves_no_trace(conn, db):

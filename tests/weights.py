@@ -62,19 +62,17 @@ def load_optim_state(conn, model_name: str) -> dict[str, tuple[np.ndarray, np.nd
 
 
 @functools.lru_cache(maxsize=1)
-def _gpt2_tokenizer_entries():
+def _gpt2_tokenizer_files() -> tuple[bytes, bytes]:
     from pgllm.bundled import gpt2_tokenizer_files
-    from pgllm.commands.tokenizer import parse_merges, parse_vocab
 
     vocab_file, merges_file = gpt2_tokenizer_files()
-    vocab = parse_vocab(vocab_file)
-    return vocab, parse_merges(merges_file, {token for token, _ in vocab})
+    return vocab_file.read_bytes(), merges_file.read_bytes()
 
 
 def write_gpt2_tokenizer(conn: psycopg.Connection, name: str) -> None:
     """Give model `name` the GPT-2 tokenizer bundled with pgllm, as `pgllm tokenizer` does."""
     from pgllm.commands.tokenizer import load
 
-    vocab, merges = _gpt2_tokenizer_entries()
+    vocab, merges = _gpt2_tokenizer_files()
     with conn.transaction():
         load(conn, name, vocab, merges, replace=True)

@@ -50,3 +50,23 @@ CREATE FUNCTION pg_llm_weight_cache(
     OUT built_at timestamptz, OUT last_used timestamptz, OUT backends int, OUT path text)
 RETURNS SETOF record
 AS 'MODULE_PATHNAME', 'pg_llm_weight_cache' LANGUAGE C VOLATILE STRICT;
+
+-- ==== structure: one source of truth (limits, tokenizer files) ====
+-- SQL names: pg_llm_* for the extension itself (version, BLAS, limits) and for files going in and
+-- out (checkpoint and tokenizer files, read on the server or sent as bytes by the client); llm_*
+-- for models and data in the database (training, inference, tokenizing, snapshots). llm_train
+-- keeps both "D" and d: SQL folds an unquoted D => 48 (as the seed writes it) to d.
+
+-- The limits the extension enforces (src/llm_limits.h), for clients, which ask instead of copying.
+CREATE FUNCTION pg_llm_limits() RETURNS TABLE (name text, value bigint)
+AS 'MODULE_PATHNAME', 'pg_llm_limits' LANGUAGE C STABLE STRICT PARALLEL SAFE;
+
+-- Tokenizer files sent by the client (pgllm tokenizer), checked by the same loader as the server
+-- files: the rights needed are those on llm_bpe_vocab and llm_bpe_merges. file names the file in
+-- messages ("vocabulary file \"<file>\", line N: ...").
+CREATE FUNCTION pg_llm_load_bpe_vocab_bytes(data bytea, model text, replace boolean DEFAULT false,
+                                            file text DEFAULT 'vocab.json') RETURNS bigint
+AS 'MODULE_PATHNAME', 'pg_llm_load_bpe_vocab_bytes' LANGUAGE C VOLATILE STRICT;
+CREATE FUNCTION pg_llm_load_bpe_merges_bytes(data bytea, model text, replace boolean DEFAULT false,
+                                             file text DEFAULT 'merges.txt') RETURNS bigint
+AS 'MODULE_PATHNAME', 'pg_llm_load_bpe_merges_bytes' LANGUAGE C VOLATILE STRICT;

@@ -7,17 +7,16 @@
  * backend's own thread, which is the only thread that may touch PostgreSQL state.
  */
 #include "pg_llm.h"
+#include "blas.h"
 
 #include <dlfcn.h>
 #include <signal.h>
 #include <stdlib.h>
-#include <unistd.h>
 
 #include "fmgr.h"
 #include "utils/builtins.h"
 
 llm_sgemm_fn llm_cblas_sgemm = NULL;
-llm_sgemv_fn llm_cblas_sgemv = NULL;
 
 typedef void (*set_threads_fn) (int);
 typedef int (*get_threads_fn) (void);
@@ -63,8 +62,7 @@ llm_blas_init(void)
 			if (h == NULL)
 				continue;
 			blas_sgemm = (llm_sgemm_fn) dlsym(h, "cblas_sgemm");
-			llm_cblas_sgemv = (llm_sgemv_fn) dlsym(h, "cblas_sgemv");
-			if (blas_sgemm == NULL || llm_cblas_sgemv == NULL)
+			if (blas_sgemm == NULL)
 			{
 				dlclose(h);
 				continue;

@@ -5,7 +5,8 @@
  *
  * Where the time goes, and what each path is built for:
  * - A prompt is T rows: every linear layer is an sgemm (BLAS) per worker thread on its share of
- *   the columns, attention two sgemms per head and block of rows, heads spread over the threads.
+ *   the columns (matmul_rows in matmul.c), attention two sgemms per head and block of rows, heads
+ *   spread over the threads.
  *   In the last layer only the last row goes on past the key/value projection: its keys and
  *   values are all the cache needs, and only its logits are wanted.
  * - A generation step is B rows (B = 1, or the beams). That is memory-bound: each step streams every
@@ -13,15 +14,8 @@
  *   weight row once for all B rows, split over the worker threads by output columns.
  * - The output head (V x C) is the largest product; it runs for one position per sequence only.
  */
-/*
- * Floating-point traps are never enabled in a backend; without this, GCC does not if-convert the
- * comparisons in our loops (clamps, maxima), and those loops stay scalar.
- */
-#if defined(__GNUC__) && !defined(__clang__)
-#pragma GCC optimize ("no-trapping-math")
-#endif
-
 #include "pg_llm.h"
+#include "blas.h"
 #include "infer.h"
 
 #include <math.h>
@@ -29,358 +23,9 @@
 #include "miscadmin.h"
 #include "utils/memutils.h"
 
-/* Hot loops get an AVX2+FMA clone chosen at load time; the default clone runs on any x86-64. */
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define LLM_SIMD __attribute__((target_clones("arch=x86-64-v3", "default")))
-#else
-#define LLM_SIMD
-#endif
-
-/*
- * Up to this many rows (the beams of a step, a short prompt) the matrix-vector kernel, bound by
- * reading the weights once, is used; with more rows the arithmetic dominates and sgemm wins.
- */
-#define GEMV_MAX_ROWS 8
-
-/* Columns per work item of the matrix-vector kernel and of sgemm (multiples of the vector width). */
-#define GEMV_COL_BLOCK 64
-#define SGEMM_COL_BLOCK 16
-
 /* Rows of queries per attention block in the prompt pass: bounds the score buffer, and blocks
  * that end early skip most of the masked (future) keys. */
 #define ATT_ROW_BLOCK 128
-
-#define LN_EPS 1e-5f
-
-/* ---- vectorisable elementwise helpers ------------------------------------------------------ */
-
-/*
- * exp(x) for x <= 88, written so that the compiler vectorises loops that call it: 2^n * p(r) with
- * n = round(x / ln 2), r = x - n ln 2 and the Cephes polynomial for p (about 1 ulp). Below -87 it
- * returns the smallest normal float instead of 0, which is as good as 0 wherever it is used here.
- */
-static inline float
-fast_expf(float x)
-{
-	float		n,
-				r,
-				z,
-				p,
-				scale;
-	int32		bits;
-
-	x = x < -87.0f ? -87.0f : x;
-	x = x > 88.0f ? 88.0f : x;
-	/* round to nearest by the 1.5 * 2^23 trick (no libm call, so it vectorises) */
-	n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
-	r = x - n * 0.693359375f;
-	r = r - n * -2.12194440e-4f;
-	z = r * r;
-	p = ((((1.9875691500e-4f * r + 1.3981999507e-3f) * r + 8.3334519073e-3f) * r +
-		  4.1665795894e-2f) * r + 1.6666665459e-1f) * r + 5.0000001201e-1f;
-	p = p * z + r + 1.0f;
-	bits = ((int32) n + 127) << 23;
-	memcpy(&scale, &bits, sizeof(scale));
-	return p * scale;
-}
-
-/* Sums with 16 independent lanes: vectorises without reassociating a single accumulator. */
-static inline float
-sum_floats(const float *x, size_t n)
-{
-	float		acc[16] = {0};
-	float		s = 0.0f;
-	size_t		i = 0;
-
-	for (; i + 16 <= n; i += 16)
-		for (int k = 0; k < 16; k++)
-			acc[k] += x[i + k];
-	for (; i < n; i++)
-		s += x[i];
-	for (int k = 0; k < 16; k++)
-		s += acc[k];
-	return s;
-}
-
-static inline float
-dot(const float *restrict a, const float *restrict b, size_t n)
-{
-	float		acc[16] = {0};
-	float		s = 0.0f;
-	size_t		i = 0;
-
-	for (; i + 16 <= n; i += 16)
-		for (int k = 0; k < 16; k++)
-			acc[k] += a[i + k] * b[i + k];
-	for (; i < n; i++)
-		s += a[i] * b[i];
-	for (int k = 0; k < 16; k++)
-		s += acc[k];
-	return s;
-}
-
-static inline float
-max_floats(const float *x, size_t n)
-{
-	float		acc[8];
-	float		m = x[0];
-	size_t		i = 0;
-
-	for (int k = 0; k < 8; k++)
-		acc[k] = x[0];
-	for (; i + 8 <= n; i += 8)
-		for (int k = 0; k < 8; k++)
-			acc[k] = x[i + k] > acc[k] ? x[i + k] : acc[k];
-	for (; i < n; i++)
-		m = x[i] > m ? x[i] : m;
-	for (int k = 0; k < 8; k++)
-		m = acc[k] > m ? acc[k] : m;
-	return m;
-}
-
-/* x (n) <- softmax(x) */
-LLM_SIMD static void
-softmax_inplace(float *x, size_t n)
-{
-	float		m = max_floats(x, n);
-	float		inv;
-
-	for (size_t i = 0; i < n; i++)
-		x[i] = fast_expf(x[i] - m);
-	inv = 1.0f / sum_floats(x, n);
-	for (size_t i = 0; i < n; i++)
-		x[i] *= inv;
-}
-
-/* out (R, C) <- LayerNorm(inp (R, C)) * w + b, rows [start, end) */
-typedef struct LayerNormTask
-{
-	float	   *out;
-	const float *inp,
-			   *w,
-			   *b;
-	size_t		C;
-} LayerNormTask;
-
-LLM_SIMD static void
-layernorm_task(void *arg, size_t start, size_t end)
-{
-	const LayerNormTask *t = arg;
-	size_t		C = t->C;
-
-	for (size_t r = start; r < end; r++)
-	{
-		const float *restrict x = t->inp + r * C;
-		float	   *restrict y = t->out + r * C;
-		float		mean = sum_floats(x, C) / (float) C;
-		float		acc[16] = {0};
-		float		var = 0.0f;
-		float		rstd;
-		size_t		i = 0;
-
-		for (; i + 16 <= C; i += 16)
-			for (int k = 0; k < 16; k++)
-				acc[k] += (x[i + k] - mean) * (x[i + k] - mean);
-		for (; i < C; i++)
-			var += (x[i] - mean) * (x[i] - mean);
-		for (int k = 0; k < 16; k++)
-			var += acc[k];
-		rstd = 1.0f / sqrtf(var / (float) C + LN_EPS);
-		for (i = 0; i < C; i++)
-			y[i] = (x[i] - mean) * rstd * t->w[i] + t->b[i];
-	}
-}
-
-static void
-layernorm(float *out, const float *inp, const float *w, const float *b, size_t R, size_t C)
-{
-	LayerNormTask t = {out, inp, w, b, C};
-
-	if (R >= 64)
-		llm_parallel_for(R, layernorm_task, &t);
-	else
-		layernorm_task(&t, 0, R);
-}
-
-/*
- * x (n) <- GELU(x), tanh form. 0.5 (1 + tanh(u)) = 1 / (1 + exp(-2u)), which keeps full relative
- * precision in both tails.
- */
-typedef struct GeluTask
-{
-	float	   *x;
-} GeluTask;
-
-LLM_SIMD static void
-gelu_task(void *arg, size_t start, size_t end)
-{
-	float	   *x = ((GeluTask *) arg)->x;
-
-	for (size_t i = start; i < end; i++)
-	{
-		float		v = x[i];
-		float		u = 0.7978845608028654f * (v + 0.044715f * v * v * v);
-
-		x[i] = v / (1.0f + fast_expf(-2.0f * u));
-	}
-}
-
-static void
-gelu(float *x, size_t n)
-{
-	GeluTask	t = {x};
-
-	/* worth waking the workers only for a prompt's worth of rows */
-	if (n >= 65536)
-		llm_parallel_for(n, gelu_task, &t);
-	else
-		gelu_task(&t, 0, n);
-}
-
-/* ---- linear layers ------------------------------------------------------------------------- */
-
-typedef struct MatmulTask
-{
-	float	   *out;			/* (R, OC) */
-	const float *inp;			/* (R, IC) */
-	const float *w;				/* (IC, OC) */
-	const float *bias;			/* (OC) */
-	size_t		R,
-				IC,
-				OC;
-	bool		accumulate;		/* out += ..., else out = ... */
-} MatmulTask;
-
-/*
- * out[:, cols] (+)= bias[cols] + inp @ w[:, cols] for the columns of work items [start, end).
- * Four weight rows at a time: each weight is loaded once for all R rows, and each output element is
- * loaded and stored once per four weight rows (from L1, since a share of columns is small).
- */
-LLM_SIMD static void
-gemv_task(void *arg, size_t start, size_t end)
-{
-	const MatmulTask *t = arg;
-	size_t		j0 = start * GEMV_COL_BLOCK;
-	size_t		j1 = Min(end * GEMV_COL_BLOCK, t->OC);
-	size_t		IC = t->IC,
-				OC = t->OC;
-	size_t		i = 0;
-
-	for (size_t r = 0; r < t->R; r++)
-	{
-		float	   *restrict y = t->out + r * OC;
-
-		if (t->accumulate)
-			for (size_t j = j0; j < j1; j++)
-				y[j] += t->bias[j];
-		else
-			for (size_t j = j0; j < j1; j++)
-				y[j] = t->bias[j];
-	}
-	for (; i + 4 <= IC; i += 4)
-	{
-		const float *restrict w0 = t->w + i * OC;
-		const float *restrict w1 = w0 + OC;
-		const float *restrict w2 = w1 + OC;
-		const float *restrict w3 = w2 + OC;
-
-		for (size_t r = 0; r < t->R; r++)
-		{
-			const float *x = t->inp + r * IC + i;
-			float		a = x[0],
-						b = x[1],
-						c = x[2],
-						d = x[3];
-			float	   *restrict y = t->out + r * OC;
-
-			for (size_t j = j0; j < j1; j++)
-				y[j] += a * w0[j] + b * w1[j] + c * w2[j] + d * w3[j];
-		}
-	}
-	for (; i < IC; i++)
-	{
-		const float *restrict w0 = t->w + i * OC;
-
-		for (size_t r = 0; r < t->R; r++)
-		{
-			float		a = t->inp[r * IC + i];
-			float	   *restrict y = t->out + r * OC;
-
-			for (size_t j = j0; j < j1; j++)
-				y[j] += a * w0[j];
-		}
-	}
-}
-
-/*
- * Many rows: each worker runs one single-threaded sgemm on its share of the columns. One split per
- * product (rather than BLAS's own threads) keeps both cores busy with no hand-off between BLAS's
- * threads and the pool's, and a late thread delays a product once, not at every block.
- */
-LLM_SIMD static void
-sgemm_task(void *arg, size_t start, size_t end)
-{
-	const MatmulTask *t = arg;
-	size_t		j0 = start * SGEMM_COL_BLOCK;
-	size_t		j1 = Min(end * SGEMM_COL_BLOCK, t->OC);
-
-	for (size_t r = 0; r < t->R; r++)
-	{
-		float	   *restrict y = t->out + r * t->OC;
-
-		if (t->accumulate)
-			for (size_t j = j0; j < j1; j++)
-				y[j] += t->bias[j];
-		else
-			for (size_t j = j0; j < j1; j++)
-				y[j] = t->bias[j];
-	}
-	llm_cblas_sgemm(LlmCblasRowMajor, LlmCblasNoTrans, LlmCblasNoTrans, (int) t->R, (int) (j1 - j0),
-					(int) t->IC, 1.0f, t->inp, (int) t->IC, t->w + j0, (int) t->OC,
-					1.0f, t->out + j0, (int) t->OC);
-}
-
-/* out (R, OC) (+)= bias + inp (R, IC) @ w (IC, OC) */
-static void
-matmul(float *out, const float *inp, const float *w, const float *bias,
-	   size_t R, size_t IC, size_t OC, bool accumulate)
-{
-	MatmulTask	t = {out, inp, w, bias, R, IC, OC, accumulate};
-
-	if (R <= GEMV_MAX_ROWS)
-		llm_parallel_for((OC + GEMV_COL_BLOCK - 1) / GEMV_COL_BLOCK, gemv_task, &t);
-	else
-		llm_parallel_for((OC + SGEMM_COL_BLOCK - 1) / SGEMM_COL_BLOCK, sgemm_task, &t);
-}
-
-/* The output head: logits (R, V) = inp (R, C) @ wte^T; each wte row is read once for all R rows. */
-typedef struct HeadTask
-{
-	float	   *logits;
-	const float *inp;
-	const float *wte;
-	size_t		R,
-				C,
-				V;
-} HeadTask;
-
-LLM_SIMD static void
-head_task(void *arg, size_t start, size_t end)
-{
-	const HeadTask *t = arg;
-
-	for (size_t v = start; v < end; v++)
-		for (size_t r = 0; r < t->R; r++)
-			t->logits[r * t->V + v] = dot(t->inp + r * t->C, t->wte + v * t->C, t->C);
-}
-
-static void
-lm_head(float *logits, const float *inp, const float *wte, size_t R, size_t C, size_t V)
-{
-	HeadTask	t = {logits, inp, wte, R, C, V};
-
-	llm_parallel_for(V, head_task, &t);
-}
 
 /* ---- attention ----------------------------------------------------------------------------- */
 
@@ -472,9 +117,9 @@ attention_step_task(void *arg, size_t start, size_t end)
 		float	   *out = s->att + b * C + h * hs;
 
 		for (size_t t2 = 0; t2 < Tp; t2++)
-			p[t2] = dot(q, kp + t2 * C + h * hs, hs) * scale;
+			p[t2] = llm_dot(q, kp + t2 * C + h * hs, hs) * scale;
 		for (size_t g = 0; g < G; g++)
-			p[Tp + g] = dot(q, kn + (g * B + path[g]) * C + h * hs, hs) * scale;
+			p[Tp + g] = llm_dot(q, kn + (g * B + path[g]) * C + h * hs, hs) * scale;
 		softmax_inplace(p, Tp + G);
 
 		memset(out, 0, hs * sizeof(float));
@@ -593,9 +238,10 @@ llm_infer_prompt(LlmInfer *s, const int32 *tokens, int T)
 		float	   *vc = s->v_prompt + (size_t) l * s->max_prompt * C;
 
 		CHECK_FOR_INTERRUPTS();
-		layernorm(s->ln, s->x, p->ln1w + l * lay->size[LLM_LN1W], p->ln1b + l * lay->size[LLM_LN1B], T, C);
-		matmul(s->qkv, s->ln, p->qkvw + l * lay->size[LLM_QKVW], p->qkvb + l * lay->size[LLM_QKVB],
-			   T, C, 3 * C, false);
+		layernorm_forward(s->ln, NULL, NULL, s->x, p->ln1w + l * lay->size[LLM_LN1W],
+						  p->ln1b + l * lay->size[LLM_LN1B], T, C);
+		matmul_rows(s->qkv, s->ln, p->qkvw + l * lay->size[LLM_QKVW], p->qkvb + l * lay->size[LLM_QKVB],
+					T, C, 3 * C, false);
 		for (int t = 0; t < T; t++)
 		{
 			memcpy(kc + (size_t) t * C, s->qkv + (size_t) t * 3 * C + C, C * sizeof(float));
@@ -604,19 +250,19 @@ llm_infer_prompt(LlmInfer *s, const int32 *tokens, int T)
 		att.l = l;
 		att.r0 = r0;
 		llm_parallel_for(s->NH, attention_prompt_task, &att);
-		matmul(s->x + r0 * C, s->att + r0 * C, p->attprojw + l * lay->size[LLM_ATTPROJW],
-			   p->attprojb + l * lay->size[LLM_ATTPROJB], R, C, C, true);
-		layernorm(s->ln + r0 * C, s->x + r0 * C, p->ln2w + l * lay->size[LLM_LN2W],
-				  p->ln2b + l * lay->size[LLM_LN2B], R, C);
-		matmul(s->fch + r0 * 4 * C, s->ln + r0 * C, p->fcw + l * lay->size[LLM_FCW],
-			   p->fcb + l * lay->size[LLM_FCB], R, C, 4 * C, false);
-		gelu(s->fch + r0 * 4 * C, R * 4 * C);
-		matmul(s->x + r0 * C, s->fch + r0 * 4 * C, p->fcprojw + l * lay->size[LLM_FCPROJW],
-			   p->fcprojb + l * lay->size[LLM_FCPROJB], R, 4 * C, C, true);
+		matmul_rows(s->x + r0 * C, s->att + r0 * C, p->attprojw + l * lay->size[LLM_ATTPROJW],
+					p->attprojb + l * lay->size[LLM_ATTPROJB], R, C, C, true);
+		layernorm_forward(s->ln + r0 * C, NULL, NULL, s->x + r0 * C, p->ln2w + l * lay->size[LLM_LN2W],
+						  p->ln2b + l * lay->size[LLM_LN2B], R, C);
+		matmul_rows(s->fch + r0 * 4 * C, s->ln + r0 * C, p->fcw + l * lay->size[LLM_FCW],
+					p->fcb + l * lay->size[LLM_FCB], R, C, 4 * C, false);
+		gelu_forward(s->fch + r0 * 4 * C, s->fch + r0 * 4 * C, R * 4 * C);
+		matmul_rows(s->x + r0 * C, s->fch + r0 * 4 * C, p->fcprojw + l * lay->size[LLM_FCPROJW],
+					p->fcprojb + l * lay->size[LLM_FCPROJB], R, 4 * C, C, true);
 	}
 	CHECK_FOR_INTERRUPTS();
-	layernorm(s->ln, s->x + (size_t) (T - 1) * C, p->lnfw, p->lnfb, 1, C);
-	lm_head(s->logits, s->ln, p->wte, 1, C, s->V);
+	layernorm_forward(s->ln, NULL, NULL, s->x + (size_t) (T - 1) * C, p->lnfw, p->lnfb, 1, C);
+	head_forward(s->logits, s->ln, p->wte, 1, C, s->V);
 	s->prompt_len = T;
 	s->n_new = 0;
 	return s->logits;
@@ -650,9 +296,10 @@ llm_infer_step(LlmInfer *s, const int32 *tokens)
 		float	   *vn = s->v_new + ((size_t) l * s->max_new + G) * B * C;
 
 		CHECK_FOR_INTERRUPTS();
-		layernorm(s->ln, s->x, p->ln1w + l * lay->size[LLM_LN1W], p->ln1b + l * lay->size[LLM_LN1B], B, C);
-		matmul(s->qkv, s->ln, p->qkvw + l * lay->size[LLM_QKVW], p->qkvb + l * lay->size[LLM_QKVB],
-			   B, C, 3 * C, false);
+		layernorm_forward(s->ln, NULL, NULL, s->x, p->ln1w + l * lay->size[LLM_LN1W],
+						  p->ln1b + l * lay->size[LLM_LN1B], B, C);
+		matmul_rows(s->qkv, s->ln, p->qkvw + l * lay->size[LLM_QKVW], p->qkvb + l * lay->size[LLM_QKVB],
+					B, C, 3 * C, false);
 		for (size_t b = 0; b < B; b++)
 		{
 			memcpy(kn + b * C, s->qkv + b * 3 * C + C, C * sizeof(float));
@@ -660,18 +307,19 @@ llm_infer_step(LlmInfer *s, const int32 *tokens)
 		}
 		att.l = l;
 		llm_parallel_for(B * s->NH, attention_step_task, &att);
-		matmul(s->x, s->att, p->attprojw + l * lay->size[LLM_ATTPROJW],
-			   p->attprojb + l * lay->size[LLM_ATTPROJB], B, C, C, true);
-		layernorm(s->ln, s->x, p->ln2w + l * lay->size[LLM_LN2W], p->ln2b + l * lay->size[LLM_LN2B], B, C);
-		matmul(s->fch, s->ln, p->fcw + l * lay->size[LLM_FCW], p->fcb + l * lay->size[LLM_FCB],
-			   B, C, 4 * C, false);
-		gelu(s->fch, B * 4 * C);
-		matmul(s->x, s->fch, p->fcprojw + l * lay->size[LLM_FCPROJW],
-			   p->fcprojb + l * lay->size[LLM_FCPROJB], B, 4 * C, C, true);
+		matmul_rows(s->x, s->att, p->attprojw + l * lay->size[LLM_ATTPROJW],
+					p->attprojb + l * lay->size[LLM_ATTPROJB], B, C, C, true);
+		layernorm_forward(s->ln, NULL, NULL, s->x, p->ln2w + l * lay->size[LLM_LN2W],
+						  p->ln2b + l * lay->size[LLM_LN2B], B, C);
+		matmul_rows(s->fch, s->ln, p->fcw + l * lay->size[LLM_FCW], p->fcb + l * lay->size[LLM_FCB],
+					B, C, 4 * C, false);
+		gelu_forward(s->fch, s->fch, B * 4 * C);
+		matmul_rows(s->x, s->fch, p->fcprojw + l * lay->size[LLM_FCPROJW],
+					p->fcprojb + l * lay->size[LLM_FCPROJB], B, 4 * C, C, true);
 	}
 	CHECK_FOR_INTERRUPTS();
-	layernorm(s->ln, s->x, p->lnfw, p->lnfb, B, C);
-	lm_head(s->logits, s->ln, p->wte, B, C, s->V);
+	layernorm_forward(s->ln, NULL, NULL, s->x, p->lnfw, p->lnfb, B, C);
+	head_forward(s->logits, s->ln, p->wte, B, C, s->V);
 	s->n_new++;
 	return s->logits;
 }

@@ -14,8 +14,6 @@
 
 #include "model.h"
 
-#include "common/pg_prng.h"
-
 typedef struct LlmInfer
 {
 	const LlmModel *model;		/* refreshed by the caller before each call (llm_infer_set_model) */
@@ -61,27 +59,5 @@ extern const float *llm_infer_step(LlmInfer *s, const int32 *tokens);
 
 /* Beam b continues the sequence of beam parents[b] (before the next llm_infer_step). */
 extern void llm_infer_reorder(LlmInfer *s, const int *parents);
-
-/* ---- sample.c: choosing the next token -------------------------------------------------------- */
-
-typedef struct LlmSampler
-{
-	int			V;
-	double		temperature;	/* 0: greedy (argmax) */
-	int			top_k;			/* 0: off */
-	double		top_p;			/* 1: off */
-	pg_prng_state rng;
-	float	   *z;				/* (V) scaled logits */
-	int32	   *cand;			/* (V) candidate token ids */
-	double	   *prob;			/* (V) candidate probabilities */
-} LlmSampler;
-
-/* Seeded when has_seed (reproducible), else from the backend's random state. */
-extern void llm_sampler_init(LlmSampler *s, int V, double temperature, int top_k, double top_p,
-							 bool has_seed, int64 seed);
-extern int32 llm_sample(LlmSampler *s, const float *logits);
-
-/* out (V) <- log_softmax(logits (V)) */
-extern void llm_log_softmax(float *out, const float *logits, int V);
 
 #endif							/* PG_LLM_INFER_H */

@@ -1,83 +1,30 @@
 /*
- * kernels.c: GPT-2 layers as forward/backward pairs (see kernels.h for shapes and conventions).
+ * kernels.c: the layers of the kernel library other than the matrix products (matmul.c):
+ * embeddings, LayerNorm, GELU, residual, dropout, attention, softmax + cross-entropy, gradient
+ * norm and AdamW (see kernels.h for shapes and conventions).
  *
  * Each kernel splits its rows (or columns, where rows would race on a shared output) over the
  * worker pool: a small argument struct plus a task function over a range [start, end).
- * Reductions use eight independent float lanes so that the compiler vectorises them without
- * -ffast-math, and the hot loops are compiled twice (AVX2+FMA and baseline x86-64), picked at
- * load time, so the library runs on any x86-64.
+ * Reductions use independent float lanes so that the compiler vectorises them without
+ * -ffast-math, and the hot loops are compiled twice (LLM_SIMD: AVX2+FMA and baseline x86-64),
+ * picked at load time, so the library runs on any x86-64.
  */
 #include "pg_llm.h"
-#include "kernels.h"
 
 #include <math.h>
 #include <string.h>
 
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define LLM_HOT __attribute__((target_clones("arch=x86-64-v3", "default")))
-#else
-#define LLM_HOT
-#endif
-
 #define LANES 8
 
-/* ---- scalar helpers, inlined into the vectorised loops ------------------------------------- */
+#define GELU_SCALE 0.7978845608028654f	/* sqrt(2 / pi) */
+#define LAYERNORM_EPS 1e-5f
 
 /*
- * e^x for x in float range, branch-free so that loops calling it vectorise (libm's expf does
- * not without -ffast-math). Cephes' expf: x = n ln2 + r, |r| <= ln2/2, e^r by a degree-6
- * polynomial, 2^n through the exponent bits; about 1 ulp. The input is clamped so that 2^n
- * stays a normal float: e^x for x > 88.3 saturates at 2.5e38, for x < -87.3 at 1.2e-38.
- * NaN propagates.
+ * Below these sizes a kernel runs on the calling thread: waking the workers costs more than
+ * the work (a generation step's rows; a prompt's or a batch's rows are worth it).
  */
-static inline float
-exp_approx(float x)
-{
-	const float magic = 12582912.0f;	/* 1.5 * 2^23: adding it rounds to an integer */
-	float		n,
-				r,
-				z,
-				y;
-	union
-	{
-		float		f;
-		int32_t		i;
-	}			scale;
-
-	x = x > 88.3f ? 88.3f : x;
-	x = x < -87.3f ? -87.3f : x;
-	n = (x * 1.44269504088896341f + magic) - magic;
-	r = x - n * 0.693359375f;
-	r = r - n * -2.12194440e-4f;
-	z = r * r;
-	y = 1.9875691500e-4f;
-	y = y * r + 1.3981999507e-3f;
-	y = y * r + 8.3334519073e-3f;
-	y = y * r + 4.1665795894e-2f;
-	y = y * r + 1.6666665459e-1f;
-	y = y * r + 5.0000001201e-1f;
-	y = y * z + r + 1.0f;
-	scale.i = ((int32_t) n + 127) << 23;
-	return y * scale.f;
-}
-
-#define GELU_SCALE 0.7978845608028654f	/* sqrt(2 / pi) */
-
-static inline float
-sum(const float *a, size_t n)
-{
-	float		acc[LANES] = {0};
-	float		s;
-	size_t		i = 0;
-
-	for (; i + LANES <= n; i += LANES)
-		for (int j = 0; j < LANES; j++)
-			acc[j] += a[i + j];
-	s = ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]));
-	for (; i < n; i++)
-		s += a[i];
-	return s;
-}
+#define LAYERNORM_PARALLEL_ROWS 64
+#define GELU_PARALLEL_ELEMENTS 65536
 
 /* ---- dropout: a counter-based hash, so masks are regenerated instead of stored ------------- */
 
@@ -227,54 +174,57 @@ typedef struct
 	bool		accumulate;
 }			LayernormArgs;
 
-LLM_HOT static void
+LLM_SIMD static void
 layernorm_forward_task(void *arg, size_t start, size_t end)
 {
 	LayernormArgs *a = arg;
 	size_t		C = a->C;
+	const float *restrict w = a->weight;
+	const float *restrict b = a->bias;
 
 	for (size_t r = start; r < end; r++)
 	{
-		const float *x = a->inp + r * C;
-		float	   *out = a->out + r * C;
-		float		acc[LANES] = {0};
-		float		m = sum(x, C) / C;
+		const float *restrict x = a->inp + r * C;
+		float	   *restrict out = a->out + r * C;
+		float		m = llm_sum(x, C) / (float) C;
+		float		acc[16] = {0};
 		float		var = 0.0f,
 					s;
 		size_t		i = 0;
 
-		for (; i + LANES <= C; i += LANES)
-			for (int j = 0; j < LANES; j++)
-			{
-				float		d = x[i + j] - m;
-
-				acc[j] += d * d;
-			}
-		for (int j = 0; j < LANES; j++)
-			var += acc[j];
+		for (; i + 16 <= C; i += 16)
+			for (int k = 0; k < 16; k++)
+				acc[k] += (x[i + k] - m) * (x[i + k] - m);
 		for (; i < C; i++)
 			var += (x[i] - m) * (x[i] - m);
-		var /= C;
-		s = 1.0f / sqrtf(var + 1e-5f);
+		for (int k = 0; k < 16; k++)
+			var += acc[k];
+		s = 1.0f / sqrtf(var / (float) C + LAYERNORM_EPS);
 		for (i = 0; i < C; i++)
-			out[i] = (x[i] - m) * s * a->weight[i] + a->bias[i];
-		a->mean[r] = m;
-		a->rstd[r] = s;
+			out[i] = (x[i] - m) * s * w[i] + b[i];
+		if (a->mean != NULL)
+		{
+			a->mean[r] = m;
+			a->rstd[r] = s;
+		}
 	}
 }
 
 void
 layernorm_forward(float *out, float *mean, float *rstd, const float *inp, const float *weight,
-				  const float *bias, int BT, int C)
+				  const float *bias, int R, int C)
 {
 	LayernormArgs a = {.out = out, .mean = mean, .rstd = rstd, .inp = inp, .weight = weight,
-	.bias = bias, .BT = BT, .C = C};
+	.bias = bias, .BT = R, .C = C};
 
-	llm_parallel_for(BT, layernorm_forward_task, &a);
+	if (R >= LAYERNORM_PARALLEL_ROWS)
+		llm_parallel_for(R, layernorm_forward_task, &a);
+	else
+		layernorm_forward_task(&a, 0, R);
 }
 
 /* dinp by rows. */
-LLM_HOT static void
+LLM_SIMD static void
 layernorm_backward_rows(void *arg, size_t start, size_t end)
 {
 	LayernormArgs *a = arg;
@@ -322,7 +272,7 @@ layernorm_backward_rows(void *arg, size_t start, size_t end)
 }
 
 /* dweight and dbias by channel ranges, summing over rows. */
-LLM_HOT static void
+LLM_SIMD static void
 layernorm_backward_cols(void *arg, size_t start, size_t end)
 {
 	LayernormArgs *a = arg;
@@ -348,83 +298,15 @@ layernorm_backward_cols(void *arg, size_t start, size_t end)
 
 void
 layernorm_backward(float *dinp, float *dweight, float *dbias, const float *dout, const float *inp,
-				   const float *weight, const float *mean, const float *rstd, int BT, int C,
+				   const float *weight, const float *mean, const float *rstd, int R, int C,
 				   bool accumulate)
 {
 	LayernormArgs a = {.dinp = dinp, .dweight = dweight, .dbias = dbias, .dout = dout,
-		.inp = inp, .weight = weight, .cmean = mean, .crstd = rstd, .BT = BT, .C = C,
+		.inp = inp, .weight = weight, .cmean = mean, .crstd = rstd, .BT = R, .C = C,
 	.accumulate = accumulate};
 
-	llm_parallel_for(BT, layernorm_backward_rows, &a);
+	llm_parallel_for(R, layernorm_backward_rows, &a);
 	llm_parallel_for(C, layernorm_backward_cols, &a);
-}
-
-/* ---- matmul -------------------------------------------------------------------------------- */
-
-typedef struct
-{
-	float	   *out;
-	const float *bias;
-	const float *dout;
-	int			BT,
-				OC;
-	bool		accumulate;
-}			BiasArgs;
-
-static void
-bias_fill_task(void *arg, size_t start, size_t end)
-{
-	BiasArgs   *a = arg;
-
-	for (size_t r = start; r < end; r++)
-		memcpy(a->out + r * a->OC, a->bias, a->OC * sizeof(float));
-}
-
-/* out(OC) = column sums of dout(BT,OC), by column ranges. */
-LLM_HOT static void
-bias_backward_task(void *arg, size_t start, size_t end)
-{
-	BiasArgs   *a = arg;
-
-	if (!a->accumulate)
-		memset(a->out + start, 0, (end - start) * sizeof(float));
-	for (size_t r = 0; r < (size_t) a->BT; r++)
-	{
-		const float *d = a->dout + r * a->OC;
-
-		for (size_t i = start; i < end; i++)
-			a->out[i] += d[i];
-	}
-}
-
-void
-matmul_forward(float *out, const float *inp, const float *weight, const float *bias, int BT, int C, int OC)
-{
-	if (bias != NULL)
-	{
-		BiasArgs	a = {.out = out, .bias = bias, .BT = BT, .OC = OC};
-
-		llm_parallel_for(BT, bias_fill_task, &a);
-	}
-	llm_cblas_sgemm(LlmCblasRowMajor, LlmCblasNoTrans, LlmCblasNoTrans, BT, OC, C,
-					1.0f, inp, C, weight, OC, bias != NULL ? 1.0f : 0.0f, out, OC);
-}
-
-void
-matmul_backward(float *dinp, float *dweight, float *dbias, const float *dout, const float *inp,
-				const float *weight, int BT, int C, int OC, bool accumulate)
-{
-	if (dinp != NULL)
-		llm_cblas_sgemm(LlmCblasRowMajor, LlmCblasNoTrans, LlmCblasTrans, BT, C, OC,
-						1.0f, dout, OC, weight, OC, 0.0f, dinp, C);
-	llm_cblas_sgemm(LlmCblasRowMajor, LlmCblasTrans, LlmCblasNoTrans, C, OC, BT,
-					1.0f, inp, C, dout, OC, accumulate ? 1.0f : 0.0f, dweight, OC);
-	if (dbias != NULL)
-	{
-		BiasArgs	a = {.out = dbias, .dout = dout, .BT = BT, .OC = OC, .accumulate = accumulate};
-
-		llm_parallel_for(OC, bias_backward_task, &a);
-	}
 }
 
 /* ---- attention ----------------------------------------------------------------------------- */
@@ -451,7 +333,7 @@ typedef struct
  * The scores of row t, q_t . k_t2 for every t2 <= t, are computed as hs vectorised row updates
  * over a transposed copy of the head's keys (scratch), not as t+1 short dot products.
  */
-LLM_HOT static void
+LLM_SIMD static void
 attention_forward_task(void *arg, size_t start, size_t end)
 {
 	AttentionArgs *a = arg;
@@ -480,9 +362,6 @@ attention_forward_task(void *arg, size_t start, size_t end)
 			float	   *att = a->att + (bh * T + t) * T;
 			float	   *out = a->out + (b * T + t) * C + h * hs;
 			size_t		n = t + 1;
-			float		maxval = -INFINITY,
-						total = 0.0f,
-						inv;
 
 			memset(att, 0, T * sizeof(float));
 			for (int i = 0; i < hs; i++)
@@ -493,16 +372,7 @@ attention_forward_task(void *arg, size_t start, size_t end)
 				for (size_t t2 = 0; t2 < n; t2++)
 					att[t2] += qi * k[t2];
 			}
-			for (size_t t2 = 0; t2 < n; t2++)
-				maxval = att[t2] > maxval ? att[t2] : maxval;
-			for (size_t t2 = 0; t2 < n; t2++)
-			{
-				att[t2] = exp_approx(att[t2] - maxval);
-				total += att[t2];
-			}
-			inv = 1.0f / total;
-			for (size_t t2 = 0; t2 < n; t2++)
-				att[t2] *= inv;
+			softmax_inplace(att, n);
 
 			memset(out, 0, hs * sizeof(float));
 			for (size_t t2 = 0; t2 < n; t2++)
@@ -529,7 +399,7 @@ attention_forward(float *out, float *att, float *scratch, const float *inp, int 
 	llm_parallel_for((size_t) B * NH, attention_forward_task, &a);
 }
 
-LLM_HOT static void
+LLM_SIMD static void
 attention_backward_task(void *arg, size_t start, size_t end)
 {
 	AttentionArgs *a = arg;
@@ -630,18 +500,50 @@ typedef struct
 			   *inp2;
 }			EltwiseArgs;
 
-/* 0.5 x (1 + tanh(u)) = x sigmoid(2u): no cancellation for large negative x. */
-LLM_HOT static void
+/* GELU(x) = 0.5 x (1 + tanh(u)) = x sigmoid(2u): no cancellation for large negative x. */
+static inline float
+gelu(float x)
+{
+	float		u = GELU_SCALE * (x + 0.044715f * x * x * x);
+
+	return x / (1.0f + llm_expf(-2.0f * u));
+}
+
+/* d/dx [x s(2u)] = s + 2 x s (1 - s) du/dx, s = sigmoid(2u). */
+static inline float
+gelu_grad(float x)
+{
+	float		u = GELU_SCALE * (x + 0.044715f * x * x * x);
+	float		du = GELU_SCALE * (1.0f + 3.0f * 0.044715f * x * x);
+	float		s = 1.0f / (1.0f + llm_expf(-2.0f * u));
+
+	return s + 2.0f * x * s * (1.0f - s) * du;
+}
+
+/*
+ * The element-wise loops read and write through local restrict pointers, in place or not: through
+ * the argument struct, every store could change the struct's pointers (PostgreSQL builds with
+ * -fno-strict-aliasing), and the loops would not vectorise.
+ */
+LLM_SIMD static void
 gelu_forward_task(void *arg, size_t start, size_t end)
 {
 	EltwiseArgs *a = arg;
 
-	for (size_t i = start; i < end; i++)
+	if (a->out == a->inp)
 	{
-		float		x = a->inp[i];
-		float		u = GELU_SCALE * (x + 0.044715f * x * x * x);
+		float	   *restrict x = a->out;
 
-		a->out[i] = x / (1.0f + exp_approx(-2.0f * u));
+		for (size_t i = start; i < end; i++)
+			x[i] = gelu(x[i]);
+	}
+	else
+	{
+		float	   *restrict out = a->out;
+		const float *restrict inp = a->inp;
+
+		for (size_t i = start; i < end; i++)
+			out[i] = gelu(inp[i]);
 	}
 }
 
@@ -650,23 +552,32 @@ gelu_forward(float *out, const float *inp, size_t N)
 {
 	EltwiseArgs a = {.out = out, .inp = inp};
 
-	llm_parallel_for(N, gelu_forward_task, &a);
+	if (N >= GELU_PARALLEL_ELEMENTS)
+		llm_parallel_for(N, gelu_forward_task, &a);
+	else
+		gelu_forward_task(&a, 0, N);
 }
 
-/* d/dx [x s(2u)] = s + 2 x s (1 - s) du/dx, s = sigmoid(2u). */
-LLM_HOT static void
+LLM_SIMD static void
 gelu_backward_task(void *arg, size_t start, size_t end)
 {
 	EltwiseArgs *a = arg;
+	const float *restrict inp = a->inp;
 
-	for (size_t i = start; i < end; i++)
+	if (a->out == a->inp2)
 	{
-		float		x = a->inp[i];
-		float		u = GELU_SCALE * (x + 0.044715f * x * x * x);
-		float		du = GELU_SCALE * (1.0f + 3.0f * 0.044715f * x * x);
-		float		s = 1.0f / (1.0f + exp_approx(-2.0f * u));
+		float	   *restrict d = a->out;
 
-		a->out[i] = a->inp2[i] * (s + 2.0f * x * s * (1.0f - s) * du);
+		for (size_t i = start; i < end; i++)
+			d[i] = d[i] * gelu_grad(inp[i]);
+	}
+	else
+	{
+		float	   *restrict out = a->out;
+		const float *restrict dout = a->inp2;
+
+		for (size_t i = start; i < end; i++)
+			out[i] = dout[i] * gelu_grad(inp[i]);
 	}
 }
 
@@ -695,7 +606,7 @@ residual_forward(float *out, const float *inp1, const float *inp2, size_t N)
 	llm_parallel_for(N, residual_task, &a);
 }
 
-/* ---- softmax + cross-entropy, and the tied head -------------------------------------------- */
+/* ---- softmax + cross-entropy -------------------------------------------- */
 
 typedef struct
 {
@@ -706,7 +617,7 @@ typedef struct
 	float		dloss;
 }			CrossentropyArgs;
 
-LLM_HOT static void
+LLM_SIMD static void
 crossentropy_task(void *arg, size_t start, size_t end)
 {
 	CrossentropyArgs *a = arg;
@@ -717,40 +628,16 @@ crossentropy_task(void *arg, size_t start, size_t end)
 		float	   *x = a->logits + r * V;
 		int32_t		target = a->targets[r];
 		float		target_logit = x[target];
-		float		mx[LANES],
-					acc[LANES] = {0};
-		float		maxval,
-					total,
+		float		maxval = llm_max(x, V);
+		float		total,
 					scale;
-		size_t		i = 0;
 
-		for (int j = 0; j < LANES; j++)
-			mx[j] = -INFINITY;
-		for (; i + LANES <= V; i += LANES)
-			for (int j = 0; j < LANES; j++)
-				mx[j] = x[i + j] > mx[j] ? x[i + j] : mx[j];
-		maxval = mx[0];
-		for (int j = 1; j < LANES; j++)
-			maxval = mx[j] > maxval ? mx[j] : maxval;
-		for (; i < V; i++)
-			maxval = x[i] > maxval ? x[i] : maxval;
-
-		for (i = 0; i + LANES <= V; i += LANES)
-			for (int j = 0; j < LANES; j++)
-			{
-				x[i + j] = exp_approx(x[i + j] - maxval);
-				acc[j] += x[i + j];
-			}
-		total = ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]));
-		for (; i < V; i++)
-		{
-			x[i] = exp_approx(x[i] - maxval);
-			total += x[i];
-		}
-
+		for (size_t i = 0; i < V; i++)
+			x[i] = llm_expf(x[i] - maxval);
+		total = llm_sum(x, V);
 		a->losses[r] = logf(total) + maxval - target_logit;
 		scale = a->dloss / total;
-		for (i = 0; i < V; i++)
+		for (size_t i = 0; i < V; i++)
 			x[i] *= scale;
 		x[target] -= a->dloss;
 	}
@@ -763,29 +650,6 @@ crossentropy_softmax_forward_backward(float *losses, float *logits, const int32_
 	CrossentropyArgs a = {.losses = losses, .logits = logits, .targets = targets, .V = V, .dloss = dloss};
 
 	llm_parallel_for(N, crossentropy_task, &a);
-}
-
-void
-classifier_forward_backward(float *losses, float *dinp, float *dwte, float *scratch, const float *inp,
-							const float *wte, const int32_t *targets, int BT, int C, int V,
-							int chunk_rows, float dloss, bool accumulate)
-{
-	for (int r0 = 0; r0 < BT; r0 += chunk_rows)
-	{
-		int			rows = Min(chunk_rows, BT - r0);
-		const float *x = inp + (size_t) r0 * C;
-
-		/* logits(rows,V) = x(rows,C) @ wte^T */
-		llm_cblas_sgemm(LlmCblasRowMajor, LlmCblasNoTrans, LlmCblasTrans, rows, V, C,
-						1.0f, x, C, wte, C, 0.0f, scratch, V);
-		crossentropy_softmax_forward_backward(losses + r0, scratch, targets + r0, rows, V, dloss);
-		/* dx(rows,C) = dlogits(rows,V) @ wte(V,C) */
-		llm_cblas_sgemm(LlmCblasRowMajor, LlmCblasNoTrans, LlmCblasNoTrans, rows, C, V,
-						1.0f, scratch, V, wte, C, 0.0f, dinp + (size_t) r0 * C, C);
-		/* dwte(V,C) (+)= dlogits^T @ x */
-		llm_cblas_sgemm(LlmCblasRowMajor, LlmCblasTrans, LlmCblasNoTrans, V, C, rows,
-						1.0f, scratch, V, x, C, (accumulate || r0 > 0) ? 1.0f : 0.0f, dwte, C);
-	}
 }
 
 /* ---- gradient norm, AdamW ------------------------------------------------------------------ */
@@ -801,7 +665,7 @@ typedef struct
 }			NormArgs;
 
 /* Fixed chunk boundaries, so the sum does not depend on the number of threads. */
-LLM_HOT static void
+LLM_SIMD static void
 norm_task(void *arg, size_t start, size_t end)
 {
 	NormArgs   *a = arg;
@@ -858,7 +722,7 @@ typedef struct
 }			AdamwArgs;
 
 /* One pass over memory; the operation order follows torch.optim.AdamW (foreach). */
-LLM_HOT static void
+LLM_SIMD static void
 adamw_task(void *arg, size_t start, size_t end)
 {
 	AdamwArgs  *a = arg;

@@ -1,10 +1,11 @@
 /*
- * kernels.h: GPT-2 layers as forward/backward pairs over float arrays, in the style of llm.c.
+ * kernels.h: the kernel library of inference and training, in the style of llm.c: plain functions
+ * over float arrays, one forward (and, for training, one backward) per layer.
  *
  * Shapes in the comments: B = batch, T = time (sequence length), C = channels (d_model),
- * NH = heads, OC = output channels, V = vocabulary. BT = B * T rows, row-major everywhere.
- * Weights are in Hugging Face orientation: a linear layer's weight is (C, OC), so
- * out(BT, OC) = inp(BT, C) @ W(C, OC) + b, a plain row-major sgemm.
+ * NH = heads, OC = output channels, V = vocabulary, R = rows (B * T, or the beams of a step).
+ * Row-major everywhere. Weights are in Hugging Face orientation: a linear layer's weight is
+ * (C, OC), so out(R, OC) = inp(R, C) @ W(C, OC) + b, a plain row-major sgemm.
  *
  * Every kernel runs on the calling (backend) thread and splits its work over the worker pool
  * (llm_parallel_for) or BLAS; none of them touches PostgreSQL, allocates or fails.
@@ -13,6 +14,10 @@
  * (gradient accumulation over micro-batches needs no zeroing pass). Gradients of activations
  * (dinp) are overwritten, except in layernorm_backward, which adds into the residual stream's
  * gradient as llm.c does.
+ *
+ * Floating point: the library is built with -fno-trapping-math (ext/Makefile; traps are never
+ * enabled in a backend), which lets GCC if-convert the comparisons of clamps and maxima and so
+ * vectorise those loops; it changes no result. No -ffast-math: reductions use independent lanes.
  */
 #ifndef PG_LLM_KERNELS_H
 #define PG_LLM_KERNELS_H
@@ -21,6 +26,128 @@
 #include <stddef.h>
 #include <stdint.h>
 
+/*
+ * The SIMD dispatch of every hot loop: an AVX2+FMA clone chosen at load time (cpuid) beside the
+ * default clone, which runs on any x86-64; the library never needs -march=native.
+ */
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define LLM_SIMD __attribute__((target_clones("arch=x86-64-v3", "default")))
+#else
+#define LLM_SIMD
+#endif
+
+/* ---- scalar helpers, inlined into the vectorised loops of every clone ---------------------- */
+
+/*
+ * e^x, branch-free so that loops calling it vectorise (libm's expf does not without
+ * -ffast-math). Cephes' expf: x = n ln2 + r, |r| <= ln2/2, e^r by a degree-6 polynomial, 2^n
+ * through the exponent bits; about 1 ulp. The input is clamped so that 2^n stays a normal float:
+ * e^x for x > 88.3 saturates at 2.1e38, for x < -87.3 at 1.2e-38 (as good as 0 wherever it is
+ * used: a softmax term, a sigmoid's tail). NaN propagates.
+ */
+static inline float
+llm_expf(float x)
+{
+	const float magic = 12582912.0f;	/* 1.5 * 2^23: adding it rounds to an integer */
+	float		n,
+				r,
+				z,
+				y;
+	union
+	{
+		float		f;
+		int32_t		i;
+	}			scale;
+
+	x = x > 88.3f ? 88.3f : x;
+	x = x < -87.3f ? -87.3f : x;
+	n = (x * 1.44269504088896341f + magic) - magic;
+	r = x - n * 0.693359375f;
+	r = r - n * -2.12194440e-4f;
+	z = r * r;
+	y = 1.9875691500e-4f;
+	y = y * r + 1.3981999507e-3f;
+	y = y * r + 8.3334519073e-3f;
+	y = y * r + 4.1665795894e-2f;
+	y = y * r + 1.6666665459e-1f;
+	y = y * r + 5.0000001201e-1f;
+	y = y * z + r + 1.0f;
+	scale.i = ((int32_t) n + 127) << 23;
+	return y * scale.f;
+}
+
+/* Sum of x[0..n) with 16 independent lanes: vectorises without reassociating one accumulator. */
+static inline float
+llm_sum(const float *x, size_t n)
+{
+	float		acc[16] = {0};
+	float		s = 0.0f;
+	size_t		i = 0;
+
+	for (; i + 16 <= n; i += 16)
+		for (int k = 0; k < 16; k++)
+			acc[k] += x[i + k];
+	for (; i < n; i++)
+		s += x[i];
+	for (int k = 0; k < 16; k++)
+		s += acc[k];
+	return s;
+}
+
+/* a . b over n elements, 16 lanes. */
+static inline float
+llm_dot(const float *restrict a, const float *restrict b, size_t n)
+{
+	float		acc[16] = {0};
+	float		s = 0.0f;
+	size_t		i = 0;
+
+	for (; i + 16 <= n; i += 16)
+		for (int k = 0; k < 16; k++)
+			acc[k] += a[i + k] * b[i + k];
+	for (; i < n; i++)
+		s += a[i] * b[i];
+	for (int k = 0; k < 16; k++)
+		s += acc[k];
+	return s;
+}
+
+/* The largest of x[0..n), n >= 1, 8 lanes. */
+static inline float
+llm_max(const float *x, size_t n)
+{
+	float		acc[8];
+	float		m = x[0];
+	size_t		i = 0;
+
+	for (int k = 0; k < 8; k++)
+		acc[k] = x[0];
+	for (; i + 8 <= n; i += 8)
+		for (int k = 0; k < 8; k++)
+			acc[k] = x[i + k] > acc[k] ? x[i + k] : acc[k];
+	for (; i < n; i++)
+		m = x[i] > m ? x[i] : m;
+	for (int k = 0; k < 8; k++)
+		m = acc[k] > m ? acc[k] : m;
+	return m;
+}
+
+/* x(n) <- softmax(x), n >= 1: one row (callers spread rows over the pool). */
+static inline void
+softmax_inplace(float *x, size_t n)
+{
+	float		m = llm_max(x, n);
+	float		inv;
+
+	for (size_t i = 0; i < n; i++)
+		x[i] = llm_expf(x[i] - m);
+	inv = 1.0f / llm_sum(x, n);
+	for (size_t i = 0; i < n; i++)
+		x[i] *= inv;
+}
+
+/* ---- kernels.c: embeddings, normalisation, activations, attention, loss, optimizer ---------- */
+
 /* out(B,T,C) = wte[inp[b,t]] + wpe[t]; inp(B,T) ids already checked against V. */
 extern void encoder_forward(float *out, const int32_t *inp, const float *wte, const float *wpe,
 							int B, int T, int C);
@@ -28,24 +155,16 @@ extern void encoder_forward(float *out, const int32_t *inp, const float *wte, co
 extern void encoder_backward(float *dwte, float *dwpe, const float *dout, const int32_t *inp,
 							 int B, int T, int C);
 
-/* out(BT,C) = (inp - mean) * rstd * weight + bias; mean, rstd (BT) kept for the backward. */
+/*
+ * out(R,C) = (inp - mean) * rstd * weight + bias, eps 1e-5; mean, rstd (R) kept for the backward
+ * (both NULL when there is none, as in inference).
+ */
 extern void layernorm_forward(float *out, float *mean, float *rstd, const float *inp,
-							  const float *weight, const float *bias, int BT, int C);
-/* dinp(BT,C) += ...; dweight, dbias (C) overwritten or accumulated. */
+							  const float *weight, const float *bias, int R, int C);
+/* dinp(R,C) += ...; dweight, dbias (C) overwritten or accumulated. */
 extern void layernorm_backward(float *dinp, float *dweight, float *dbias, const float *dout,
 							   const float *inp, const float *weight, const float *mean,
-							   const float *rstd, int BT, int C, bool accumulate);
-
-/* out(BT,OC) = inp(BT,C) @ weight(C,OC) + bias(OC); bias may be NULL. */
-extern void matmul_forward(float *out, const float *inp, const float *weight, const float *bias,
-						   int BT, int C, int OC);
-/*
- * dinp(BT,C) = dout(BT,OC) @ weight^T (overwritten; skipped when dinp is NULL),
- * dweight(C,OC) = inp^T @ dout, dbias(OC) = column sums of dout (bias skipped when NULL).
- */
-extern void matmul_backward(float *dinp, float *dweight, float *dbias, const float *dout,
-							const float *inp, const float *weight, int BT, int C, int OC,
-							bool accumulate);
+							   const float *rstd, int R, int C, bool accumulate);
 
 /*
  * Causal multi-head self-attention. inp(B,T,3C) = [q | k | v] per row (as c_attn produces
@@ -54,6 +173,7 @@ extern void matmul_backward(float *dinp, float *dweight, float *dbias, const flo
  * Dropout on the probabilities: p = 0 disables it; the mask is a pure function of key
  * (see dropout_forward), so the backward regenerates it instead of storing it.
  * scratch holds B*T*(C+NH) floats (a transposed copy of each head's keys or values).
+ * (Inference runs its own attention over the key/value cache: infer.c.)
  */
 extern void attention_forward(float *out, float *att, float *scratch, const float *inp,
 							  int B, int T, int C, int NH, float dropout, uint64_t key);
@@ -62,7 +182,7 @@ extern void attention_backward(float *dinp, float *scratch, const float *dout, c
 							   const float *att, int B, int T, int C, int NH,
 							   float dropout, uint64_t key);
 
-/* GELU, tanh form: out = 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))), N elements. */
+/* GELU, tanh form: out = 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))), N elements; out may be inp. */
 extern void gelu_forward(float *out, const float *inp, size_t N);
 /* dinp = dout * gelu'(inp); dinp may be dout (in place). */
 extern void gelu_backward(float *dinp, const float *inp, const float *dout, size_t N);
@@ -85,17 +205,6 @@ extern uint64_t dropout_key(uint64_t seed, uint64_t a, uint64_t b, uint64_t c);
 extern void crossentropy_softmax_forward_backward(float *losses, float *logits, const int32_t *targets,
 												  int N, int V, float dloss);
 
-/*
- * The tied output head with its loss, forward and backward in one pass, chunk_rows rows at a
- * time so that at most chunk_rows * V logits exist (scratch holds that many floats):
- * logits = inp(BT,C) @ wte(V,C)^T, losses(BT) as above, dinp(BT,C) = dlogits @ wte (overwritten),
- * dwte(V,C) = dlogits^T @ inp (overwritten or accumulated).
- */
-extern void classifier_forward_backward(float *losses, float *dinp, float *dwte, float *scratch,
-										const float *inp, const float *wte, const int32_t *targets,
-										int BT, int C, int V, int chunk_rows, float dloss,
-										bool accumulate);
-
 /* Sum of squares of x[0..N), in double, deterministic for any number of threads. */
 extern double sum_of_squares(const float *x, size_t N);
 
@@ -108,5 +217,44 @@ extern double sum_of_squares(const float *x, size_t N);
 extern void adamw_update(float *params, const float *grads, float *m, float *v, size_t N,
 						 float lr, float beta1, float beta2, float eps, float weight_decay,
 						 float grad_scale, long t);
+
+/* ---- matmul.c: the matrix products ----------------------------------------------------------- */
+
+/*
+ * Training: out(BT,OC) = inp(BT,C) @ weight(C,OC) + bias(OC); bias may be NULL. One sgemm on
+ * BLAS's own threads (llm_blas_set_threads(n)).
+ */
+extern void matmul_forward(float *out, const float *inp, const float *weight, const float *bias,
+						   int BT, int C, int OC);
+/*
+ * dinp(BT,C) = dout(BT,OC) @ weight^T (overwritten; skipped when dinp is NULL),
+ * dweight(C,OC) = inp^T @ dout, dbias(OC) = column sums of dout (bias skipped when NULL).
+ */
+extern void matmul_backward(float *dinp, float *dweight, float *dbias, const float *dout,
+							const float *inp, const float *weight, int BT, int C, int OC,
+							bool accumulate);
+
+/*
+ * Inference: out(R,OC) (+)= bias(OC) + inp(R,IC) @ w(IC,OC), split by columns over the worker
+ * pool (BLAS on one thread: llm_blas_set_threads(1)). A few rows (the beams of a step) are
+ * bound by reading the weights, and run a matrix-vector kernel that reads each weight once for
+ * all rows; more rows run one single-threaded sgemm per share of columns.
+ */
+extern void matmul_rows(float *out, const float *inp, const float *w, const float *bias,
+						size_t R, size_t IC, size_t OC, bool accumulate);
+
+/* Inference's tied output head: logits(R,V) = inp(R,C) @ wte(V,C)^T, each wte row read once for all R rows. */
+extern void head_forward(float *logits, const float *inp, const float *wte, size_t R, size_t C, size_t V);
+
+/*
+ * Training's tied output head with its loss, forward and backward in one pass, chunk_rows rows at
+ * a time so that at most chunk_rows * V logits exist (scratch holds that many floats):
+ * logits = inp(BT,C) @ wte(V,C)^T, losses(BT) as above, dinp(BT,C) = dlogits @ wte (overwritten),
+ * dwte(V,C) = dlogits^T @ inp (overwritten or accumulated).
+ */
+extern void classifier_forward_backward(float *losses, float *dinp, float *dwte, float *scratch,
+										const float *inp, const float *wte, const int32_t *targets,
+										int BT, int C, int V, int chunk_rows, float dloss,
+										bool accumulate);
 
 #endif							/* PG_LLM_KERNELS_H */

@@ -196,17 +196,14 @@ llm_config_lookup(const char *model, LlmConfig *cfg, bool for_update)
 	TupleDesc	desc;
 	HeapTuple	tuple;
 	bool		isnull;
-	int			ret;
 
 	llm_check_model_name(model);
 	values[0] = CStringGetTextDatum(model);
-	ret = SPI_execute_with_args(psprintf("SELECT n_layer, n_head, d_model, n_positions, vocab, weights_version, tableoid "
-										 "FROM %s WHERE model = $1%s", llm_table("llm_model_config"),
-										 for_update ? " FOR UPDATE" : ""),
-								1, argtypes, values, NULL, !for_update, 1);
-	if (ret != SPI_OK_SELECT)
-		elog(ERROR, "reading llm_model_config failed: %s", SPI_result_code_string(ret));
-	if (SPI_processed == 0)
+	if (llm_spi_run("reading llm_model_config",
+					psprintf("SELECT n_layer, n_head, d_model, n_positions, vocab, weights_version, tableoid "
+							 "FROM %s WHERE model = $1%s", llm_table("llm_model_config"),
+							 for_update ? " FOR UPDATE" : ""),
+					1, argtypes, values, !for_update, 1, SPI_OK_SELECT) == 0)
 		return false;
 	desc = SPI_tuptable->tupdesc;
 	tuple = SPI_tuptable->vals[0];
@@ -612,12 +609,10 @@ llm_param_bump_version(PG_FUNCTION_ARGS)
 	changed_models = NIL;
 	SPI_connect();
 	if (TRIGGER_FIRED_BY_TRUNCATE(td->tg_event))
-	{
-		if (SPI_execute(psprintf("UPDATE %s SET weights_version = nextval('%s')",
-								 llm_table("llm_model_config"), llm_table("llm_weights_version_seq")),
-						false, 0) != SPI_OK_UPDATE)
-			elog(ERROR, "bumping weights_version failed");
-	}
+		llm_spi_run("bumping weights_version",
+					psprintf("UPDATE %s SET weights_version = nextval('%s')",
+							 llm_table("llm_model_config"), llm_table("llm_weights_version_seq")),
+					0, NULL, NULL, false, 0, SPI_OK_UPDATE);
 	else
 	{
 		foreach(lc, models)
@@ -625,11 +620,10 @@ llm_param_bump_version(PG_FUNCTION_ARGS)
 			Oid			argtypes[1] = {TEXTOID};
 			Datum		values[1] = {CStringGetTextDatum(lfirst(lc))};
 
-			if (SPI_execute_with_args(psprintf("UPDATE %s SET weights_version = nextval('%s') WHERE model = $1",
-											   llm_table("llm_model_config"),
-											   llm_table("llm_weights_version_seq")),
-									  1, argtypes, values, NULL, false, 0) != SPI_OK_UPDATE)
-				elog(ERROR, "bumping weights_version failed");
+			llm_spi_run("bumping weights_version",
+						psprintf("UPDATE %s SET weights_version = nextval('%s') WHERE model = $1",
+								 llm_table("llm_model_config"), llm_table("llm_weights_version_seq")),
+						1, argtypes, values, false, 0, SPI_OK_UPDATE);
 		}
 	}
 	SPI_finish();

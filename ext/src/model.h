@@ -12,7 +12,7 @@
 
 #include "postgres.h"
 
-#define LLM_MODEL_NAME_MAX 200
+#include "llm_limits.h"
 
 typedef struct LlmConfig
 {

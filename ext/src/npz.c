@@ -522,7 +522,7 @@ read_config_record(NpzReader *r, const NpyHeader *h, const char *model, LlmConfi
 }
 
 /* Index of the first value that is NaN or infinite (all exponent bits set), or n. */
-__attribute__((target_clones("avx2", "default")))
+LLM_SIMD
 static size_t
 first_nonfinite(const float *x, size_t n)
 {

@@ -1,10 +1,20 @@
 /*
- * pg_llm.h: shared declarations of the pg_llm extension.
+ * pg_llm.h: what every module of the pg_llm extension shares: the version, the settings, the
+ * names of its tables and running statements on them, memory for float blocks.
+ *
+ * It also brings in the worker pool (parallel.h) and the kernel library (kernels.h, with the one
+ * SIMD dispatch macro), which most modules use.
  */
 #ifndef PG_LLM_H
 #define PG_LLM_H
 
 #include "postgres.h"
+
+#include "executor/spi.h"
+
+#include "kernels.h"
+#include "llm_limits.h"
+#include "parallel.h"
 
 /* The extension's version: default_version of pg_llm.control, passed in by the Makefile. */
 #ifndef PG_LLM_VERSION
@@ -28,36 +38,28 @@
 #endif
 
 /* GUCs (see pg_llm.c) */
-extern int	llm_threads;		/* worker threads for BLAS and kernels; 0 = one per core */
-extern int	llm_server_threads;	/* threads all computing sessions share; 0 = one per core */
+extern int	llm_threads;		/* pg_llm.threads: worker threads for BLAS and kernels; 0 = one per core */
+extern int	llm_server_threads;	/* pg_llm.server_threads: threads all computing sessions share; 0 = one per core */
 
-/* pg_llm.c */
-extern char *llm_table(const char *name);	/* schema-qualified, quoted name of a pg_llm table */
-extern float *llm_alloc_floats(size_t n);	/* malloc'd, 64-byte aligned; NULL when out of memory */
-
-/* parallel.c: a fixed pool of worker threads for plain-C kernels */
-typedef void (*llm_task_fn) (void *arg, size_t start, size_t end);
-extern void llm_parallel_for(size_t n, llm_task_fn fn, void *arg);
-
-/* blas.c */
-extern void llm_blas_init(void);
-extern void llm_blas_set_threads(int n);	/* after llm_blas_init; 1 when calling BLAS from workers */
-
-/* threads.c: threads this session may use now (its share of the server's) */
+/* threads.c: the threads this session may use now (its share of the server's, at most pg_llm.threads). */
 extern int	llm_num_threads(void);
 
-/* Signatures of the CBLAS entry points we use (declared here so that no BLAS header is needed). */
-enum LlmCblasOrder { LlmCblasRowMajor = 101, LlmCblasColMajor = 102 };
-enum LlmCblasTranspose { LlmCblasNoTrans = 111, LlmCblasTrans = 112 };
+/* Schema-qualified, quoted name of a pg_llm table, so that search_path cannot redirect it. */
+extern char *llm_table(const char *name);
 
-typedef void (*llm_sgemm_fn) (int order, int transa, int transb, int m, int n, int k,
-							  float alpha, const float *a, int lda, const float *b, int ldb,
-							  float beta, float *c, int ldc);
-typedef void (*llm_sgemv_fn) (int order, int trans, int m, int n, float alpha,
-							  const float *a, int lda, const float *x, int incx,
-							  float beta, float *y, int incy);
+/* malloc'd, 64-byte aligned; NULL when out of memory. */
+extern float *llm_alloc_floats(size_t n);
 
-extern llm_sgemm_fn llm_cblas_sgemm;
-extern llm_sgemv_fn llm_cblas_sgemv;
+/*
+ * Running statements through SPI (the caller is connected). Each runs one statement and raises
+ * an ERROR naming its purpose ("reading llm_train_state") unless SPI returns `expect`
+ * (SPI_OK_SELECT, SPI_OK_INSERT, ...). They return SPI_processed.
+ */
+extern uint64 llm_spi_run(const char *purpose, const char *sql, int nargs, Oid *types, Datum *values,
+						  bool read_only, long count, int expect);
+extern uint64 llm_spi_run_plan(const char *purpose, SPIPlanPtr plan, Datum *values, bool read_only,
+							   long count, int expect);
+/* A prepared statement (SPI_prepare), or an ERROR naming its purpose. */
+extern SPIPlanPtr llm_spi_prepare(const char *purpose, const char *sql, int nargs, Oid *types);
 
 #endif							/* PG_LLM_H */

@@ -7,7 +7,7 @@
  * tokens in any session; without one, the state is seeded from the backend's own random state.
  */
 #include "pg_llm.h"
-#include "infer.h"
+#include "sample.h"
 
 #include <math.h>
 

@@ -16,8 +16,9 @@
  * reloads them from the tables.
  */
 #include "pg_llm.h"
+#include "blas.h"
+#include "dataset.h"
 #include "model.h"
-#include "kernels.h"
 
 #include <math.h>
 #include <time.h>
@@ -29,6 +30,7 @@
 #include "miscadmin.h"
 #include "utils/array.h"
 #include "utils/builtins.h"
+#include "utils/json.h"
 #include "utils/memutils.h"
 
 /* At most this many logits (rows x V) exist at once; the head runs in chunks of rows. */
@@ -152,7 +154,6 @@ train_subxact_callback(SubXactEvent event, SubTransactionId mySubid, SubTransact
 
 /* ---- arguments ----------------------------------------------------------------------------- */
 
-
 static void
 bad_argument(const char *msg, const char *hint)
 {
@@ -229,10 +230,10 @@ parse_args(FunctionCallInfo fcinfo, TrainArgs *a)
 					 "lr_min is the floor that the cosine schedule decays to.");
 	if (a->warmup < 0)
 		bad_argument("warmup must not be negative", NULL);
-	if (a->batch_size < 1 || a->batch_size > 65536)
-		bad_argument(psprintf("batch_size must be between 1 and 65536, got %d", a->batch_size), NULL);
-	if (a->grad_accum < 1 || a->grad_accum > 65536)
-		bad_argument(psprintf("grad_accum must be between 1 and 65536, got %d", a->grad_accum), NULL);
+	if (a->batch_size < 1 || a->batch_size > LLM_BATCH_SIZE_MAX)
+		bad_argument(psprintf("batch_size must be between 1 and %d, got %d", LLM_BATCH_SIZE_MAX, a->batch_size), NULL);
+	if (a->grad_accum < 1 || a->grad_accum > LLM_GRAD_ACCUM_MAX)
+		bad_argument(psprintf("grad_accum must be between 1 and %d, got %d", LLM_GRAD_ACCUM_MAX, a->grad_accum), NULL);
 	if (a->grad_clip < 0)
 		bad_argument("grad_clip must not be negative", "Use 0 to turn clipping off.");
 	if (!PG_ARGISNULL(A_TOTAL_STEPS) && a->total_steps <= 0)
@@ -241,7 +242,10 @@ parse_args(FunctionCallInfo fcinfo, TrainArgs *a)
 		bad_argument(psprintf("dropout must be in [0, 1), got %g", a->dropout), NULL);
 }
 
-/* n_layer, n_head, D (or d) and vocab, when given, only confirm the registered architecture. */
+/*
+ * n_layer, n_head, D and vocab, when given, only confirm the registered architecture. d is D's
+ * alias: SQL folds an unquoted D => 48 (as the seed writes it) to d, so both spellings work.
+ */
 static void
 check_architecture(FunctionCallInfo fcinfo, const LlmConfig *cfg)
 {
@@ -270,131 +274,6 @@ check_architecture(FunctionCallInfo fcinfo, const LlmConfig *cfg)
 							checks[i].name, checks[i].actual),
 					 errhint("The architecture comes from llm_model_config; register a new model "
 							 "for a different one.")));
-	}
-}
-
-/* ---- the dataset --------------------------------------------------------------------------- */
-
-typedef struct Dataset
-{
-	int64	   *ids;			/* row ids in id order */
-	int64		n;
-	int			T;				/* tokens per row */
-	SPIPlanPtr	fetch;			/* SELECT tokens, target ... WHERE id = $1 */
-} Dataset;
-
-static void
-dataset_open(Dataset *ds, const LlmConfig *cfg)
-{
-	Portal		portal;
-	int64		cap = 1024;
-	bool		isnull;
-	Oid			argtypes[1] = {INT8OID};
-	int			ret;
-
-	ds->ids = palloc(cap * sizeof(int64));
-	ds->n = 0;
-	portal = SPI_cursor_open_with_args(NULL, psprintf("SELECT id FROM %s ORDER BY id", llm_table("llm_dataset")),
-									   0, NULL, NULL, NULL, true, CURSOR_OPT_NO_SCROLL);
-	for (;;)
-	{
-		SPI_cursor_fetch(portal, true, 65536);
-		if (SPI_processed == 0)
-			break;
-		if (ds->n + (int64) SPI_processed > cap)
-		{
-			while (ds->n + (int64) SPI_processed > cap)
-				cap *= 2;
-			ds->ids = repalloc_huge(ds->ids, cap * sizeof(int64));
-		}
-		for (uint64 r = 0; r < SPI_processed; r++)
-			ds->ids[ds->n++] = DatumGetInt64(SPI_getbinval(SPI_tuptable->vals[r], SPI_tuptable->tupdesc, 1, &isnull));
-		SPI_freetuptable(SPI_tuptable);
-		CHECK_FOR_INTERRUPTS();
-	}
-	SPI_cursor_close(portal);
-	if (ds->n == 0)
-		ereport(ERROR,
-				(errcode(ERRCODE_NO_DATA_FOUND),
-				 errmsg("llm_dataset is empty"),
-				 errhint("Fill it with pgllm dataset --input FILES.")));
-
-	ds->fetch = SPI_prepare(psprintf("SELECT tokens, target FROM %s WHERE id = $1", llm_table("llm_dataset")),
-							1, argtypes);
-	if (ds->fetch == NULL)
-		elog(ERROR, "preparing the dataset query failed: %s", SPI_result_code_string(SPI_result));
-
-	/* the block size is the first row's length; every row read later must match it */
-	ret = SPI_execute_plan(ds->fetch, (Datum[]) {Int64GetDatum(ds->ids[0])}, NULL, true, 1);
-	if (ret != SPI_OK_SELECT || SPI_processed != 1)
-		elog(ERROR, "reading llm_dataset failed");
-	{
-		ArrayType  *tokens = DatumGetArrayTypeP(SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1, &isnull));
-
-		ds->T = ArrayGetNItems(ARR_NDIM(tokens), ARR_DIMS(tokens));
-	}
-	SPI_freetuptable(SPI_tuptable);
-	if (ds->T > cfg->n_positions)
-		ereport(ERROR,
-				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
-				 errmsg("the dataset's block size %d is larger than model \"%s\"'s n_positions %d",
-						ds->T, cfg->model, cfg->n_positions),
-				 errhint("Rebuild the dataset with pgllm dataset --block-size %d or less.", cfg->n_positions)));
-}
-
-/* Copy one int[] of the row into out[T], checking its shape and every id against V. */
-static void
-read_ids(Datum d, int32 *out, int T, int V, int64 id, const char *column)
-{
-	ArrayType  *arr = DatumGetArrayTypeP(d);
-	int			n = ArrayGetNItems(ARR_NDIM(arr), ARR_DIMS(arr));
-	const int32 *vals = (const int32 *) ARR_DATA_PTR(arr);
-
-	if (ARR_NDIM(arr) != 1 || ARR_ELEMTYPE(arr) != INT4OID || ARR_HASNULL(arr) || n != T)
-		ereport(ERROR,
-				(errcode(ERRCODE_DATA_EXCEPTION),
-				 errmsg("llm_dataset row %lld: %s must be a one-dimensional int[] of %d ids without NULLs",
-						(long long) id, column, T),
-				 errdetail("Every row of llm_dataset must have the same length (the block size) as the first."),
-				 errhint("Rebuild the dataset with pgllm dataset --truncate.")));
-	for (int i = 0; i < T; i++)
-	{
-		if (vals[i] < 0 || vals[i] >= V)
-			ereport(ERROR,
-					(errcode(ERRCODE_DATA_EXCEPTION),
-					 errmsg("llm_dataset row %lld: %s id %d is outside the model's vocabulary (0 .. %d)",
-							(long long) id, column, vals[i], V - 1),
-					 errhint("Tokenize the dataset with the model's tokenizer.")));
-		out[i] = vals[i];
-	}
-	if ((Pointer) arr != DatumGetPointer(d))
-		pfree(arr);
-}
-
-/* Rows pos .. pos+B-1 (mod N) into inputs and targets, each (B,T). */
-static void
-dataset_batch(Dataset *ds, int64 pos, int B, int V, int32 *inputs, int32 *targets)
-{
-	for (int b = 0; b < B; b++)
-	{
-		int64		id = ds->ids[(pos + b) % ds->n];
-		bool		isnull1,
-					isnull2;
-		Datum		tokens,
-					target;
-		int			ret = SPI_execute_plan(ds->fetch, (Datum[]) {Int64GetDatum(id)}, NULL, true, 1);
-
-		if (ret != SPI_OK_SELECT)
-			elog(ERROR, "reading llm_dataset failed: %s", SPI_result_code_string(ret));
-		if (SPI_processed != 1)
-			ereport(ERROR,
-					(errcode(ERRCODE_DATA_EXCEPTION),
-					 errmsg("llm_dataset row %lld disappeared during training", (long long) id)));
-		tokens = SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1, &isnull1);
-		target = SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 2, &isnull2);
-		read_ids(tokens, inputs + (size_t) b * ds->T, ds->T, V, id, "tokens");
-		read_ids(target, targets + (size_t) b * ds->T, ds->T, V, id, "target");
-		SPI_freetuptable(SPI_tuptable);
 	}
 }
 
@@ -586,22 +465,23 @@ persist(Trainer *tr, LlmModel *model)
 	buf = palloc(VARHDRSZ + largest * sizeof(float));
 
 	/* SPI_prepare keeps its plans in SPI's procedure context */
-	update_param = SPI_prepare(psprintf("UPDATE %s SET data = $1 WHERE model = $2 AND name = $3",
-										llm_table("llm_param")), 3, types);
-	update_m = SPI_prepare(psprintf("UPDATE %s SET m = $1 WHERE model = $2 AND name = $3",
-									llm_table("llm_optim_state")), 3, types);
-	update_v = SPI_prepare(psprintf("UPDATE %s SET v = $1 WHERE model = $2 AND name = $3",
-									llm_table("llm_optim_state")), 3, types);
-	insert_optim = SPI_prepare(psprintf("INSERT INTO %s (m, v, model, name) VALUES ($1, $2, $3, $4)",
-										llm_table("llm_optim_state")), 4, insert_types);
-	if (update_param == NULL || update_m == NULL || update_v == NULL || insert_optim == NULL)
-		elog(ERROR, "preparing the write-back statements failed: %s", SPI_result_code_string(SPI_result));
+	update_param = llm_spi_prepare("preparing the llm_param update",
+								   psprintf("UPDATE %s SET data = $1 WHERE model = $2 AND name = $3",
+											llm_table("llm_param")), 3, types);
+	update_m = llm_spi_prepare("preparing the llm_optim_state update",
+							   psprintf("UPDATE %s SET m = $1 WHERE model = $2 AND name = $3",
+										llm_table("llm_optim_state")), 3, types);
+	update_v = llm_spi_prepare("preparing the llm_optim_state update",
+							   psprintf("UPDATE %s SET v = $1 WHERE model = $2 AND name = $3",
+										llm_table("llm_optim_state")), 3, types);
+	insert_optim = llm_spi_prepare("preparing the llm_optim_state insert",
+								   psprintf("INSERT INTO %s (m, v, model, name) VALUES ($1, $2, $3, $4)",
+											llm_table("llm_optim_state")), 4, insert_types);
 
 	for (int i = 0; i < layout->num_tensors; i++)
 	{
 		LlmTensorInfo info;
 		Datum		values[3];
-		int			ret;
 
 		CHECK_FOR_INTERRUPTS();
 		llm_tensor_info(&model->cfg, layout, i, &info);
@@ -609,18 +489,14 @@ persist(Trainer *tr, LlmModel *model)
 		values[2] = CStringGetTextDatum(info.name);
 
 		values[0] = fill_bytea(buf, model->memory + info.offset, info.numel);
-		ret = SPI_execute_plan(update_param, values, NULL, false, 0);
-		if (ret != SPI_OK_UPDATE || SPI_processed != 1)
+		if (llm_spi_run_plan("writing llm_param", update_param, values, false, 0, SPI_OK_UPDATE) != 1)
 			ereport(ERROR,
 					(errcode(ERRCODE_NO_DATA_FOUND),
 					 errmsg("tensor \"%s\" of model \"%s\" disappeared from llm_param during training",
 							info.name, model->cfg.model)));
 
 		values[0] = fill_bytea(buf, tr->m_memory + info.offset, info.numel);
-		ret = SPI_execute_plan(update_m, values, NULL, false, 0);
-		if (ret != SPI_OK_UPDATE)
-			elog(ERROR, "writing llm_optim_state failed: %s", SPI_result_code_string(ret));
-		if (SPI_processed == 0)
+		if (llm_spi_run_plan("writing llm_optim_state", update_m, values, false, 0, SPI_OK_UPDATE) == 0)
 		{
 			/* the model's first training call: a new row with both moments */
 			Datum		row[4];
@@ -631,16 +507,12 @@ persist(Trainer *tr, LlmModel *model)
 			row[1] = fill_bytea(buf2, tr->v_memory + info.offset, info.numel);
 			row[2] = model_name;
 			row[3] = values[2];
-			ret = SPI_execute_plan(insert_optim, row, NULL, false, 0);
-			if (ret != SPI_OK_INSERT)
-				elog(ERROR, "writing llm_optim_state failed: %s", SPI_result_code_string(ret));
+			llm_spi_run_plan("writing llm_optim_state", insert_optim, row, false, 0, SPI_OK_INSERT);
 		}
 		else
 		{
 			values[0] = fill_bytea(buf, tr->v_memory + info.offset, info.numel);
-			ret = SPI_execute_plan(update_v, values, NULL, false, 0);
-			if (ret != SPI_OK_UPDATE)
-				elog(ERROR, "writing llm_optim_state failed: %s", SPI_result_code_string(ret));
+			llm_spi_run_plan("writing llm_optim_state", update_v, values, false, 0, SPI_OK_UPDATE);
 		}
 		pfree(DatumGetPointer(values[2]));
 	}
@@ -834,31 +706,279 @@ optimizer_step(Trainer *tr, LlmModel *model, const TrainArgs *a, double lr, floa
 	}
 }
 
-/* ---- llm_train ----------------------------------------------------------------------------- */
+/* ---- llm_train: setup, the step loop, write-back ------------------------------------------- */
+
+/* One call of llm_train. */
+typedef struct TrainRun
+{
+	TrainArgs	args;
+	LlmConfig	cfg;
+	Datum		model_datum;	/* args.model as text */
+	LlmDataset	ds;
+	LlmModel   *model;			/* the backend's cached weights, trained in place */
+	Trainer    *tr;
+	int64		step0;			/* the model's step counter when the call began */
+	int64		data_pos;		/* and its position in the dataset */
+	int			total_steps;	/* the schedule's length */
+	int64		rows_per_step;
+	double		tokens_per_step;
+	float		last_loss;
+	double		t_start,
+				t_loaded,
+				t_trained;
+} TrainRun;
+
+/*
+ * Arguments, architecture, the model's training state (locked: one trainer per model at a time),
+ * the schedule and the dataset, then the weights. Inside SPI; nothing allocated outside palloc.
+ */
+static void
+train_setup(TrainRun *run, FunctionCallInfo fcinfo)
+{
+	TrainArgs  *a = &run->args;
+	Oid			text_type[1] = {TEXTOID};
+	bool		isnull;
+
+	llm_config_load(a->model, &run->cfg);
+	check_architecture(fcinfo, &run->cfg);
+
+	llm_spi_run("creating the model's row of llm_train_state",
+				psprintf("INSERT INTO %s (model) VALUES ($1) ON CONFLICT (model) DO NOTHING",
+						 llm_table("llm_train_state")), 1, text_type, &run->model_datum, false, 0, SPI_OK_INSERT);
+	if (llm_spi_run("reading llm_train_state",
+					psprintf("SELECT step, data_pos FROM %s WHERE model = $1 FOR UPDATE",
+							 llm_table("llm_train_state")),
+					1, text_type, &run->model_datum, false, 1, SPI_OK_SELECT) != 1)
+		ereport(ERROR,
+				(errcode(ERRCODE_NO_DATA_FOUND),
+				 errmsg("the training state of model \"%s\" disappeared", a->model)));
+	run->step0 = DatumGetInt32(SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1, &isnull));
+	run->data_pos = DatumGetInt64(SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 2, &isnull));
+	SPI_freetuptable(SPI_tuptable);
+	if (run->step0 + a->steps > PG_INT32_MAX)
+		bad_argument("the step counter would overflow", NULL);
+
+	/*
+	 * The schedule's length: total_steps when given (pgllm train passes it, so that chunked
+	 * calls follow one schedule); otherwise it ends with this call, but never before the warmup
+	 * does, so that a call inside a longer warmup (the seed's 1000 steps with warmup 2000) works.
+	 */
+	run->total_steps = a->total_steps > 0 ? a->total_steps : (int) Max(run->step0 + a->steps, a->warmup);
+	if (a->warmup > run->total_steps)
+		ereport(ERROR,
+				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+				 errmsg("warmup (%d steps) is longer than the schedule (total_steps = %d)",
+						a->warmup, run->total_steps),
+				 errhint("Lower warmup or raise total_steps.")));
+
+	llm_dataset_open(&run->ds, &run->cfg);
+	if ((int64) a->batch_size * run->ds.T > PG_INT32_MAX / 4)
+		bad_argument(psprintf("batch_size %d times the block size %d is too large", a->batch_size, run->ds.T),
+					 "Use grad_accum for a larger effective batch.");
+	run->rows_per_step = (int64) a->batch_size * a->grad_accum;
+	run->tokens_per_step = (double) run->rows_per_step * run->ds.T;
+	run->model = llm_model_get_private(a->model);
+}
+
+/* A JSON number for the progress details; null when not finite. */
+static void
+json_number(StringInfo buf, const char *key, double value)
+{
+	appendStringInfo(buf, ", \"%s\": ", key);
+	if (isfinite(value))
+		appendStringInfo(buf, "%.9g", value);
+	else
+		appendStringInfoString(buf, "null");
+}
+
+/*
+ * Progress for clients that ask for it (SET client_min_messages = debug1; pgllm train does): one
+ * DEBUG1 message per step, readable text, with the same fields as a JSON object in its detail.
+ * The detail is the documented channel (README, "Training progress"): "event" says what it is,
+ * fields may be added but never renamed.
+ */
+static void
+report_step(const TrainRun *run, int done, int64 step, double loss, double lr, double norm, double tokens_per_s)
+{
+	StringInfoData detail;
+
+	initStringInfo(&detail);
+	appendStringInfoString(&detail, "{\"event\": \"llm_train.step\", \"model\": ");
+	escape_json(&detail, run->args.model);
+	appendStringInfo(&detail, ", \"step\": %lld, \"done\": %d, \"steps\": %d, \"total_steps\": %d",
+					 (long long) step, done, run->args.steps, run->total_steps);
+	json_number(&detail, "loss", loss);
+	json_number(&detail, "lr", lr);
+	json_number(&detail, "grad_norm", norm);
+	json_number(&detail, "tokens_per_s", tokens_per_s);
+	appendStringInfoChar(&detail, '}');
+	ereport(DEBUG1,
+			(errmsg_internal("llm_train step=%lld loss=%.6f lr=%.6e grad_norm=%.6f tokens_per_s=%.1f done=%d/%d",
+							 (long long) step, loss, lr, norm, tokens_per_s, done, run->args.steps),
+			 errdetail_internal("%s", detail.data),
+			 errhidestmt(true)));
+	pfree(detail.data);
+}
+
+/* The end of a call: its steps and where the time went, as text and as JSON. */
+static void
+report_end(const TrainRun *run, double t_end)
+{
+	StringInfoData detail;
+
+	initStringInfo(&detail);
+	appendStringInfoString(&detail, "{\"event\": \"llm_train.end\", \"model\": ");
+	escape_json(&detail, run->args.model);
+	appendStringInfo(&detail, ", \"steps\": %d", run->args.steps);
+	json_number(&detail, "seconds", t_end - run->t_start);
+	json_number(&detail, "loading_s", run->t_loaded - run->t_start);
+	json_number(&detail, "training_s", run->t_trained - run->t_loaded);
+	json_number(&detail, "writing_s", t_end - run->t_trained);
+	appendStringInfoChar(&detail, '}');
+	ereport(DEBUG1,
+			(errmsg_internal("llm_train: %d steps of model \"%s\" in %.2f s (loading %.2f s, training %.2f s, writing back %.2f s)",
+							 run->args.steps, run->args.model, t_end - run->t_start, run->t_loaded - run->t_start,
+							 run->t_trained - run->t_loaded, t_end - run->t_trained),
+			 errdetail_internal("%s", detail.data),
+			 errhidestmt(true)));
+	pfree(detail.data);
+}
+
+/* ERROR when a step's loss or gradient norm is not finite: nothing of the call is written. */
+static void
+check_finite(const TrainRun *run, int64 step, double loss, double norm)
+{
+	if (!isfinite(loss))
+		ereport(ERROR,
+				(errcode(ERRCODE_NUMERIC_VALUE_OUT_OF_RANGE),
+				 errmsg("the loss is %s at step %lld of model \"%s\"", isnan(loss) ? "NaN" : "infinite",
+						(long long) step, run->args.model),
+				 errdetail("Training stopped; nothing of this call was written."),
+				 errhint("Lower lr_max, or check the weights and the data.")));
+	if (!isfinite(norm))
+		ereport(ERROR,
+				(errcode(ERRCODE_NUMERIC_VALUE_OUT_OF_RANGE),
+				 errmsg("the gradient norm is not finite at step %lld of model \"%s\"",
+						(long long) step, run->args.model),
+				 errdetail("Training stopped; nothing of this call was written."),
+				 errhint("Lower lr_max, or check the weights and the data.")));
+}
+
+/*
+ * The steps: per step, grad_accum micro-batches forward and backward, the gradient norm and
+ * clipping, the learning rate, AdamW, a row of llm_train_log and a progress report.
+ */
+static void
+train_steps(TrainRun *run)
+{
+	const TrainArgs *a = &run->args;
+	Trainer    *tr = run->tr;
+	LlmModel   *model = run->model;
+	Oid			log_types[6] = {TEXTOID, INT4OID, FLOAT4OID, FLOAT4OID, FLOAT4OID, FLOAT4OID};
+	SPIPlanPtr	log_plan;
+	MemoryContext step_ctx = AllocSetContextCreate(CurrentMemoryContext, "llm_train step",
+												   ALLOCSET_DEFAULT_SIZES);
+	StepShape	shape = {.B = a->batch_size, .T = run->ds.T, .C = run->cfg.d_model, .L = run->cfg.n_layer,
+		.NH = run->cfg.n_head, .V = run->cfg.vocab, .dropout = (float) a->dropout,
+	.seed = (uint64) a->seed};
+
+	log_plan = llm_spi_prepare("preparing the llm_train_log insert",
+							   psprintf("INSERT INTO %s (model, step, lr, loss, grad_norm, tokens_per_s) "
+										"VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (model, step) DO UPDATE "
+										"SET lr = excluded.lr, loss = excluded.loss, grad_norm = excluded.grad_norm, "
+										"tokens_per_s = excluded.tokens_per_s, created_at = now()",
+										llm_table("llm_train_log")), 6, log_types);
+
+	for (int s = 0; s < a->steps; s++)
+	{
+		MemoryContext old = MemoryContextSwitchTo(step_ctx);
+		double		start = now_seconds();
+		int64		it = run->step0 + s;
+		double		loss = 0.0,
+					norm,
+					lr,
+					tokens_per_s;
+		float		grad_scale = 1.0f;
+		Datum		values[6];
+
+		CHECK_FOR_INTERRUPTS();
+		shape.step = it;
+		for (int k = 0; k < a->grad_accum; k++)
+		{
+			shape.micro = k;
+			llm_dataset_batch(&run->ds, run->data_pos + s * run->rows_per_step + (int64) k * a->batch_size,
+							  a->batch_size, run->cfg.vocab, tr->inputs, tr->targets);
+			loss += forward_backward(tr, model, &shape, (float) (1.0 / run->tokens_per_step), k > 0);
+		}
+		loss /= run->tokens_per_step;
+		norm = sqrt(sum_of_squares(tr->grads_memory, model->layout.num_params));
+		check_finite(run, it + 1, loss, norm);
+		if (a->grad_clip > 0)
+			grad_scale = (float) Min(1.0, a->grad_clip / (norm + 1e-6));
+		lr = schedule(a, run->total_steps, it);
+		optimizer_step(tr, model, a, lr, grad_scale, it + 1);
+
+		tokens_per_s = run->tokens_per_step / (now_seconds() - start);
+		values[0] = run->model_datum;
+		values[1] = Int32GetDatum((int32) (it + 1));
+		values[2] = Float4GetDatum((float) lr);
+		values[3] = Float4GetDatum((float) loss);
+		values[4] = Float4GetDatum((float) norm);
+		values[5] = Float4GetDatum((float) tokens_per_s);
+		llm_spi_run_plan("writing llm_train_log", log_plan, values, false, 0, SPI_OK_INSERT);
+		report_step(run, s + 1, it + 1, loss, lr, norm, tokens_per_s);
+		run->last_loss = (float) loss;
+		MemoryContextSwitchTo(old);
+		MemoryContextReset(step_ctx);
+	}
+	MemoryContextDelete(step_ctx);
+}
+
+/*
+ * Write back: parameters and AdamW moments (persist), the step counter and data position; then
+ * record the weights_version the tables now have, since the cache already holds those weights.
+ */
+static void
+train_write_back(TrainRun *run)
+{
+	Trainer    *tr = run->tr;
+	Oid			text_type[1] = {TEXTOID};
+	bool		isnull;
+
+	/* the gradients and activations are done with: give their memory back before writing */
+	free(tr->grads_memory);
+	free(tr->acts_memory);
+	tr->grads_memory = tr->acts_memory = NULL;
+	persist(tr, run->model);
+	llm_spi_run("writing llm_train_state",
+				psprintf("UPDATE %s SET step = $2, data_pos = $3, updated_at = now() WHERE model = $1",
+						 llm_table("llm_train_state")), 3,
+				(Oid[]) {TEXTOID, INT4OID, INT8OID},
+				(Datum[]) {run->model_datum, Int32GetDatum((int32) (run->step0 + run->args.steps)),
+				Int64GetDatum(run->data_pos + run->args.steps * run->rows_per_step)},
+				false, 0, SPI_OK_UPDATE);
+
+	if (llm_spi_run("reading llm_model_config",
+					psprintf("SELECT weights_version FROM %s WHERE model = $1", llm_table("llm_model_config")),
+					1, text_type, &run->model_datum, false, 1, SPI_OK_SELECT) != 1)
+		ereport(ERROR,
+				(errcode(ERRCODE_UNDEFINED_OBJECT),
+				 errmsg("model \"%s\" disappeared during training", run->args.model)));
+	llm_model_set_version(run->model,
+						  DatumGetInt64(SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1, &isnull)));
+	cache_written_in_xact = true;
+}
 
 PG_FUNCTION_INFO_V1(llm_train);
 Datum
 llm_train(PG_FUNCTION_ARGS)
 {
-	TrainArgs	args;
-	LlmConfig	cfg;
-	Dataset		ds;
-	LlmModel   *model;
-	Trainer    *tr;
-	int64		step0,
-				data_pos;
-	int			total_steps;
-	float		last_loss = 0.0f;
-	bool		isnull;
-	Oid			text_type[1] = {TEXTOID};
-	Datum		model_datum;
-	int			ret;
-	double		t_start = now_seconds(),
-				t_loaded,
-				t_trained;
+	TrainRun	run;
 
-	parse_args(fcinfo, &args);
-	model_datum = CStringGetTextDatum(args.model);
+	memset(&run, 0, sizeof(run));
+	run.t_start = now_seconds();
+	parse_args(fcinfo, &run.args);
+	run.model_datum = CStringGetTextDatum(run.args.model);
 	llm_blas_init();
 	if (!callbacks_registered)
 	{
@@ -868,168 +988,27 @@ llm_train(PG_FUNCTION_ARGS)
 	}
 
 	SPI_connect();
-	llm_config_load(args.model, &cfg);
-	check_architecture(fcinfo, &cfg);
-
-	/* one trainer per model at a time: lock its state row for the rest of the transaction */
-	ret = SPI_execute_with_args(psprintf("INSERT INTO %s (model) VALUES ($1) ON CONFLICT (model) DO NOTHING",
-										 llm_table("llm_train_state")), 1, text_type, &model_datum, NULL, false, 0);
-	if (ret != SPI_OK_INSERT)
-		elog(ERROR, "writing llm_train_state failed: %s", SPI_result_code_string(ret));
-	ret = SPI_execute_with_args(psprintf("SELECT step, data_pos FROM %s WHERE model = $1 FOR UPDATE",
-										 llm_table("llm_train_state")), 1, text_type, &model_datum, NULL, false, 1);
-	if (ret != SPI_OK_SELECT || SPI_processed != 1)
-		elog(ERROR, "reading llm_train_state failed: %s", SPI_result_code_string(ret));
-	step0 = DatumGetInt32(SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1, &isnull));
-	data_pos = DatumGetInt64(SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 2, &isnull));
-	SPI_freetuptable(SPI_tuptable);
-	if (step0 + args.steps > PG_INT32_MAX)
-		bad_argument("the step counter would overflow", NULL);
-
-	/*
-	 * The schedule's length: total_steps when given (pgllm train passes it, so that chunked
-	 * calls follow one schedule); otherwise it ends with this call, but never before the warmup
-	 * does, so that a call inside a longer warmup (the seed's 1000 steps with warmup 2000) works.
-	 */
-	total_steps = args.total_steps > 0 ? args.total_steps : (int) Max(step0 + args.steps, args.warmup);
-	if (args.warmup > total_steps)
-		ereport(ERROR,
-				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
-				 errmsg("warmup (%d steps) is longer than the schedule (total_steps = %d)",
-						args.warmup, total_steps),
-				 errhint("Lower warmup or raise total_steps.")));
-
-	dataset_open(&ds, &cfg);
-	if ((int64) args.batch_size * ds.T > PG_INT32_MAX / 4)
-		bad_argument(psprintf("batch_size %d times the block size %d is too large", args.batch_size, ds.T),
-					 "Use grad_accum for a larger effective batch.");
-	model = llm_model_get_private(args.model);
-
-	tr = palloc0(sizeof(Trainer));
+	train_setup(&run, fcinfo);
+	run.tr = palloc0(sizeof(Trainer));
 	PG_TRY();
 	{
-		SPIPlanPtr	log_plan;
-		Oid			log_types[6] = {TEXTOID, INT4OID, FLOAT4OID, FLOAT4OID, FLOAT4OID, FLOAT4OID};
-		MemoryContext step_ctx = AllocSetContextCreate(CurrentMemoryContext, "llm_train step",
-													   ALLOCSET_DEFAULT_SIZES);
-		StepShape	shape = {.B = args.batch_size, .T = ds.T, .C = cfg.d_model, .L = cfg.n_layer,
-			.NH = cfg.n_head, .V = cfg.vocab, .dropout = (float) args.dropout,
-		.seed = (uint64) args.seed};
-		int64		rows_per_step = (int64) args.batch_size * args.grad_accum;
-		double		tokens_per_step = (double) rows_per_step * ds.T;
-
-		trainer_alloc(tr, model, args.batch_size, ds.T);
-		load_optim_state(tr, model);
-		t_loaded = now_seconds();
-		log_plan = SPI_prepare(psprintf("INSERT INTO %s (model, step, lr, loss, grad_norm, tokens_per_s) "
-										"VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (model, step) DO UPDATE "
-										"SET lr = excluded.lr, loss = excluded.loss, grad_norm = excluded.grad_norm, "
-										"tokens_per_s = excluded.tokens_per_s, created_at = now()",
-										llm_table("llm_train_log")), 6, log_types);
-		if (log_plan == NULL)
-			elog(ERROR, "preparing the log statement failed: %s", SPI_result_code_string(SPI_result));
-
-		for (int s = 0; s < args.steps; s++)
-		{
-			MemoryContext old = MemoryContextSwitchTo(step_ctx);
-			double		start = now_seconds();
-			int64		it = step0 + s;
-			double		loss = 0.0,
-						norm,
-						lr,
-						elapsed;
-			float		grad_scale = 1.0f;
-			Datum		values[6];
-
-			CHECK_FOR_INTERRUPTS();
-			shape.step = it;
-			for (int k = 0; k < args.grad_accum; k++)
-			{
-				shape.micro = k;
-				dataset_batch(&ds, data_pos + s * rows_per_step + (int64) k * args.batch_size,
-							  args.batch_size, cfg.vocab, tr->inputs, tr->targets);
-				loss += forward_backward(tr, model, &shape, (float) (1.0 / tokens_per_step), k > 0);
-			}
-			loss /= tokens_per_step;
-			if (!isfinite(loss))
-				ereport(ERROR,
-						(errcode(ERRCODE_NUMERIC_VALUE_OUT_OF_RANGE),
-						 errmsg("the loss is %s at step %lld of model \"%s\"", isnan(loss) ? "NaN" : "infinite",
-								(long long) it + 1, args.model),
-						 errdetail("Training stopped; nothing of this call was written."),
-						 errhint("Lower lr_max, or check the weights and the data.")));
-			norm = sqrt(sum_of_squares(tr->grads_memory, model->layout.num_params));
-			if (!isfinite(norm))
-				ereport(ERROR,
-						(errcode(ERRCODE_NUMERIC_VALUE_OUT_OF_RANGE),
-						 errmsg("the gradient norm is not finite at step %lld of model \"%s\"",
-								(long long) it + 1, args.model),
-						 errdetail("Training stopped; nothing of this call was written."),
-						 errhint("Lower lr_max, or check the weights and the data.")));
-			if (args.grad_clip > 0)
-				grad_scale = (float) Min(1.0, args.grad_clip / (norm + 1e-6));
-			lr = schedule(&args, total_steps, it);
-			optimizer_step(tr, model, &args, lr, grad_scale, it + 1);
-
-			elapsed = now_seconds() - start;
-			values[0] = model_datum;
-			values[1] = Int32GetDatum((int32) (it + 1));
-			values[2] = Float4GetDatum((float) lr);
-			values[3] = Float4GetDatum((float) loss);
-			values[4] = Float4GetDatum((float) norm);
-			values[5] = Float4GetDatum((float) (tokens_per_step / elapsed));
-			ret = SPI_execute_plan(log_plan, values, NULL, false, 0);
-			if (ret != SPI_OK_INSERT)
-				elog(ERROR, "writing llm_train_log failed: %s", SPI_result_code_string(ret));
-			/* progress for clients that ask for it (SET client_min_messages = debug1; pgllm train does) */
-			ereport(DEBUG1,
-					(errmsg("llm_train step=%lld loss=%.6f lr=%.6e grad_norm=%.6f tokens_per_s=%.1f done=%d/%d",
-							(long long) it + 1, loss, lr, norm, tokens_per_step / elapsed, s + 1, args.steps),
-					 errhidestmt(true)));
-			last_loss = (float) loss;
-			MemoryContextSwitchTo(old);
-			MemoryContextReset(step_ctx);
-		}
-
-		t_trained = now_seconds();
-		/* the gradients and activations are done with: give their memory back before writing */
-		free(tr->grads_memory);
-		free(tr->acts_memory);
-		tr->grads_memory = tr->acts_memory = NULL;
-		persist(tr, model);
-		ret = SPI_execute_with_args(psprintf("UPDATE %s SET step = $2, data_pos = $3, updated_at = now() WHERE model = $1",
-											 llm_table("llm_train_state")), 3,
-									(Oid[]) {TEXTOID, INT4OID, INT8OID},
-									(Datum[]) {model_datum, Int32GetDatum((int32) (step0 + args.steps)),
-									Int64GetDatum(data_pos + args.steps * rows_per_step)},
-									NULL, false, 0);
-		if (ret != SPI_OK_UPDATE)
-			elog(ERROR, "writing llm_train_state failed: %s", SPI_result_code_string(ret));
-
-		/* the cache already holds what was just written: record its new version */
-		ret = SPI_execute_with_args(psprintf("SELECT weights_version FROM %s WHERE model = $1",
-											 llm_table("llm_model_config")), 1, text_type, &model_datum,
-									NULL, false, 1);
-		if (ret != SPI_OK_SELECT || SPI_processed != 1)
-			elog(ERROR, "reading llm_model_config failed: %s", SPI_result_code_string(ret));
-		llm_model_set_version(model, DatumGetInt64(SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1, &isnull)));
-		cache_written_in_xact = true;
-		MemoryContextDelete(step_ctx);
-		ereport(DEBUG1,
-				(errmsg("llm_train: %d steps of model \"%s\" in %.2f s (loading %.2f s, training %.2f s, writing back %.2f s)",
-						args.steps, args.model, now_seconds() - t_start, t_loaded - t_start,
-						t_trained - t_loaded, now_seconds() - t_trained),
-				 errhidestmt(true)));
+		trainer_alloc(run.tr, run.model, run.args.batch_size, run.ds.T);
+		load_optim_state(run.tr, run.model);
+		run.t_loaded = now_seconds();
+		train_steps(&run);
+		run.t_trained = now_seconds();
+		train_write_back(&run);
+		report_end(&run, now_seconds());
 	}
 	PG_CATCH();
 	{
-		trainer_free(tr);
+		trainer_free(run.tr);
 		llm_model_forget();
 		PG_RE_THROW();
 	}
 	PG_END_TRY();
 
-	trainer_free(tr);
+	trainer_free(run.tr);
 	SPI_finish();
-	PG_RETURN_FLOAT4(last_loss);
+	PG_RETURN_FLOAT4(run.last_loss);
 }

@@ -3,13 +3,14 @@
 All chunks follow one learning-rate schedule: its length (--total-steps, default: the step
 counter now plus --steps) is passed to every call. A crash or Ctrl-C loses at most the chunk in
 progress (its transaction rolls back); what was committed stays, and the next run continues
-from there. The server reports each step at debug1 level; the progress bar reads those reports.
+from there. The server reports each step at debug1 level (train_event reads those reports; README,
+"Training progress"); the progress bar shows them.
 """
 
 from __future__ import annotations
 
+import json
 import math
-import re
 import time
 
 import psycopg
@@ -21,7 +22,26 @@ from .. import db
 from ..errors import PgllmError
 from ..options import MODEL
 
-STEP_RE = re.compile(r"^llm_train step=(\d+) loss=(\S+) lr=(\S+) grad_norm=(\S+) tokens_per_s=(\S+) done=(\d+)/(\d+)$")
+
+def train_event(diag: psycopg.errors.Diagnostic) -> dict | None:
+    """llm_train's progress report carried by a server message, or None for any other message.
+
+    With client_min_messages = debug1, llm_train sends one DEBUG1 message per step and one at the
+    end of the call; each has a JSON object as its detail, whose "event" is "llm_train.step" (with
+    model, step, done, steps, total_steps, loss, lr, grad_norm, tokens_per_s) or "llm_train.end"
+    (with model, steps, seconds, loading_s, training_s, writing_s). Fields may be added, never
+    renamed (README, "Training progress").
+    """
+    detail = diag.message_detail
+    if diag.severity_nonlocalized != "DEBUG" or not detail or not detail.startswith("{"):
+        return None
+    try:
+        event = json.loads(detail)
+    except ValueError:
+        return None
+    if not isinstance(event, dict) or not str(event.get("event", "")).startswith("llm_train."):
+        return None
+    return event
 
 
 def train(
@@ -76,12 +96,12 @@ def train(
             task = progress.add_task("train", total=steps, step=start_step, loss="-", lr="-", tps="-")
 
             def on_notice(diag: psycopg.errors.Diagnostic) -> None:
-                m = STEP_RE.match(diag.message_primary or "")
-                if m is None:
+                event = train_event(diag)
+                if event is None or event["event"] != "llm_train.step":
                     return
-                step, loss, lr, tps = int(m[1]), float(m[2]), float(m[3]), float(m[5])
+                step, loss, lr, tps = event["step"], event["loss"], event["lr"], event["tokens_per_s"]
                 history.append((step, loss, lr, tps))
-                progress.update(task, completed=committed + int(m[6]), step=step, loss=f"{loss:.4f}",
+                progress.update(task, completed=committed + event["done"], step=step, loss=f"{loss:.4f}",
                                 lr=f"{lr:.2e}", tps=f"{tps:.0f}")
 
             conn.add_notice_handler(on_notice)

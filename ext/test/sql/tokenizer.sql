@@ -55,5 +55,12 @@ RESET ROLE;
 DROP ROLE llm_regress_reader;
 SELECT pg_llm_load_bpe_vocab('/nonexistent/vocab.json', 'other');
 
-DELETE FROM llm_bpe_merges WHERE model = 'regress';
-DELETE FROM llm_bpe_vocab WHERE model = 'regress';
+-- the same loader on the files' bytes (what pgllm tokenizer sends); file names them in messages
+SELECT pg_llm_load_bpe_vocab_bytes(convert_to('{"a": 0, "b": 1, "ab": 2}', 'UTF8'), 'regress2');
+SELECT pg_llm_load_bpe_merges_bytes(convert_to(E'#version: 0.2\na b\n', 'UTF8'), 'regress2');
+SELECT llm_encode('abba', 'regress2');
+SELECT pg_llm_load_bpe_vocab_bytes(convert_to('{"a": 0}', 'UTF8'), 'regress2');
+SELECT pg_llm_load_bpe_vocab_bytes(convert_to(E'{"a": 0,\n"": 1}', 'UTF8'), 'regress3', file => 'v.json');
+SELECT pg_llm_load_bpe_merges_bytes(convert_to(E'#version: 0.2\na c\n', 'UTF8'), 'regress2', true, 'm.txt');
+DELETE FROM llm_bpe_merges WHERE model LIKE 'regress%';
+DELETE FROM llm_bpe_vocab WHERE model LIKE 'regress%';

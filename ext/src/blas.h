@@ -1,0 +1,26 @@
+/*
+ * blas.h: the BLAS library, opened at run time with signals blocked (blas.c).
+ *
+ * Only the CBLAS entry points pg_llm uses are declared here, so that no BLAS header is needed
+ * to build: the library is found with dlopen (OpenBLAS first) on first use.
+ */
+#ifndef PG_LLM_BLAS_H
+#define PG_LLM_BLAS_H
+
+/* Opens the library on first use (ERROR when there is none) and sets its threads to llm_num_threads(). */
+extern void llm_blas_init(void);
+
+/* Threads BLAS itself uses from now on; 1 when the caller splits products over the worker pool. */
+extern void llm_blas_set_threads(int n);
+
+enum LlmCblasOrder { LlmCblasRowMajor = 101, LlmCblasColMajor = 102 };
+enum LlmCblasTranspose { LlmCblasNoTrans = 111, LlmCblasTrans = 112 };
+
+typedef void (*llm_sgemm_fn) (int order, int transa, int transb, int m, int n, int k,
+							  float alpha, const float *a, int lda, const float *b, int ldb,
+							  float beta, float *c, int ldc);
+
+/* Set by llm_blas_init. */
+extern llm_sgemm_fn llm_cblas_sgemm;
+
+#endif							/* PG_LLM_BLAS_H */
