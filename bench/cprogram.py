@@ -17,13 +17,13 @@ from pgllm.extension import source_dir
 KERNEL_OBJECTS = ("src/gemv.o", "src/parallel.o")
 
 
-def build(main: Path, build_dir: Path) -> Path:
-    """Compile `main` (a .c file including gemv.h) and link it with the kernel objects; returns the binary."""
+def build(main: Path, build_dir: Path, libs: tuple[str, ...] = ()) -> Path:
+    """Compile `main` (a .c file including gemv.h), link it with the kernel objects (and `libs`); returns the binary."""
     ext = source_dir()
     build_dir.mkdir(parents=True, exist_ok=True)
     subprocess.run(["make", "-s", "-C", str(build_dir), "-f", str(ext / "Makefile"), f"VPATH={ext}",
                     f"PG_CONFIG={find_system_pg_config()}", *KERNEL_OBJECTS], check=True)
     binary = build_dir / main.stem
     subprocess.run(["gcc", "-O2", "-Wall", f"-I{ext / 'src'}", "-o", str(binary), str(main),
-                    *(str(build_dir / o) for o in KERNEL_OBJECTS), "-lpthread", "-lm"], check=True)
+                    *(str(build_dir / o) for o in KERNEL_OBJECTS), *libs, "-lpthread", "-lm"], check=True)
     return binary

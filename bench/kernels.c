@@ -2,7 +2,7 @@
  * kernels.c: one GPT-2-small decode step's worth of matrix-vector products with the decode
  * kernels of ext/src/gemv.c (built and driven by bench/kernels.py; usable alone):
  *
- *   kernels [--threads 2] [--formats f32,bf16,q8] [--rows 1,4,8,16] [--level NAME]
+ *   kernels [--threads 2] [--formats f32,bf16,q8,sgemm] [--rows 1,4,8,16] [--level NAME]
  *           [--pages huge|4k|file] [--seconds 2] [--layers 12 --d-model 768 --vocab 50257]
  *
  * A step is, per layer, the four linear layers (C x 3C, C x C, C x 4C, 4C x C, with bias, the two
@@ -12,6 +12,8 @@
  * arena is mapped: anonymous memory with transparent huge pages (madvise), anonymous with 4 KiB
  * pages, or a file written then mapped read-only and shared (page cache, 4 KiB pages: what an
  * mmap'd copy in the data directory gets). Attention, LayerNorm and GELU are not part of a step.
+ * Format "sgemm" runs the same step as the engine's prompt pass does today: OpenBLAS cblas_sgemm
+ * on the float32 weights in Hugging Face orientation (head: wte transposed), on --threads threads.
  *
  * Prints, per format and R: "result fmt=.. level=.. pages=.. R=.. bytes=.. ms=MEDIAN min=MIN"
  * over as many steps as fit in --seconds (at least 5), and "read ..." for a plain read of the
@@ -28,6 +30,12 @@
 #include <sys/mman.h>
 #include <time.h>
 #include <unistd.h>
+
+/* OpenBLAS (libopenblas-dev), for the sgemm baseline */
+enum { RowMajor = 101, NoTrans = 111, Trans = 112 };
+extern void cblas_sgemm(int order, int transa, int transb, int m, int n, int k, float alpha,
+						const float *a, int lda, const float *b, int ldb, float beta, float *c, int ldc);
+extern void openblas_set_num_threads(int n);
 
 static int	threads = 2;
 
@@ -91,15 +99,18 @@ map_arena(size_t bytes, const char *pages)
 
 /* The packed arena of one format, mapped as --pages says. */
 static const uint8_t *
-pack_model(const Model *md, LlmWeightFormat fmt, const char *pages, size_t *total)
+pack_model(const Model *md, LlmWeightFormat fmt, bool sgemm, const char *pages, size_t *total)
 {
 	size_t		bytes = 0;
 	uint8_t    *arena;
 
 	for (size_t k = 0; k < md->n; k++)
 	{
+		size_t		size = sgemm ? md->m[k].IC * md->m[k].OC * sizeof(float) :
+			llm_weights_packed_size(fmt, md->m[k].IC, md->m[k].OC);
+
 		md->m[k].offset = bytes;
-		bytes += (llm_weights_packed_size(fmt, md->m[k].IC, md->m[k].OC) + 4095) / 4096 * 4096;
+		bytes += (size + 4095) / 4096 * 4096;
 	}
 	arena = map_arena(bytes, pages);
 	for (size_t k = 0; k < md->n; k++)
@@ -109,7 +120,9 @@ pack_model(const Model *md, LlmWeightFormat fmt, const char *pages, size_t *tota
 
 		for (size_t i = 0; i < m->IC * m->OC; i++)
 			w[i] = 0.02f * uniform();
-		if (m->head)
+		if (sgemm)
+			memcpy(arena + m->offset, w, m->IC * m->OC * sizeof(float));
+		else if (m->head)
 			llm_weights_pack_head(fmt, arena + m->offset, w, m->OC, m->IC);
 		else
 			llm_weights_pack(fmt, arena + m->offset, w, m->IC, m->OC);
@@ -170,6 +183,36 @@ step(const Model *md, LlmWeightFormat fmt, const uint8_t *arena, Buffers *b, siz
 		llm_gemv(fmt, b->x, b->fch, arena + m[3].offset, b->bias, R, 4 * C, C, true, b->scratch);
 	}
 	llm_gemv(fmt, b->logits, b->ln, arena + md->m[md->n - 1].offset, NULL, R, C, md->V, false, b->scratch);
+}
+
+/* out (R, OC) (+)= inp (R, IC) @ w (IC, OC) + bias, as the prompt pass does it */
+static void
+sgemm_linear(float *out, const float *inp, const float *w, const float *bias, size_t R, size_t IC,
+			 size_t OC, bool accumulate)
+{
+	for (size_t r = 0; r < R; r++)
+		for (size_t o = 0; o < OC; o++)
+			out[r * OC + o] = (accumulate ? out[r * OC + o] : 0.0f) + bias[o];
+	cblas_sgemm(RowMajor, NoTrans, NoTrans, (int) R, (int) OC, (int) IC, 1.0f, inp, (int) IC, w, (int) OC,
+				1.0f, out, (int) OC);
+}
+
+static void
+step_sgemm(const Model *md, const uint8_t *arena, Buffers *b, size_t R)
+{
+	size_t		C = md->C;
+
+	for (size_t l = 0; l < md->L; l++)
+	{
+		const Matrix *m = md->m + 4 * l;
+
+		sgemm_linear(b->qkv, b->ln, (const float *) (arena + m[0].offset), b->bias, R, C, 3 * C, false);
+		sgemm_linear(b->x, b->att, (const float *) (arena + m[1].offset), b->bias, R, C, C, true);
+		sgemm_linear(b->fch, b->ln, (const float *) (arena + m[2].offset), b->bias, R, C, 4 * C, false);
+		sgemm_linear(b->x, b->fch, (const float *) (arena + m[3].offset), b->bias, R, 4 * C, C, true);
+	}
+	cblas_sgemm(RowMajor, NoTrans, Trans, (int) R, (int) md->V, (int) C, 1.0f, b->ln, (int) C,
+				(const float *) (arena + md->m[md->n - 1].offset), (int) C, 0.0f, b->logits, (int) md->V);
 }
 
 static int
@@ -319,11 +362,14 @@ main(int argc, char **argv)
 
 	for (int f = 0; f < nf; f++)
 	{
-		LlmWeightFormat fmt;
+		LlmWeightFormat fmt = LLM_WEIGHTS_F32;
+		bool		sgemm = !strcmp(fl[f], "sgemm");
 		size_t		bytes;
 		const uint8_t *arena;
 
-		if (!strcmp(fl[f], "f32"))
+		if (sgemm)
+			openblas_set_num_threads(threads);
+		else if (!strcmp(fl[f], "f32"))
 			fmt = LLM_WEIGHTS_F32;
 		else if (!strcmp(fl[f], "bf16"))
 			fmt = LLM_WEIGHTS_BF16;
@@ -334,8 +380,8 @@ main(int argc, char **argv)
 			fprintf(stderr, "unknown format %s\n", fl[f]);
 			return 2;
 		}
-		arena = pack_model(&md, fmt, pages, &bytes);
-		if (fmt == LLM_WEIGHTS_F32)
+		arena = pack_model(&md, fmt, sgemm, pages, &bytes);
+		if (fmt == LLM_WEIGHTS_F32 && !sgemm)
 		{
 			double		best = 1e9;
 
@@ -355,17 +401,21 @@ main(int argc, char **argv)
 			int			n = 0;
 			double		start = now();
 
-			step(&md, fmt, arena, &b, R);	/* warm up: pages, pool */
-			while (n < 10000 && (n < 5 || now() - start < seconds))
+			for (int warm = 1; n < 10000 && (n < 5 || now() - start < seconds); warm = 0)
 			{
 				double		t0 = now();
 
-				step(&md, fmt, arena, &b, R);
-				times[n++] = now() - t0;
+				if (sgemm)
+					step_sgemm(&md, arena, &b, R);
+				else
+					step(&md, fmt, arena, &b, R);
+				if (!warm)		/* the first step faults pages in and starts the threads */
+					times[n++] = now() - t0;
 			}
 			qsort(times, n, sizeof(double), cmp_double);
 			printf("result fmt=%s level=%s pages=%s threads=%d R=%zu bytes=%zu steps=%d ms=%.3f min=%.3f\n",
-				   fmt_names[fmt], llm_simd_name(llm_simd_level()), pages, threads, R, bytes, n,
+				   sgemm ? "sgemm" : fmt_names[fmt], sgemm ? "openblas" : llm_simd_name(llm_simd_level()),
+				   pages, threads, R, bytes, n,
 				   times[n / 2] * 1e3, times[0] * 1e3);
 			fflush(stdout);
 		}

@@ -6,12 +6,16 @@
 A step is every weight of GPT-2 small once: 12 layers x (768x2304, 768x768, 768x3072, 3072x768)
 plus the tied head 50257x768, for R rows (sequences decoded together), run by bench/kernels.c
 (see its header; random weights packed into one arena per format). Printed per format, SIMD level
-and R: ms per step (median), the packed bytes over that time (GB/s), and the tokens/s it implies
+and R: ms per step (the best of the steps run in --seconds: the machine is shared), the packed
+bytes over that time (GB/s), and the tokens/s it implies
 (R / step time: an upper bound for decode, which also runs attention, LayerNorm and GELU), beside
 the matching llama.cpp format's tg64 (f32 / F16 / Q8_0, llama-bench on a random GPT-2 small,
 bench.llamacpp) and our engine's fp32 decode today (bench.inference: llm_generate_tokens in a
 private server). The two dot-product variants are measured against the weight-conversion ones
-(level avx512dot vs avx512) where the CPU has them.
+(level avx512dot vs avx512) where the CPU has them. The last rows run a prompt's worth of rows
+(--prompt 128) through the same kernels and through OpenBLAS sgemm on the float32 weights (the
+engine's prompt path today), beside llama.cpp's pp128: tokens/s there count the linear layers
+only.
 """
 
 from __future__ import annotations
@@ -72,6 +76,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--rows", default="1,4,8,16")
+    parser.add_argument("--prompt", type=int, default=128, help="rows of the prompt comparison (0: none)")
     parser.add_argument("--pages", default="huge", choices=("huge", "4k", "file"))
     parser.add_argument("--seconds", type=float, default=2.0)
     parser.add_argument("--no-llamacpp", action="store_true")
@@ -79,29 +84,36 @@ def main() -> None:
     parser.add_argument("--dsn", help="server for the engine's decode (default: a private temporary one)")
     args = parser.parse_args()
 
+    def kernels(formats: str, rows: str, level: str | None = None) -> tuple[list[dict], list[dict]]:
+        return run_kernels(binary, args.threads, rows, args.pages, args.seconds, formats, level)
+
     with tempfile.TemporaryDirectory(prefix="pgllm-kernels-") as tmp:
-        binary = build(HERE / "kernels.c", Path(tmp))
-        results, reads = run_kernels(binary, args.threads, args.rows, args.pages, args.seconds, "f32,bf16,q8")
+        binary = build(HERE / "kernels.c", Path(tmp), libs=("-lopenblas",))
+        results, reads = kernels("f32,bf16,q8", args.rows)
         if results[0]["level"] == "avx512dot":
-            more, _ = run_kernels(binary, args.threads, args.rows, args.pages, args.seconds, "bf16,q8", "avx512")
-            results += more
+            results += kernels("bf16,q8", args.rows, "avx512")[0]
+        if args.prompt:
+            results += kernels("f32,bf16,q8,sgemm", str(args.prompt))[0]
     llama = {} if args.no_llamacpp else llamacpp_decode(args.threads)
     engine = None if args.no_engine else engine_decode(args.dsn, args.threads)
 
-    print(f"\nGPT-2 small decode step (weights only), {args.threads} threads, pages={args.pages}, "
+    print(f"\nGPT-2 small step (weights only), {args.threads} threads, pages={args.pages}, "
           f"load average {os.getloadavg()[0]:.2f}")
     for r in reads:
         print(f"plain read of the f32 arena ({int(r['bytes']) / 1e6:.0f} MB): {float(r['GBps']):.1f} GB/s")
-    print(f"\n{'format':7}{'level':>10}{'R':>4}{'MB':>6}{'ms/step':>9}{'GB/s':>7}{'tok/s':>8}"
-          f"{'llama.cpp tg64':>18}{'ratio':>8}")
-    for r in sorted(results, key=lambda r: (list(LLAMA_FORMAT).index(r["fmt"]), r["level"] != "avx512dot", int(r["R"]))):
-        R, ms, mb = int(r["R"]), float(r["ms"]), int(r["bytes"]) / 1e6
+    print(f"\n{'format':7}{'level':>10}{'R':>5}{'MB':>6}{'ms/step':>9}{'GB/s':>7}{'tok/s':>8}"
+          f"{'llama.cpp':>18}{'ratio':>8}")
+    order = list(LLAMA_FORMAT) + ["sgemm"]
+    for r in sorted(results, key=lambda r: (int(r["R"]) == args.prompt, order.index(r["fmt"]),
+                                            r["level"] != "avx512dot", int(r["R"]))):
+        R, ms, mb = int(r["R"]), float(r["min"]), int(r["bytes"]) / 1e6
         tps = R * 1000 / ms
-        ref = llama.get(LLAMA_FORMAT[r["fmt"]], {}).get("tg64")
-        cmp = f"{ref:10.1f} {LLAMA_FORMAT[r['fmt']]:>6}{tps / ref:7.2f}x" if ref else ""
-        print(f"{r['fmt']:7}{r['level']:>10}{R:4}{mb:6.0f}{ms:9.2f}{mb / ms:7.1f}{tps:8.1f}  {cmp}")
+        what = "pp128" if R == args.prompt == 128 else "tg64"
+        ref = llama.get(LLAMA_FORMAT.get(r["fmt"], "f32"), {}).get(what) if R == 1 or what == "pp128" else None
+        cmp = f"{ref:8.1f} {LLAMA_FORMAT.get(r['fmt'], 'f32'):>4} {what}{tps / ref:7.2f}x" if ref else ""
+        print(f"{r['fmt']:7}{r['level']:>10}{R:5}{mb:6.0f}{ms:9.2f}{mb / ms:7.1f}{tps:8.1f}  {cmp}")
     if llama:
-        print("\nllama.cpp (llama-bench, same shape): " +
+        print("\nllama.cpp (llama-bench, same shape, best of 3): " +
               ", ".join(f"{f} tg64 {v['tg64']:.1f} pp128 {v['pp128']:.1f}" for f, v in llama.items()))
     if engine:
         f32 = llama.get("f32", {}).get("tg64")

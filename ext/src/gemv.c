@@ -556,38 +556,44 @@ f32_avx2(const Gemv *g, const uint8_t *panel, size_t r0, int nr, float (*acc)[NR
 	ROWS_2(f32_avx2_rows);
 }
 
+/* inputs i, i+1 (none past an odd IC) of a bf16 panel into the rows' accumulators */
+INLINE T_AVX2 void
+bf16_avx2_pair(const __m256i *w, size_t i, const float *x, size_t IC, bool last_odd,
+			   __m256 (*a)[4], const int nr)
+{
+	const __m256i hi_mask = _mm256_set1_epi32((int) 0xFFFF0000u);
+
+	for (int v = 0; v < 4; v++)
+	{
+		__m256i		u = _mm256_load_si256(w + (i / 2) * 4 + v);
+		__m256		lo = _mm256_castsi256_ps(_mm256_slli_epi32(u, 16)),
+					hi = _mm256_castsi256_ps(_mm256_and_si256(u, hi_mask));
+
+		for (int r = 0; r < nr; r++)
+		{
+			a[r][v] = _mm256_fmadd_ps(lo, _mm256_broadcast_ss(x + r * IC + i), a[r][v]);
+			if (!last_odd)
+				a[r][v] = _mm256_fmadd_ps(hi, _mm256_broadcast_ss(x + r * IC + i + 1), a[r][v]);
+		}
+	}
+}
+
 INLINE T_AVX2 void
 bf16_avx2_rows(const Gemv *g, const uint8_t *panel, size_t r0, float (*acc)[NR], const int nr)
 {
 	const __m256i *w = (const __m256i *) panel;
 	const float *x = g->inp + r0 * g->IC;
-	size_t		IC = g->IC;
-	const __m256i hi_mask = _mm256_set1_epi32((int) 0xFFFF0000u);
+	size_t		IC = g->IC,
+				i;
 	__m256		a[2][4];
 
 	for (int r = 0; r < nr; r++)
 		for (int v = 0; v < 4; v++)
 			a[r][v] = _mm256_setzero_ps();
-	for (size_t i = 0; i < IC; i += 2)
-	{
-		__m256		x0[2],
-					x1[2];
-
-		for (int r = 0; r < nr; r++)
-		{
-			x0[r] = _mm256_set1_ps(x[r * IC + i]);
-			x1[r] = _mm256_set1_ps(i + 1 < IC ? x[r * IC + i + 1] : 0.0f);
-		}
-		for (int v = 0; v < 4; v++)
-		{
-			__m256i		u = _mm256_load_si256(w + (i / 2) * 4 + v);
-			__m256		lo = _mm256_castsi256_ps(_mm256_slli_epi32(u, 16));
-			__m256		hi = _mm256_castsi256_ps(_mm256_and_si256(u, hi_mask));
-
-			for (int r = 0; r < nr; r++)
-				a[r][v] = _mm256_fmadd_ps(hi, x1[r], _mm256_fmadd_ps(lo, x0[r], a[r][v]));
-		}
-	}
+	for (i = 0; i + 1 < IC; i += 2)
+		bf16_avx2_pair(w, i, x, IC, false, a, nr);
+	if (i < IC)
+		bf16_avx2_pair(w, i, x, IC, true, a, nr);
 	for (int r = 0; r < nr; r++)
 		for (int v = 0; v < 4; v++)
 			_mm256_store_ps(acc[r] + 8 * v, a[r][v]);
