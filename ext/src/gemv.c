@@ -43,6 +43,7 @@
 #define QK 32					/* inputs per int8 block */
 #define Q8_BLOCK (NR * 2 + NR * QK) /* bytes of a block: 32 fp16 scales, 32x32 weights */
 #define MR_MAX 12				/* most rows any kernel takes at once */
+#define ROW_BLOCK 96			/* rows per pass over the weights: 96 x 3072 float32 inputs fit L2 */
 
 /* ---- scalar conversions ----------------------------------------------------------------------- */
 
@@ -200,7 +201,11 @@ pack_q8_block(const PackJob *j, uint8_t *blk, size_t b, size_t o0)
 		uint16_t	h;
 
 		for (size_t k = 0; k < QK; k++)
-			amax = fmaxf(amax, fabsf(source(j, b * QK + k, o0 + c)));
+		{
+			float		a = fabsf(source(j, b * QK + k, o0 + c));
+
+			amax = a > amax ? a : amax;
+		}
 		h = fp16_ceil(amax / 127.0f);
 		d = fp16_float(h);
 		memcpy(blk + c * 2, &h, sizeof(h));
@@ -208,7 +213,7 @@ pack_q8_block(const PackJob *j, uint8_t *blk, size_t b, size_t o0)
 		{
 			float		q = d > 0.0f ? nearbyintf(source(j, b * QK + k, o0 + c) / d) : 0.0f;
 
-			q = fminf(fmaxf(q, -127.0f), 127.0f);	/* only past fp16's range, or NaN -> -127 */
+			q = q < -127.0f ? -127.0f : q > 127.0f ? 127.0f : q;	/* only past fp16's range */
 			blk[q8_index(k, c)] = (uint8_t) ((int) q + 128);
 		}
 	}
@@ -359,7 +364,7 @@ quantise_q8(Q8Act a, const float *inp, size_t R, size_t IC)
 			int32_t		sum = 0;
 
 			for (size_t k = 0; k < n; k++)
-				amax = fmaxf(amax, fabsf(x[k]));
+				amax = fabsf(x[k]) > amax ? fabsf(x[k]) : amax;
 			d = amax / 127.0f;
 			for (size_t k = 0; k < QK; k++)
 			{
@@ -986,40 +991,52 @@ llm_simd_level(void)
 
 /* ---- the product ------------------------------------------------------------------------------ */
 
-/* out[rows r0.., panel p's columns] (+)= acc + bias */
+/* out[rows r0.., panel p's columns] (+)= acc + bias; full panels in loops of fixed length (vectorised) */
 static void
 store(const Gemv *g, size_t p, size_t r0, int nr, float (*acc)[NR])
 {
 	size_t		o0 = p * NR,
 				n = Min(NR, g->OC - o0);
+	float		bias[NR] = {0};
 
+	if (g->bias)
+		memcpy(bias, g->bias + o0, n * sizeof(float));
 	for (int r = 0; r < nr; r++)
 	{
 		float	   *y = g->out + (r0 + r) * g->OC + o0;
 
-		for (size_t c = 0; c < n; c++)
-		{
-			float		v = acc[r][c] + (g->bias ? g->bias[o0 + c] : 0.0f);
-
-			y[c] = g->accumulate ? y[c] + v : v;
-		}
+		if (n == NR && g->accumulate)
+			for (size_t c = 0; c < NR; c++)
+				y[c] += acc[r][c] + bias[c];
+		else if (n == NR)
+			for (size_t c = 0; c < NR; c++)
+				y[c] = acc[r][c] + bias[c];
+		else
+			for (size_t c = 0; c < n; c++)
+				y[c] = (g->accumulate ? y[c] : 0.0f) + (acc[r][c] + bias[c]);
 	}
 }
 
+/*
+ * The panels [start, end) for all rows. Rows go in blocks of ROW_BLOCK, each block over all the
+ * thread's panels: a block's activations stay in L2 while the panels stream past (a panel is
+ * re-read from memory once per block); within a panel, groups of mr rows re-read it from L1/L2.
+ */
 static void
 gemv_task(void *arg, size_t start, size_t end)
 {
 	const Gemv *g = arg;
 	float		acc[MR_MAX][NR] __attribute__((aligned(64)));
 
-	for (size_t p = start; p < end; p++)
-		for (size_t r0 = 0; r0 < g->R; r0 += g->k.mr)
-		{
-			int			nr = (int) Min((size_t) g->k.mr, g->R - r0);
+	for (size_t b0 = 0; b0 < g->R; b0 += ROW_BLOCK)
+		for (size_t p = start; p < end; p++)
+			for (size_t r0 = b0; r0 < Min(b0 + ROW_BLOCK, g->R); r0 += g->k.mr)
+			{
+				int			nr = (int) Min((size_t) g->k.mr, Min(b0 + ROW_BLOCK, g->R) - r0);
 
-			g->k.fn(g, g->w + p * g->panel, r0, nr, acc);
-			store(g, p, r0, nr, acc);
-		}
+				g->k.fn(g, g->w + p * g->panel, r0, nr, acc);
+				store(g, p, r0, nr, acc);
+			}
 }
 
 void

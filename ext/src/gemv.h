@@ -3,9 +3,10 @@
  * made for them (see gemv.c), in three formats: float32, bfloat16 and int8 (Q8).
  *
  * Decode is bound by memory bandwidth: every step streams every weight once. These kernels read
- * each packed weight once per call for all R rows (R = 1..64: sequences of a batch, beams), split
- * over the worker pool (llm_parallel_for) by panels of output columns, each thread streaming one
- * contiguous range of memory. The packed copy is derived data: any producer packs it with
+ * each packed weight once per call for all R rows (R = 1..96 at once: the sequences of a batch,
+ * beams; more rows go in blocks of 96, so a prompt's T rows run here too, as fast as sgemm),
+ * split over the worker pool (llm_parallel_for) by panels of output columns, each thread streaming
+ * one contiguous range of memory. The packed copy is derived data: any producer packs it with
  * llm_weights_pack / llm_weights_pack_head and any number of processes may map it read-only.
  *
  * Shapes follow the rest of pg_llm: IC inputs, OC outputs, R rows; a linear layer's weights
