@@ -523,7 +523,23 @@ q8_portable(const Gemv *g, const uint8_t *panel, size_t r0, int nr, float (*acc)
 		case 5: body(g, panel, r0, acc, 5); break; case 6: body(g, panel, r0, acc, 6); break; \
 		case 7: body(g, panel, r0, acc, 7); break; default: body(g, panel, r0, acc, 8); break; }
 
-/* -- AVX2: a panel row is 4 vectors of 8; two rows of activations at a time -- */
+/* -- AVX2: a panel row is 4 vectors of 8, row r's accumulators a[r][0..3]; two rows at a time -- */
+
+INLINE T_AVX2 void
+acc2_zero(__m256 (*a)[4], const int nr)
+{
+	for (int r = 0; r < nr; r++)
+		for (int v = 0; v < 4; v++)
+			a[r][v] = _mm256_setzero_ps();
+}
+
+INLINE T_AVX2 void
+acc2_store(float (*acc)[NR], __m256 (*a)[4], const int nr)
+{
+	for (int r = 0; r < nr; r++)
+		for (int v = 0; v < 4; v++)
+			_mm256_store_ps(acc[r] + 8 * v, a[r][v]);
+}
 
 INLINE T_AVX2 void
 f32_avx2_rows(const Gemv *g, const uint8_t *panel, size_t r0, float (*acc)[NR], const int nr)
@@ -533,9 +549,7 @@ f32_avx2_rows(const Gemv *g, const uint8_t *panel, size_t r0, float (*acc)[NR], 
 	size_t		IC = g->IC;
 	__m256		a[2][4];
 
-	for (int r = 0; r < nr; r++)
-		for (int v = 0; v < 4; v++)
-			a[r][v] = _mm256_setzero_ps();
+	acc2_zero(a, nr);
 	for (size_t i = 0; i < IC; i++)
 	{
 		__m256		wv[4];
@@ -550,9 +564,7 @@ f32_avx2_rows(const Gemv *g, const uint8_t *panel, size_t r0, float (*acc)[NR], 
 				a[r][v] = _mm256_fmadd_ps(wv[v], xb, a[r][v]);
 		}
 	}
-	for (int r = 0; r < nr; r++)
-		for (int v = 0; v < 4; v++)
-			_mm256_store_ps(acc[r] + 8 * v, a[r][v]);
+	acc2_store(acc, a, nr);
 }
 
 static T_AVX2 void
@@ -592,16 +604,12 @@ bf16_avx2_rows(const Gemv *g, const uint8_t *panel, size_t r0, float (*acc)[NR],
 				i;
 	__m256		a[2][4];
 
-	for (int r = 0; r < nr; r++)
-		for (int v = 0; v < 4; v++)
-			a[r][v] = _mm256_setzero_ps();
+	acc2_zero(a, nr);
 	for (i = 0; i + 1 < IC; i += 2)
 		bf16_avx2_pair(w, i, x, IC, false, a, nr);
 	if (i < IC)
 		bf16_avx2_pair(w, i, x, IC, true, a, nr);
-	for (int r = 0; r < nr; r++)
-		for (int v = 0; v < 4; v++)
-			_mm256_store_ps(acc[r] + 8 * v, a[r][v]);
+	acc2_store(acc, a, nr);
 }
 
 static T_AVX2 void
@@ -631,9 +639,7 @@ q8_avx2_rows(const Gemv *g, const uint8_t *panel, size_t r0, float (*acc)[NR], c
 	const __m256i flip = _mm256_set1_epi8((char) 0x80);
 	__m256		a[2][4];
 
-	for (int r = 0; r < nr; r++)
-		for (int v = 0; v < 4; v++)
-			a[r][v] = _mm256_setzero_ps();
+	acc2_zero(a, nr);
 	for (size_t b = 0; b < n_blocks(IC); b++)
 	{
 		const uint8_t *blk = panel + b * Q8_BLOCK;
@@ -653,9 +659,7 @@ q8_avx2_rows(const Gemv *g, const uint8_t *panel, size_t r0, float (*acc)[NR], c
 			}
 		}
 	}
-	for (int r = 0; r < nr; r++)
-		for (int v = 0; v < 4; v++)
-			_mm256_store_ps(acc[r] + 8 * v, a[r][v]);
+	acc2_store(acc, a, nr);
 }
 
 static T_AVX2 void
@@ -664,7 +668,24 @@ q8_avx2(const Gemv *g, const uint8_t *panel, size_t r0, int nr, float (*acc)[NR]
 	ROWS_2(q8_avx2_rows);
 }
 
-/* -- AVX-512: a panel row is 2 vectors of 16 -- */
+/* -- AVX-512: a panel row is 2 vectors of 16; row r's accumulators are a0[r], a1[r] -- */
+
+INLINE T_AVX512 void
+acc_zero(__m512 *a0, __m512 *a1, const int nr)
+{
+	for (int r = 0; r < nr; r++)
+		a0[r] = a1[r] = _mm512_setzero_ps();
+}
+
+INLINE T_AVX512 void
+acc_store(float (*acc)[NR], const __m512 *a0, const __m512 *a1, const int nr)
+{
+	for (int r = 0; r < nr; r++)
+	{
+		_mm512_store_ps(acc[r], a0[r]);
+		_mm512_store_ps(acc[r] + 16, a1[r]);
+	}
+}
 
 INLINE T_AVX512 void
 f32_avx512_rows(const Gemv *g, const uint8_t *panel, size_t r0, float (*acc)[NR], const int nr)
@@ -675,8 +696,7 @@ f32_avx512_rows(const Gemv *g, const uint8_t *panel, size_t r0, float (*acc)[NR]
 	__m512		a0[MR_MAX],
 				a1[MR_MAX];
 
-	for (int r = 0; r < nr; r++)
-		a0[r] = a1[r] = _mm512_setzero_ps();
+	acc_zero(a0, a1, nr);
 	for (size_t i = 0; i < IC; i++)
 	{
 		__m512		w0 = _mm512_load_ps(w + i * NR),
@@ -690,11 +710,7 @@ f32_avx512_rows(const Gemv *g, const uint8_t *panel, size_t r0, float (*acc)[NR]
 			a1[r] = _mm512_fmadd_ps(w1, xb, a1[r]);
 		}
 	}
-	for (int r = 0; r < nr; r++)
-	{
-		_mm512_store_ps(acc[r], a0[r]);
-		_mm512_store_ps(acc[r] + 16, a1[r]);
-	}
+	acc_store(acc, a0, a1, nr);
 }
 
 static T_AVX512 void
@@ -742,17 +758,12 @@ bf16_avx512_rows(const Gemv *g, const uint8_t *panel, size_t r0, float (*acc)[NR
 	__m512		a0[MR_MAX],
 				a1[MR_MAX];
 
-	for (int r = 0; r < nr; r++)
-		a0[r] = a1[r] = _mm512_setzero_ps();
+	acc_zero(a0, a1, nr);
 	for (i = 0; i + 1 < IC; i += 2)
 		bf16_avx512_pair(w, i, x, IC, false, a0, a1, nr);
 	if (i < IC)
 		bf16_avx512_pair(w, i, x, IC, true, a0, a1, nr);
-	for (int r = 0; r < nr; r++)
-	{
-		_mm512_store_ps(acc[r], a0[r]);
-		_mm512_store_ps(acc[r] + 16, a1[r]);
-	}
+	acc_store(acc, a0, a1, nr);
 }
 
 static T_AVX512 void
@@ -778,8 +789,7 @@ q8_avx512_rows(const Gemv *g, const uint8_t *panel, size_t r0, float (*acc)[NR],
 	__m512		a0[MR_MAX],
 				a1[MR_MAX];
 
-	for (int r = 0; r < nr; r++)
-		a0[r] = a1[r] = _mm512_setzero_ps();
+	acc_zero(a0, a1, nr);
 	for (size_t b = 0; b < n_blocks(IC); b++)
 	{
 		const uint8_t *blk = panel + b * Q8_BLOCK;
@@ -802,11 +812,7 @@ q8_avx512_rows(const Gemv *g, const uint8_t *panel, size_t r0, float (*acc)[NR],
 			}
 		}
 	}
-	for (int r = 0; r < nr; r++)
-	{
-		_mm512_store_ps(acc[r], a0[r]);
-		_mm512_store_ps(acc[r] + 16, a1[r]);
-	}
+	acc_store(acc, a0, a1, nr);
 }
 
 static T_AVX512 void
@@ -826,8 +832,7 @@ bf16_dot_rows(const Gemv *g, const uint8_t *panel, size_t r0, float (*acc)[NR], 
 	__m512		a0[MR_MAX],
 				a1[MR_MAX];
 
-	for (int r = 0; r < nr; r++)
-		a0[r] = a1[r] = _mm512_setzero_ps();
+	acc_zero(a0, a1, nr);
 	for (size_t i = 0; i < IC2 / 2; i++)
 	{
 		__m512bh	w0 = (__m512bh) _mm512_load_si512(w + 2 * i),
@@ -841,11 +846,7 @@ bf16_dot_rows(const Gemv *g, const uint8_t *panel, size_t r0, float (*acc)[NR], 
 			a1[r] = _mm512_dpbf16_ps(a1[r], w1, xb);
 		}
 	}
-	for (int r = 0; r < nr; r++)
-	{
-		_mm512_store_ps(acc[r], a0[r]);
-		_mm512_store_ps(acc[r] + 16, a1[r]);
-	}
+	acc_store(acc, a0, a1, nr);
 }
 
 static T_BF16 void
@@ -862,8 +863,7 @@ q8_dot_rows(const Gemv *g, const uint8_t *panel, size_t r0, float (*acc)[NR], co
 	__m512		a0[MR_MAX],
 				a1[MR_MAX];
 
-	for (int r = 0; r < nr; r++)
-		a0[r] = a1[r] = _mm512_setzero_ps();
+	acc_zero(a0, a1, nr);
 	for (size_t b = 0; b < nb; b++)
 	{
 		const uint8_t *blk = panel + b * Q8_BLOCK;
@@ -898,11 +898,7 @@ q8_dot_rows(const Gemv *g, const uint8_t *panel, size_t r0, float (*acc)[NR], co
 			a1[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s1[r]), _mm512_mul_ps(d1, dx), a1[r]);
 		}
 	}
-	for (int r = 0; r < nr; r++)
-	{
-		_mm512_store_ps(acc[r], a0[r]);
-		_mm512_store_ps(acc[r] + 16, a1[r]);
-	}
+	acc_store(acc, a0, a1, nr);
 }
 
 static T_VNNI void
