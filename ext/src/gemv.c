@@ -12,7 +12,8 @@
  *         weight is clipped), then [8][32][4] bytes: input 4g+k of column c at g*128 + c*4 + k,
  *         stored as q + 128 (unsigned): the operand layout of vpdpbusd. A weight is scale * q,
  *         q in [-127, 127], as llama.cpp's Q8_0 (blocks of 32 inputs, fp16 scale).
- * Each panel is 64-byte aligned when the packed matrix is.
+ * Each panel is 64-byte aligned when the packed matrix is. A change to any of this must bump
+ * LLM_WEIGHTS_LAYOUT (gemv.h): packed copies may outlive the code that wrote them.
  *
  * Kernels. A kernel computes a panel's 32 outputs for up to `mr` rows at once: per input, the
  * panel's weights are loaded once and multiplied into every row's accumulators (registers), so

@@ -21,6 +21,9 @@
 #include <stddef.h>
 #include <stdint.h>
 
+/* Version of the packed layouts (gemv.c): a stored packed copy made under another is stale. */
+#define LLM_WEIGHTS_LAYOUT 1
+
 typedef enum LlmWeightFormat
 {
 	LLM_WEIGHTS_F32,			/* float32: 4 bytes per weight */
