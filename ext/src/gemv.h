@@ -79,7 +79,7 @@ typedef enum LlmSimdLevel
 	LLM_SIMD_AVX512_DOT
 } LlmSimdLevel;
 
-/* The best level this CPU runs, capped by the environment variable PG_LLM_SIMD if set. */
+/* The best level this CPU runs, capped by the environment variable PG_LLM_SIMD if it names one. */
 extern LlmSimdLevel llm_simd_detect(void);
 
 /* The level in use (llm_simd_detect() until set). */
