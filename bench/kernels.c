@@ -24,6 +24,7 @@
 #include "gemv.h"
 
 #include <fcntl.h>
+#include <immintrin.h>
 #include <pthread.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -250,16 +251,18 @@ __attribute__((target("avx2"))) static void *
 read_share(void *arg)
 {
 	ReadJob    *j = arg;
-	uint64_t	acc[8] = {0};
+	__m256i		a = _mm256_setzero_si256(),
+				b = _mm256_setzero_si256();
 
 	for (size_t i = j->start; i < j->end; i++)
 	{
-		const uint64_t *q = (const uint64_t *) (j->p + i * 64);
+		const __m256i *q = (const __m256i *) (j->p + i * 64);
 
-		for (int k = 0; k < 8; k++)
-			acc[k] += q[k];
+		a = _mm256_add_epi64(a, _mm256_load_si256(q));
+		b = _mm256_add_epi64(b, _mm256_load_si256(q + 1));
 	}
-	j->sum = acc[0] + acc[1] + acc[2] + acc[3] + acc[4] + acc[5] + acc[6] + acc[7];
+	a = _mm256_add_epi64(a, b);
+	j->sum = (uint64_t) _mm256_extract_epi64(a, 0) + (uint64_t) _mm256_extract_epi64(a, 3);
 	return NULL;
 }
 
