@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import difflib
 import hashlib
+import json
 import os
 import re
 import shutil
@@ -26,7 +27,6 @@ from pgllm.cluster import Cluster
 from pgllm.extension import build_and_install, control_version
 
 from .conftest import EXT_VERSION, REPO, make_home, run_pgllm
-from .weights import _gpt2_tokenizer_entries
 
 # The release 0.1.0: the last commit before 0.2.0 opened.
 RELEASE_0_1_0 = "f58152086019e8d78b4bfa68f0a1d84a9f744380"
@@ -101,11 +101,23 @@ def old_server():
         shutil.rmtree(c.home, ignore_errors=True)
 
 
+def gpt2_tokenizer_entries() -> tuple[list[tuple[str, int]], list[tuple[str, str]]]:
+    """The bundled GPT-2 files as rows: 0.1.0 has no loader for bytes sent by a client, so the
+    rows go in with COPY, as 0.1.0's pgllm tokenizer wrote them (the files are well formed)."""
+    from pgllm.bundled import gpt2_tokenizer_files
+
+    vocab_file, merges_file = gpt2_tokenizer_files()
+    vocab = sorted(json.loads(vocab_file.read_text(encoding="utf-8")).items(), key=lambda kv: kv[1])
+    lines = merges_file.read_text(encoding="utf-8").splitlines()
+    merges = [tuple(line.split(" ")) for line in lines[1:] if line]
+    return vocab, merges
+
+
 def fill(conn: psycopg.Connection) -> None:
     """Everything a 0.1.0 user could have, written with 0.1.0's own functions and columns."""
     conn.execute("CREATE EXTENSION pg_llm VERSION '0.1.0'")
     conn.execute("SELECT llm_init('tiny', %(n_layer)s, %(n_head)s, %(d_model)s, %(n_positions)s, 50257, seed => 7)", TINY)
-    vocab, merges = _gpt2_tokenizer_entries()
+    vocab, merges = gpt2_tokenizer_entries()
     with conn.cursor() as cur:
         with cur.copy("COPY llm_bpe_vocab (model, token_id, token) FROM STDIN") as copy:
             for token, token_id in vocab:
