@@ -11,7 +11,8 @@ import importlib.util
 from .errors import PgllmError
 
 # module -> the pgllm extra that installs it (pyproject.toml: [project.optional-dependencies])
-EXTRA = {"transformers": "convert", "torch": "convert", "safetensors": "convert", "matplotlib": "plot"}
+EXTRA = {"transformers": "convert", "torch": "convert", "safetensors": "convert", "tokenizers": "convert",
+         "matplotlib": "plot"}
 
 
 def need(what: str, *modules: str, alternative: str | None = None) -> None:

@@ -496,6 +496,35 @@ def test_cli_bundled_tokenizer_and_several_models(cli, db, conn, files):
         "hello world", "hello")
 
 
+def test_cli_trains_a_tokenizer_from_a_query(cli, db, conn):
+    """--train: a byte-level BPE trained on a table's rows gives the ids Hugging Face's gives with it."""
+    from tokenizers import ByteLevelBPETokenizer
+
+    rng = random.Random(3)
+    words = ["thou", "thee", "art", "the", "king", "lord", "my", "good", "night", "sweet", "prince", "What's"]
+    docs = [" ".join(rng.choice(words) for _ in range(rng.randint(3, 30))) + rng.choice([".", "!", "?\n"])
+            for _ in range(400)]
+    conn.execute("CREATE TABLE lines (id int, body text)")
+    with conn.cursor().copy("COPY lines FROM STDIN") as copy:
+        for i, d in enumerate(docs):
+            copy.write_row((i, d))
+    conn.execute("INSERT INTO lines VALUES (400, NULL)")  # skipped
+    result = cli("--dsn", db, "tokenizer", "--model", "bard", "--train", "SELECT body FROM lines ORDER BY id",
+                 "--vocab-size", "300")
+    assert result.exit_code == 0, result.output
+    assert "trained and loaded the tokenizer of bard: 300 tokens, 43 merges" in result.output
+    hf = ByteLevelBPETokenizer()
+    hf.train_from_iterator(docs, vocab_size=300, special_tokens=[EOT], show_progress=False)
+    samples = docs[:20] + ["Good night, sweet prince" + EOT + "thou art", "ünïcode and 'quotes' 123"]
+    assert encode(conn, samples, "bard") == [hf.encode(s).ids for s in samples]
+
+    result = cli("--dsn", db, "tokenizer", "--model", "x", "--train", "SELECT 1", "--vocab-size", "10")
+    assert result.exit_code == 2 and "--vocab-size" in result.output  # fewer than the 256 bytes and <|endoftext|>
+    line = one_error_line(cli("--dsn", db, "tokenizer", "--model", "x", "--train", "SELECT nope FROM lines"))
+    assert 'column "nope" does not exist' in line
+    assert counts(conn, "x") == (0, 0)
+
+
 def test_cli_argument_errors(cli, db, files):
     vocab, merges = write_tokenizer(files, HELLO_MERGES)
     line = one_error_line(cli("--dsn", db, "tokenizer", "--model", "x", "--vocab", str(vocab)))

