@@ -94,9 +94,13 @@ EOF
 step "8. The loss curves: training and validation"
 run pgllm log --png "$WORK/loss.png"
 
-step "9. Continuations of several prompts, generated together in one batch"
-printf '%s\n' "KING." "Ham." "FALSTAFF." "IAGO." "CLEOPATRA." > "$WORK/prompts.txt"
-run pgllm generate --input "$WORK/prompts.txt" --max-tokens 48 --temperature 0.8 --seed 7
+step "9. Continuations of several prompts, generated together in one batched call"
+BATCH="SELECT prompts[ord] || text FROM (SELECT ARRAY['KING.', 'Ham.', 'FALSTAFF.', 'IAGO.', 'CLEOPATRA.'] AS prompts) p,
+       llm_generate_batch(prompts, max_tokens => 48, temperature => 0.8, model => '$MODEL', seed => 7) ORDER BY ord"
+# Unaligned output: each speech as the play would print it, a blank line between them.
+printf '\033[36m=> %s\033[0m\n' "$BATCH"
+psql "$DSN" -X -qAt -v ON_ERROR_STOP=1 -R $'\n\n' -c "$BATCH"
+echo
 
 step "10. One more, streamed token by token as the server produces it"
 run pgllm generate "ROMEO." --max-tokens 64 --temperature 0.8 --seed 11 --stream
