@@ -71,8 +71,9 @@ sql "SELECT llm_dataset_build('$TRAIN', 'train', '$MODEL', 128, replace => true)
 sql "SELECT llm_dataset_build('$VAL', 'val', '$MODEL', 128, replace => true) AS val_rows"
 
 step "5. Validation perplexity before training"
-EVAL="llm_eval('$MODEL', 'val', max_rows => 256)"
-sql "CREATE TABLE perplexity AS SELECT 'before training' AS model, * FROM $EVAL"
+EVAL="round(loss::numeric, 3) AS loss, round(perplexity::numeric, 1) AS perplexity, rows, tokens
+       FROM llm_eval('$MODEL', 'val', max_rows => 256)"
+sql "CREATE TABLE perplexity AS SELECT 'before training' AS measured, $EVAL"
 sql "TABLE perplexity"
 
 step "6. Train inside PostgreSQL: $STEPS steps, the validation loss every 100"
@@ -80,10 +81,10 @@ run pgllm train --steps "$STEPS" "${TRAIN_OPTS[@]}" --commit-every 200 \
     --eval-dataset val --eval-every 100 --eval-rows 64
 
 step "7. Validation perplexity after training"
-sql "INSERT INTO perplexity SELECT 'after training', * FROM $EVAL"
+sql "INSERT INTO perplexity SELECT 'after training', $EVAL"
 sql "TABLE perplexity"
-before=$(value "SELECT perplexity FROM perplexity WHERE model = 'before training'")
-after=$(value "SELECT perplexity FROM perplexity WHERE model = 'after training'")
+before=$(value "SELECT perplexity FROM perplexity WHERE measured = 'before training'")
+after=$(value "SELECT perplexity FROM perplexity WHERE measured = 'after training'")
 python3 - "$before" "$after" "$MIN_DROP" <<'EOF' || fail "validation perplexity did not drop enough"
 import sys
 before, after, need = map(float, sys.argv[1:])
@@ -95,12 +96,11 @@ step "8. The loss curves: training and validation"
 run pgllm log --png "$WORK/loss.png"
 
 step "9. Continuations of several prompts, generated together in one batched call"
-BATCH="SELECT prompts[ord] || text FROM (SELECT ARRAY['KING.', 'Ham.', 'FALSTAFF.', 'IAGO.', 'CLEOPATRA.'] AS prompts) p,
+BATCH="SELECT prompts[ord] || text || E'\\n' FROM (SELECT ARRAY['KING.', 'Ham.', 'FALSTAFF.', 'IAGO.', 'CLEOPATRA.'] AS prompts) p,
        llm_generate_batch(prompts, max_tokens => 48, temperature => 0.8, model => '$MODEL', seed => 7) ORDER BY ord"
-# Unaligned output: each speech as the play would print it, a blank line between them.
+# Unaligned output: each speech as the play would print it, a blank line after each.
 printf '\033[36m=> %s\033[0m\n' "$BATCH"
-psql "$DSN" -X -qAt -v ON_ERROR_STOP=1 -R $'\n\n' -c "$BATCH"
-echo
+value "$BATCH"
 
 step "10. One more, streamed token by token as the server produces it"
 run pgllm generate "ROMEO." --max-tokens 64 --temperature 0.8 --seed 11 --stream
@@ -123,7 +123,7 @@ dsn, model = "$DSN", os.environ["PGLLM_MODEL"]
 with psycopg.connect(dsn) as a, psycopg.connect(dsn) as b:
     for name, conn in (("first", a), ("second", b)):
         text = PGLLMClient(conn, model=model).generate("KING.", max_tokens=24, temperature=0.8, seed=3)
-        print(f"{name} connection (backend {conn.info.backend_pid}):", " / ".join(text.split()[:12]), "...")
+        print(f"{name} connection (backend {conn.info.backend_pid}): KING.{text}".replace("\\n", " / "))
     for row in b.execute("SELECT model, format, pg_size_pretty(bytes), backends FROM pg_llm_weight_cache()"
                          " WHERE model = %s", (model,)):
         print("pg_llm_weight_cache(): model %s, %s, %s, mapped by %d backends" % row)
