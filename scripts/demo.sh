@@ -62,7 +62,7 @@ else
     MIN_DROP=5
     run pgllm init "$MODEL" --n-layer 4 --n-head 4 --d-model 128 --n-positions 128 --vocab 2048 --seed 1 --replace
     run pgllm tokenizer --model "$MODEL" --train "$TRAIN" --vocab-size 2048 --truncate
-    TRAIN_OPTS=(--batch-size 16 --lr-max 3e-3 --warmup 30)
+    TRAIN_OPTS=(--batch-size 16 --lr-max 4e-3 --warmup 30)
 fi
 export PGLLM_MODEL=$MODEL
 
@@ -133,5 +133,5 @@ run python "$WORK/two_connections.py"
 sql "SELECT * FROM llm_models WHERE model = '$MODEL'"
 
 step "Done in $((SECONDS - started)) s"
-echo "validation perplexity $before -> $after; loss curves: $WORK/loss.png"
+printf 'validation perplexity %.1f -> %.1f; loss curves: %s\n' "$before" "$after" "$WORK/loss.png"
 run pgllm server status
