@@ -40,11 +40,11 @@ ext:
 test: setup
 	$(BIN)/python -m pytest -q
 
-# The seed's workflow end to end on the embedded server (see scripts/demo.sh).
+# From a table of text to a model that measurably learned it, on the embedded server (scripts/demo.sh).
 demo: setup
 	bash scripts/demo.sh
 
-# Ours beside PyTorch / Hugging Face, one benchmark per engine part (figures in README.md).
+# Ours beside PyTorch / Hugging Face, one benchmark per engine part (figures in docs/performance.md).
 bench: setup
 	for b in tokenizer checkpoints inference training; do $(BIN)/python -m bench.$$b || exit 1; done
 
