@@ -49,17 +49,19 @@ step "3. A model"
 if python -c 'import huggingface_hub; huggingface_hub.model_info("gpt2", timeout=5)' >/dev/null 2>&1; then
     echo "The Hugging Face Hub is reachable: fine-tuning the real GPT-2 (124M parameters)."
     MODEL=gpt2-small
-    STEPS=${DEMO_STEPS_GPT2:-30}
+    STEPS=${DEMO_STEPS_GPT2:-40}
+    EVAL_EVERY=10
     MIN_DROP=1.2   # a pretrained model already knows English: the drop is Shakespeare's style
     run pgllm convert gpt2 --output "$WORK/gpt2-small.npz"
     run pgllm import "$WORK/gpt2-small.npz" --model "$MODEL" --replace
     run pgllm tokenizer --model "$MODEL" --truncate
-    TRAIN_OPTS=(--batch-size 4 --lr-max 1e-4 --warmup 5)
+    TRAIN_OPTS=(--batch-size 4 --lr-max 2e-4 --warmup 5)
 else
     echo "The Hugging Face Hub is out of reach: a small GPT-2 (1M parameters) trained from scratch,"
     echo "with a byte-level BPE of 2048 tokens trained on the training speeches."
     MODEL=shakespeare
     MIN_DROP=5
+    EVAL_EVERY=100
     run pgllm init "$MODEL" --n-layer 4 --n-head 4 --d-model 128 --n-positions 128 --vocab 2048 --seed 1 --replace
     run pgllm tokenizer --model "$MODEL" --train "$TRAIN" --vocab-size 2048 --truncate
     TRAIN_OPTS=(--batch-size 16 --lr-max 4e-3 --warmup 30)
@@ -76,9 +78,9 @@ EVAL="round(loss::numeric, 3) AS loss, round(perplexity::numeric, 1) AS perplexi
 sql "CREATE TABLE perplexity AS SELECT 'before training' AS measured, $EVAL"
 sql "TABLE perplexity"
 
-step "6. Train inside PostgreSQL: $STEPS steps, the validation loss every 100"
+step "6. Train inside PostgreSQL: $STEPS steps, the validation loss every $EVAL_EVERY"
 run pgllm train --steps "$STEPS" "${TRAIN_OPTS[@]}" --commit-every 200 \
-    --eval-dataset val --eval-every 100 --eval-rows 64
+    --eval-dataset val --eval-every "$EVAL_EVERY" --eval-rows 64
 
 step "7. Validation perplexity after training"
 sql "INSERT INTO perplexity SELECT 'after training', $EVAL"
