@@ -234,3 +234,32 @@ def test_every_entry_point_per_role(conn, db, cli):
         for role in roles.values():
             conn.execute(f"DROP OWNED BY {role}")
             conn.execute(f"DROP ROLE {role}")
+
+
+# ---- CLI rough edges ----------------------------------------------------------------------------
+
+def test_cli_says_what_to_do(cli, conn, db, tmp_path):
+    make_model(conn, "m")
+    result = cli("--dsn", db, "init", "m")
+    assert result.exit_code == 1 and 'model "m" already has weights' in result.output
+    assert "pgllm init --replace" in result.output
+    result = cli("--dsn", db, "import", str(tmp_path), "--model", "x")
+    assert result.exit_code == 1 and f"Error: {tmp_path} is a directory, not a checkpoint file" in result.output
+    result = cli("--dsn", db, "generate", "Hi", "--model", "m", "--beam-width", "2", "--top-k", "3", "--seed", "1")
+    assert result.exit_code == 1
+    assert "Error: --beam-width does not sample: --top-k, --seed would be ignored" in result.output
+
+
+def test_convert_with_the_hub_out_of_reach_fails_at_once(tmp_path):
+    """An unreachable Hub (HF_ENDPOINT on a closed local port) is one Error line, no retries."""
+    with __import__("socket").socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # closed again when the block ends: nothing listens there
+    proc = run_pgllm("convert", "gpt2", "--output", str(tmp_path / "x.npz"),
+                     env={"HF_ENDPOINT": f"http://127.0.0.1:{port}", "HF_HUB_CACHE": str(tmp_path / "cache"),
+                          "HTTPS_PROXY": "", "https_proxy": "", "ALL_PROXY": "", "all_proxy": ""})
+    assert proc.returncode == 1
+    assert proc.stderr.strip().splitlines() == [
+        f"Error: cannot download 'gpt2': the Hugging Face Hub (127.0.0.1:{port}) is unreachable: Connection refused "
+        "(a model id works offline only when it is in the Hugging Face cache; otherwise give a directory written by "
+        "save_pretrained)"]
