@@ -263,3 +263,12 @@ def test_convert_with_the_hub_out_of_reach_fails_at_once(tmp_path):
         f"Error: cannot download 'gpt2': the Hugging Face Hub (127.0.0.1:{port}) is unreachable: Connection refused "
         "(a model id works offline only when it is in the Hugging Face cache; otherwise give a directory written by "
         "save_pretrained)"]
+
+
+def test_thread_budget_file_is_skipped_by_base_backups(conn):
+    """The sessions' thread budget lives under pgsql_tmp_pg_llm/ (pg_basebackup skips pgsql_tmp*),
+    not in the data directory's root."""
+    make_model(conn, "m")
+    conn.execute("SELECT llm_generate_tokens(ARRAY[1, 2], 2, temperature => 0, model => 'm')")
+    assert "threads" in [r[0] for r in conn.execute("SELECT pg_ls_dir('pgsql_tmp_pg_llm')")]
+    assert "pg_llm_threads" not in [r[0] for r in conn.execute("SELECT pg_ls_dir('.')")]
