@@ -272,3 +272,21 @@ def test_thread_budget_file_is_skipped_by_base_backups(conn):
     conn.execute("SELECT llm_generate_tokens(ARRAY[1, 2], 2, temperature => 0, model => 'm')")
     assert "threads" in [r[0] for r in conn.execute("SELECT pg_ls_dir('pgsql_tmp_pg_llm')")]
     assert "pg_llm_threads" not in [r[0] for r in conn.execute("SELECT pg_ls_dir('.')")]
+
+
+def test_init_without_the_extension_and_empty_tokens(cluster, conn, cli):
+    """pgllm init on a database without pg_llm says to run pgllm install; an empty token is
+    refused by the server's loader, as pgllm tokenizer refuses it (one validator)."""
+    name = f"t_noext_{uuid.uuid4().hex[:8]}"
+    with psycopg.connect(cluster.dsn("postgres"), autocommit=True) as admin:
+        admin.execute(f'CREATE DATABASE "{name}"')
+    try:
+        result = cli("--dsn", cluster.dsn(name), "init", "m", "--n-layer", "1", "--n-head", "2", "--d-model", "32",
+                     "--n-positions", "32", "--vocab", "64")
+        assert result.exit_code == 1
+        assert f'the pg_llm extension is not installed in database "{name}" (run pgllm install)' in result.output
+    finally:
+        with psycopg.connect(cluster.dsn("postgres"), autocommit=True) as admin:
+            admin.execute(f'DROP DATABASE "{name}"')
+    with pytest.raises(psycopg.Error, match="empty token"):
+        conn.execute("""SELECT pg_llm_load_bpe_vocab_bytes(convert_to('{"": 0, "a": 1}', 'UTF8'), 'v')""")
