@@ -290,3 +290,42 @@ def test_init_without_the_extension_and_empty_tokens(cluster, conn, cli):
             admin.execute(f'DROP DATABASE "{name}"')
     with pytest.raises(psycopg.Error, match="empty token"):
         conn.execute("""SELECT pg_llm_load_bpe_vocab_bytes(convert_to('{"": 0, "a": 1}', 'UTF8'), 'v')""")
+
+
+def test_tcp_clients_of_the_embedded_server_connect_as_the_seed_does(tmp_path):
+    """`pgllm server start --port N` then `pgllm install`: postgresql://ROLE@localhost:N/postgres
+    (the seed's snippet, on port N) connects without a prompt, from the .pgpass pgllm wrote, to a
+    database `postgres` with pg_llm; without that password loopback TCP is refused."""
+    import shutil
+    import socket
+
+    from pgllm.cluster import Cluster
+
+    from .conftest import make_home
+
+    home = make_home()
+    env = {"PGLLM_HOME": str(home), "PGPASSFILE": str(tmp_path / "pgpass")}
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cluster = Cluster(home)
+    try:
+        started = run_pgllm("server", "start", "--port", str(port), env=env)
+        assert started.returncode == 0, started.stderr
+        installed = run_pgllm("install", env=env)
+        assert installed.returncode == 0, installed.stderr
+        url = f"postgresql://{cluster.role}@localhost:{port}/postgres"
+        with psycopg.connect(url, passfile=env["PGPASSFILE"]) as conn:
+            assert conn.execute("SELECT extversion FROM pg_extension WHERE extname = 'pg_llm'").fetchone()
+            assert conn.execute("SELECT pg_llm_version()").fetchone()[0]
+        assert (tmp_path / "pgpass").stat().st_mode & 0o077 == 0
+        with pytest.raises(psycopg.OperationalError, match="password"):
+            psycopg.connect(url, passfile=str(tmp_path / "empty"), connect_timeout=10)
+        # a restart keeps the password (the .pgpass entry stays valid)
+        assert run_pgllm("server", "stop", env=env).returncode == 0
+        assert run_pgllm("server", "start", env=env).returncode == 0
+        with psycopg.connect(url, passfile=env["PGPASSFILE"]) as conn:
+            conn.execute("SELECT 1")
+    finally:
+        run_pgllm("server", "stop", env=env)
+        shutil.rmtree(home, ignore_errors=True)
