@@ -70,3 +70,63 @@ AS 'MODULE_PATHNAME', 'pg_llm_load_bpe_vocab_bytes' LANGUAGE C VOLATILE STRICT;
 CREATE FUNCTION pg_llm_load_bpe_merges_bytes(data bytea, model text, replace boolean DEFAULT false,
                                              file text DEFAULT 'merges.txt') RETURNS bigint
 AS 'MODULE_PATHNAME', 'pg_llm_load_bpe_merges_bytes' LANGUAGE C VOLATILE STRICT;
+
+-- ==== hardening: one trainer per model, roles ====
+-- llm_train_lock(model): hold the model's training lock (an advisory lock, see src/train_lock.c)
+-- for the session, or fail at once naming the session that holds it. llm_train itself waits for
+-- the same lock for its transaction; pgllm train calls this first, so that a second run is refused.
+CREATE FUNCTION llm_train_lock(model text) RETURNS void
+AS 'MODULE_PATHNAME', 'llm_train_lock' LANGUAGE C VOLATILE STRICT;
+
+-- Rights of ordinary roles. Every pg_llm function runs with its caller's rights, so what a role
+-- may do is what it may do on the tables. llm_grant(role) gives what serving reads (generate,
+-- stream, beams, logits, encode/decode, the models' state); with train => true, every right on
+-- every table and sequence of the extension too (training, init, import and tokenizers sent over
+-- the connection, datasets, checkpoints; a table added by a later version counts). Never the
+-- server-file functions: pg_llm_import_npz and pg_llm_export_npz stay with superusers and
+-- pg_read_server_files / pg_write_server_files. llm_revoke(role) takes back all of it.
+-- pgllm grant ROLE [--train] and pgllm revoke ROLE call these.
+CREATE FUNCTION llm_grant(role regrole, train boolean DEFAULT false) RETURNS void
+LANGUAGE plpgsql SET search_path = @extschema@, pg_catalog, pg_temp AS $$
+DECLARE
+    rel record;
+BEGIN
+    EXECUTE format('GRANT USAGE ON SCHEMA @extschema@ TO %s', role);
+    FOR rel IN SELECT c.oid::regclass AS name, c.relkind, c.relname
+                 FROM pg_depend d JOIN pg_class c ON c.oid = d.objid
+                WHERE d.classid = 'pg_class'::regclass AND d.deptype = 'e'
+                  AND d.refclassid = 'pg_extension'::regclass
+                  AND d.refobjid = (SELECT oid FROM pg_extension WHERE extname = 'pg_llm')
+    LOOP
+        IF train THEN
+            EXECUTE format(CASE WHEN rel.relkind = 'S' THEN 'GRANT USAGE, SELECT, UPDATE ON SEQUENCE %s TO %s'
+                                ELSE 'GRANT SELECT, INSERT, UPDATE, DELETE, TRUNCATE ON %s TO %s' END,
+                           rel.name, role);
+        ELSIF rel.relname IN ('llm_model_config', 'llm_param', 'llm_bpe_vocab', 'llm_bpe_merges',
+                              'llm_tokenizer_version', 'llm_train_state', 'llm_train_log', 'llm_models') THEN
+            EXECUTE format('GRANT SELECT ON %s TO %s', rel.name, role);
+        END IF;
+    END LOOP;
+END $$;
+
+CREATE FUNCTION llm_revoke(role regrole) RETURNS void
+LANGUAGE plpgsql SET search_path = @extschema@, pg_catalog, pg_temp AS $$
+DECLARE
+    rel record;
+BEGIN
+    FOR rel IN SELECT c.oid::regclass AS name, c.relkind
+                 FROM pg_depend d JOIN pg_class c ON c.oid = d.objid
+                WHERE d.classid = 'pg_class'::regclass AND d.deptype = 'e'
+                  AND d.refclassid = 'pg_extension'::regclass
+                  AND d.refobjid = (SELECT oid FROM pg_extension WHERE extname = 'pg_llm')
+    LOOP
+        EXECUTE format(CASE WHEN rel.relkind = 'S' THEN 'REVOKE ALL ON SEQUENCE %s FROM %s'
+                            ELSE 'REVOKE ALL ON %s FROM %s' END, rel.name, role);
+    END LOOP;
+    IF (SELECT extnamespace FROM pg_extension WHERE extname = 'pg_llm') <> 'public'::regnamespace THEN
+        EXECUTE format('REVOKE USAGE ON SCHEMA @extschema@ FROM %s', role);
+    END IF;
+END $$;
+-- Granting is the owner's: others get "permission denied" instead of GRANT's mere warning.
+REVOKE EXECUTE ON FUNCTION llm_grant(regrole, boolean) FROM PUBLIC;
+REVOKE EXECUTE ON FUNCTION llm_revoke(regrole) FROM PUBLIC;

@@ -19,6 +19,7 @@
 #include "blas.h"
 #include "dataset.h"
 #include "model.h"
+#include "train_lock.h"
 
 #include <math.h>
 #include <time.h>
@@ -741,6 +742,7 @@ train_setup(TrainRun *run, FunctionCallInfo fcinfo)
 
 	llm_config_load(a->model, &run->cfg);
 	check_architecture(fcinfo, &run->cfg);
+	llm_train_lock_xact(a->model);
 
 	llm_spi_run("creating the model's row of llm_train_state",
 				psprintf("INSERT INTO %s (model) VALUES ($1) ON CONFLICT (model) DO NOTHING",
@@ -765,11 +767,10 @@ train_setup(TrainRun *run, FunctionCallInfo fcinfo)
 	 */
 	run->total_steps = a->total_steps > 0 ? a->total_steps : (int) Max(run->step0 + a->steps, a->warmup);
 	if (a->warmup > run->total_steps)
-		ereport(ERROR,
-				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
-				 errmsg("warmup (%d steps) is longer than the schedule (total_steps = %d)",
-						a->warmup, run->total_steps),
-				 errhint("Lower warmup or raise total_steps.")));
+		ereport(NOTICE,
+				(errmsg("warmup (%d steps) is longer than the schedule (total_steps = %d): the learning "
+						"rate rises to %g and never reaches lr_max", a->warmup, run->total_steps,
+						a->lr_max * run->total_steps / a->warmup)));
 
 	llm_dataset_open(&run->ds, &run->cfg);
 	if ((int64) a->batch_size * run->ds.T > PG_INT32_MAX / 4)
@@ -865,6 +866,25 @@ check_finite(const TrainRun *run, int64 step, double loss, double norm)
 }
 
 /*
+ * ERROR when an update left a parameter NaN, infinite, or so large that float32 sums of its
+ * square overflow (LayerNorm's variance would: every logit NaN). The losses only see the weights
+ * before each update; without this check the last update of a call is committed unseen.
+ */
+static void
+check_params_finite(const TrainRun *run, int64 step, double lr)
+{
+	if (isfinite(sum_of_squares(run->model->memory, run->model->layout.num_params)))
+		return;
+	ereport(ERROR,
+			(errcode(ERRCODE_NUMERIC_VALUE_OUT_OF_RANGE),
+			 errmsg("the update of step %lld left parameters of model \"%s\" that are not finite",
+					(long long) step, run->args.model),
+			 errdetail("The learning rate of that step was %g. Training stopped; nothing of this call was written.",
+					   lr),
+			 errhint("Lower lr_max (it is %g).", run->args.lr_max)));
+}
+
+/*
  * The steps: per step, grad_accum micro-batches forward and backward, the gradient norm and
  * clipping, the learning rate, AdamW, a row of llm_train_log and a progress report.
  */
@@ -917,6 +937,7 @@ train_steps(TrainRun *run)
 			grad_scale = (float) Min(1.0, a->grad_clip / (norm + 1e-6));
 		lr = schedule(a, run->total_steps, it);
 		optimizer_step(tr, model, a, lr, grad_scale, it + 1);
+		check_params_finite(run, it + 1, lr);
 
 		tokens_per_s = run->tokens_per_step / (now_seconds() - start);
 		values[0] = run->model_datum;

@@ -73,14 +73,17 @@ def train(
     with db.session(ctx.obj["dsn"]) as pg:
         conn = pg.conn
         pg.require_model(model, hint="pgllm import or pgllm init creates it")
+        # one run per model: this session keeps the model's training lock until it ends, and a
+        # second run fails here (the other run's pid in the error) instead of sharing the schedule
+        pg.execute("SELECT {llm_train_lock}(%s)", (model,))
         row = pg.execute("SELECT step FROM {llm_train_state} WHERE model = %s", (model,)).fetchone()
         start_step = row[0] if row else 0
         total = total_steps if total_steps is not None else start_step + steps
         if warmup is None:
             warmup = min(2000, max(1, total // 10))
         if warmup > total:
-            raise PgllmError(f"--warmup {warmup} is longer than the schedule ({total} steps)",
-                             hint="lower --warmup or raise --total-steps")
+            console.print(f"note: --warmup {warmup} is longer than the schedule ({total} steps): the learning rate "
+                          f"rises to {lr_max * total / warmup:.3g} and never reaches --lr-max")
         conn.commit()
         if threads is not None:
             conn.execute("SELECT set_config('pg_llm.threads', %s, false)", (str(threads),))
