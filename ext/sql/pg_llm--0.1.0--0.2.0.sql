@@ -70,3 +70,80 @@ AS 'MODULE_PATHNAME', 'pg_llm_load_bpe_vocab_bytes' LANGUAGE C VOLATILE STRICT;
 CREATE FUNCTION pg_llm_load_bpe_merges_bytes(data bytea, model text, replace boolean DEFAULT false,
                                              file text DEFAULT 'merges.txt') RETURNS bigint
 AS 'MODULE_PATHNAME', 'pg_llm_load_bpe_merges_bytes' LANGUAGE C VOLATILE STRICT;
+
+-- ==== data: named datasets, datasets from a query, evaluation ====
+-- llm_dataset holds several named datasets (train, val, ...); rows written without a dataset
+-- (the seed's INSERT INTO llm_dataset (tokens, target)) land in 'train'. All rows of one dataset
+-- have one length, the block size: checked once per statement (a COPY of many rows costs one
+-- check), against the dataset's oldest row, which every older row already matches.
+ALTER TABLE llm_dataset ADD COLUMN dataset text NOT NULL DEFAULT 'train'
+    CHECK (dataset <> '' AND length(dataset) <= 63);
+CREATE INDEX llm_dataset_dataset_id ON llm_dataset (dataset, id);
+
+CREATE FUNCTION llm_dataset_check_length() RETURNS trigger
+LANGUAGE plpgsql SET search_path = @extschema@, pg_catalog, pg_temp AS $$
+DECLARE
+    bad record;
+BEGIN
+    SELECT n.dataset, n.lo, n.hi, o.len INTO bad
+      FROM (SELECT dataset, min(cardinality(tokens)) AS lo, max(cardinality(tokens)) AS hi
+              FROM new_rows GROUP BY dataset) n
+      CROSS JOIN LATERAL (SELECT cardinality(d.tokens) AS len FROM llm_dataset d
+                           WHERE d.dataset = n.dataset ORDER BY d.id LIMIT 1) o
+     WHERE n.lo <> n.hi OR n.lo <> o.len
+        OR (TG_OP = 'UPDATE' AND EXISTS (SELECT 1 FROM llm_dataset d
+                                          WHERE d.dataset = n.dataset AND cardinality(d.tokens) <> n.lo))
+     LIMIT 1;
+    IF FOUND THEN
+        RAISE EXCEPTION 'every row of dataset "%" must have the same length (its block size)', bad.dataset
+            USING ERRCODE = 'check_violation',
+                  DETAIL = format('Dataset "%s" has rows of %s tokens; these rows have %s.', bad.dataset, bad.len,
+                                  CASE WHEN bad.lo = bad.hi THEN bad.lo::text ELSE bad.lo || ' to ' || bad.hi END),
+                  HINT = 'Write them to another dataset (pgllm dataset --dataset NAME), or replace this one '
+                         '(pgllm dataset --dataset NAME --truncate).';
+    END IF;
+    RETURN NULL;
+END $$;
+CREATE TRIGGER llm_dataset_length_insert AFTER INSERT ON llm_dataset
+    REFERENCING NEW TABLE AS new_rows FOR EACH STATEMENT EXECUTE FUNCTION llm_dataset_check_length();
+CREATE TRIGGER llm_dataset_length_update AFTER UPDATE ON llm_dataset
+    REFERENCING NEW TABLE AS new_rows FOR EACH STATEMENT EXECUTE FUNCTION llm_dataset_check_length();
+
+-- llm_train trains on one dataset; the new parameters come last, so that every call of 0.1.0
+-- (positional or named) still means the same.
+DROP FUNCTION llm_train(text, int, double precision, double precision, double precision, double precision,
+                        double precision, int, int, int, int, int, int, int, double precision,
+                        double precision, int, double precision, bigint, int);
+CREATE FUNCTION llm_train(
+    model text,
+    steps int,
+    beta1 double precision DEFAULT 0.9,
+    beta2 double precision DEFAULT 0.999,
+    eps double precision DEFAULT 1e-8,
+    wd double precision DEFAULT 0.01,
+    lr_max double precision DEFAULT 2.5e-4,
+    warmup int DEFAULT 2000,
+    n_layer int DEFAULT NULL,
+    n_head int DEFAULT NULL,
+    "D" int DEFAULT NULL,
+    vocab int DEFAULT NULL,
+    batch_size int DEFAULT 4,
+    grad_accum int DEFAULT 1,
+    grad_clip double precision DEFAULT 1.0,
+    lr_min double precision DEFAULT 0,
+    total_steps int DEFAULT NULL,
+    dropout double precision DEFAULT 0,
+    seed bigint DEFAULT 1337,
+    d int DEFAULT NULL,
+    dataset text DEFAULT 'train')
+RETURNS real
+AS 'MODULE_PATHNAME', 'llm_train' LANGUAGE C VOLATILE PARALLEL UNSAFE;
+COMMENT ON FUNCTION llm_train IS 'train a model on a dataset of llm_dataset with AdamW; resumable';
+
+-- A dataset from the documents (first column, text; NULL rows skipped) that a query returns, run
+-- with the caller's rights and tokenized in the server with the model's tokenizer: the rows of
+-- pgllm dataset for the same documents. replace empties the dataset first. Returns rows written.
+CREATE FUNCTION llm_dataset_build(query text, dataset text DEFAULT 'train', model text DEFAULT 'gpt2-small',
+                                  block_size int DEFAULT 1024, replace boolean DEFAULT false)
+RETURNS bigint
+AS 'MODULE_PATHNAME', 'llm_dataset_build' LANGUAGE C VOLATILE PARALLEL UNSAFE;

@@ -53,6 +53,7 @@ typedef struct TrainArgs
 	int			grad_accum;		/* micro-batches per optimizer step */
 	int			total_steps;	/* schedule length; 0 = not given */
 	int64		seed;
+	char	   *dataset;		/* the llm_dataset rows to train on */
 } TrainArgs;
 
 /* Activations of one micro-batch (llm.c's ActivationTensors), plus per-layer scratch. */
@@ -163,12 +164,12 @@ bad_argument(const char *msg, const char *hint)
 			 hint ? errhint("%s", hint) : 0));
 }
 
-/* Argument positions, as declared in pg_llm--0.1.0.sql. */
+/* Argument positions, as declared in pg_llm--0.1.0.sql, then the upgrade script's additions. */
 enum
 {
 	A_MODEL, A_STEPS, A_BETA1, A_BETA2, A_EPS, A_WD, A_LR_MAX, A_WARMUP,
 	A_N_LAYER, A_N_HEAD, A_D, A_VOCAB, A_BATCH_SIZE, A_GRAD_ACCUM, A_GRAD_CLIP, A_LR_MIN,
-	A_TOTAL_STEPS, A_DROPOUT, A_SEED, A_D_LOWER
+	A_TOTAL_STEPS, A_DROPOUT, A_SEED, A_D_LOWER, A_DATASET
 };
 
 static double
@@ -214,6 +215,9 @@ parse_args(FunctionCallInfo fcinfo, TrainArgs *a)
 	a->total_steps = PG_ARGISNULL(A_TOTAL_STEPS) ? 0 : PG_GETARG_INT32(A_TOTAL_STEPS);
 	a->dropout = float_arg(fcinfo, A_DROPOUT, "dropout");
 	a->seed = PG_ARGISNULL(A_SEED) ? 1337 : PG_GETARG_INT64(A_SEED);
+	if (PG_NARGS() > A_DATASET && PG_ARGISNULL(A_DATASET))
+		bad_argument("dataset must not be NULL", "The seed's rows are in dataset 'train'.");
+	a->dataset = PG_NARGS() > A_DATASET ? text_to_cstring(PG_GETARG_TEXT_PP(A_DATASET)) : "train";
 
 	if (a->steps <= 0)
 		bad_argument(psprintf("steps must be positive, got %d", a->steps), NULL);
@@ -771,7 +775,7 @@ train_setup(TrainRun *run, FunctionCallInfo fcinfo)
 						a->warmup, run->total_steps),
 				 errhint("Lower warmup or raise total_steps.")));
 
-	llm_dataset_open(&run->ds, &run->cfg);
+	llm_dataset_open(&run->ds, &run->cfg, a->dataset, 0);
 	if ((int64) a->batch_size * run->ds.T > PG_INT32_MAX / 4)
 		bad_argument(psprintf("batch_size %d times the block size %d is too large", a->batch_size, run->ds.T),
 					 "Use grad_accum for a larger effective batch.");

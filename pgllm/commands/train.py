@@ -64,6 +64,7 @@ def train(
     dropout: float = typer.Option(0.0, "--dropout", help="Dropout probability on embeddings, attention and "
                                   "residual branches (GPT-2's *_pdrop)."),
     seed: int = typer.Option(1337, "--seed", help="Seed of the dropout masks."),
+    dataset: str = typer.Option("train", "--dataset", "-d", help="The dataset of llm_dataset to train on."),
     commit_every: int = typer.Option(100, "--commit-every", min=1, help="Steps per transaction."),
     threads: int = typer.Option(None, "--threads", min=0, help="pg_llm.threads for this run.",
                                 show_default="the server's setting"),
@@ -111,9 +112,9 @@ def train(
                     pg.execute(
                         "SELECT {llm_train}(%s, %s, beta1 => %s, beta2 => %s, eps => %s, wd => %s, lr_max => %s, "
                         "warmup => %s, batch_size => %s, grad_accum => %s, grad_clip => %s, lr_min => %s, "
-                        "total_steps => %s, dropout => %s, seed => %s)",
+                        "total_steps => %s, dropout => %s, seed => %s, dataset => %s)",
                         (model, n, beta1, beta2, eps, wd, lr_max, warmup, batch_size, grad_accum, grad_clip,
-                         lr_min, total, dropout, seed))
+                         lr_min, total, dropout, seed, dataset))
                     conn.commit()
                     committed += n
                     progress.update(task, completed=committed)

@@ -1,0 +1,217 @@
+"""Named datasets, datasets built in the server from a query (llm_dataset_build), evaluation
+(llm_eval, llm_perplexity, llm_embed, val_loss), the llm_models view."""
+
+from __future__ import annotations
+
+import numpy as np
+import psycopg
+import pytest
+
+from pgllm.bundled import gpt2_hf_tokenizer
+
+from .test_dataset import dataset_rows, expected_rows
+from .test_training import fill_dataset, make_hf_model
+from .weights import store_hf_model, write_gpt2_tokenizer
+
+DOCS = [
+    "The quick brown fox jumps over the lazy dog.\nSecond line, with numbers 12345.\n",
+    "Ünïcödé text: naïve café, 東京, emoji 🙂 and  double  spaces.\n" * 3,
+    "",  # an empty document: skipped, as pgllm dataset skips an empty file
+    "PostgreSQL stores the model; the database trains it. " * 7,
+    None,  # a NULL row: no document
+    "Short.",
+    "A document with <|endoftext|> inside it, and more text after.",
+]
+
+
+@pytest.fixture(scope="module")
+def reference():
+    return gpt2_hf_tokenizer()
+
+
+def register(conn, model="m", *, n_positions=64, vocab=50257) -> None:
+    """A model's row (no weights needed to build datasets) and the GPT-2 tokenizer."""
+    conn.execute("INSERT INTO llm_model_config (model, n_layer, n_head, d_model, n_positions, vocab) "
+                 "VALUES (%s, 1, 1, 8, %s, %s)", (model, n_positions, vocab))
+    write_gpt2_tokenizer(conn, model)
+
+
+def docs_table(conn, docs=DOCS) -> None:
+    conn.execute("CREATE TABLE docs (id int PRIMARY KEY, body text, n int)")
+    for i, d in enumerate(docs):
+        conn.execute("INSERT INTO docs VALUES (%s, %s, %s)", (i, d, i))
+
+
+def rows_of(conn, dataset: str) -> np.ndarray:
+    rows = conn.execute("SELECT tokens, target FROM llm_dataset WHERE dataset = %s ORDER BY id",
+                        (dataset,)).fetchall()
+    for tokens, target in rows:
+        assert tokens[1:] == target[:-1]
+    return np.array([tokens + [target[-1]] for tokens, target in rows])
+
+
+# ---- named datasets ---------------------------------------------------------------------------
+
+def test_seed_inserts_land_in_train_and_one_length_per_dataset(conn):
+    conn.execute("INSERT INTO llm_dataset (tokens, target) VALUES ('{1,2,3}', '{2,3,4}')")
+    assert conn.execute("SELECT dataset FROM llm_dataset").fetchone()[0] == "train"
+    # another length in the same dataset: refused, by INSERT, by COPY and by UPDATE
+    with pytest.raises(psycopg.errors.CheckViolation, match='every row of dataset "train" must have the same '
+                       'length') as e:
+        conn.execute("INSERT INTO llm_dataset (tokens, target) VALUES ('{1,2}', '{2,3}')")
+    assert "has rows of 3 tokens; these rows have 2" in e.value.diag.message_detail
+    with pytest.raises(psycopg.errors.CheckViolation):
+        with conn.cursor() as cur, cur.copy("COPY llm_dataset (tokens, target) FROM STDIN") as copy:
+            copy.write_row(([5, 6, 7], [6, 7, 8]))
+            copy.write_row(([5, 6, 7, 8], [6, 7, 8, 9]))
+    with pytest.raises(psycopg.errors.CheckViolation):
+        conn.execute("INSERT INTO llm_dataset (dataset, tokens, target) VALUES ('v', '{1,2}', '{2,3}'), "
+                     "('v', '{1,2,3}', '{2,3,4}')")
+    conn.execute("INSERT INTO llm_dataset (tokens, target) VALUES ('{4,5,6}', '{5,6,7}')")
+    with pytest.raises(psycopg.errors.CheckViolation):
+        conn.execute("UPDATE llm_dataset SET tokens = '{1,2}', target = '{2,3}' WHERE tokens = '{4,5,6}'")
+    # another dataset has its own length
+    conn.execute("INSERT INTO llm_dataset (dataset, tokens, target) VALUES ('val', '{1,2}', '{2,3}')")
+    assert conn.execute("SELECT dataset, count(*) FROM llm_dataset GROUP BY 1 ORDER BY 1").fetchall() == \
+        [("train", 2), ("val", 1)]
+
+
+def test_llm_train_reads_one_dataset(conn):
+    hf = make_hf_model(1, 1, 2, 16, 16, 64)
+    store_hf_model(conn, "t", hf)
+    rng = np.random.default_rng(0)
+    fill_dataset(conn, rng.integers(0, 64, size=(4, 9)))  # the seed's way: dataset 'train'
+    conn.execute("INSERT INTO llm_dataset (dataset, tokens, target) VALUES ('other', '{1,2,3}', '{2,3,4}')")
+    # the seed's call (no dataset) trains on 'train', whose rows (8 tokens) differ from 'other' (3)
+    loss = conn.execute("SELECT llm_train('t', 1, 0.9, 0.999, 1e-8, 0.01, 1e-3, 1, batch_size => 4)").fetchone()[0]
+    assert np.isfinite(loss)
+    conn.execute("SELECT llm_train('t', 1, warmup => 1, batch_size => 1, dataset => 'other')")
+    with pytest.raises(psycopg.errors.NoDataFound, match='dataset "nope" of llm_dataset is empty'):
+        conn.execute("SELECT llm_train('t', 1, warmup => 1, dataset => 'nope')")
+    with pytest.raises(psycopg.errors.InvalidParameterValue, match="dataset must not be NULL"):
+        conn.execute("SELECT llm_train('t', 1, warmup => 1, dataset => NULL)")
+
+
+def test_truncate_clears_only_the_named_dataset(cli, conn, db, tmp_path):
+    register(conn)
+    (tmp_path / "a.txt").write_text("Some text to tokenize, long enough for a few rows of eight. " * 4)
+    for name in ("train", "val"):
+        r = cli("--dsn", db, "dataset", "--tokenizer", "db", "--model", "m", "--input", str(tmp_path / "a.txt"),
+                "--block-size", "8", "--dataset", name)
+        assert r.exit_code == 0, r.output
+    n_val = conn.execute("SELECT count(*) FROM llm_dataset WHERE dataset = 'val'").fetchone()[0]
+    r = cli("--dsn", db, "dataset", "--tokenizer", "db", "--model", "m", "--input", str(tmp_path / "a.txt"),
+            "--block-size", "4", "--truncate")
+    assert r.exit_code == 0, r.output
+    assert conn.execute("SELECT dataset, min(cardinality(tokens)), count(*) FROM llm_dataset GROUP BY 1 "
+                        "ORDER BY 1").fetchall() == [("train", 4, conn.execute(
+                            "SELECT count(*) FROM llm_dataset WHERE dataset = 'train'").fetchone()[0]),
+                            ("val", 8, n_val)]
+
+
+# ---- llm_dataset_build ------------------------------------------------------------------------
+
+def test_dataset_build_gives_the_rows_of_the_client_path(cli, conn, db, tmp_path, reference):
+    register(conn)
+    docs_table(conn)
+    for i, d in enumerate(DOCS):  # the same documents as files, in the same order
+        if d is not None:
+            (tmp_path / f"{i:02d}.txt").write_text(d, encoding="utf-8")
+    r = cli("--dsn", db, "dataset", "--model", "m", "--input", str(tmp_path / "*.txt"), "--block-size", "8",
+            "--dataset", "client")
+    assert r.exit_code == 0, r.output
+    n = conn.execute("SELECT llm_dataset_build('SELECT body FROM docs ORDER BY id', 'server', 'm', 8)").fetchone()[0]
+    expected = expected_rows(reference, [d for d in DOCS if d], 8)
+    assert n == len(expected) > 10
+    assert np.array_equal(rows_of(conn, "server"), expected)
+    assert np.array_equal(rows_of(conn, "client"), expected)
+
+    # replace empties the dataset first; without it the rows are appended
+    conn.execute("SELECT llm_dataset_build('SELECT body FROM docs ORDER BY id', 'server', 'm', 8)")
+    assert len(rows_of(conn, "server")) == 2 * n
+    conn.execute("SELECT llm_dataset_build('SELECT body FROM docs ORDER BY id', 'server', 'm', 8, true)")
+    assert np.array_equal(rows_of(conn, "server"), expected)
+    # varchar works; too few tokens writes nothing and says 0
+    assert conn.execute("SELECT llm_dataset_build($$SELECT 'Hi'::varchar$$, 'tiny', 'm', 8)").fetchone()[0] == 0
+
+
+def test_dataset_build_refuses_bad_input_and_writes_nothing(conn, db):
+    register(conn)
+    docs_table(conn)
+    build = "SELECT llm_dataset_build(%s, 'x', 'm', 8)"
+    with pytest.raises(psycopg.errors.DatatypeMismatch, match="first column .* is of type integer, not text"):
+        conn.execute(build, ("SELECT n, body FROM docs",))
+    with pytest.raises(psycopg.errors.DatatypeMismatch, match="returns no columns"):
+        conn.execute(build, ("SELECT FROM docs",))
+    with pytest.raises(psycopg.errors.WrongObjectType, match="must be one SELECT"):
+        conn.execute(build, ("INSERT INTO docs VALUES (100, 'x', 0) RETURNING body",))
+    with pytest.raises(psycopg.errors.WrongObjectType, match="must be one SELECT"):
+        conn.execute(build, ("WITH d AS (DELETE FROM docs RETURNING body) SELECT body FROM d",))
+    assert conn.execute("SELECT count(*) FROM docs").fetchone()[0] == len(DOCS)
+    with pytest.raises(psycopg.errors.InvalidParameterValue, match="block_size must be between 1 and"):
+        conn.execute("SELECT llm_dataset_build('SELECT body FROM docs', 'x', 'm', 65)")
+    with pytest.raises(psycopg.errors.UndefinedObject):
+        conn.execute("SELECT llm_dataset_build('SELECT body FROM docs', 'x', 'nope', 8)")
+    # a tokenizer larger than the model's vocabulary
+    register(conn, "small", vocab=300)
+    with pytest.raises(psycopg.errors.DataException, match="outside model \"small\"'s vocabulary"):
+        conn.execute("SELECT llm_dataset_build('SELECT body FROM docs', 'x', 'small', 8)")
+
+    # the query runs with the caller's rights: a table the caller may not read is refused
+    conn.execute("CREATE ROLE data_reader_test")
+    try:
+        conn.execute("GRANT SELECT, INSERT, DELETE ON llm_dataset TO data_reader_test")
+        conn.execute("GRANT USAGE ON SEQUENCE llm_dataset_id_seq TO data_reader_test")
+        conn.execute("GRANT SELECT ON llm_model_config, llm_bpe_vocab, llm_bpe_merges, llm_tokenizer_version "
+                     "TO data_reader_test")
+        conn.execute("CREATE TABLE public_docs AS SELECT body FROM docs")
+        conn.execute("GRANT SELECT ON public_docs TO data_reader_test")
+        conn.execute("SET ROLE data_reader_test")
+        with pytest.raises(psycopg.errors.InsufficientPrivilege, match="permission denied for table docs"):
+            conn.execute("SELECT llm_dataset_build('SELECT body FROM docs', 'x', 'm', 8)")
+        assert conn.execute("SELECT llm_dataset_build('SELECT body FROM public_docs', 'x', 'm', 8)").fetchone()[0] > 0
+        conn.execute("RESET ROLE")
+    finally:
+        conn.execute("RESET ROLE")
+        conn.execute("DROP OWNED BY data_reader_test")
+        conn.execute("DROP ROLE data_reader_test")
+    assert conn.execute("SELECT count(*) FROM llm_dataset WHERE dataset <> 'x'").fetchone()[0] == 0
+
+
+def test_dataset_build_can_be_cancelled(conn):
+    register(conn)
+    conn.execute("SET statement_timeout = '300ms'")
+    # an endless stream of documents: only the cancel can end it
+    with pytest.raises(psycopg.errors.QueryCanceled):
+        conn.execute("SELECT llm_dataset_build('SELECT md5(pg_catalog.generate_series(1, 2000000000)::text)', "
+                     "'x', 'm', 8)")
+    conn.execute("RESET statement_timeout")
+    assert conn.execute("SELECT count(*) FROM llm_dataset").fetchone()[0] == 0
+
+
+def test_pgllm_dataset_query_with_a_validation_split(cli, conn, db, reference):
+    register(conn)
+    words = "alpha beta gamma delta epsilon zeta eta theta iota kappa".split()
+    docs = [" ".join(words[(i * 7 + k) % 10] for k in range(5 + i % 4)) + f" number {i}." for i in range(60)]
+    docs_table(conn, docs)
+    args = ("--dsn", db, "dataset", "--model", "m", "--query", "SELECT body FROM docs ORDER BY id",
+            "--block-size", "4", "--val-fraction", "0.25", "--truncate")
+    r = cli(*args)
+    assert r.exit_code == 0, r.output
+    assert 'rows into dataset "train"' in r.output and 'rows into dataset "val"' in r.output
+    train, val = rows_of(conn, "train"), rows_of(conn, "val")
+    # a split by document: each side is the stream of its own documents, in the query's order
+    share = {d: v for d, v in conn.execute(
+        "SELECT body, (hashtextextended(body, 0) & 2147483647) / 2147483648.0 FROM docs")}
+    val_docs = [d for d in docs if share[d] < 0.25]
+    assert 5 < len(val_docs) < 25
+    assert np.array_equal(val, expected_rows(reference, val_docs, 4))
+    assert np.array_equal(train, expected_rows(reference, [d for d in docs if share[d] >= 0.25], 4))
+    # the same split again (deterministic), replacing both datasets
+    assert cli(*args).exit_code == 0
+    assert np.array_equal(rows_of(conn, "val"), val) and np.array_equal(rows_of(conn, "train"), train)
+
+    r = cli("--dsn", db, "dataset", "--model", "m", "--query", "SELECT n FROM docs", "--block-size", "4")
+    assert r.exit_code == 1 and "Error: " in r.output and "not text" in r.output
+    r = cli("--dsn", db, "dataset", "--model", "m", "--input", "x.txt", "--query", "SELECT 1")
+    assert r.exit_code == 1 and "either --input files or --query" in r.output
