@@ -215,3 +215,152 @@ def test_pgllm_dataset_query_with_a_validation_split(cli, conn, db, reference):
     assert r.exit_code == 1 and "Error: " in r.output and "not text" in r.output
     r = cli("--dsn", db, "dataset", "--model", "m", "--input", "x.txt", "--query", "SELECT 1")
     assert r.exit_code == 1 and "either --input files or --query" in r.output
+
+
+# ---- evaluation against transformers (float32) --------------------------------------------------
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+from .test_training import train_sql  # noqa: E402
+
+# (n_layer, n_head, n_embd, n_positions, vocab), block size T, rows N, batch_size
+EVAL_SHAPES = [((1, 2, 16, 16, 64), 8, 5, 2), ((2, 4, 32, 32, 97), 32, 3, 8), ((3, 3, 48, 24, 300), 17, 4, 3)]
+
+
+def hf_loss(hf, rows: np.ndarray) -> float:
+    """GPT2LMHeadModel's mean cross-entropy over every target token of rows (N, T+1)."""
+    with torch.no_grad():
+        x = torch.tensor(rows[:, :-1], dtype=torch.long)
+        y = torch.tensor(rows[:, 1:], dtype=torch.long)
+        logits = hf(x).logits
+        return F.cross_entropy(logits.reshape(-1, logits.size(-1)), y.reshape(-1)).item()
+
+
+@pytest.mark.parametrize("shape,T,N,batch", EVAL_SHAPES)
+def test_llm_eval_equals_the_transformers_loss(conn, shape, T, N, batch):
+    hf = make_hf_model(3, *shape)
+    store_hf_model(conn, "e", hf)
+    rows = np.random.default_rng(5).integers(0, shape[4], size=(N, T + 1))
+    with conn.cursor() as cur, cur.copy("COPY llm_dataset (dataset, tokens, target) FROM STDIN") as copy:
+        for r in rows:
+            copy.write_row(("val", [int(x) for x in r[:-1]], [int(x) for x in r[1:]]))
+    loss, ppl, n, tokens = conn.execute("SELECT * FROM llm_eval('e', batch_size => %s)", (batch,)).fetchone()
+    ref = hf_loss(hf, rows)
+    assert (n, tokens) == (N, N * T)
+    assert abs(loss - ref) <= 1e-5 * ref  # tolerance: 1e-5 relative
+    assert abs(ppl - np.exp(ref)) <= 1e-4 * np.exp(ref)
+    loss2, _, n2, _ = conn.execute("SELECT * FROM llm_eval('e', 'val', 2, 1)").fetchone()
+    assert n2 == 2 and abs(loss2 - hf_loss(hf, rows[:2])) <= 1e-5 * loss2
+
+
+def test_llm_eval_refuses_bad_input(conn):
+    store_hf_model(conn, "e", make_hf_model(3, 1, 2, 16, 16, 64))
+    with pytest.raises(psycopg.errors.NoDataFound, match='dataset "val" of llm_dataset is empty'):
+        conn.execute("SELECT * FROM llm_eval('e')")
+    conn.execute("INSERT INTO llm_dataset (dataset, tokens, target) VALUES ('val', '{1,2}', '{2,99}')")
+    with pytest.raises(psycopg.errors.DataException, match="outside the model's vocabulary"):
+        conn.execute("SELECT * FROM llm_eval('e')")
+    for args, message in [("max_rows => 0", "max_rows must be positive"), ("batch_size => 0", "batch_size must be"),
+                          ("dataset => NULL", "dataset must not be NULL")]:
+        with pytest.raises(psycopg.errors.InvalidParameterValue, match=message):
+            conn.execute(f"SELECT * FROM llm_eval('e', {args})")
+    with pytest.raises(psycopg.errors.UndefinedObject):
+        conn.execute("SELECT * FROM llm_eval('nope')")
+
+
+def hf_perplexity(hf, ids: list[int], stride: int) -> float:
+    """The sliding-window recipe of Hugging Face's perplexity guide, as written there."""
+    encodings = torch.tensor([ids])
+    max_length = hf.config.n_positions
+    seq_len = encodings.size(1)
+    nll_sum, n_tokens, prev_end_loc = 0.0, 0, 0
+    for begin_loc in range(0, seq_len, stride):
+        end_loc = min(begin_loc + max_length, seq_len)
+        trg_len = end_loc - prev_end_loc
+        input_ids = encodings[:, begin_loc:end_loc]
+        target_ids = input_ids.clone()
+        target_ids[:, :-trg_len] = -100
+        with torch.no_grad():
+            outputs = hf(input_ids, labels=target_ids)
+            neg_log_likelihood = outputs.loss
+        num_valid_tokens = (target_ids != -100).sum().item()
+        batch_size = target_ids.size(0)
+        num_loss_tokens = num_valid_tokens - batch_size
+        nll_sum += neg_log_likelihood * num_loss_tokens
+        n_tokens += num_loss_tokens
+        prev_end_loc = end_loc
+        if end_loc == seq_len:
+            break
+    return torch.exp(nll_sum / n_tokens).item()
+
+
+TEXT = ("PostgreSQL is a powerful, open source object-relational database system with over 35 years of "
+        "active development that has earned it a strong reputation for reliability, feature robustness, "
+        "and performance.")
+
+
+@pytest.mark.parametrize("shape", [(1, 2, 16, 16, 50257), (2, 4, 32, 14, 50257)])
+def test_llm_perplexity_equals_the_sliding_window_recipe(conn, shape):
+    hf = make_hf_model(4, *shape)
+    store_hf_model(conn, "p", hf)
+    write_gpt2_tokenizer(conn, "p")
+    ids = conn.execute("SELECT llm_encode(%s, 'p')", (TEXT,)).fetchone()[0]
+    P = shape[3]
+    assert 2 * P <= len(ids) <= 3 * P  # two to three windows long
+    for stride in (None, 1, 5, P // 2 + 1, P):
+        got = conn.execute("SELECT llm_perplexity(%s, 'p', %s)", (TEXT, stride)).fetchone()[0]
+        ref = hf_perplexity(hf, ids, stride or P // 2)
+        assert abs(got - ref) <= 1e-4 * ref, (stride, got, ref)  # tolerance: 1e-4 relative
+    # a short text is one window; one token has no perplexity; bad strides are refused
+    short = conn.execute("SELECT llm_perplexity('Hello there, world', 'p')").fetchone()[0]
+    assert abs(short - hf_perplexity(hf, conn.execute("SELECT llm_encode('Hello there, world', 'p')").fetchone()[0],
+                                     P // 2)) <= 1e-4 * short
+    assert conn.execute("SELECT llm_perplexity('Hello', 'p')").fetchone()[0] is None
+    with pytest.raises(psycopg.errors.InvalidParameterValue, match="stride must be between 1 and"):
+        conn.execute("SELECT llm_perplexity('Hello there', 'p', %s)", (P + 1,))
+    # usable per row, e.g. to find odd rows
+    odd = conn.execute("SELECT t FROM (VALUES ('the the the the the the'), (%s)) v(t) "
+                       "ORDER BY llm_perplexity(t, 'p') DESC LIMIT 1", (TEXT,)).fetchone()
+    assert odd is not None
+
+
+@pytest.mark.parametrize("shape", [(1, 2, 16, 16, 50257), (3, 3, 48, 32, 50257)])
+def test_llm_embed_equals_the_mean_hidden_state(conn, shape):
+    hf = make_hf_model(6, *shape)
+    store_hf_model(conn, "b", hf)
+    write_gpt2_tokenizer(conn, "b")
+    for text in ("Hello", "PostgreSQL stores the model; the database trains it."):
+        ids = conn.execute("SELECT llm_encode(%s, 'b')", (text,)).fetchone()[0]
+        got = np.array(conn.execute("SELECT llm_embed(%s, 'b')", (text,)).fetchone()[0], dtype=np.float32)
+        with torch.no_grad():
+            ref = hf.transformer(torch.tensor([ids])).last_hidden_state.mean(1)[0].numpy()
+        assert got.shape == (shape[2],)
+        assert np.max(np.abs(got - ref)) <= 1e-5 * max(1.0, np.max(np.abs(ref)))  # tolerance: 1e-5
+    assert conn.execute("SELECT llm_embed('', 'b')").fetchone()[0] is None
+    with pytest.raises(psycopg.errors.ProgramLimitExceeded, match="more than model \"b\"'s n_positions"):
+        conn.execute("SELECT llm_embed(%s, 'b')", ("word " * 40,))
+
+
+def test_validation_loss_is_logged_where_asked(conn):
+    hf = make_hf_model(2, 2, 2, 16, 16, 64)
+    store_hf_model(conn, "v", hf)
+    rng = np.random.default_rng(1)
+    fill_dataset(conn, rng.integers(0, 64, size=(6, 9)))
+    val = rng.integers(0, 64, size=(3, 13))
+    with conn.cursor() as cur, cur.copy("COPY llm_dataset (dataset, tokens, target) FROM STDIN") as copy:
+        for r in val:
+            copy.write_row(("val", [int(x) for x in r[:-1]], [int(x) for x in r[1:]]))
+    before = conn.execute("SELECT loss FROM llm_eval('v')").fetchone()[0]
+    assert abs(before - hf_loss(hf, val)) <= 1e-5 * before
+    train_sql(conn, "v", 5, lr_max=1e-2, warmup=1, batch_size=2, eval_dataset="val", eval_every=2)
+    logged = conn.execute("SELECT step, val_loss FROM llm_train_log WHERE model = 'v' ORDER BY step").fetchall()
+    assert [s for s, v in logged if v is not None] == [2, 4, 5]
+    after = conn.execute("SELECT loss FROM llm_eval('v')").fetchone()[0]
+    assert abs(logged[-1][1] - after) <= 1e-5 * after and after != before
+    # eval_rows: the first rows only
+    train_sql(conn, "v", 1, lr_max=1e-2, warmup=1, batch_size=2, eval_dataset="val", eval_rows=1)
+    v6 = conn.execute("SELECT val_loss FROM llm_train_log WHERE model = 'v' AND step = 6").fetchone()[0]
+    assert abs(v6 - conn.execute("SELECT loss FROM llm_eval('v', max_rows => 1)").fetchone()[0]) <= 1e-5 * v6
+    with pytest.raises(psycopg.errors.InvalidParameterValue, match="need eval_dataset"):
+        conn.execute("SELECT llm_train('v', 1, warmup => 1, eval_every => 2)")

@@ -110,7 +110,10 @@ CREATE TRIGGER llm_dataset_length_update AFTER UPDATE ON llm_dataset
     REFERENCING NEW TABLE AS new_rows FOR EACH STATEMENT EXECUTE FUNCTION llm_dataset_check_length();
 
 -- llm_train trains on one dataset; the new parameters come last, so that every call of 0.1.0
--- (positional or named) still means the same.
+-- (positional or named) still means the same. With eval_dataset, the mean loss over its rows (the
+-- first eval_rows; all when NULL) goes into llm_train_log.val_loss every eval_every steps (0: only
+-- after the call's last step) and after the last step.
+ALTER TABLE llm_train_log ADD COLUMN val_loss real;
 DROP FUNCTION llm_train(text, int, double precision, double precision, double precision, double precision,
                         double precision, int, int, int, int, int, int, int, double precision,
                         double precision, int, double precision, bigint, int);
@@ -135,7 +138,10 @@ CREATE FUNCTION llm_train(
     dropout double precision DEFAULT 0,
     seed bigint DEFAULT 1337,
     d int DEFAULT NULL,
-    dataset text DEFAULT 'train')
+    dataset text DEFAULT 'train',
+    eval_dataset text DEFAULT NULL,
+    eval_every int DEFAULT 0,
+    eval_rows int DEFAULT NULL)
 RETURNS real
 AS 'MODULE_PATHNAME', 'llm_train' LANGUAGE C VOLATILE PARALLEL UNSAFE;
 COMMENT ON FUNCTION llm_train IS 'train a model on a dataset of llm_dataset with AdamW; resumable';
@@ -147,3 +153,21 @@ CREATE FUNCTION llm_dataset_build(query text, dataset text DEFAULT 'train', mode
                                   block_size int DEFAULT 1024, replace boolean DEFAULT false)
 RETURNS bigint
 AS 'MODULE_PATHNAME', 'llm_dataset_build' LANGUAGE C VOLATILE PARALLEL UNSAFE;
+
+-- Measuring a model (they write nothing: they run on a hot standby). llm_eval: the mean
+-- cross-entropy over every target token of a dataset's rows (the first max_rows in id order; all
+-- when NULL), and its exp. llm_perplexity: Hugging Face's sliding-window perplexity of one text
+-- (windows of n_positions tokens every stride tokens; stride NULL = half the window; NULL for a
+-- text under two tokens). llm_embed: the mean of the final hidden states (after ln_f) over the
+-- text's tokens, for pgvector users as llm_embed(t)::vector.
+CREATE FUNCTION llm_eval(model text, dataset text DEFAULT 'val', max_rows int DEFAULT NULL,
+                         batch_size int DEFAULT 8,
+                         OUT loss double precision, OUT perplexity double precision, OUT rows bigint,
+                         OUT tokens bigint)
+RETURNS record
+AS 'MODULE_PATHNAME', 'llm_eval' LANGUAGE C VOLATILE PARALLEL UNSAFE;
+CREATE FUNCTION llm_perplexity(input text, model text DEFAULT 'gpt2-small', stride int DEFAULT NULL)
+RETURNS double precision
+AS 'MODULE_PATHNAME', 'llm_perplexity' LANGUAGE C VOLATILE PARALLEL UNSAFE;
+CREATE FUNCTION llm_embed(input text, model text DEFAULT 'gpt2-small') RETURNS real[]
+AS 'MODULE_PATHNAME', 'llm_embed' LANGUAGE C VOLATILE PARALLEL UNSAFE;

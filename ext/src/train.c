@@ -18,6 +18,7 @@
 #include "pg_llm.h"
 #include "blas.h"
 #include "dataset.h"
+#include "eval.h"
 #include "model.h"
 
 #include <math.h>
@@ -54,6 +55,9 @@ typedef struct TrainArgs
 	int			total_steps;	/* schedule length; 0 = not given */
 	int64		seed;
 	char	   *dataset;		/* the llm_dataset rows to train on */
+	char	   *eval_dataset;	/* validation rows, or NULL */
+	int			eval_every;		/* steps between validation losses; 0 = after the last step only */
+	int			eval_rows;		/* validation rows used; 0 = all */
 } TrainArgs;
 
 /* Activations of one micro-batch (llm.c's ActivationTensors), plus per-layer scratch. */
@@ -169,7 +173,7 @@ enum
 {
 	A_MODEL, A_STEPS, A_BETA1, A_BETA2, A_EPS, A_WD, A_LR_MAX, A_WARMUP,
 	A_N_LAYER, A_N_HEAD, A_D, A_VOCAB, A_BATCH_SIZE, A_GRAD_ACCUM, A_GRAD_CLIP, A_LR_MIN,
-	A_TOTAL_STEPS, A_DROPOUT, A_SEED, A_D_LOWER, A_DATASET
+	A_TOTAL_STEPS, A_DROPOUT, A_SEED, A_D_LOWER, A_DATASET, A_EVAL_DATASET, A_EVAL_EVERY, A_EVAL_ROWS
 };
 
 static double
@@ -191,6 +195,25 @@ int_arg(FunctionCallInfo fcinfo, int i, const char *name)
 	if (PG_ARGISNULL(i))
 		bad_argument(psprintf("%s must not be NULL", name), NULL);
 	return PG_GETARG_INT32(i);
+}
+
+/* eval_dataset, eval_every, eval_rows (the upgrade script's; absent under 0.1.0's declaration). */
+static void
+parse_eval_args(FunctionCallInfo fcinfo, TrainArgs *a)
+{
+	if (PG_NARGS() <= A_EVAL_ROWS)
+		return;
+	a->eval_dataset = PG_ARGISNULL(A_EVAL_DATASET) ? NULL : text_to_cstring(PG_GETARG_TEXT_PP(A_EVAL_DATASET));
+	a->eval_every = PG_ARGISNULL(A_EVAL_EVERY) ? 0 : PG_GETARG_INT32(A_EVAL_EVERY);
+	a->eval_rows = PG_ARGISNULL(A_EVAL_ROWS) ? 0 : PG_GETARG_INT32(A_EVAL_ROWS);
+	if (a->eval_every < 0)
+		bad_argument(psprintf("eval_every must not be negative, got %d", a->eval_every),
+					 "0 evaluates after the last step only.");
+	if (!PG_ARGISNULL(A_EVAL_ROWS) && a->eval_rows < 1)
+		bad_argument(psprintf("eval_rows must be positive, got %d", a->eval_rows),
+					 "Leave it NULL to evaluate every row.");
+	if (a->eval_dataset == NULL && (a->eval_every > 0 || a->eval_rows > 0))
+		bad_argument("eval_every and eval_rows need eval_dataset", "Pass eval_dataset => 'val'.");
 }
 
 static void
@@ -218,6 +241,7 @@ parse_args(FunctionCallInfo fcinfo, TrainArgs *a)
 	if (PG_NARGS() > A_DATASET && PG_ARGISNULL(A_DATASET))
 		bad_argument("dataset must not be NULL", "The seed's rows are in dataset 'train'.");
 	a->dataset = PG_NARGS() > A_DATASET ? text_to_cstring(PG_GETARG_TEXT_PP(A_DATASET)) : "train";
+	parse_eval_args(fcinfo, a);
 
 	if (a->steps <= 0)
 		bad_argument(psprintf("steps must be positive, got %d", a->steps), NULL);
@@ -719,6 +743,8 @@ typedef struct TrainRun
 	LlmConfig	cfg;
 	Datum		model_datum;	/* args.model as text */
 	LlmDataset	ds;
+	LlmDataset	eval_ds;		/* when args.eval_dataset */
+	SPIPlanPtr	val_log;		/* UPDATE llm_train_log SET val_loss */
 	LlmModel   *model;			/* the backend's cached weights, trained in place */
 	Trainer    *tr;
 	int64		step0;			/* the model's step counter when the call began */
@@ -731,6 +757,8 @@ typedef struct TrainRun
 				t_loaded,
 				t_trained;
 } TrainRun;
+
+static void eval_setup(TrainRun *run);
 
 /*
  * Arguments, architecture, the model's training state (locked: one trainer per model at a time),
@@ -779,6 +807,8 @@ train_setup(TrainRun *run, FunctionCallInfo fcinfo)
 	if ((int64) a->batch_size * run->ds.T > PG_INT32_MAX / 4)
 		bad_argument(psprintf("batch_size %d times the block size %d is too large", a->batch_size, run->ds.T),
 					 "Use grad_accum for a larger effective batch.");
+	if (a->eval_dataset != NULL)
+		eval_setup(run);
 	run->rows_per_step = (int64) a->batch_size * a->grad_accum;
 	run->tokens_per_step = (double) run->rows_per_step * run->ds.T;
 	run->model = llm_model_get_private(a->model);
@@ -868,6 +898,43 @@ check_finite(const TrainRun *run, int64 step, double loss, double norm)
 				 errhint("Lower lr_max, or check the weights and the data.")));
 }
 
+/* ---- validation loss --------------------------------------------------------------------- */
+
+static void
+eval_setup(TrainRun *run)
+{
+	llm_dataset_open(&run->eval_ds, &run->cfg, run->args.eval_dataset, run->args.eval_rows);
+	run->val_log = llm_spi_prepare("preparing the llm_train_log update",
+								   psprintf("UPDATE %s SET val_loss = $3 WHERE model = $1 AND step = $2",
+											llm_table("llm_train_log")),
+								   3, (Oid[]) {TEXTOID, INT4OID, FLOAT4OID});
+}
+
+/* The validation loss with the weights of this step, into its log row and a progress report. */
+static void
+eval_step(TrainRun *run, int64 step)
+{
+	int64		tokens;
+	double		val = llm_eval_dataset(run->model, &run->eval_ds, run->args.batch_size, &tokens);
+	StringInfoData detail;
+
+	llm_spi_run_plan("writing llm_train_log", run->val_log,
+					 (Datum[]) {run->model_datum, Int32GetDatum((int32) step), Float4GetDatum((float) val)},
+					 false, 0, SPI_OK_UPDATE);
+	initStringInfo(&detail);
+	appendStringInfoString(&detail, "{\"event\": \"llm_train.eval\", \"model\": ");
+	escape_json(&detail, run->args.model);
+	appendStringInfo(&detail, ", \"step\": %lld, \"dataset\": ", (long long) step);
+	escape_json(&detail, run->args.eval_dataset);
+	json_number(&detail, "val_loss", val);
+	appendStringInfo(&detail, ", \"tokens\": %lld}", (long long) tokens);
+	ereport(DEBUG1,
+			(errmsg_internal("llm_train step=%lld val_loss=%.6f", (long long) step, val),
+			 errdetail_internal("%s", detail.data),
+			 errhidestmt(true)));
+	pfree(detail.data);
+}
+
 /*
  * The steps: per step, grad_accum micro-batches forward and backward, the gradient norm and
  * clipping, the learning rate, AdamW, a row of llm_train_log and a progress report.
@@ -890,7 +957,7 @@ train_steps(TrainRun *run)
 							   psprintf("INSERT INTO %s (model, step, lr, loss, grad_norm, tokens_per_s) "
 										"VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (model, step) DO UPDATE "
 										"SET lr = excluded.lr, loss = excluded.loss, grad_norm = excluded.grad_norm, "
-										"tokens_per_s = excluded.tokens_per_s, created_at = now()",
+										"tokens_per_s = excluded.tokens_per_s, val_loss = NULL, created_at = now()",
 										llm_table("llm_train_log")), 6, log_types);
 
 	for (int s = 0; s < a->steps; s++)
@@ -931,6 +998,8 @@ train_steps(TrainRun *run)
 		values[5] = Float4GetDatum((float) tokens_per_s);
 		llm_spi_run_plan("writing llm_train_log", log_plan, values, false, 0, SPI_OK_INSERT);
 		report_step(run, s + 1, it + 1, loss, lr, norm, tokens_per_s);
+		if (a->eval_dataset != NULL && ((a->eval_every > 0 && (it + 1) % a->eval_every == 0) || s + 1 == a->steps))
+			eval_step(run, it + 1);
 		run->last_loss = (float) loss;
 		MemoryContextSwitchTo(old);
 		MemoryContextReset(step_ctx);
