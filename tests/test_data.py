@@ -364,3 +364,52 @@ def test_validation_loss_is_logged_where_asked(conn):
     assert abs(v6 - conn.execute("SELECT loss FROM llm_eval('v', max_rows => 1)").fetchone()[0]) <= 1e-5 * v6
     with pytest.raises(psycopg.errors.InvalidParameterValue, match="need eval_dataset"):
         conn.execute("SELECT llm_train('v', 1, warmup => 1, eval_every => 2)")
+
+
+# ---- the CLI and the llm_models view ------------------------------------------------------------
+
+def test_pgllm_train_eval_log_and_models(cli, conn, db, tmp_path):
+    hf = make_hf_model(2, 2, 2, 16, 16, 50257)
+    store_hf_model(conn, "c", hf)
+    write_gpt2_tokenizer(conn, "c")
+    conn.execute("CREATE TABLE docs (body text)")
+    conn.execute("INSERT INTO docs SELECT 'Document ' || i || ' says: ' || repeat('postgres trains models. ', i % 5 + 1) "
+                 "FROM generate_series(1, 40) i")
+    r = cli("--dsn", db, "dataset", "--model", "c", "--query", "SELECT body FROM docs", "--block-size", "16",
+            "--val-fraction", "0.2")
+    assert r.exit_code == 0, r.output
+    r = cli("--dsn", db, "train", "--model", "c", "--steps", "6", "--batch-size", "2", "--lr-max", "3e-3",
+            "--eval-dataset", "val", "--eval-every", "2", "--commit-every", "3")
+    assert r.exit_code == 0, r.output
+    assert "val loss " in r.output
+    logged = conn.execute("SELECT step FROM llm_train_log WHERE model = 'c' AND val_loss IS NOT NULL "
+                          "ORDER BY step").fetchall()
+    assert [s for (s,) in logged] == [2, 3, 4, 6]  # every 2 steps and at each commit
+    r = cli("--dsn", db, "train", "--model", "c", "--steps", "1", "--eval-every", "2")
+    assert r.exit_code == 1 and "need --eval-dataset" in r.output
+
+    png = tmp_path / "curves.png"
+    r = cli("--dsn", db, "log", "--model", "c", "--png", str(png), "--width", "20", "--height", "4")
+    assert r.exit_code == 0, r.output
+    assert "validation loss: 4 points (2..6)" in r.output
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    loss = conn.execute("SELECT loss FROM llm_eval('c')").fetchone()[0]
+    r = cli("--dsn", db, "eval", "c")
+    assert r.exit_code == 0, r.output
+    assert f'model "c" on dataset "val": loss {loss:.4f}' in r.output
+    r = cli("--dsn", db, "eval", "--model", "c", "--dataset", "nope")
+    assert r.exit_code == 1 and 'dataset "nope" of llm_dataset is empty' in r.output
+
+    row = conn.execute("SELECT parameters, stored_bytes, step, train_loss, val_loss, tokenizer, checkpoints "
+                       "FROM llm_models WHERE model = 'c'").fetchone()
+    last = conn.execute("SELECT loss, val_loss FROM llm_train_log WHERE model = 'c' AND step = 6").fetchone()
+    assert row[0] == sum(p.numel() for p in hf.transformer.parameters())
+    assert row[1] >= 4 * row[0] * 0.99 and row[2:] == (6, last[0], last[1], True, 0)
+    conn.execute("SELECT llm_generate('Hi', max_tokens => 1, model => 'c')")  # serving maps a shared copy
+    cached = conn.execute("SELECT cached FROM llm_models WHERE model = 'c'").fetchone()[0]
+    assert cached == conn.execute("SELECT string_agg(format, ', ') FROM pg_llm_weight_cache() "
+                                  "WHERE model = 'c' AND database = current_database()").fetchone()[0]
+    r = cli("--dsn", db, "models")
+    assert r.exit_code == 0, r.output
+    assert "c" in r.output and "2 x 2 x 16" in r.output and f"{last[1]:.4f}" in r.output

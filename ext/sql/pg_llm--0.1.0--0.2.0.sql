@@ -171,3 +171,24 @@ RETURNS double precision
 AS 'MODULE_PATHNAME', 'llm_perplexity' LANGUAGE C VOLATILE PARALLEL UNSAFE;
 CREATE FUNCTION llm_embed(input text, model text DEFAULT 'gpt2-small') RETURNS real[]
 AS 'MODULE_PATHNAME', 'llm_embed' LANGUAGE C VOLATILE PARALLEL UNSAFE;
+
+-- One row per model: its shape, parameter count, stored size, training state, losses, tokenizer,
+-- snapshots, and which formats of its current weights this server keeps a shared copy of. The
+-- caller's rights apply (security_invoker): the view shows what the tables would.
+CREATE VIEW llm_models WITH (security_invoker = true) AS
+SELECT c.model, c.n_layer, c.n_head, c.d_model, c.n_positions, c.vocab,
+       c.vocab::bigint * c.d_model + c.n_positions::bigint * c.d_model
+           + c.n_layer::bigint * (12::bigint * c.d_model * c.d_model + 13 * c.d_model) + 2 * c.d_model AS parameters,
+       (SELECT sum(pg_catalog.pg_column_size(p.data)) FROM llm_param p WHERE p.model = c.model)::bigint AS stored_bytes,
+       coalesce(s.step, 0) AS step,
+       (SELECT l.loss FROM llm_train_log l
+         WHERE l.model = c.model AND l.step <= coalesce(s.step, 0) ORDER BY l.step DESC LIMIT 1) AS train_loss,
+       (SELECT l.val_loss FROM llm_train_log l
+         WHERE l.model = c.model AND l.step <= coalesce(s.step, 0) AND l.val_loss IS NOT NULL
+         ORDER BY l.step DESC LIMIT 1) AS val_loss,
+       EXISTS (SELECT 1 FROM llm_bpe_vocab v WHERE v.model = c.model) AS tokenizer,
+       (SELECT count(*) FROM llm_checkpoint k WHERE k.model = c.model) AS checkpoints,
+       (SELECT pg_catalog.string_agg(w.format, ', ' ORDER BY w.format) FROM pg_llm_weight_cache() w
+         WHERE w.database = pg_catalog.current_database() AND w.model = c.model
+           AND w.weights_version = c.weights_version) AS cached
+  FROM llm_model_config c LEFT JOIN llm_train_state s ON s.model = c.model;
