@@ -79,6 +79,10 @@ AS 'MODULE_PATHNAME', 'pg_llm_load_bpe_merges_bytes' LANGUAGE C VOLATILE STRICT;
 ALTER TABLE llm_dataset ADD COLUMN dataset text NOT NULL DEFAULT 'train'
     CHECK (dataset <> '' AND length(dataset) <= 63);
 CREATE INDEX llm_dataset_dataset_id ON llm_dataset (dataset, id);
+-- Token ids stored uncompressed (out of line, as llm_param's tensors): pglz took 40% of the time to
+-- write a dataset (perf, bench/dataset_build.py) and saves little on ids, and training reads them
+-- back without decompressing.
+ALTER TABLE llm_dataset ALTER COLUMN tokens SET STORAGE EXTERNAL, ALTER COLUMN target SET STORAGE EXTERNAL;
 
 CREATE FUNCTION llm_dataset_check_length() RETURNS trigger
 LANGUAGE plpgsql SET search_path = @extschema@, pg_catalog, pg_temp AS $$
