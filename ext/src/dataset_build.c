@@ -43,15 +43,6 @@ typedef struct Builder
 	SPIPlanPtr	insert;
 } Builder;
 
-static void
-bad_argument(const char *msg, const char *hint)
-{
-	ereport(ERROR,
-			(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
-			 errmsg("%s", msg),
-			 hint ? errhint("%s", hint) : 0));
-}
-
 /* Writes every full row of the stream (at most rows_per_insert unless all), keeping the rest. */
 static void
 write_rows(Builder *b, bool all)
@@ -146,13 +137,13 @@ llm_dataset_build(PG_FUNCTION_ARGS)
 
 	memset(&b, 0, sizeof(b));
 	if (PG_ARGISNULL(0))
-		bad_argument("query must not be NULL", "Give a SELECT that returns one document per row.");
+		llm_bad_argument("query must not be NULL", "Give a SELECT that returns one document per row.");
 	if (PG_ARGISNULL(1))
-		bad_argument("dataset must not be NULL", NULL);
+		llm_bad_argument("dataset must not be NULL", NULL);
 	if (PG_ARGISNULL(2))
-		bad_argument("model must not be NULL", NULL);
+		llm_bad_argument("model must not be NULL", NULL);
 	if (PG_ARGISNULL(3))
-		bad_argument("block_size must not be NULL", NULL);
+		llm_bad_argument("block_size must not be NULL", NULL);
 	query = text_to_cstring(PG_GETARG_TEXT_PP(0));
 	b.dataset = PG_GETARG_DATUM(1);
 	model = text_to_cstring(PG_GETARG_TEXT_PP(2));
@@ -164,7 +155,7 @@ llm_dataset_build(PG_FUNCTION_ARGS)
 	SPI_connect();
 	llm_config_load(model, &cfg);
 	if (b.T < 1 || b.T > cfg.n_positions)
-		bad_argument(psprintf("block_size must be between 1 and model \"%s\"'s n_positions %d, got %d",
+		llm_bad_argument(psprintf("block_size must be between 1 and model \"%s\"'s n_positions %d, got %d",
 							  model, cfg.n_positions, b.T), NULL);
 	b.vocab = cfg.vocab;
 	eot = llm_bpe_eot_id(model);

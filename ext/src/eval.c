@@ -179,20 +179,11 @@ llm_eval_dataset(const LlmModel *model, LlmDataset *ds, int batch_size, int64 *t
 
 /* ---- SQL ----------------------------------------------------------------------------------- */
 
-static void
-bad_argument(const char *msg, const char *hint)
-{
-	ereport(ERROR,
-			(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
-			 errmsg("%s", msg),
-			 hint ? errhint("%s", hint) : 0));
-}
-
 static char *
 text_arg(FunctionCallInfo fcinfo, int i, const char *name)
 {
 	if (PG_ARGISNULL(i))
-		bad_argument(psprintf("%s must not be NULL", name), NULL);
+		llm_bad_argument(psprintf("%s must not be NULL", name), NULL);
 	return text_to_cstring(PG_GETARG_TEXT_PP(i));
 }
 
@@ -214,10 +205,10 @@ llm_eval(PG_FUNCTION_ARGS)
 
 	llm_check_model_name(model_name);
 	if (!PG_ARGISNULL(2) && max_rows < 1)
-		bad_argument(psprintf("max_rows must be positive, got %lld", (long long) max_rows),
+		llm_bad_argument(psprintf("max_rows must be positive, got %lld", (long long) max_rows),
 					 "Leave it NULL to evaluate every row.");
 	if (batch_size < 1 || batch_size > LLM_BATCH_SIZE_MAX)
-		bad_argument(psprintf("batch_size must be between 1 and %d, got %d", LLM_BATCH_SIZE_MAX, batch_size), NULL);
+		llm_bad_argument(psprintf("batch_size must be between 1 and %d, got %d", LLM_BATCH_SIZE_MAX, batch_size), NULL);
 	if (get_call_result_type(fcinfo, NULL, &desc) != TYPEFUNC_COMPOSITE)
 		elog(ERROR, "llm_eval must return a row");
 
@@ -244,7 +235,7 @@ model_and_ids(FunctionCallInfo fcinfo, int32 **ids, int *n)
 	LlmModel   *model;
 
 	if (PG_ARGISNULL(0))
-		bad_argument("input must not be NULL", NULL);
+		llm_bad_argument("input must not be NULL", NULL);
 	input = PG_GETARG_TEXT_PP(0);
 	llm_check_model_name(model_name);
 	*ids = llm_bpe_encode(model_name, VARDATA_ANY(input), VARSIZE_ANY_EXHDR(input), n);
@@ -284,7 +275,7 @@ llm_perplexity(PG_FUNCTION_ARGS)
 	P = model->cfg.n_positions;
 	stride = PG_ARGISNULL(2) ? Max(1, P / 2) : PG_GETARG_INT32(2);
 	if (stride < 1 || stride > P)
-		bad_argument(psprintf("stride must be between 1 and model \"%s\"'s n_positions %d, got %d",
+		llm_bad_argument(psprintf("stride must be between 1 and model \"%s\"'s n_positions %d, got %d",
 							  model->cfg.model, P, stride), "Leave it NULL for half the window.");
 	if (n < 2)
 	{
