@@ -207,10 +207,10 @@ class RowWriter:
 def dataset(
     ctx: typer.Context,
     input: list[str] = typer.Option(None, "--input", "-i", help="Text files or globs ('corpus/*.txt'); "
-                                    "repeat the option or list several files after it.", show_default=False),
+                                    "repeat the option or list several files after it.", show_default="none: --query"),
     query: str = typer.Option(None, "--query", "-q", help="Instead of files: a SELECT whose first column (text) "
                               "is one document per row, tokenized in the server (llm_dataset_build).",
-                              show_default=False),
+                              show_default="none: --input files"),
     val_fraction: float = typer.Option(0.0, "--val-fraction", min=0.0, max=0.99, help="With --query: this "
                                        "fraction of the documents goes to --val-dataset instead (by a hash of "
                                        "each document's text: the same split on every run)."),

@@ -10,7 +10,8 @@ from ..options import MODEL
 
 def eval_(
     ctx: typer.Context,
-    model_arg: str = typer.Argument(None, metavar="[MODEL]", help="The model (or --model).", show_default=False),
+    model_arg: str = typer.Argument(None, metavar="[MODEL]", help="The model (or --model).",
+                                   show_default="--model"),
     model: str = MODEL,
     dataset: str = typer.Option("val", "--dataset", "-d", help="The dataset of llm_dataset to evaluate on."),
     max_rows: int = typer.Option(None, "--max-rows", min=1, help="Only the first N rows.",
