@@ -8,6 +8,7 @@
 #include "pg_llm.h"
 #include "blas.h"
 #include "bpe.h"
+#include "bpe_tokenizer.h"
 #include "eval.h"
 
 #include <math.h>
@@ -231,14 +232,15 @@ static LlmModel *
 model_and_ids(FunctionCallInfo fcinfo, int32 **ids, int *n)
 {
 	char	   *model_name = text_arg(fcinfo, 1, "model");
-	text	   *input;
+	char	   *input;
+	int			len;
 	LlmModel   *model;
 
 	if (PG_ARGISNULL(0))
 		llm_bad_argument("input must not be NULL", NULL);
-	input = PG_GETARG_TEXT_PP(0);
+	input = bpe_datum_to_utf8(PG_GETARG_DATUM(0), &len);
 	llm_check_model_name(model_name);
-	*ids = llm_bpe_encode(model_name, VARDATA_ANY(input), VARSIZE_ANY_EXHDR(input), n);
+	*ids = llm_bpe_encode(model_name, input, len, n);
 	model = llm_model_get(model_name);
 	for (int i = 0; i < *n; i++)
 		if ((*ids)[i] >= model->cfg.vocab)
