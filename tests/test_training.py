@@ -474,11 +474,11 @@ def test_bad_data_and_missing_weights_are_refused(conn):
     # empty dataset
     hf = make_hf_model(1, 1, 2, 16, 8, 50)
     store_hf_model(conn, "m", hf)
-    with pytest.raises(psycopg.errors.NoDataFound, match="llm_dataset is empty"):
+    with pytest.raises(psycopg.errors.NoDataFound, match='dataset "train" of llm_dataset is empty'):
         train_sql(conn, "m", 1)
     # block size larger than n_positions (8)
     fill_dataset(conn, np.zeros((2, 10), dtype=int))
-    with pytest.raises(psycopg.errors.InvalidParameterValue, match="block size 9 is larger than .* n_positions 8"):
+    with pytest.raises(psycopg.errors.InvalidParameterValue, match="block size 9 of dataset \"train\" is larger than .* n_positions 8"):
         train_sql(conn, "m", 1)
     conn.execute("TRUNCATE llm_dataset")
     # token ids beyond the vocabulary (50), in a row that only the second step reads
@@ -488,10 +488,14 @@ def test_bad_data_and_missing_weights_are_refused(conn):
     with pytest.raises(psycopg.errors.DataException,
                        match=rf"llm_dataset row {ids[3]}: tokens id 50 is outside the model's vocabulary \(0 .. 49\)"):
         train_sql(conn, "m", 2, batch_size=2, warmup=1)
-    # rows of different lengths
+    # rows of different lengths: refused at write; rows written before that check (0.1.0) at read
     conn.execute("TRUNCATE llm_dataset")
     fill_dataset(conn, np.ones((2, 9), dtype=int))
+    with pytest.raises(psycopg.errors.CheckViolation, match='every row of dataset "train" must have the same length'):
+        fill_dataset(conn, np.ones((1, 5), dtype=int))
+    conn.execute("ALTER TABLE llm_dataset DISABLE TRIGGER llm_dataset_length_insert")
     fill_dataset(conn, np.ones((1, 5), dtype=int))
+    conn.execute("ALTER TABLE llm_dataset ENABLE TRIGGER llm_dataset_length_insert")
     with pytest.raises(psycopg.errors.DataException, match="must be a one-dimensional int.. of 8 ids"):
         train_sql(conn, "m", 1, batch_size=3, warmup=1)
     assert snapshot(conn, "m")[1:] == ({}, None, [])

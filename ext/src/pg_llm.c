@@ -191,3 +191,13 @@ llm_spi_prepare(const char *purpose, const char *sql, int nargs, Oid *types)
 		spi_failed(purpose, SPI_result, sql);
 	return plan;
 }
+
+void
+llm_bad_argument(const char *msg, const char *hint)
+{
+	ereport(ERROR,
+			(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+			 errmsg("%s", msg),
+			 hint ? errhint("%s", hint) : 0));
+	pg_unreachable();
+}
