@@ -99,8 +99,8 @@ def main_options(
 
 
 def _register() -> None:
-    from .commands import (checkpoint, convert, dataset, export, generate, import_, init, install, log, server,
-                           tokenizer, train)
+    from .commands import (checkpoint, convert, dataset, eval, export, generate, grant, import_, init, install, log,
+                           models, server, tokenizer, train)
 
     app.command("install")(install.install)
     app.add_typer(server.app, name="server")
@@ -113,7 +113,11 @@ def _register() -> None:
     app.command("dataset")(dataset.dataset)
     app.command("train")(train.train)
     app.command("log")(log.log)
+    app.command("eval")(eval.eval_)
+    app.command("models")(models.models)
     app.command("generate")(generate.generate)
+    app.command("grant")(grant.grant)
+    app.command("revoke")(grant.revoke)
 
 
 _register()

@@ -303,7 +303,47 @@ class Cluster:
         if proc.returncode != 0:
             raise PgllmError(f"the server did not start: {self._last_log_error()}", hint=f"see {self.log_file}")
         self._ensure_database()
+        if self.tcp_enabled():
+            self.serve_tcp_clients()
         return True
+
+    def tcp_enabled(self) -> bool:
+        return self.settings().get("listen_addresses", "''") != "''"
+
+    def pgpass_file(self) -> Path:
+        return Path(os.environ.get("PGPASSFILE") or Path.home() / ".pgpass")
+
+    def serve_tcp_clients(self) -> None:
+        """With TCP on (start --port), postgresql://ROLE@localhost:PORT/postgres works as written.
+
+        The database `postgres` gets pg_llm once it is installed, and the server's role a password
+        that the .pgpass of the user running pgllm holds (written here, mode 0600; an entry there
+        already is kept): libpq finds it, so nobody is prompted, while loopback TCP still asks
+        every other local user for the password (scram-sha-256, initdb's --auth-host here).
+        """
+        import secrets
+
+        import psycopg
+        from psycopg import sql
+
+        hosts = ("localhost", "127.0.0.1")
+        path = self.pgpass_file()
+        lines = path.read_text().splitlines() if path.exists() else []
+        password = next((line.rsplit(":", 1)[1] for line in lines
+                         if line.startswith(f"localhost:{self.port}:*:{self.role}:")), None)
+        with psycopg.connect(self.dsn("postgres"), autocommit=True) as conn:
+            if password is None:
+                password = secrets.token_urlsafe(18)
+                conn.execute(sql.SQL("ALTER ROLE {} PASSWORD {}").format(sql.Identifier(self.role),
+                                                                        sql.Literal(password)))
+                keep = [line for line in lines if not any(line.startswith(f"{h}:{self.port}:*:{self.role}:")
+                                                          for h in hosts)]
+                path.write_text("".join(f"{line}\n" for line in keep)
+                                + "".join(f"{h}:{self.port}:*:{self.role}:{password}\n" for h in hosts))
+                path.chmod(0o600)
+            if conn.execute("SELECT 1 FROM pg_available_extensions WHERE name = 'pg_llm'").fetchone():
+                from .extension import create_or_update
+                create_or_update(conn)
 
     def _last_log_error(self) -> str:
         try:

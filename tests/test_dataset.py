@@ -58,8 +58,10 @@ def test_rows_are_the_gpt2_token_stream_cut_in_blocks(cli, conn, db, tmp_path, r
     assert np.array_equal(got, expected)
     assert "4 files" in result.output and f"-> {len(expected)} rows of 16 tokens" in result.output
 
-    # without --truncate the rows are appended; with it they replace
-    cli("--dsn", db, "dataset", "--input", str(d / "a.txt"), "--block-size", "8")
+    # without --truncate the rows are appended (of the dataset's one length); with it they replace
+    result = cli("--dsn", db, "dataset", "--input", str(d / "a.txt"), "--block-size", "8")
+    assert result.exit_code == 1 and 'every row of dataset "train" must have the same length' in result.output
+    cli("--dsn", db, "dataset", "--input", str(d / "a.txt"), "--block-size", "16")
     assert conn.execute("SELECT count(*) FROM llm_dataset").fetchone()[0] > len(expected)
     cli("--dsn", db, "dataset", "--input", str(d / "a.txt"), "--block-size", "8", "--truncate")
     assert np.array_equal(dataset_rows(conn), expected_rows(reference, [DOCS["a.txt"]], 8))

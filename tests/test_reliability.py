@@ -65,29 +65,39 @@ def _logged_steps(dsn: str, model: str) -> list[int]:
 
 @pytest.mark.slow
 def test_kill_9_during_training_keeps_committed_chunks(own_cluster):
+    """Two chunks commit, the third is stopped by a state (not a clock) and its backend killed.
+
+    The test holds an uncommitted llm_train_log row for step 11: the third chunk's log insert of
+    that step waits for the test's transaction, however fast the machine trains. Once the training
+    backend is seen waiting on that lock, it is killed with SIGKILL."""
     dsn = own_cluster.dsn()
     with psycopg.connect(dsn, autocommit=True) as conn:
         make_tiny_model(conn)
+    blocker = psycopg.connect(dsn)
+    blocker.execute("INSERT INTO llm_train_log (model, step, lr, loss) VALUES ('tiny', 11, 0, 0)")
     train = subprocess.Popen([str(PGLLM_BIN), "--dsn", dsn, "train", "--model", "tiny",
                               "--steps", "2000", "--commit-every", "5", "--batch-size", "2", "--warmup", "2"],
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        _wait_for(lambda: len(_logged_steps(dsn, "tiny")) >= 10, 120, "two committed chunks")
-        with psycopg.connect(dsn) as conn:
+        with psycopg.connect(dsn, autocommit=True) as conn:
             pid = _wait_for(lambda: conn.execute(
-                "SELECT pid FROM pg_stat_activity WHERE query ILIKE '%llm_train%' AND pid <> pg_backend_pid()"
-            ).fetchone(), 30, "the training backend")[0]
+                "SELECT pid FROM pg_stat_activity WHERE query ILIKE '%llm_train%' AND wait_event_type = 'Lock' "
+                "AND pid <> pg_backend_pid()").fetchone(), 120, "the third chunk to wait for step 11's row")[0]
         os.kill(pid, signal.SIGKILL)
         _, err = train.communicate(timeout=60)
     finally:
         if train.poll() is None:
             train.kill()
+        try:
+            blocker.close()  # the crash restart has ended its session already
+        except psycopg.Error:
+            pass
     assert train.returncode != 0
     assert "Traceback" not in err and err.strip().splitlines()[-1].startswith("Error: ")
 
     # The server recovers by itself; committed chunks and their log rows are intact.
     steps = _wait_for(lambda: _logged_steps(dsn, "tiny"), 60, "the server to recover")
-    assert len(steps) % 5 == 0 and steps == list(range(steps[0], steps[0] + len(steps)))
+    assert steps == list(range(1, 11))
     with psycopg.connect(dsn) as conn:
         state = conn.execute("SELECT step FROM llm_train_state WHERE model = 'tiny'").fetchone()[0]
     assert state == len(steps)

@@ -88,6 +88,7 @@ def test_a_model_imported_on_the_primary_generates_the_same_text_on_the_standby(
         assert s.execute("SELECT pg_is_in_recovery()").fetchone()[0] is True
         store_hf_model(p, name, random_gpt2(7, **TEXT))
         write_gpt2_tokenizer(p, name)
+        p.execute("INSERT INTO llm_dataset (dataset, tokens, target) VALUES (%s, '{1,2,3,4}', '{2,3,4,5}')", (name,))
         wait_for_replay(p, s)
 
         queries = [
@@ -97,6 +98,10 @@ def test_a_model_imported_on_the_primary_generates_the_same_text_on_the_standby(
             ("SELECT array_agg(token_ids::text ORDER BY rank) FROM llm_beam_search('Beam me', 3, 8, %s)", (name,)),
             ("SELECT string_agg((e).token, '') FROM (SELECT llm_generate_stream('Stream', 16, 0, model => %s) e) x",
              (name,)),
+            # measuring writes nothing either
+            ("SELECT loss FROM llm_eval(%s, %s)", (name, name)),
+            ("SELECT llm_perplexity('Perplexity on a standby', %s)", (name,)),
+            ("SELECT llm_embed('Embeddings on a standby', %s)", (name,)),
         ]
         on_primary = [p.execute(q, a).fetchone()[0] for q, a in queries]
         on_standby = [s.execute(q, a).fetchone()[0] for q, a in queries]

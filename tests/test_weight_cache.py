@@ -83,9 +83,10 @@ def rss_anon(pid: int) -> int:
 
 
 def files(data_dir: Path) -> list[str]:
-    """The data files in the cache directory (lock files aside)."""
+    """The data files in the cache directory (lock files and the sessions' thread budget aside)."""
     d = data_dir / CACHE
-    return sorted(p.name for p in d.iterdir() if not p.name.endswith(".lock")) if d.exists() else []
+    return sorted(p.name for p in d.iterdir()
+                  if not p.name.endswith(".lock") and p.name != "threads") if d.exists() else []
 
 
 def wait_for(predicate, what: str, timeout: float = 120):

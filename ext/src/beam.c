@@ -249,6 +249,14 @@ beam_args(FunctionCallInfo fcinfo, int *K, int *max_tokens, char **model)
 	*model = text_to_cstring(PG_GETARG_TEXT_PP(3));
 }
 
+/* A NULL prompt gives no rows, as llm_generate_stream's does. */
+static Datum
+no_rows(FunctionCallInfo fcinfo)
+{
+	InitMaterializedSRF(fcinfo, 0);
+	return (Datum) 0;
+}
+
 /*
  * llm_beam_search_tokens(tokens int[], beam_width, max_tokens, model, eos_token, length_penalty)
  * -> (rank, score, token_ids)
@@ -268,16 +276,10 @@ llm_beam_search_tokens(PG_FUNCTION_ARGS)
 	BeamHyp    *hyps;
 
 	if (PG_ARGISNULL(0))
-		PG_RETURN_NULL();
+		return no_rows(fcinfo);
 	beam_args(fcinfo, &K, &max_tokens, &model);
 	if (!PG_ARGISNULL(4))
-	{
 		eos = PG_GETARG_INT32(4);
-		if (eos < 0)
-			ereport(ERROR,
-					(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
-					 errmsg("eos_token must be >= 0, not %d", eos)));
-	}
 	llm_require_arg(fcinfo, 5, "length_penalty");
 	length_penalty = PG_GETARG_FLOAT8(5);
 	prompt = llm_tokens_from_array(PG_GETARG_ARRAYTYPE_P(0), &T);
@@ -317,7 +319,7 @@ llm_beam_search(PG_FUNCTION_ARGS)
 	BeamHyp    *hyps;
 
 	if (PG_ARGISNULL(0))
-		PG_RETURN_NULL();
+		return no_rows(fcinfo);
 	beam_args(fcinfo, &K, &max_tokens, &model);
 	llm_require_arg(fcinfo, 4, "length_penalty");
 	length_penalty = PG_GETARG_FLOAT8(4);

@@ -521,12 +521,6 @@ llm_bpe_eot_id(const char *model)
 	return bpe_tokenizer_get(model)->eot_id;
 }
 
-int32
-llm_bpe_vocab_size(const char *model)
-{
-	return bpe_tokenizer_get(model)->vocab_size;
-}
-
 /* ---- SQL: llm_encode, llm_decode ----------------------------------------------------------- */
 
 PG_FUNCTION_INFO_V1(llm_encode);

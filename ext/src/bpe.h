@@ -14,6 +14,5 @@ extern int32 *llm_bpe_encode(const char *model, const char *text, int len, int *
 extern char *llm_bpe_decode(const char *model, const int32 *ids, int n, int *len_out); /* NUL-terminated; raw bytes joined; invalid UTF-8 replaced with U+FFFD as HF's decode does */
 extern bytea *llm_bpe_token_bytes(const char *model, int32 id);	/* raw bytes of one token (for streaming) */
 extern int32 llm_bpe_eot_id(const char *model);	/* id of <|endoftext|>, or -1 */
-extern int32 llm_bpe_vocab_size(const char *model);
 
 #endif							/* PG_LLM_BPE_H */

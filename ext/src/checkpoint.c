@@ -143,7 +143,7 @@ llm_weights_begin(LlmWeightWriter *w, const char *model, const LlmConfig *arch, 
 		ereport(ERROR,
 				(errcode(ERRCODE_DUPLICATE_OBJECT),
 				 errmsg("model \"%s\" already has weights", model),
-				 errhint("Pass replace => true (pgllm import --replace) to overwrite them.")));
+				 errhint("Pass replace => true to overwrite them (pgllm init --replace, pgllm import --replace).")));
 
 	/*
 	 * New weights start the model afresh: optimizer moments, the training position and the

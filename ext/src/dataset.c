@@ -10,6 +10,7 @@
 #include "catalog/pg_type.h"
 #include "miscadmin.h"
 #include "utils/array.h"
+#include "utils/builtins.h"
 
 static void
 row_disappeared(int64 id)
@@ -20,20 +21,24 @@ row_disappeared(int64 id)
 }
 
 void
-llm_dataset_open(LlmDataset *ds, const LlmConfig *cfg)
+llm_dataset_open(LlmDataset *ds, const LlmConfig *cfg, const char *dataset, int64 max_rows)
 {
 	Portal		portal;
 	int64		cap = 1024;
 	bool		isnull;
 	Oid			argtypes[1] = {INT8OID};
+	Oid			name_type[1] = {TEXTOID};
+	Datum		name[1] = {CStringGetTextDatum(dataset)};
 
 	ds->ids = palloc(cap * sizeof(int64));
 	ds->n = 0;
-	portal = SPI_cursor_open_with_args(NULL, psprintf("SELECT id FROM %s ORDER BY id", llm_table("llm_dataset")),
-									   0, NULL, NULL, NULL, true, CURSOR_OPT_NO_SCROLL);
-	for (;;)
+	ds->name = pstrdup(dataset);
+	portal = SPI_cursor_open_with_args(NULL, psprintf("SELECT id FROM %s WHERE dataset = $1 ORDER BY id",
+													  llm_table("llm_dataset")),
+									   1, name_type, name, NULL, true, CURSOR_OPT_NO_SCROLL);
+	while (max_rows <= 0 || ds->n < max_rows)
 	{
-		SPI_cursor_fetch(portal, true, 65536);
+		SPI_cursor_fetch(portal, true, max_rows > 0 ? Min(65536, max_rows - ds->n) : 65536);
 		if (SPI_processed == 0)
 			break;
 		if (ds->n + (int64) SPI_processed > cap)
@@ -51,8 +56,8 @@ llm_dataset_open(LlmDataset *ds, const LlmConfig *cfg)
 	if (ds->n == 0)
 		ereport(ERROR,
 				(errcode(ERRCODE_NO_DATA_FOUND),
-				 errmsg("llm_dataset is empty"),
-				 errhint("Fill it with pgllm dataset --input FILES.")));
+				 errmsg("dataset \"%s\" of llm_dataset is empty", dataset),
+				 errhint("Fill it with pgllm dataset --dataset %s --input FILES (or --query SQL).", dataset)));
 
 	ds->fetch = llm_spi_prepare("preparing the llm_dataset query",
 								psprintf("SELECT tokens, target FROM %s WHERE id = $1", llm_table("llm_dataset")),
@@ -71,8 +76,8 @@ llm_dataset_open(LlmDataset *ds, const LlmConfig *cfg)
 	if (ds->T > cfg->n_positions)
 		ereport(ERROR,
 				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
-				 errmsg("the dataset's block size %d is larger than model \"%s\"'s n_positions %d",
-						ds->T, cfg->model, cfg->n_positions),
+				 errmsg("the block size %d of dataset \"%s\" is larger than model \"%s\"'s n_positions %d",
+						ds->T, dataset, cfg->model, cfg->n_positions),
 				 errhint("Rebuild the dataset with pgllm dataset --block-size %d or less.", cfg->n_positions)));
 }
 

@@ -90,7 +90,8 @@ llm_check_token_range(const int32 *tokens, int n, const LlmConfig *cfg)
 					(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
 					 errmsg("token id %d at position %d is out of range for model \"%s\"",
 							tokens[i], i + 1, cfg->model),
-					 errdetail("The vocabulary has %d tokens (ids 0 to %d).", cfg->vocab, cfg->vocab - 1)));
+					 errdetail("The vocabulary has %d tokens (ids 0 to %d).", cfg->vocab, cfg->vocab - 1),
+				 errhint("Use -1 or NULL for no end token.")));
 }
 
 void
@@ -147,7 +148,8 @@ llm_check_eos(int32 eos, const LlmConfig *cfg)
 		ereport(ERROR,
 				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
 				 errmsg("eos_token %d is out of range for model \"%s\"", eos, cfg->model),
-				 errdetail("The vocabulary has %d tokens (ids 0 to %d).", cfg->vocab, cfg->vocab - 1)));
+				 errdetail("The vocabulary has %d tokens (ids 0 to %d).", cfg->vocab, cfg->vocab - 1),
+				 errhint("Use -1 or NULL for no end token.")));
 }
 
 ArrayType *
@@ -306,10 +308,6 @@ llm_generate_tokens(PG_FUNCTION_ARGS)
 	if (!PG_ARGISNULL(7))
 		set.eos = PG_GETARG_INT32(7);
 	prompt = llm_tokens_from_array(PG_GETARG_ARRAYTYPE_P(0), &T);
-	if (set.eos < -1)
-		ereport(ERROR,
-				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
-				 errmsg("eos_token must be >= 0, not %d", set.eos)));
 	g = generation_start(&set, prompt, T);
 	while (!g->done)
 		generation_next(g, false);

@@ -3,6 +3,7 @@
  * the extension's tables (their qualified names, the SPI helpers).
  */
 #include "pg_llm.h"
+#include "access.h"
 #include "weights_cache.h"
 
 #include <stdlib.h>
@@ -46,6 +47,7 @@ _PG_init(void)
 							PGC_SUSET, 0,
 							NULL, NULL, NULL);
 	llm_wc_init();
+	llm_access_init();
 	MarkGUCPrefixReserved("pg_llm");
 }
 
@@ -188,4 +190,14 @@ llm_spi_prepare(const char *purpose, const char *sql, int nargs, Oid *types)
 	if (plan == NULL)
 		spi_failed(purpose, SPI_result, sql);
 	return plan;
+}
+
+void
+llm_bad_argument(const char *msg, const char *hint)
+{
+	ereport(ERROR,
+			(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+			 errmsg("%s", msg),
+			 hint ? errhint("%s", hint) : 0));
+	pg_unreachable();
 }

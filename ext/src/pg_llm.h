@@ -62,4 +62,7 @@ extern uint64 llm_spi_run_plan(const char *purpose, SPIPlanPtr plan, Datum *valu
 /* A prepared statement (SPI_prepare), or an ERROR naming its purpose. */
 extern SPIPlanPtr llm_spi_prepare(const char *purpose, const char *sql, int nargs, Oid *types);
 
+/* ERROR invalid_parameter_value with msg (and hint, unless NULL): a bad argument of a SQL function. */
+extern void llm_bad_argument(const char *msg, const char *hint) pg_attribute_noreturn();
+
 #endif							/* PG_LLM_H */

@@ -25,6 +25,23 @@ llm_sampler_init(LlmSampler *s, int V, double temperature, int top_k, double top
 	pg_prng_seed(&s->rng, has_seed ? (uint64) seed : pg_prng_uint64(&pg_global_prng_state));
 }
 
+/*
+ * Every way of choosing tokens (sampling, greedy, beams) starts here: a NaN or infinite logit
+ * means broken weights, and no token chosen from it means anything.
+ */
+static void
+check_logits(const float *logits, int V)
+{
+	for (int i = 0; i < V; i++)
+		if (!isfinite(logits[i]))
+			ereport(ERROR,
+					(errcode(ERRCODE_DATA_EXCEPTION),
+					 errmsg("the model's logits are not finite (logit %d is %s)", i,
+							isnan(logits[i]) ? "NaN" : "infinite"),
+					 errdetail("Its weights hold values that no computation in float32 survives."),
+					 errhint("Load a checkpoint saved before (llm_checkpoint_load), or train again with a lower lr_max.")));
+}
+
 static int32
 argmax(const float *x, int n)
 {
@@ -110,6 +127,7 @@ llm_sample(LlmSampler *s, const float *logits)
 				u,
 				acc = 0.0;
 
+	check_logits(logits, V);
 	if (s->temperature == 0.0)
 		return argmax(logits, V);
 
@@ -132,9 +150,6 @@ llm_sample(LlmSampler *s, const float *logits)
 			s->cand[i] = i;
 		n = V;
 	}
-	if (n == 0)					/* only NaN logits: nothing compares; fall back to greedy */
-		return argmax(logits, V);
-
 	zmax = z[s->cand[0]];
 	for (int c = 1; c < n; c++)
 		zmax = z[s->cand[c]] > zmax ? z[s->cand[c]] : zmax;
@@ -181,6 +196,7 @@ llm_log_softmax(float *out, const float *logits, int V)
 	double		sum = 0.0;
 	float		lse;
 
+	check_logits(logits, V);
 	for (int i = 1; i < V; i++)
 		m = logits[i] > m ? logits[i] : m;
 	for (int i = 0; i < V; i++)

@@ -8,8 +8,9 @@
  * server share pg_llm.server_threads threads (0 = one per core): each session that is computing
  * gets an equal share of them, at least one.
  *
- * Sessions find each other through a small file in the data directory, pg_llm_threads, that
- * every backend which computes maps: one slot per backend, holding its pid and when it last asked
+ * Sessions find each other through a small file, pgsql_tmp_pg_llm/threads in the data directory
+ * (beside the shared weights, weights_cache.c: base backups skip pgsql_tmp* entries), that every
+ * backend which computes maps: one slot per backend, holding its pid and when it last asked
  * for threads (CLOCK_MONOTONIC). A session counts as computing from its last request until its
  * transaction ends, and for ACTIVE_NS at most: a session idle in its transaction, or one that
  * died, stops counting by itself. Nothing needs shared_preload_libraries; the slots are read and
@@ -27,8 +28,10 @@
 
 #include "access/xact.h"
 #include "miscadmin.h"
+#include "storage/fd.h"
 
-#define BUDGET_FILE "pg_llm_threads"
+#define BUDGET_DIR "pgsql_tmp_pg_llm"
+#define BUDGET_FILE BUDGET_DIR "/threads"
 #define BUDGET_MAGIC UINT64CONST(0x706731746872310a)	/* the layout below, version 1 */
 #define SLOTS 1024
 #define ACTIVE_NS (UINT64CONST(2) * 1000000000) /* computing: asked for threads this recently */
@@ -103,8 +106,14 @@ budget_map(void)
 	uint64		zero = 0;
 
 	budget_tried = true;
-	snprintf(path, sizeof(path), "%s/%s", DataDir, BUDGET_FILE);
-	fd = open(path, O_RDWR | O_CREAT | O_CLOEXEC, S_IRUSR | S_IWUSR);
+	snprintf(path, sizeof(path), "%s/%s", DataDir, BUDGET_DIR);
+	if (MakePGDirectory(path) != 0 && errno != EEXIST)
+		fd = -1;
+	else
+	{
+		snprintf(path, sizeof(path), "%s/%s", DataDir, BUDGET_FILE);
+		fd = open(path, O_RDWR | O_CREAT | O_CLOEXEC, S_IRUSR | S_IWUSR);
+	}
 	if (fd < 0)
 		err = errno;
 	/* allocate the blocks now: a write to a hole of a mapped file could fault on a full disk */

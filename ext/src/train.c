@@ -18,7 +18,9 @@
 #include "pg_llm.h"
 #include "blas.h"
 #include "dataset.h"
+#include "eval.h"
 #include "model.h"
+#include "train_lock.h"
 
 #include <math.h>
 #include <time.h>
@@ -53,6 +55,10 @@ typedef struct TrainArgs
 	int			grad_accum;		/* micro-batches per optimizer step */
 	int			total_steps;	/* schedule length; 0 = not given */
 	int64		seed;
+	char	   *dataset;		/* the llm_dataset rows to train on */
+	char	   *eval_dataset;	/* validation rows, or NULL */
+	int			eval_every;		/* steps between validation losses; 0 = after the last step only */
+	int			eval_rows;		/* validation rows used; 0 = all */
 } TrainArgs;
 
 /* Activations of one micro-batch (llm.c's ActivationTensors), plus per-layer scratch. */
@@ -163,12 +169,12 @@ bad_argument(const char *msg, const char *hint)
 			 hint ? errhint("%s", hint) : 0));
 }
 
-/* Argument positions, as declared in pg_llm--0.1.0.sql. */
+/* Argument positions, as declared in pg_llm--0.1.0.sql, then the upgrade script's additions. */
 enum
 {
 	A_MODEL, A_STEPS, A_BETA1, A_BETA2, A_EPS, A_WD, A_LR_MAX, A_WARMUP,
 	A_N_LAYER, A_N_HEAD, A_D, A_VOCAB, A_BATCH_SIZE, A_GRAD_ACCUM, A_GRAD_CLIP, A_LR_MIN,
-	A_TOTAL_STEPS, A_DROPOUT, A_SEED, A_D_LOWER
+	A_TOTAL_STEPS, A_DROPOUT, A_SEED, A_D_LOWER, A_DATASET, A_EVAL_DATASET, A_EVAL_EVERY, A_EVAL_ROWS
 };
 
 static double
@@ -190,6 +196,25 @@ int_arg(FunctionCallInfo fcinfo, int i, const char *name)
 	if (PG_ARGISNULL(i))
 		bad_argument(psprintf("%s must not be NULL", name), NULL);
 	return PG_GETARG_INT32(i);
+}
+
+/* eval_dataset, eval_every, eval_rows (the upgrade script's; absent under 0.1.0's declaration). */
+static void
+parse_eval_args(FunctionCallInfo fcinfo, TrainArgs *a)
+{
+	if (PG_NARGS() <= A_EVAL_ROWS)
+		return;
+	a->eval_dataset = PG_ARGISNULL(A_EVAL_DATASET) ? NULL : text_to_cstring(PG_GETARG_TEXT_PP(A_EVAL_DATASET));
+	a->eval_every = PG_ARGISNULL(A_EVAL_EVERY) ? 0 : PG_GETARG_INT32(A_EVAL_EVERY);
+	a->eval_rows = PG_ARGISNULL(A_EVAL_ROWS) ? 0 : PG_GETARG_INT32(A_EVAL_ROWS);
+	if (a->eval_every < 0)
+		bad_argument(psprintf("eval_every must not be negative, got %d", a->eval_every),
+					 "0 evaluates after the last step only.");
+	if (!PG_ARGISNULL(A_EVAL_ROWS) && a->eval_rows < 1)
+		bad_argument(psprintf("eval_rows must be positive, got %d", a->eval_rows),
+					 "Leave it NULL to evaluate every row.");
+	if (a->eval_dataset == NULL && (a->eval_every > 0 || a->eval_rows > 0))
+		bad_argument("eval_every and eval_rows need eval_dataset", "Pass eval_dataset => 'val'.");
 }
 
 static void
@@ -214,6 +239,10 @@ parse_args(FunctionCallInfo fcinfo, TrainArgs *a)
 	a->total_steps = PG_ARGISNULL(A_TOTAL_STEPS) ? 0 : PG_GETARG_INT32(A_TOTAL_STEPS);
 	a->dropout = float_arg(fcinfo, A_DROPOUT, "dropout");
 	a->seed = PG_ARGISNULL(A_SEED) ? 1337 : PG_GETARG_INT64(A_SEED);
+	if (PG_NARGS() > A_DATASET && PG_ARGISNULL(A_DATASET))
+		bad_argument("dataset must not be NULL", "The seed's rows are in dataset 'train'.");
+	a->dataset = PG_NARGS() > A_DATASET ? text_to_cstring(PG_GETARG_TEXT_PP(A_DATASET)) : "train";
+	parse_eval_args(fcinfo, a);
 
 	if (a->steps <= 0)
 		bad_argument(psprintf("steps must be positive, got %d", a->steps), NULL);
@@ -715,6 +744,8 @@ typedef struct TrainRun
 	LlmConfig	cfg;
 	Datum		model_datum;	/* args.model as text */
 	LlmDataset	ds;
+	LlmDataset	eval_ds;		/* when args.eval_dataset */
+	SPIPlanPtr	val_log;		/* UPDATE llm_train_log SET val_loss */
 	LlmModel   *model;			/* the backend's cached weights, trained in place */
 	Trainer    *tr;
 	int64		step0;			/* the model's step counter when the call began */
@@ -727,6 +758,8 @@ typedef struct TrainRun
 				t_loaded,
 				t_trained;
 } TrainRun;
+
+static void eval_setup(TrainRun *run);
 
 /*
  * Arguments, architecture, the model's training state (locked: one trainer per model at a time),
@@ -741,6 +774,7 @@ train_setup(TrainRun *run, FunctionCallInfo fcinfo)
 
 	llm_config_load(a->model, &run->cfg);
 	check_architecture(fcinfo, &run->cfg);
+	llm_train_lock_xact(a->model);
 
 	llm_spi_run("creating the model's row of llm_train_state",
 				psprintf("INSERT INTO %s (model) VALUES ($1) ON CONFLICT (model) DO NOTHING",
@@ -765,16 +799,17 @@ train_setup(TrainRun *run, FunctionCallInfo fcinfo)
 	 */
 	run->total_steps = a->total_steps > 0 ? a->total_steps : (int) Max(run->step0 + a->steps, a->warmup);
 	if (a->warmup > run->total_steps)
-		ereport(ERROR,
-				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
-				 errmsg("warmup (%d steps) is longer than the schedule (total_steps = %d)",
-						a->warmup, run->total_steps),
-				 errhint("Lower warmup or raise total_steps.")));
+		ereport(NOTICE,
+				(errmsg("warmup (%d steps) is longer than the schedule (total_steps = %d): the learning "
+						"rate rises to %g and never reaches lr_max", a->warmup, run->total_steps,
+						a->lr_max * run->total_steps / a->warmup)));
 
-	llm_dataset_open(&run->ds, &run->cfg);
+	llm_dataset_open(&run->ds, &run->cfg, a->dataset, 0);
 	if ((int64) a->batch_size * run->ds.T > PG_INT32_MAX / 4)
 		bad_argument(psprintf("batch_size %d times the block size %d is too large", a->batch_size, run->ds.T),
 					 "Use grad_accum for a larger effective batch.");
+	if (a->eval_dataset != NULL)
+		eval_setup(run);
 	run->rows_per_step = (int64) a->batch_size * a->grad_accum;
 	run->tokens_per_step = (double) run->rows_per_step * run->ds.T;
 	run->model = llm_model_get_private(a->model);
@@ -864,6 +899,62 @@ check_finite(const TrainRun *run, int64 step, double loss, double norm)
 				 errhint("Lower lr_max, or check the weights and the data.")));
 }
 
+/* ---- validation loss --------------------------------------------------------------------- */
+
+static void
+eval_setup(TrainRun *run)
+{
+	llm_dataset_open(&run->eval_ds, &run->cfg, run->args.eval_dataset, run->args.eval_rows);
+	run->val_log = llm_spi_prepare("preparing the llm_train_log update",
+								   psprintf("UPDATE %s SET val_loss = $3 WHERE model = $1 AND step = $2",
+											llm_table("llm_train_log")),
+								   3, (Oid[]) {TEXTOID, INT4OID, FLOAT4OID});
+}
+
+/* The validation loss with the weights of this step, into its log row and a progress report. */
+static void
+eval_step(TrainRun *run, int64 step)
+{
+	int64		tokens;
+	double		val = llm_eval_dataset(run->model, &run->eval_ds, run->args.batch_size, &tokens);
+	StringInfoData detail;
+
+	llm_spi_run_plan("writing llm_train_log", run->val_log,
+					 (Datum[]) {run->model_datum, Int32GetDatum((int32) step), Float4GetDatum((float) val)},
+					 false, 0, SPI_OK_UPDATE);
+	initStringInfo(&detail);
+	appendStringInfoString(&detail, "{\"event\": \"llm_train.eval\", \"model\": ");
+	escape_json(&detail, run->args.model);
+	appendStringInfo(&detail, ", \"step\": %lld, \"dataset\": ", (long long) step);
+	escape_json(&detail, run->args.eval_dataset);
+	json_number(&detail, "val_loss", val);
+	appendStringInfo(&detail, ", \"tokens\": %lld}", (long long) tokens);
+	ereport(DEBUG1,
+			(errmsg_internal("llm_train step=%lld val_loss=%.6f", (long long) step, val),
+			 errdetail_internal("%s", detail.data),
+			 errhidestmt(true)));
+	pfree(detail.data);
+}
+
+/*
+ * ERROR when an update left a parameter NaN, infinite, or so large that float32 sums of its
+ * square overflow (LayerNorm's variance would: every logit NaN). The losses only see the weights
+ * before each update; without this check the last update of a call is committed unseen.
+ */
+static void
+check_params_finite(const TrainRun *run, int64 step, double lr)
+{
+	if (isfinite(sum_of_squares(run->model->memory, run->model->layout.num_params)))
+		return;
+	ereport(ERROR,
+			(errcode(ERRCODE_NUMERIC_VALUE_OUT_OF_RANGE),
+			 errmsg("the update of step %lld left parameters of model \"%s\" that are not finite",
+					(long long) step, run->args.model),
+			 errdetail("The learning rate of that step was %g. Training stopped; nothing of this call was written.",
+					   lr),
+			 errhint("Lower lr_max (it is %g).", run->args.lr_max)));
+}
+
 /*
  * The steps: per step, grad_accum micro-batches forward and backward, the gradient norm and
  * clipping, the learning rate, AdamW, a row of llm_train_log and a progress report.
@@ -886,7 +977,7 @@ train_steps(TrainRun *run)
 							   psprintf("INSERT INTO %s (model, step, lr, loss, grad_norm, tokens_per_s) "
 										"VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (model, step) DO UPDATE "
 										"SET lr = excluded.lr, loss = excluded.loss, grad_norm = excluded.grad_norm, "
-										"tokens_per_s = excluded.tokens_per_s, created_at = now()",
+										"tokens_per_s = excluded.tokens_per_s, val_loss = NULL, created_at = now()",
 										llm_table("llm_train_log")), 6, log_types);
 
 	for (int s = 0; s < a->steps; s++)
@@ -917,6 +1008,7 @@ train_steps(TrainRun *run)
 			grad_scale = (float) Min(1.0, a->grad_clip / (norm + 1e-6));
 		lr = schedule(a, run->total_steps, it);
 		optimizer_step(tr, model, a, lr, grad_scale, it + 1);
+		check_params_finite(run, it + 1, lr);
 
 		tokens_per_s = run->tokens_per_step / (now_seconds() - start);
 		values[0] = run->model_datum;
@@ -927,6 +1019,8 @@ train_steps(TrainRun *run)
 		values[5] = Float4GetDatum((float) tokens_per_s);
 		llm_spi_run_plan("writing llm_train_log", log_plan, values, false, 0, SPI_OK_INSERT);
 		report_step(run, s + 1, it + 1, loss, lr, norm, tokens_per_s);
+		if (a->eval_dataset != NULL && ((a->eval_every > 0 && (it + 1) % a->eval_every == 0) || s + 1 == a->steps))
+			eval_step(run, it + 1);
 		run->last_loss = (float) loss;
 		MemoryContextSwitchTo(old);
 		MemoryContextReset(step_ctx);

@@ -5,9 +5,11 @@ from __future__ import annotations
 import json
 import os
 import re
+import socket
 import time
 import zipfile
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import typer
 
@@ -100,6 +102,27 @@ def read_torch(path: Path) -> dict:
     return state
 
 
+OFFLINE_HINT = ("a model id works offline only when it is in the Hugging Face cache; otherwise give a directory "
+                "written by save_pretrained")
+
+
+def check_hub(source: str, timeout: float = 5.0) -> None:
+    """Fail at once when the Hub cannot be reached (transformers would retry for half a minute).
+
+    One TCP connection to HF_ENDPOINT (default huggingface.co); skipped behind a proxy, which
+    only the HTTP client knows how to use.
+    """
+    if any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+        return
+    url = urlsplit(os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
+    port = url.port or (80 if url.scheme == "http" else 443)
+    try:
+        socket.create_connection((url.hostname, port), timeout=timeout).close()
+    except OSError as e:
+        raise PgllmError(f"cannot download {source!r}: the Hugging Face Hub ({url.hostname}:{port}) is unreachable: "
+                         f"{e.strerror or e}", hint=OFFLINE_HINT) from None
+
+
 def read_pretrained(source: str) -> tuple[dict, dict]:
     """(config, state dict) through transformers: model ids and directories in other layouts.
 
@@ -107,21 +130,26 @@ def read_pretrained(source: str) -> tuple[dict, dict]:
     unreachable, costs half a minute of retries); others are downloaded as transformers does.
     """
     need(f"pgllm convert {source}", "transformers", "torch")
-    import torch
     from huggingface_hub import try_to_load_from_cache
+
+    try:
+        cached = Path(source).is_dir() or isinstance(try_to_load_from_cache(source, "config.json"), str)
+    except ValueError as e:  # not a valid model id
+        raise PgllmError(f"cannot load {source!r}: {str(e).strip().splitlines()[0]}", hint=OFFLINE_HINT) from None
+    if not cached:
+        check_hub(source)  # before importing torch: seconds under load
+
+    import torch
     from transformers import GPT2LMHeadModel
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
     try:
-        cached = Path(source).is_dir() or isinstance(try_to_load_from_cache(source, "config.json"), str)
         model = GPT2LMHeadModel.from_pretrained(source, dtype=torch.float32, local_files_only=cached)
     except (OSError, ValueError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise PgllmError(f"cannot load {source!r}: {first}",
-                         hint="a model id works offline only when it is in the Hugging Face cache; "
-                              "otherwise give a directory written by save_pretrained") from None
+        raise PgllmError(f"cannot load {source!r}: {first}", hint=OFFLINE_HINT) from None
     return model.config.to_dict(), model.state_dict()
 
 

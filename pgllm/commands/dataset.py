@@ -152,11 +152,21 @@ class DBTokenizer:
 
 # ---- rows -------------------------------------------------------------------------------------
 
+def clear(pg: db.Pgllm, dataset: str) -> None:
+    """Empty one dataset; when it is the only one, the ids restart from 1 too."""
+    others = pg.execute("SELECT EXISTS (SELECT 1 FROM {llm_dataset} WHERE dataset <> %s)", (dataset,)).fetchone()[0]
+    if others:
+        pg.execute("DELETE FROM {llm_dataset} WHERE dataset = %s", (dataset,))
+    else:
+        pg.execute("TRUNCATE {llm_dataset} RESTART IDENTITY")
+
+
 class RowWriter:
     """Cuts the token stream into rows and COPYs them, batch_size rows at a time."""
 
-    def __init__(self, pg: db.Pgllm, block_size: int, batch_size: int, vocab: int, model: str):
+    def __init__(self, pg: db.Pgllm, block_size: int, batch_size: int, vocab: int, model: str, dataset: str):
         self.pg, self.T, self.batch_size, self.vocab, self.model = pg, block_size, batch_size, vocab, model
+        self.dataset = dataset
         self.buffer = np.zeros(0, dtype=np.int64)
         self.pending: list[np.ndarray] = []
         self.rows = 0
@@ -184,9 +194,9 @@ class RowWriter:
             return
         batch, self.pending = self.pending[:n], self.pending[n:]
         with self.pg.conn.cursor() as cur:
-            with self.pg.copy(cur, "COPY {llm_dataset} (tokens, target) FROM STDIN") as copy:
+            with self.pg.copy(cur, "COPY {llm_dataset} (dataset, tokens, target) FROM STDIN") as copy:
                 for r in batch:
-                    copy.write_row((r[:-1].tolist(), r[1:].tolist()))
+                    copy.write_row((self.dataset, r[:-1].tolist(), r[1:].tolist()))
         self.rows += n
 
     @property
@@ -196,8 +206,15 @@ class RowWriter:
 
 def dataset(
     ctx: typer.Context,
-    input: list[str] = typer.Option(..., "--input", "-i", help="Text files or globs ('corpus/*.txt'); "
-                                    "repeat the option or list several files after it.", show_default=False),
+    input: list[str] = typer.Option(None, "--input", "-i", help="Text files or globs ('corpus/*.txt'); "
+                                    "repeat the option or list several files after it.", show_default="none: --query"),
+    query: str = typer.Option(None, "--query", "-q", help="Instead of files: a SELECT whose first column (text) "
+                              "is one document per row, tokenized in the server (llm_dataset_build).",
+                              show_default="none: --input files"),
+    val_fraction: float = typer.Option(0.0, "--val-fraction", min=0.0, max=0.99, help="With --query: this "
+                                       "fraction of the documents goes to --val-dataset instead (by a hash of "
+                                       "each document's text: the same split on every run)."),
+    val_dataset: str = typer.Option("val", "--val-dataset", help="The dataset of --val-fraction."),
     more: list[str] = typer.Argument(None, metavar="[FILES]...", help="More input files (what a shell glob "
                                      "after --input expands to).", show_default=False),
     tokenizer: str = typer.Option("gpt2", "--tokenizer", help="gpt2 (transformers; the bundled GPT-2 files "
@@ -206,14 +223,26 @@ def dataset(
     model: str = MODEL,
     block_size: int = typer.Option(1024, "--block-size", min=1, help="Tokens per row."),
     batch_size: int = typer.Option(512, "--batch-size", min=1, help="Rows per COPY."),
-    truncate: bool = typer.Option(False, "--truncate", help="Empty llm_dataset first (in the same transaction)."),
+    dataset_name: str = typer.Option("train", "--dataset", "-d", help="The dataset the rows go to (llm_dataset.dataset)."),
+    truncate: bool = typer.Option(False, "--truncate", help="Empty the dataset first (in the same transaction); "
+                                  "other datasets are kept."),
     split_on: str = typer.Option(None, "--split-on", help="A line that separates documents inside a file, "
                                  "e.g. % for fortune files.", show_default="none: one document per file"),
 ) -> None:
-    """Tokenize text files into fixed-length (tokens, target) rows of llm_dataset.
+    """Tokenize text files (or the rows of a query) into fixed-length (tokens, target) rows of llm_dataset.
 
     The rows must fit --model: token ids within its vocabulary, --block-size within its n_positions.
     """
+    if query is not None:
+        if input or more:
+            raise PgllmError("give either --input files or --query, not both")
+        return from_query(ctx.obj["dsn"], query, model, block_size, dataset_name, truncate, val_fraction,
+                          val_dataset)
+    if not input:
+        raise PgllmError("no input", hint="pass --input FILE, a glob such as 'corpus/*.txt', or --query SQL")
+    if val_fraction:
+        raise PgllmError("--val-fraction needs --query", hint="or build the validation set from its own files "
+                         "with --dataset val")
     files = expand_inputs(list(input) + list(more or []))
     if tokenizer != "db":  # before connecting: a missing package is the first thing to hear about
         need("pgllm dataset --tokenizer gpt2|DIR", "transformers", alternative="or use --tokenizer db")
@@ -227,8 +256,8 @@ def dataset(
                              f'{cfg.n_positions}')
         tok = DBTokenizer(pg, model) if tokenizer == "db" else HFTokenizer(tokenizer)
         if truncate:
-            pg.execute("TRUNCATE {llm_dataset} RESTART IDENTITY")
-        writer = RowWriter(pg, block_size, batch_size, cfg.vocab, model)
+            clear(pg, dataset_name)
+        writer = RowWriter(pg, block_size, batch_size, cfg.vocab, model, dataset_name)
         n_docs = 0
         total_bytes = sum(f.stat().st_size for f in files)
         with Progress(TextColumn("[bold]tokenizing"), BarColumn(), MofNCompleteColumn(),
@@ -246,8 +275,42 @@ def dataset(
             raise PgllmError(f"the input has {writer.tokens} tokens, too few for one row of {block_size} "
                              f"(+1 for the target)", hint="lower --block-size; nothing was written")
         pg.conn.commit()
-        total = pg.execute("SELECT count(*) FROM {llm_dataset}").fetchone()[0]
+        total = pg.execute("SELECT count(*) FROM {llm_dataset} WHERE dataset = %s", (dataset_name,)).fetchone()[0]
     elapsed = time.monotonic() - start
     typer.echo(f"{len(files)} files ({total_bytes / 1e6:.1f} MB), {n_docs} documents, {writer.tokens} tokens "
                f"with {tok.description} -> {writer.rows} rows of {block_size} tokens "
-               f"({writer.leftover} tokens left over) in {elapsed:.1f} s; llm_dataset has {total} rows")
+               f"({writer.leftover} tokens left over) in {elapsed:.1f} s; dataset \"{dataset_name}\" has {total} rows")
+
+
+def from_query(dsn: str | None, query: str, model: str, block_size: int, name: str, truncate: bool,
+               val_fraction: float, val_dataset: str) -> None:
+    """--query: llm_dataset_build in one transaction; with --val-fraction two calls over the same
+    query, each keeping the documents of its side of a hash of the document's text."""
+    if val_fraction and val_dataset == name:
+        raise PgllmError(f'--val-dataset must differ from --dataset ("{name}")')
+    start = time.monotonic()
+    with db.session(dsn) as pg:
+        cfg = pg.require_model(model, hint="its tokenizer and vocabulary are used: register it first "
+                                           "(pgllm import or pgllm init), or pass --model")
+        if block_size > cfg.n_positions:
+            raise PgllmError(f'--block-size {block_size} is larger than model "{model}"\'s n_positions '
+                             f'{cfg.n_positions}')
+        parts = [(name, query)]
+        if val_fraction:
+            # the document's hash in [0, 1): deterministic, independent of the rows' order
+            share = "(pg_catalog.hashtextextended(q.doc::text, 0) & 2147483647) / 2147483648.0"
+            inner = query.strip().rstrip(";")
+            parts = [(name, f"SELECT q.doc FROM ({inner}) AS q(doc) WHERE {share} >= {val_fraction!r}"),
+                     (val_dataset, f"SELECT q.doc FROM ({inner}) AS q(doc) WHERE {share} < {val_fraction!r}")]
+        written = {}
+        for dataset, q in parts:
+            if truncate:
+                clear(pg, dataset)
+            written[dataset] = pg.execute("SELECT {llm_dataset_build}(%s, %s, %s, %s)",
+                                          (q, dataset, model, block_size)).fetchone()[0]
+        if sum(written.values()) == 0:
+            raise PgllmError(f"the query's documents are too few tokens for one row of {block_size} (+1 for the "
+                             f"target)", hint="lower --block-size; nothing was written")
+    where = ", ".join(f'{n} rows into dataset "{d}"' for d, n in written.items())
+    typer.echo(f"{where} ({block_size} tokens each, tokenized in the server with model \"{model}\"'s tokenizer) "
+               f"in {time.monotonic() - start:.1f} s")

@@ -13,6 +13,7 @@ from rich.console import Console
 
 from .. import db
 from ..client import PGLLMClient
+from ..errors import PgllmError
 from ..options import MODEL
 
 
@@ -31,6 +32,13 @@ def generate(
                                    show_default="off: sampling"),
 ) -> None:
     """Generate text after PROMPT: streamed token by token, or by beam search."""
+    if beam_width is not None:
+        # beam search is deterministic: sampling options would be silently ignored
+        given = [f"--{name.replace('_', '-')}" for name in ("temperature", "top_k", "top_p", "seed")
+                 if getattr(ctx.get_parameter_source(name), "name", "DEFAULT") == "COMMANDLINE"]
+        if given:
+            raise PgllmError(f"--beam-width does not sample: {', '.join(given)} would be ignored",
+                             hint="leave them out, or drop --beam-width to sample")
     err = Console(stderr=True)
     with db.connect(ctx.obj["dsn"]) as conn:
         client = PGLLMClient(conn, model)

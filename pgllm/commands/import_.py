@@ -73,6 +73,10 @@ def import_(
     if via not in VIA:
         raise PgllmError(f"--via must be one of {', '.join(VIA)}, not {via!r}")
     path = file.expanduser().absolute()
+    if path.is_dir():
+        raise PgllmError(f"{file} is a directory, not a checkpoint file",
+                         hint="give the .npz file that pgllm convert wrote, or convert the directory first: "
+                              f"pgllm convert {file} --output FILE")
     if not path.is_file():
         raise PgllmError(f"{file}: no such file")
     with open(path, "rb") as f:

@@ -32,6 +32,8 @@ def install(
         build_and_install(pg_config)
         typer.echo(f"installed into {cfg['pkglibdir']}")
         old, new = create_or_update(conn)
+    if cluster is not None and cluster.tcp_enabled():
+        cluster.serve_tcp_clients()  # the database `postgres` that TCP clients use gets pg_llm too
     if old is None:
         typer.echo(f"created extension pg_llm {new}")
     elif old != new:

@@ -31,19 +31,23 @@ def chart(xs: list[int], ys: list[float], width: int, height: int) -> list[str]:
     return lines
 
 
-def write_png(path: Path, model: str, steps, losses, lrs) -> None:
+def write_png(path: Path, model: str, steps, losses, lrs, val: list[tuple[int, float]]) -> None:
     import matplotlib  # checked by log() before it connects
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     fig, ax = plt.subplots(figsize=(8, 4.5), dpi=100)
-    ax.plot(steps, losses, color="tab:blue", linewidth=1.2, label="loss")
+    ax.plot(steps, losses, color="tab:blue", linewidth=1.2, label="training loss")
+    if val:
+        ax.plot([v[0] for v in val], [v[1] for v in val], color="tab:green", linewidth=1.2, marker="o",
+                markersize=3, label="validation loss")
+        ax.legend(loc="upper center")
     ax.set_xlabel("step")
     ax.set_ylabel("loss", color="tab:blue")
     ax.grid(alpha=0.3)
     ax2 = ax.twinx()
     ax2.plot(steps, lrs, color="tab:orange", linewidth=1.0, alpha=0.7, label="learning rate")
     ax2.set_ylabel("learning rate", color="tab:orange")
-    ax.set_title(f"{model}: training loss")
+    ax.set_title(f"{model}: training loss" + (" and validation loss" if val else ""))
     fig.tight_layout()
     try:
         fig.savefig(path, format="png")
@@ -62,11 +66,11 @@ def log(
     width: int = typer.Option(72, "--width", min=8, help="Chart width in columns."),
     height: int = typer.Option(12, "--height", min=2, help="Chart height in rows."),
 ) -> None:
-    """Show the loss curve of a model's training (llm_train_log)."""
+    """Show the loss curves of a model's training (llm_train_log): training loss, and validation loss when logged."""
     if png is not None:
         need("pgllm log --png", "matplotlib")  # before connecting
     with db.session(ctx.obj["dsn"]) as pg:
-        rows = pg.execute("SELECT step, loss, lr, grad_norm, tokens_per_s FROM {llm_train_log} WHERE model = %s "
+        rows = pg.execute("SELECT step, loss, lr, grad_norm, tokens_per_s, val_loss FROM {llm_train_log} WHERE model = %s "
                           "ORDER BY step", (model,)).fetchall()
     if not rows:
         raise PgllmError(f'model "{model}" has no training log', hint="train it with pgllm train")
@@ -76,11 +80,17 @@ def log(
     losses = [r[1] for r in rows]
     lrs = [r[2] for r in rows]
     rates = [r[4] for r in rows if r[4] is not None]
+    val = [(r[0], r[5]) for r in rows if r[5] is not None]
     typer.echo(f"{model}: {len(rows)} steps ({steps[0]}..{steps[-1]}), loss {losses[0]:.4f} -> {losses[-1]:.4f} "
                f"(min {min(losses):.4f}), lr {lrs[-1]:.2e} now"
                + (f", {sum(rates) / len(rates):.0f} tokens/s on average" if rates else ""))
     for line in chart(steps, losses, width, height):
         typer.echo(line)
+    if val:
+        typer.echo(f"validation loss: {len(val)} points ({val[0][0]}..{val[-1][0]}), {val[0][1]:.4f} -> "
+                   f"{val[-1][1]:.4f} (min {min(v[1] for v in val):.4f})")
+        for line in chart([v[0] for v in val], [v[1] for v in val], width, height):
+            typer.echo(line)
     if png is not None:
-        write_png(png, model, steps, losses, lrs)
+        write_png(png, model, steps, losses, lrs, val)
         typer.echo(f"wrote {png}")

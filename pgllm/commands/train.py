@@ -64,6 +64,14 @@ def train(
     dropout: float = typer.Option(0.0, "--dropout", help="Dropout probability on embeddings, attention and "
                                   "residual branches (GPT-2's *_pdrop)."),
     seed: int = typer.Option(1337, "--seed", help="Seed of the dropout masks."),
+    dataset: str = typer.Option("train", "--dataset", "-d", help="The dataset of llm_dataset to train on."),
+    eval_dataset: str = typer.Option(None, "--eval-dataset", help="A dataset to measure the validation loss on "
+                                     "(llm_train_log.val_loss), at every commit and every --eval-every steps.",
+                                     show_default="none"),
+    eval_every: int = typer.Option(0, "--eval-every", min=0, help="Steps between validation losses; 0 = at "
+                                   "each commit only."),
+    eval_rows: int = typer.Option(None, "--eval-rows", min=1, help="Validation rows used (the first N).",
+                                  show_default="every row"),
     commit_every: int = typer.Option(100, "--commit-every", min=1, help="Steps per transaction."),
     threads: int = typer.Option(None, "--threads", min=0, help="pg_llm.threads for this run.",
                                 show_default="the server's setting"),
@@ -73,30 +81,39 @@ def train(
     with db.session(ctx.obj["dsn"]) as pg:
         conn = pg.conn
         pg.require_model(model, hint="pgllm import or pgllm init creates it")
+        # one run per model: this session keeps the model's training lock until it ends, and a
+        # second run fails here (the other run's pid in the error) instead of sharing the schedule
+        pg.execute("SELECT {llm_train_lock}(%s)", (model,))
         row = pg.execute("SELECT step FROM {llm_train_state} WHERE model = %s", (model,)).fetchone()
         start_step = row[0] if row else 0
         total = total_steps if total_steps is not None else start_step + steps
         if warmup is None:
             warmup = min(2000, max(1, total // 10))
         if warmup > total:
-            raise PgllmError(f"--warmup {warmup} is longer than the schedule ({total} steps)",
-                             hint="lower --warmup or raise --total-steps")
+            console.print(f"note: --warmup {warmup} is longer than the schedule ({total} steps): the learning rate "
+                          f"rises to {lr_max * total / warmup:.3g} and never reaches --lr-max")
         conn.commit()
         if threads is not None:
             conn.execute("SELECT set_config('pg_llm.threads', %s, false)", (str(threads),))
         conn.execute("SET client_min_messages = debug1")
         conn.commit()
 
+        if eval_dataset is None and (eval_every or eval_rows):
+            raise PgllmError("--eval-every and --eval-rows need --eval-dataset", hint="e.g. --eval-dataset val")
         history: list[tuple[int, float, float, float]] = []  # (step, loss, lr, tokens/s)
+        val_history: list[tuple[int, float]] = []  # (step, val_loss)
         committed = 0
         started = time.monotonic()
         with Progress(TextColumn("[bold]training[/] step {task.fields[step]}"), BarColumn(), MofNCompleteColumn(),
-                      TextColumn("loss {task.fields[loss]}  lr {task.fields[lr]}  {task.fields[tps]} tok/s"),
+                      TextColumn("loss {task.fields[loss]}{task.fields[val]}  lr {task.fields[lr]}  {task.fields[tps]} tok/s"),
                       TimeElapsedColumn(), TimeRemainingColumn(), console=console, transient=True) as progress:
-            task = progress.add_task("train", total=steps, step=start_step, loss="-", lr="-", tps="-")
+            task = progress.add_task("train", total=steps, step=start_step, loss="-", val="", lr="-", tps="-")
 
             def on_notice(diag: psycopg.errors.Diagnostic) -> None:
                 event = train_event(diag)
+                if event is not None and event["event"] == "llm_train.eval" and event["val_loss"] is not None:
+                    val_history.append((event["step"], event["val_loss"]))
+                    progress.update(task, val=f"  val {event['val_loss']:.4f}")
                 if event is None or event["event"] != "llm_train.step":
                     return
                 step, loss, lr, tps = event["step"], event["loss"], event["lr"], event["tokens_per_s"]
@@ -111,9 +128,10 @@ def train(
                     pg.execute(
                         "SELECT {llm_train}(%s, %s, beta1 => %s, beta2 => %s, eps => %s, wd => %s, lr_max => %s, "
                         "warmup => %s, batch_size => %s, grad_accum => %s, grad_clip => %s, lr_min => %s, "
-                        "total_steps => %s, dropout => %s, seed => %s)",
+                        "total_steps => %s, dropout => %s, seed => %s, dataset => %s, eval_dataset => %s, eval_every => %s, "
+                        "eval_rows => %s)",
                         (model, n, beta1, beta2, eps, wd, lr_max, warmup, batch_size, grad_accum, grad_clip,
-                         lr_min, total, dropout, seed))
+                         lr_min, total, dropout, seed, dataset, eval_dataset, eval_every, eval_rows))
                     conn.commit()
                     committed += n
                     progress.update(task, completed=committed)
@@ -130,5 +148,7 @@ def train(
     last = f"{losses[-1]:.4f}" if losses else "-"
     rate = f"{sum(rates) / len(rates):.0f}" if rates else "-"
     typer.echo(f"trained model \"{model}\": steps {start_step + 1}..{start_step + steps} of a {total}-step "
-               f"schedule, loss {first} -> {last}, {rate} tokens/s per step, {elapsed:.1f} s "
+               f"schedule, loss {first} -> {last}"
+               + (f", val loss {val_history[0][1]:.4f} -> {val_history[-1][1]:.4f}" if val_history else "")
+               + f", {rate} tokens/s per step, {elapsed:.1f} s "
                f"({math.ceil(steps / commit_every)} commits)")
