@@ -70,3 +70,14 @@ AS 'MODULE_PATHNAME', 'pg_llm_load_bpe_vocab_bytes' LANGUAGE C VOLATILE STRICT;
 CREATE FUNCTION pg_llm_load_bpe_merges_bytes(data bytea, model text, replace boolean DEFAULT false,
                                              file text DEFAULT 'merges.txt') RETURNS bigint
 AS 'MODULE_PATHNAME', 'pg_llm_load_bpe_merges_bytes' LANGUAGE C VOLATILE STRICT;
+
+-- ==== decode: inference precision ====
+-- pg_llm.inference_precision (float32, the default, bfloat16 or int8; per session, role or
+-- database) picks the copy of a model's weights that inference computes with. Each precision is
+-- derived from llm_param and shared by the server's backends like the float32 copy (the format
+-- column of pg_llm_weight_cache()). This builds one ahead of time (pgllm quantize), so that no
+-- session waits for it; inference_precision NULL means the session's setting.
+CREATE FUNCTION pg_llm_weight_cache_build(model text, inference_precision text DEFAULT NULL,
+    OUT format text, OUT weights_version bigint, OUT bytes bigint, OUT shared boolean)
+RETURNS record
+AS 'MODULE_PATHNAME', 'pg_llm_weight_cache_build' LANGUAGE C VOLATILE;
