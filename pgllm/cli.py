@@ -99,8 +99,8 @@ def main_options(
 
 
 def _register() -> None:
-    from .commands import (checkpoint, convert, dataset, export, generate, import_, init, install, log, server,
-                           tokenizer, train)
+    from .commands import (checkpoint, convert, dataset, export, generate, import_, init, install, log, quantize,
+                           server, tokenizer, train)
 
     app.command("install")(install.install)
     app.add_typer(server.app, name="server")
@@ -114,6 +114,7 @@ def _register() -> None:
     app.command("train")(train.train)
     app.command("log")(log.log)
     app.command("generate")(generate.generate)
+    app.command("quantize")(quantize.quantize)
 
 
 _register()

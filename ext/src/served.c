@@ -2,11 +2,10 @@
  * served.c: the copies of a model's weights that inference reads (see served.h), one format of
  * the weight cache per precision.
  *
- * A served copy has six sections: the float32 vectors (wpe, LayerNorm weights, biases: model.h's
- * kinds in block order, without the matrices), then the packed head (wte^T) and, for every layer
- * in order, the packed c_attn, attn.c_proj, c_fc and mlp.c_proj weights. Decode streams the packed
- * sections front to back; the tied embedding reads its rows back from the packed head
- * (llm_weights_column), so there is no second copy of wte.
+ * A served copy is one section: the packed head (wte^T), then each layer's packed c_attn weights,
+ * all layers' attn.c_proj, c_fc and mlp.c_proj, then the float32 vectors (wpe, LayerNorm
+ * weights, biases: model.h's kinds in block order, without the matrices). The tied embedding reads
+ * its rows back from the packed head (llm_weights_column), so there is no second copy of wte.
  *
  * Why packed for the prompt too: the packed kernels run T rows in blocks of 96 as fast as or
  * faster than sgemm on the float32 block (bench.kernels at T = 128; docs/notes/decode.md), so one
@@ -30,6 +29,26 @@ static const struct config_enum_entry precision_options[] = {
 	{NULL, 0, false}
 };
 
+/* pg_llm.simd: "auto" is no cap (the best level of the CPU, capped by PG_LLM_SIMD). */
+#define SIMD_AUTO (LLM_SIMD_AVX512_DOT + 1)
+
+static int	simd_cap = SIMD_AUTO;
+
+static const struct config_enum_entry simd_options[] = {
+	{"auto", SIMD_AUTO, false},
+	{"portable", LLM_SIMD_PORTABLE, false},
+	{"avx2", LLM_SIMD_AVX2, false},
+	{"avx512", LLM_SIMD_AVX512, false},
+	{"avx512dot", LLM_SIMD_AVX512_DOT, false},
+	{NULL, 0, false}
+};
+
+static void
+assign_simd(int newval, void *extra)
+{
+	(void) llm_simd_set_level(newval == SIMD_AUTO ? LLM_SIMD_AVX512_DOT : (LlmSimdLevel) newval);
+}
+
 /* The packed kinds, in section order (sections 1, 2, ...). */
 static const LlmParamKind packed_kinds[] = {LLM_WTE, LLM_QKVW, LLM_ATTPROJW, LLM_FCW, LLM_FCPROJW};
 
@@ -47,6 +66,12 @@ llm_served_init(void)
 							 "shared by the server's backends. Training always uses float32.",
 							 &llm_inference_precision, LLM_PRECISION_FLOAT32, precision_options,
 							 PGC_USERSET, 0, NULL, NULL, NULL);
+	DefineCustomEnumVariable("pg_llm.simd",
+							 "Highest instruction-set level of the inference kernels.",
+							 "auto: the best this CPU runs (capped by the environment variable PG_LLM_SIMD); "
+							 "portable, avx2, avx512 or avx512dot cap it, for instance to compare a CPU without AVX-512.",
+							 &simd_cap, SIMD_AUTO, simd_options,
+							 PGC_USERSET, 0, NULL, assign_simd, NULL);
 }
 
 const char *
@@ -120,19 +145,38 @@ packed_shape(const LlmConfig *cfg, LlmParamKind kind, size_t *IC, size_t *OC)
 	}
 }
 
-/* Where each vector kind starts in section 0 (in floats), and the floats of all of them. */
+/*
+ * Where everything is in the copy's one section: the packed matrices of each packed kind
+ * (packed[k], bytes; multiples of 64), then the vectors (vector[k], in floats from their start at
+ * *vectors bytes). Returns the section's bytes. One section rather than one per kind: each section
+ * starts on a 2 MB page, and that padding would take 10 MB of a 130 MB int8 copy of GPT-2 small.
+ */
 static size_t
-vector_offsets(const LlmLayout *lay, const LlmConfig *cfg, size_t *offset)
+served_layout(const LlmConfig *cfg, const LlmLayout *lay, LlmWeightFormat fmt, size_t *packed,
+			  size_t *vector, size_t *vectors)
 {
-	size_t		n = 0;
+	size_t		bytes = 0,
+				floats = 0;
 
 	for (int k = 0; k < LLM_NUM_KINDS; k++)
 	{
-		offset[k] = n;
+		size_t		IC,
+					OC;
+
 		if (!is_packed((LlmParamKind) k))
-			n += lay->size[k] * llm_kind_tensors(cfg, (LlmParamKind) k);
+			continue;
+		packed_shape(cfg, (LlmParamKind) k, &IC, &OC);
+		packed[k] = bytes;
+		bytes += llm_kind_tensors(cfg, (LlmParamKind) k) * llm_weights_packed_size(fmt, IC, OC);
 	}
-	return n;
+	*vectors = bytes;
+	for (int k = 0; k < LLM_NUM_KINDS; k++)
+	{
+		vector[k] = floats;
+		if (!is_packed((LlmParamKind) k))
+			floats += lay->size[k] * llm_kind_tensors(cfg, (LlmParamKind) k);
+	}
+	return bytes + floats * sizeof(float);
 }
 
 typedef struct ServedFill
@@ -141,18 +185,16 @@ typedef struct ServedFill
 	const float *source;
 } ServedFill;
 
-/* Packs one matrix (or a piece of the head) into buf and writes it at offset of a section. */
+/* Packs one matrix (or a piece of the head) into buf and writes it at offset. */
 static void
-write_packed(LlmWcWriter *w, int section, size_t offset, LlmWeightFormat fmt, LlmParamKind kind,
+write_packed(LlmWcWriter *w, size_t offset, LlmWeightFormat fmt, LlmParamKind kind,
 			 const float *src, size_t IC, size_t OC, void *buf)
 {
-	size_t		bytes = llm_weights_packed_size(fmt, IC, OC);
-
 	if (kind == LLM_WTE)
 		llm_weights_pack_head(fmt, buf, src, OC, IC);
 	else
 		llm_weights_pack(fmt, buf, src, IC, OC);
-	llm_wc_write(w, section, offset, buf, bytes);
+	llm_wc_write(w, 0, offset, buf, llm_weights_packed_size(fmt, IC, OC));
 	CHECK_FOR_INTERRUPTS();
 }
 
@@ -162,21 +204,25 @@ fill_served(const LlmConfig *cfg, LlmWcWriter *w, void *arg)
 	const ServedFill *f = arg;
 	LlmWeightFormat fmt = llm_precision_format(f->prec);
 	LlmLayout	lay;
-	size_t		offset[LLM_NUM_KINDS];
+	size_t		packed[LLM_NUM_KINDS],
+				vector[LLM_NUM_KINDS],
+				vectors;
 	const float *block = f->source;
 	LlmWcCopy  *own = NULL;
 	size_t		buf_bytes = 0;
 	void	   *buf;
 
 	llm_layout_init(cfg, &lay);
-	(void) vector_offsets(&lay, cfg, offset);
+	(void) served_layout(cfg, &lay, fmt, packed, vector, &vectors);
 	for (size_t i = 0; i < N_PACKED; i++)
 	{
 		size_t		IC,
 					OC;
 
 		packed_shape(cfg, packed_kinds[i], &IC, &OC);
-		buf_bytes = Max(buf_bytes, llm_weights_packed_size(fmt, IC, packed_kinds[i] == LLM_WTE ? Min(OC, HEAD_CHUNK) : OC));
+		if (packed_kinds[i] == LLM_WTE)
+			OC = Min(OC, HEAD_CHUNK);
+		buf_bytes = Max(buf_bytes, llm_weights_packed_size(fmt, IC, OC));
 	}
 	buf = MemoryContextAllocHuge(CurrentMemoryContext, buf_bytes);
 	if (block == NULL)
@@ -189,33 +235,27 @@ fill_served(const LlmConfig *cfg, LlmWcWriter *w, void *arg)
 	}
 	PG_TRY();
 	{
-		for (int k = 0; k < LLM_NUM_KINDS; k++)
-			if (!is_packed((LlmParamKind) k))
-				llm_wc_write(w, 0, offset[k] * sizeof(float), block + lay.offset[k],
-							 lay.size[k] * llm_kind_tensors(cfg, (LlmParamKind) k) * sizeof(float));
 		for (size_t i = 0; i < N_PACKED; i++)
 		{
 			LlmParamKind kind = packed_kinds[i];
 			size_t		IC,
-						OC;
+						OC,
+						bytes;
 
 			packed_shape(cfg, kind, &IC, &OC);
-			if (kind == LLM_WTE)
-			{
-				/* in pieces of HEAD_CHUNK vocabulary rows: panels are independent */
-				for (size_t v0 = 0; v0 < OC; v0 += HEAD_CHUNK)
-					write_packed(w, 1 + i, llm_weights_packed_size(fmt, IC, v0), fmt, kind,
-								 block + lay.offset[kind] + v0 * IC, IC, Min(HEAD_CHUNK, OC - v0), buf);
-			}
-			else
-			{
-				size_t		bytes = llm_weights_packed_size(fmt, IC, OC);
-
-				for (size_t l = 0; l < llm_kind_tensors(cfg, kind); l++)
-					write_packed(w, 1 + i, l * bytes, fmt, kind, block + lay.offset[kind] + l * lay.size[kind],
-								 IC, OC, buf);
-			}
+			bytes = llm_weights_packed_size(fmt, IC, OC);
+			/* the head in pieces of HEAD_CHUNK vocabulary rows: panels are independent */
+			for (size_t v0 = 0; kind == LLM_WTE && v0 < OC; v0 += HEAD_CHUNK)
+				write_packed(w, packed[kind] + llm_weights_packed_size(fmt, IC, v0), fmt, kind,
+							 block + lay.offset[kind] + v0 * IC, IC, Min(HEAD_CHUNK, OC - v0), buf);
+			for (size_t l = 0; kind != LLM_WTE && l < llm_kind_tensors(cfg, kind); l++)
+				write_packed(w, packed[kind] + l * bytes, fmt, kind, block + lay.offset[kind] + l * lay.size[kind],
+							 IC, OC, buf);
 		}
+		for (int k = 0; k < LLM_NUM_KINDS; k++)
+			if (!is_packed((LlmParamKind) k))
+				llm_wc_write(w, 0, vectors + vector[k] * sizeof(float), block + lay.offset[k],
+							 lay.size[k] * llm_kind_tensors(cfg, (LlmParamKind) k) * sizeof(float));
 	}
 	PG_FINALLY();
 	{
@@ -228,9 +268,10 @@ fill_served(const LlmConfig *cfg, LlmWcWriter *w, void *arg)
 void
 llm_served_format(const LlmConfig *cfg, LlmPrecision prec, const float *source, LlmWcFormat *fmt)
 {
-	LlmWeightFormat wf = llm_precision_format(prec);
 	LlmLayout	lay;
-	size_t		offset[LLM_NUM_KINDS];
+	size_t		packed[LLM_NUM_KINDS],
+				vector[LLM_NUM_KINDS],
+				vectors;
 	ServedFill *f = palloc(sizeof(ServedFill));
 
 	llm_layout_init(cfg, &lay);
@@ -239,18 +280,9 @@ llm_served_format(const LlmConfig *cfg, LlmPrecision prec, const float *source, 
 	fmt->layout = LLM_WC_LAYOUT_PACKED + LLM_WEIGHTS_LAYOUT;
 	fmt->precision = prec == LLM_PRECISION_FLOAT32 ? LLM_WC_FLOAT32 :
 		prec == LLM_PRECISION_BFLOAT16 ? LLM_WC_BFLOAT16 : LLM_WC_INT8;
-	fmt->n_sections = 1 + N_PACKED;
-	fmt->section_id[0] = LLM_WC_SECTION_VECTORS;
-	fmt->section_bytes[0] = vector_offsets(&lay, cfg, offset) * sizeof(float);
-	for (size_t i = 0; i < N_PACKED; i++)
-	{
-		size_t		IC,
-					OC;
-
-		packed_shape(cfg, packed_kinds[i], &IC, &OC);
-		fmt->section_id[1 + i] = LLM_WC_SECTION_PACKED + packed_kinds[i];
-		fmt->section_bytes[1 + i] = llm_kind_tensors(cfg, packed_kinds[i]) * llm_weights_packed_size(wf, IC, OC);
-	}
+	fmt->n_sections = 1;
+	fmt->section_id[0] = LLM_WC_SECTION_SERVED;
+	fmt->section_bytes[0] = served_layout(cfg, &lay, llm_precision_format(prec), packed, vector, &vectors);
 	f->prec = prec;
 	f->source = source;
 	fmt->fill = fill_served;
@@ -262,9 +294,12 @@ llm_served_point(LlmModel *m, const LlmWcCopy *copy, LlmPrecision prec)
 {
 	LlmLayout	vectors = m->layout;
 	LlmWeightFormat fmt = llm_precision_format(prec);
+	size_t		packed[LLM_NUM_KINDS],
+				start;
+	const char *base = copy->section[0];
 
-	(void) vector_offsets(&m->layout, &m->cfg, vectors.offset);
-	m->memory = copy->section[0];
+	(void) served_layout(&m->cfg, &m->layout, fmt, packed, vectors.offset, &start);
+	m->memory = (float *) (base + start);
 	llm_params_point(m->memory, &vectors, &m->p);
 	m->p.wte = m->p.qkvw = m->p.attprojw = m->p.fcw = m->p.fcprojw = NULL;
 	m->served = true;
@@ -273,11 +308,12 @@ llm_served_point(LlmModel *m, const LlmWcCopy *copy, LlmPrecision prec)
 	m->packed.fmt = fmt;
 	for (size_t i = 0; i < N_PACKED; i++)
 	{
+		LlmParamKind kind = packed_kinds[i];
 		size_t		IC,
 					OC;
 
-		packed_shape(&m->cfg, packed_kinds[i], &IC, &OC);
-		m->packed.w[packed_kinds[i]] = copy->section[1 + i];
-		m->packed.stride[packed_kinds[i]] = llm_weights_packed_size(fmt, IC, OC);
+		packed_shape(&m->cfg, kind, &IC, &OC);
+		m->packed.w[kind] = (const uint8_t *) base + packed[kind];
+		m->packed.stride[kind] = llm_weights_packed_size(fmt, IC, OC);
 	}
 }

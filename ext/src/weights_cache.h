@@ -32,8 +32,7 @@ typedef enum LlmWcPrecision
 typedef enum LlmWcSectionId
 {
 	LLM_WC_SECTION_PARAMS = 1,	/* the whole parameter block */
-	LLM_WC_SECTION_VECTORS = 2, /* the float32 vectors of a served copy */
-	LLM_WC_SECTION_PACKED = 16	/* + LlmParamKind: the packed matrices of a kind, all layers */
+	LLM_WC_SECTION_SERVED = 2	/* a served copy: packed matrices and float32 vectors (served.c) */
 } LlmWcSectionId;
 
 /* Writes the sections of a copy being built (a shared file or private memory). */
