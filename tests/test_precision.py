@@ -51,25 +51,36 @@ def markov_text(n: int, length: int, seed: int) -> np.ndarray:
     return x
 
 
-def trained_gpt2(steps: int = 300) -> GPT2LMHeadModel:
+def trained_gpt2(steps: int = 150) -> GPT2LMHeadModel:
+    """About 0.7 nats of held-out loss (the chain's entropy is 0.55) after 150 steps of 16 x 32 tokens."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # a tiny model: more threads only wait for each other on a busy machine
     torch.manual_seed(0)
     model = GPT2LMHeadModel(GPT2Config(n_layer=2, n_head=4, n_embd=80, n_positions=P, vocab_size=V,
                                        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0))
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    for step in range(steps):
-        batch = torch.from_numpy(markov_text(32, P, seed=1000 + step))
-        loss = model(batch, labels=batch).loss
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    try:
+        for step in range(steps):
+            batch = torch.from_numpy(markov_text(16, 32, seed=1000 + step))
+            loss = model(batch, labels=batch).loss
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    finally:
+        torch.set_num_threads(threads)
     return model.float().eval()
+
+
+def connect(dsn) -> psycopg.Connection:
+    """One thread per backend: the models here are tiny, and results do not depend on threads."""
+    return psycopg.connect(dsn, autocommit=True, options="-c pg_llm.threads=1")
 
 
 @pytest.fixture(scope="module")
 def trained(dsn):
     """(name, connection) of the trained model in the suite's database."""
     name = "precision-trained"
-    with psycopg.connect(dsn, autocommit=True) as conn:
+    with connect(dsn) as conn:
         store_hf_model(conn, name, trained_gpt2())
         yield name, conn
         conn.execute("DELETE FROM llm_model_config WHERE model = %s", (name,))
@@ -164,7 +175,7 @@ SHAPES = {  # n_layer, n_head, d_model, n_positions, vocab
 @pytest.mark.parametrize("shape", list(SHAPES))
 def test_each_precision_near_float32_on_odd_shapes(db, shape):
     hf = random_gpt2(seed=3, **SHAPES[shape])
-    with psycopg.connect(db, autocommit=True) as conn:
+    with connect(db) as conn:
         store_hf_model(conn, shape, hf)
         for T in (1, 5, SHAPES[shape]["n_positions"]):
             tokens = [(11 * i + 3) % SHAPES[shape]["vocab_size"] for i in range(T)]
@@ -218,10 +229,13 @@ def test_setting_per_session_role_and_database(cluster, db):
 
 
 def test_bad_precision_is_a_clear_error(conn):
-    with pytest.raises(psycopg.errors.InvalidParameterValue, match="Available values: float32, bfloat16, int8"):
+    conn.execute("SELECT pg_llm_version()")  # the library loaded: its settings are checked from now on
+    with pytest.raises(psycopg.errors.InvalidParameterValue) as e:
         conn.execute("SET pg_llm.inference_precision = int4")
-    with pytest.raises(psycopg.errors.InvalidParameterValue, match='unknown precision "int4"'):
+    assert e.value.diag.message_hint == "Available values: float32, bfloat16, int8."
+    with pytest.raises(psycopg.errors.InvalidParameterValue) as e:
         conn.execute("SELECT * FROM pg_llm_weight_cache_build('x', 'int4')")
+    assert e.value.diag.message_primary == 'unknown precision "int4"'
 
 
 def test_copies_follow_weights_version_in_every_precision_and_int8_is_a_quarter(db):
@@ -281,6 +295,6 @@ def test_cli_quantize(cli, db):
     with psycopg.connect(db, autocommit=True) as conn:
         assert conn.execute("SELECT count(*) FROM pg_llm_weight_cache() WHERE model = 'q' AND format = 'int8'").fetchone()[0] == 1
     bad = cli("--dsn", db, "quantize", "q", "--precision", "int4")
-    assert bad.exit_code == 1 and 'Error: unknown precision "int4"' in bad.stderr
+    assert bad.exit_code == 1 and 'Error: unknown precision "int4"' in bad.output and "Traceback" not in bad.output
     missing = cli("--dsn", db, "quantize", "nope")
-    assert missing.exit_code == 1 and 'Error: model "nope" does not exist' in missing.stderr
+    assert missing.exit_code == 1 and 'Error: model "nope" does not exist' in missing.output
