@@ -12,7 +12,7 @@ chain in which each token has one likely successor (p = 0.9), trained with torch
     int8        <= 0.01 nats             within 1%                >= 95%
 
 The same bounds hold on the plain-C kernels (pg_llm.simd = portable: what a CPU without AVX runs,
-forced here). On random models of odd shapes the logits of each precision stay near float32's
+forced here), on the first 16 held-out sequences (1008 positions). On random models of odd shapes the logits of each precision stay near float32's
 (relative L2 error at most 1% for bfloat16, 2% for int8: bf16 keeps 8 bits of mantissa, int8 7
 bits per block of 32). Each precision's copy is shared like float32's, follows weights_version, and
 the int8 copy is about 0.27x the float32 one.
@@ -144,14 +144,18 @@ def test_the_trained_model_is_peaked(reference):
 @pytest.mark.parametrize("prec", ["bfloat16", "int8"])
 def test_quality_on_a_trained_model(trained, reference, prec, simd):
     name, conn = trained
+    # the plain-C kernels are slow: a third of the held-out text (1008 positions) for them
+    n = len(reference["seqs"]) // (3 if simd == "portable" else 1)
+    lp, seqs = reference["lp"][:n], reference["seqs"][:n]
+    ref = {"lp": lp, "nll": -np.take_along_axis(lp, seqs[:, 1:, None], -1).mean(), "greedy": reference["greedy"]}
     conn.execute("SELECT set_config('pg_llm.simd', %s, false)", (simd,))
     try:
-        q = quality(conn, name, prec, reference["seqs"], reference["prompts"], reference)
+        q = quality(conn, name, prec, seqs, reference["prompts"], ref)
     finally:
         conn.execute("RESET pg_llm.simd")
     max_kl, max_ppl = BOUNDS[prec]
     print(f"{prec} ({simd}): {q}")
-    assert q["positions"] >= 3000
+    assert q["positions"] >= (3000 if simd == "auto" else 1000)
     assert q["kl"] <= max_kl
     assert abs(q["ppl_ratio"] - 1) <= max_ppl
     assert q["greedy"] >= GREEDY_AGREEMENT
