@@ -538,8 +538,9 @@ model_get_served(const char *model, LlmPrecision prec)
 				reuse = TransactionIdIsCurrentTransactionId(serving.xmin);
 				break;
 			case COPY_FALLBACK:
-			case COPY_TRAIN:
 				reuse = true;
+				break;
+			case COPY_TRAIN:	/* training's slot only */
 				break;
 		}
 	}
