@@ -100,7 +100,7 @@ def main_options(
 
 def _register() -> None:
     from .commands import (checkpoint, convert, dataset, eval, export, generate, grant, import_, init, install, log,
-                           models, server, tokenizer, train)
+                           models, quantize, server, tokenizer, train)
 
     app.command("install")(install.install)
     app.add_typer(server.app, name="server")
@@ -118,6 +118,7 @@ def _register() -> None:
     app.command("generate")(generate.generate)
     app.command("grant")(grant.grant)
     app.command("revoke")(grant.revoke)
+    app.command("quantize")(quantize.quantize)
 
 
 _register()

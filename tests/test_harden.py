@@ -169,7 +169,7 @@ TRAINING = [
     "SELECT llm_checkpoint_load('m', (SELECT min(id) FROM llm_checkpoint WHERE model = 'm'))",
     "SELECT llm_init('m_{role}', 1, 2, 32, 32, 64)",
     "SELECT pg_llm_load_bpe_vocab_bytes(convert_to('{{\"a\": 0, \"b\": 1}}', 'UTF8'), 'm_{role}')",
-    "INSERT INTO llm_dataset (tokens, target) VALUES (ARRAY[1, 2], ARRAY[2, 3])",
+    "INSERT INTO llm_dataset (dataset, tokens, target) VALUES ('by_{role}', ARRAY[1, 2], ARRAY[2, 3])",
     "DELETE FROM llm_train_log WHERE model = 'nothing'",
 ]
 SERVER_FILES = [

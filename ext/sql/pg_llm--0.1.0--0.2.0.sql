@@ -256,3 +256,14 @@ SELECT c.model, c.n_layer, c.n_head, c.d_model, c.n_positions, c.vocab,
          WHERE w.database = pg_catalog.current_database() AND w.model = c.model
            AND w.weights_version = c.weights_version) AS cached
   FROM llm_model_config c LEFT JOIN llm_train_state s ON s.model = c.model;
+
+-- ==== decode: inference precision ====
+-- pg_llm.inference_precision (float32, the default, bfloat16 or int8; per session, role or
+-- database) picks the copy of a model's weights that inference computes with. Each precision is
+-- derived from llm_param and shared by the server's backends like the float32 copy (the format
+-- column of pg_llm_weight_cache()). This builds one ahead of time (pgllm quantize), so that no
+-- session waits for it; inference_precision NULL means the session's setting.
+CREATE FUNCTION pg_llm_weight_cache_build(model text, inference_precision text DEFAULT NULL,
+    OUT format text, OUT weights_version bigint, OUT bytes bigint, OUT shared boolean)
+RETURNS record
+AS 'MODULE_PATHNAME', 'pg_llm_weight_cache_build' LANGUAGE C VOLATILE;

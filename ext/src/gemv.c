@@ -40,7 +40,7 @@
 #include <immintrin.h>
 #endif
 
-#define NR 32					/* output columns per panel */
+#define NR LLM_WEIGHTS_PANEL		/* output columns per panel */
 #define QK 32					/* inputs per int8 block */
 #define Q8_BLOCK (NR * 2 + NR * QK) /* bytes of a block: 32 fp16 scales, 32x32 weights */
 #define MR_MAX 12				/* most rows any kernel takes at once */

@@ -24,6 +24,13 @@
 /* Version of the packed layouts (gemv.c): a stored packed copy made under another is stale. */
 #define LLM_WEIGHTS_LAYOUT 1
 
+/*
+ * Output columns per panel of a packed matrix. Panels are independent: the columns [o0, o1) of a
+ * matrix, o0 a multiple of this, pack into exactly the bytes the whole matrix has from panel
+ * o0 / LLM_WEIGHTS_PANEL on, so a large matrix can be packed in pieces.
+ */
+#define LLM_WEIGHTS_PANEL 32
+
 typedef enum LlmWeightFormat
 {
 	LLM_WEIGHTS_F32,			/* float32: 4 bytes per weight */

@@ -4,19 +4,22 @@
  * 1/sqrt(hs), GELU in its tanh form, a final LayerNorm and the output head tied to wte.
  *
  * Where the time goes, and what each path is built for:
- * - A prompt is T rows: every linear layer is an sgemm (BLAS) per worker thread on its share of
- *   the columns (matmul_rows in matmul.c), attention two sgemms per head and block of rows, heads
- *   spread over the threads.
- *   In the last layer only the last row goes on past the key/value projection: its keys and
- *   values are all the cache needs, and only its logits are wanted.
- * - A generation step is B rows (B = 1, or the beams). That is memory-bound: each step streams every
- *   weight once (0.5 GB for GPT-2 small). BLAS is slow for so few rows, so a plain-C kernel reads each
- *   weight row once for all B rows, split over the worker threads by output columns.
- * - The output head (V x C) is the largest product; it runs for one position per sequence only.
+ * - Every linear layer and the output head is llm_gemv (gemv.c) over the model's packed weights,
+ *   in the precision of its served copy (served.h), split over the worker threads by panels of
+ *   output columns. A generation step is B rows (B = 1, or the beams): memory-bound, each step
+ *   streams every weight once (0.5 GB for GPT-2 small in float32, 0.13 GB in int8). A prompt is T
+ *   rows through the same kernels, in blocks of rows that reuse each panel from cache: as fast as
+ *   sgemm on float32 weights, and reduced precisions need no float32 copy beside theirs.
+ *   In the last layer of a prompt only the last row goes on past the key/value projection: its
+ *   keys and values are all the cache needs, and only its logits are wanted.
+ * - Prompt attention is two sgemms (BLAS, one thread each) per head and block of rows, heads spread
+ *   over the threads; a step's attention is plain C per (beam, head).
+ * - The token embedding reads wte's rows back from the packed head (llm_weights_column).
  */
 #include "pg_llm.h"
 #include "blas.h"
 #include "infer.h"
+#include "served.h"
 
 #include <math.h>
 
@@ -150,6 +153,13 @@ alloc_floats(size_t n)
 	return (float *) MemoryContextAllocHuge(CurrentMemoryContext, Max(n, 1) * sizeof(float));
 }
 
+/* Scratch of llm_gemv for R rows of up to IC inputs, in any format (the precision may change). */
+static size_t
+gemv_scratch_size(size_t R, size_t IC)
+{
+	return Max(llm_gemv_scratch_size(LLM_WEIGHTS_BF16, R, IC), llm_gemv_scratch_size(LLM_WEIGHTS_Q8, R, IC));
+}
+
 LlmInfer *
 llm_infer_create(const LlmModel *m, int beams, int max_prompt, int max_new)
 {
@@ -189,6 +199,7 @@ llm_infer_create(const LlmModel *m, int beams, int max_prompt, int max_new)
 				 (size_t) beams * s->NH * (max_prompt + max_new));
 	s->scores = alloc_floats(scores);
 	s->logits = alloc_floats((size_t) beams * V);
+	s->gemv_scratch = (void *) TYPEALIGN(64, MemoryContextAllocHuge(CurrentMemoryContext, gemv_scratch_size(R, 4 * C) + 64));
 	return s;
 }
 
@@ -199,18 +210,43 @@ llm_infer_set_model(LlmInfer *s, const LlmModel *m)
 	s->model = m;
 }
 
-/* x (R, C) <- wte[tokens] + wpe[positions] */
+/* x (R, C) <- wte[tokens] + wpe[positions], wte's rows read back from the packed head */
 static void
-embed(float *x, const LlmParams *p, const int32 *tokens, const int *positions, size_t R, size_t C)
+embed(LlmInfer *s, const int32 *tokens, const int *positions, size_t R)
 {
+	const LlmModel *m = s->model;
+	size_t		C = s->C;
+
 	for (size_t r = 0; r < R; r++)
 	{
-		const float *te = p->wte + (size_t) tokens[r] * C;
-		const float *pe = p->wpe + (size_t) positions[r] * C;
+		float	   *x = s->x + r * C;
+		const float *pe = m->p.wpe + (size_t) positions[r] * C;
 
+		llm_weights_column(m->packed.fmt, x, m->packed.w[LLM_WTE], C, s->V, (size_t) tokens[r]);
 		for (size_t i = 0; i < C; i++)
-			x[r * C + i] = te[i] + pe[i];
+			x[i] += pe[i];
 	}
+}
+
+/* out (R, OC) (+)= inp (R, IC) @ W + bias, W layer l's packed weights of this kind */
+static void
+linear(LlmInfer *s, LlmParamKind kind, int l, float *out, const float *inp, const float *bias,
+	   size_t R, size_t IC, size_t OC, bool accumulate)
+{
+	const LlmPacked *w = &s->model->packed;
+
+	llm_gemv(w->fmt, out, inp, w->w[kind] + (size_t) l * w->stride[kind], bias, R, IC, OC, accumulate,
+			 s->gemv_scratch);
+}
+
+/* logits (R, V) <- the final LayerNorm of x's rows (R, C) @ wte^T */
+static void
+head(LlmInfer *s, const float *x, size_t R)
+{
+	const LlmModel *m = s->model;
+
+	layernorm_forward(s->ln, NULL, NULL, x, m->p.lnfw, m->p.lnfb, R, s->C);
+	llm_gemv(m->packed.fmt, s->logits, s->ln, m->packed.w[LLM_WTE], NULL, R, s->C, s->V, false, s->gemv_scratch);
 }
 
 const float *
@@ -223,10 +259,10 @@ llm_infer_prompt(LlmInfer *s, const int32 *tokens, int T)
 	PromptAttTask att = {s, 0, T, 0};
 
 	Assert(T >= 1 && T <= s->max_prompt);
-	llm_blas_set_threads(1);	/* products are split over the pool: see sgemm_task */
+	llm_blas_set_threads(1);	/* attention's sgemms run on the pool's threads, one each */
 	for (int t = 0; t < T; t++)
 		positions[t] = t;
-	embed(s->x, p, tokens, positions, T, C);
+	embed(s, tokens, positions, T);
 	pfree(positions);
 
 	for (int l = 0; l < s->L; l++)
@@ -240,8 +276,8 @@ llm_infer_prompt(LlmInfer *s, const int32 *tokens, int T)
 		CHECK_FOR_INTERRUPTS();
 		layernorm_forward(s->ln, NULL, NULL, s->x, p->ln1w + l * lay->size[LLM_LN1W],
 						  p->ln1b + l * lay->size[LLM_LN1B], T, C);
-		matmul_rows(s->qkv, s->ln, p->qkvw + l * lay->size[LLM_QKVW], p->qkvb + l * lay->size[LLM_QKVB],
-					T, C, 3 * C, false);
+		linear(s, LLM_QKVW, l, s->qkv, s->ln, p->qkvb + l * lay->size[LLM_QKVB],
+			   T, C, 3 * C, false);
 		for (int t = 0; t < T; t++)
 		{
 			memcpy(kc + (size_t) t * C, s->qkv + (size_t) t * 3 * C + C, C * sizeof(float));
@@ -250,19 +286,18 @@ llm_infer_prompt(LlmInfer *s, const int32 *tokens, int T)
 		att.l = l;
 		att.r0 = r0;
 		llm_parallel_for(s->NH, attention_prompt_task, &att);
-		matmul_rows(s->x + r0 * C, s->att + r0 * C, p->attprojw + l * lay->size[LLM_ATTPROJW],
-					p->attprojb + l * lay->size[LLM_ATTPROJB], R, C, C, true);
+		linear(s, LLM_ATTPROJW, l, s->x + r0 * C, s->att + r0 * C,
+			   p->attprojb + l * lay->size[LLM_ATTPROJB], R, C, C, true);
 		layernorm_forward(s->ln + r0 * C, NULL, NULL, s->x + r0 * C, p->ln2w + l * lay->size[LLM_LN2W],
 						  p->ln2b + l * lay->size[LLM_LN2B], R, C);
-		matmul_rows(s->fch + r0 * 4 * C, s->ln + r0 * C, p->fcw + l * lay->size[LLM_FCW],
-					p->fcb + l * lay->size[LLM_FCB], R, C, 4 * C, false);
+		linear(s, LLM_FCW, l, s->fch + r0 * 4 * C, s->ln + r0 * C, p->fcb + l * lay->size[LLM_FCB],
+			   R, C, 4 * C, false);
 		gelu_forward(s->fch + r0 * 4 * C, s->fch + r0 * 4 * C, R * 4 * C);
-		matmul_rows(s->x + r0 * C, s->fch + r0 * 4 * C, p->fcprojw + l * lay->size[LLM_FCPROJW],
-					p->fcprojb + l * lay->size[LLM_FCPROJB], R, 4 * C, C, true);
+		linear(s, LLM_FCPROJW, l, s->x + r0 * C, s->fch + r0 * 4 * C,
+			   p->fcprojb + l * lay->size[LLM_FCPROJB], R, 4 * C, C, true);
 	}
 	CHECK_FOR_INTERRUPTS();
-	layernorm_forward(s->ln, NULL, NULL, s->x + (size_t) (T - 1) * C, p->lnfw, p->lnfb, 1, C);
-	head_forward(s->logits, s->ln, p->wte, 1, C, s->V);
+	head(s, s->x + (size_t) (T - 1) * C, 1);
 	s->prompt_len = T;
 	s->n_new = 0;
 	return s->logits;
@@ -281,13 +316,12 @@ llm_infer_step(LlmInfer *s, const int32 *tokens)
 
 	if (G >= (size_t) s->max_new)
 		elog(ERROR, "generation cache of %d positions is full", s->max_new);
-	llm_blas_set_threads(1);	/* more than GEMV_MAX_ROWS beams split sgemm over the pool */
 	for (size_t b = 0; b < B; b++)
 	{
 		positions[b] = s->prompt_len + (int) G;
 		s->path[b * s->max_new + G] = (int) b;
 	}
-	embed(s->x, p, tokens, positions, B, C);
+	embed(s, tokens, positions, B);
 	pfree(positions);
 
 	for (int l = 0; l < s->L; l++)
@@ -298,8 +332,8 @@ llm_infer_step(LlmInfer *s, const int32 *tokens)
 		CHECK_FOR_INTERRUPTS();
 		layernorm_forward(s->ln, NULL, NULL, s->x, p->ln1w + l * lay->size[LLM_LN1W],
 						  p->ln1b + l * lay->size[LLM_LN1B], B, C);
-		matmul_rows(s->qkv, s->ln, p->qkvw + l * lay->size[LLM_QKVW], p->qkvb + l * lay->size[LLM_QKVB],
-					B, C, 3 * C, false);
+		linear(s, LLM_QKVW, l, s->qkv, s->ln, p->qkvb + l * lay->size[LLM_QKVB],
+			   B, C, 3 * C, false);
 		for (size_t b = 0; b < B; b++)
 		{
 			memcpy(kn + b * C, s->qkv + b * 3 * C + C, C * sizeof(float));
@@ -307,19 +341,18 @@ llm_infer_step(LlmInfer *s, const int32 *tokens)
 		}
 		att.l = l;
 		llm_parallel_for(B * s->NH, attention_step_task, &att);
-		matmul_rows(s->x, s->att, p->attprojw + l * lay->size[LLM_ATTPROJW],
-					p->attprojb + l * lay->size[LLM_ATTPROJB], B, C, C, true);
+		linear(s, LLM_ATTPROJW, l, s->x, s->att, p->attprojb + l * lay->size[LLM_ATTPROJB],
+			   B, C, C, true);
 		layernorm_forward(s->ln, NULL, NULL, s->x, p->ln2w + l * lay->size[LLM_LN2W],
 						  p->ln2b + l * lay->size[LLM_LN2B], B, C);
-		matmul_rows(s->fch, s->ln, p->fcw + l * lay->size[LLM_FCW], p->fcb + l * lay->size[LLM_FCB],
-					B, C, 4 * C, false);
+		linear(s, LLM_FCW, l, s->fch, s->ln, p->fcb + l * lay->size[LLM_FCB],
+			   B, C, 4 * C, false);
 		gelu_forward(s->fch, s->fch, B * 4 * C);
-		matmul_rows(s->x, s->fch, p->fcprojw + l * lay->size[LLM_FCPROJW],
-					p->fcprojb + l * lay->size[LLM_FCPROJB], B, 4 * C, C, true);
+		linear(s, LLM_FCPROJW, l, s->x, s->fch, p->fcprojb + l * lay->size[LLM_FCPROJB],
+			   B, 4 * C, C, true);
 	}
 	CHECK_FOR_INTERRUPTS();
-	layernorm_forward(s->ln, NULL, NULL, s->x, p->lnfw, p->lnfb, B, C);
-	head_forward(s->logits, s->ln, p->wte, B, C, s->V);
+	head(s, s->x, B);
 	s->n_new++;
 	return s->logits;
 }

@@ -1,8 +1,9 @@
 /*
  * infer.h: the GPT-2 forward pass for inference, with a key/value cache.
  *
- * A prompt is one batched pass (T rows through sgemm); then each generation step runs B rows,
- * one per beam, through a matrix-vector kernel that reads every weight once per step. All beams
+ * The model is a served copy (served.h): every linear layer and the tied head are products over
+ * packed weights (llm_gemv) in the session's precision. A prompt is one batched pass (T rows);
+ * then each generation step runs B rows, one per beam, reading every weight once per step. All beams
  * share the prompt's keys and values; each beam's own positions are found through a path of slot
  * indices, so that reordering beams copies integers, never cached vectors.
  *
@@ -43,6 +44,7 @@ typedef struct LlmInfer
 	float	   *fch;			/* (R, 4C) */
 	float	   *scores;			/* attention probabilities, see infer.c */
 	float	   *logits;			/* (B, V) */
+	void	   *gemv_scratch;	/* llm_gemv's activations in its kernels' form, R rows, 64-byte aligned */
 } LlmInfer;
 
 /* Buffers for B beams, a prompt of up to max_prompt tokens and max_new generated tokens (palloc'd). */

@@ -235,18 +235,6 @@ extern void matmul_backward(float *dinp, float *dweight, float *dbias, const flo
 							bool accumulate);
 
 /*
- * Inference: out(R,OC) (+)= bias(OC) + inp(R,IC) @ w(IC,OC), split by columns over the worker
- * pool (BLAS on one thread: llm_blas_set_threads(1)). A few rows (the beams of a step) are
- * bound by reading the weights, and run a matrix-vector kernel that reads each weight once for
- * all rows; more rows run one single-threaded sgemm per share of columns.
- */
-extern void matmul_rows(float *out, const float *inp, const float *w, const float *bias,
-						size_t R, size_t IC, size_t OC, bool accumulate);
-
-/* Inference's tied output head: logits(R,V) = inp(R,C) @ wte(V,C)^T, each wte row read once for all R rows. */
-extern void head_forward(float *logits, const float *inp, const float *wte, size_t R, size_t C, size_t V);
-
-/*
  * Training's tied output head with its loss, forward and backward in one pass, chunk_rows rows at
  * a time so that at most chunk_rows * V logits exist (scratch holds that many floats):
  * logits = inp(BT,C) @ wte(V,C)^T, losses(BT) as above, dinp(BT,C) = dlogits @ wte (overwritten),

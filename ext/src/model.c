@@ -4,6 +4,7 @@
  */
 #include "pg_llm.h"
 #include "model.h"
+#include "served.h"
 #include "weights_cache.h"
 
 #include <ctype.h>
@@ -15,6 +16,7 @@
 #include "catalog/pg_type.h"
 #include "commands/trigger.h"
 #include "executor/spi.h"
+#include "funcapi.h"
 #include "miscadmin.h"
 #include "utils/array.h"
 #include "utils/builtins.h"
@@ -170,6 +172,12 @@ llm_params_point(float *memory, const LlmLayout *layout, LlmParams *p)
 		*slots[k] = memory + layout->offset[k];
 }
 
+size_t
+llm_kind_tensors(const LlmConfig *cfg, LlmParamKind kind)
+{
+	return kind_is_layered(kind) ? (size_t) cfg->n_layer : 1;
+}
+
 void
 llm_check_model_name(const char *model)
 {
@@ -237,8 +245,11 @@ llm_config_load(const char *model, LlmConfig *cfg)
 /* ---- the weight cache ---------------------------------------------------------------------- */
 
 /*
- * The backend's model. Its weights are a copy from weights_cache.c: the server's shared read-only
- * copy (pg_llm.shared_weights, the default) or private memory, for one of these reasons.
+ * The backend keeps two models, each a copy from weights_cache.c: the one inference reads (a served
+ * copy in the session's precision: the server's shared read-only copy when pg_llm.shared_weights
+ * is on, else private memory, for one of the reasons below) and the float32 block training writes
+ * into. A backend that trains and then serves has both; building the served copy then packs from
+ * the trained block instead of reading the tables again.
  */
 typedef enum CopyKind
 {
@@ -249,27 +260,40 @@ typedef enum CopyKind
 	COPY_TRAIN,					/* training writes into it (llm_model_get_private) */
 } CopyKind;
 
-static LlmModel *cached = NULL;
-static LlmWcCopy *cached_copy = NULL;
-static CopyKind cached_kind;
-static TransactionId cached_xmin;	/* of the llm_model_config row a COPY_XACT copy was made for */
+typedef struct Slot
+{
+	LlmModel   *model;
+	LlmWcCopy  *copy;
+	CopyKind	kind;
+	TransactionId xmin;			/* of the llm_model_config row a COPY_XACT copy was made for */
+} Slot;
+
+static Slot serving;
+static Slot training;
+
+static void
+forget(Slot *slot)
+{
+	if (slot->model != NULL)
+	{
+		llm_wc_release(slot->copy);
+		free(slot->model);
+		slot->model = NULL;
+		slot->copy = NULL;
+	}
+}
 
 void
 llm_model_forget(void)
 {
-	if (cached != NULL)
-	{
-		llm_wc_release(cached_copy);
-		free(cached);
-		cached = NULL;
-		cached_copy = NULL;
-	}
+	forget(&serving);
+	forget(&training);
 }
 
 void
 llm_model_set_version(LlmModel *m, int64 version)
 {
-	if (m != cached || cached_kind != COPY_TRAIN)
+	if (m != training.model)
 		elog(ERROR, "llm_model_set_version needs the copy of llm_model_get_private");
 	m->cfg.weights_version = version;
 }
@@ -389,26 +413,19 @@ fill_from_tables(const LlmConfig *cfg, LlmWcWriter *w, void *arg)
 	load_weights(cfg, &layout, w);
 }
 
-static void
-fill_from_memory(const LlmConfig *cfg, LlmWcWriter *w, void *arg)
+void
+llm_block_format(const LlmConfig *cfg, LlmWcFormat *fmt)
 {
 	LlmLayout	layout;
 
 	llm_layout_init(cfg, &layout);
-	llm_wc_write(w, 0, 0, arg, layout.num_params * sizeof(float));
-}
-
-/* float32 in the block layout of model.h: one section, the whole block. */
-static void
-float32_format(const LlmLayout *layout, LlmWcFormat *fmt)
-{
 	memset(fmt, 0, sizeof(*fmt));
-	fmt->name = "float32";
+	fmt->name = "block";
 	fmt->layout = LLM_WC_LAYOUT_BLOCK;
 	fmt->precision = LLM_WC_FLOAT32;
 	fmt->n_sections = 1;
 	fmt->section_id[0] = LLM_WC_SECTION_PARAMS;
-	fmt->section_bytes[0] = layout->num_params * sizeof(float);
+	fmt->section_bytes[0] = layout.num_params * sizeof(float);
 	fmt->fill = fill_from_tables;
 }
 
@@ -434,32 +451,33 @@ config_xmin(const char *model)
 	return xmin;
 }
 
-/* Replaces the backend's model by a new copy of cfg's weights. */
+static bool
+is_current(const Slot *slot, const LlmConfig *cfg)
+{
+	const LlmModel *m = slot->model;
+
+	return m != NULL && same_architecture(&m->cfg, cfg) &&
+		m->cfg.weights_version == cfg->weights_version && m->cfg.table_oid == cfg->table_oid;
+}
+
+/* Replaces the slot's model by a new copy of cfg's weights in this format. */
 static LlmModel *
-load_model(const LlmConfig *cfg, CopyKind kind, const float *source)
+load_model(Slot *slot, const LlmConfig *cfg, CopyKind kind, const LlmWcFormat *fmt, int precision)
 {
 	static const char *const kinds[] = {"the shared copy", "a private copy (pg_llm.shared_weights = off)",
 		"a private copy (weights changed by this transaction)", "a private copy", "a private copy for training"};
 	TimestampTz start = GetCurrentTimestamp();
 	LlmModel   *m = calloc(1, sizeof(LlmModel));
-	LlmWcFormat fmt;
 	LlmWcCopy  *copy;
 
 	if (m == NULL)
 		ereport(ERROR, (errcode(ERRCODE_OUT_OF_MEMORY), errmsg("out of memory")));
 	m->cfg = *cfg;
 	llm_layout_init(cfg, &m->layout);
-	float32_format(&m->layout, &fmt);
-	if (source != NULL)
-	{
-		fmt.fill = fill_from_memory;
-		fmt.arg = (void *) source;
-	}
-	if (source == NULL)
-		llm_model_forget();		/* first: two private copies at once could exhaust memory */
+	forget(slot);				/* first: two copies at once could exhaust memory */
 	PG_TRY();
 	{
-		copy = llm_wc_get(cfg, &fmt, kind == COPY_SHARED);
+		copy = llm_wc_get(cfg, fmt, kind == COPY_SHARED);
 	}
 	PG_CATCH();
 	{
@@ -467,29 +485,38 @@ load_model(const LlmConfig *cfg, CopyKind kind, const float *source)
 		PG_RE_THROW();
 	}
 	PG_END_TRY();
-	llm_model_forget();			/* the source, if any, was the old copy */
-	m->memory = (float *) copy->section[0];
-	llm_params_point(m->memory, &m->layout, &m->p);
-	cached = m;
-	cached_copy = copy;
-	cached_kind = (kind == COPY_SHARED && !copy->shared) ? COPY_FALLBACK : kind;
+	if (kind == COPY_TRAIN)
+	{
+		m->memory = (float *) copy->section[0];
+		llm_params_point(m->memory, &m->layout, &m->p);
+	}
+	else
+		llm_served_point(m, copy, (LlmPrecision) precision);
+	slot->model = m;
+	slot->copy = copy;
+	slot->kind = (kind == COPY_SHARED && !copy->shared) ? COPY_FALLBACK : kind;
 	ereport(DEBUG1,
-			(errmsg_internal("pg_llm: model \"%s\" (weights_version " INT64_FORMAT ") from %s in %.1f ms",
-							 cfg->model, cfg->weights_version, kinds[cached_kind],
+			(errmsg_internal("pg_llm: model \"%s\" (weights_version " INT64_FORMAT ", %s) from %s in %.1f ms",
+							 cfg->model, cfg->weights_version, fmt->name, kinds[slot->kind],
 							 (GetCurrentTimestamp() - start) / 1000.0),
 			 errhidestmt(true)));
 	return m;
 }
 
-static bool
-is_current(const LlmConfig *cfg)
+/* The served copy of cfg in this precision, of this kind. */
+static LlmModel *
+load_served(const LlmConfig *cfg, CopyKind kind, LlmPrecision prec)
 {
-	return cached != NULL && same_architecture(&cached->cfg, cfg) &&
-		cached->cfg.weights_version == cfg->weights_version && cached->cfg.table_oid == cfg->table_oid;
+	LlmWcFormat fmt;
+
+	/* packed from the block training holds when it is current: faster than the tables */
+	llm_served_format(cfg, prec, is_current(&training, cfg) ? training.model->memory : NULL, &fmt);
+	return load_model(&serving, cfg, kind, &fmt, prec);
 }
 
-LlmModel *
-llm_model_get(const char *model)
+/* The model for inference in this precision (llm_model_get with another precision). */
+static LlmModel *
+model_get_served(const char *model, LlmPrecision prec)
 {
 	LlmConfig	cfg;
 	LlmModel   *m;
@@ -497,9 +524,9 @@ llm_model_get(const char *model)
 	bool		reuse = false;
 
 	llm_config_load(model, &cfg);
-	if (is_current(&cfg))
+	if (is_current(&serving, &cfg) && serving.model->precision == (int) prec)
 	{
-		switch (cached_kind)
+		switch (serving.kind)
 		{
 			case COPY_SHARED:
 				reuse = llm_shared_weights;
@@ -508,41 +535,87 @@ llm_model_get(const char *model)
 				reuse = !llm_shared_weights;
 				break;
 			case COPY_XACT:
-				reuse = TransactionIdIsCurrentTransactionId(cached_xmin);
+				reuse = TransactionIdIsCurrentTransactionId(serving.xmin);
 				break;
 			case COPY_FALLBACK:
-			case COPY_TRAIN:
 				reuse = true;
+				break;
+			case COPY_TRAIN:	/* training's slot only */
 				break;
 		}
 	}
 	if (reuse)
-		return cached;
+		return serving.model;
 	if (!llm_shared_weights)
-		return load_model(&cfg, COPY_OFF, NULL);
+		return load_served(&cfg, COPY_OFF, prec);
 
 	/* weights this transaction wrote are not committed: no other may see them, nor a file */
 	xmin = config_xmin(model);
 	if (!TransactionIdIsCurrentTransactionId(xmin))
-		return load_model(&cfg, COPY_SHARED, NULL);
-	m = load_model(&cfg, COPY_XACT, NULL);
-	cached_xmin = xmin;
+		return load_served(&cfg, COPY_SHARED, prec);
+	m = load_served(&cfg, COPY_XACT, prec);
+	serving.xmin = xmin;
 	return m;
+}
+
+LlmModel *
+llm_model_get(const char *model)
+{
+	return model_get_served(model, (LlmPrecision) llm_inference_precision);
 }
 
 LlmModel *
 llm_model_get_private(const char *model)
 {
 	LlmConfig	cfg;
+	LlmWcFormat fmt;
 
 	llm_config_load(model, &cfg);
-	if (is_current(&cfg) && cached_copy->writable)
-	{
-		cached_kind = COPY_TRAIN;
-		return cached;
-	}
-	/* from the shared copy this backend maps, when it is current: faster than the tables */
-	return load_model(&cfg, COPY_TRAIN, is_current(&cfg) ? cached->memory : NULL);
+	forget(&serving);			/* training needs the memory; serving maps its copy again after */
+	if (is_current(&training, &cfg))
+		return training.model;
+	llm_block_format(&cfg, &fmt);
+	return load_model(&training, &cfg, COPY_TRAIN, &fmt, 0);
+}
+
+PG_FUNCTION_INFO_V1(pg_llm_weight_cache_build);
+
+/*
+ * pg_llm_weight_cache_build(model text, inference_precision text DEFAULT NULL) -> (format,
+ * weights_version, bytes, shared): builds (or maps) the server's copy of the model's weights in this precision
+ * (NULL: pg_llm.inference_precision), so that the first call of a session that serves it does not
+ * wait for it. shared is false when the copy could not be shared (a WARNING said why) or the
+ * model's weights were changed by this transaction.
+ */
+Datum
+pg_llm_weight_cache_build(PG_FUNCTION_ARGS)
+{
+	TupleDesc	desc;
+	LlmPrecision prec;
+	LlmModel   *m;
+	Datum		values[4];
+	bool		nulls[4] = {false, false, false, false};
+
+	if (PG_ARGISNULL(0))
+		ereport(ERROR,
+				(errcode(ERRCODE_NULL_VALUE_NOT_ALLOWED),
+				 errmsg("model must not be null")));
+	if (!llm_shared_weights)
+		ereport(ERROR,
+				(errcode(ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE),
+				 errmsg("pg_llm.shared_weights is off"),
+				 errdetail("Each backend loads a private copy of the weights: there is no shared copy to build."),
+				 errhint("SET pg_llm.shared_weights = on.")));
+	prec = PG_ARGISNULL(1) ? (LlmPrecision) llm_inference_precision
+		: llm_precision_parse(text_to_cstring(PG_GETARG_TEXT_PP(1)));
+	if (get_call_result_type(fcinfo, NULL, &desc) != TYPEFUNC_COMPOSITE)
+		elog(ERROR, "pg_llm_weight_cache_build must return a record");
+	m = model_get_served(text_to_cstring(PG_GETARG_TEXT_PP(0)), prec);
+	values[0] = CStringGetTextDatum(llm_precision_name(prec));
+	values[1] = Int64GetDatum(m->cfg.weights_version);
+	values[2] = Int64GetDatum((int64) serving.copy->bytes);
+	values[3] = BoolGetDatum(serving.copy->shared);
+	PG_RETURN_DATUM(HeapTupleGetDatum(heap_form_tuple(BlessTupleDesc(desc), values, nulls)));
 }
 
 /* ---- weights_version: bumped once per statement for each model whose parameters changed ---- */

@@ -12,6 +12,7 @@
 
 #include "postgres.h"
 
+#include "gemv.h"
 #include "llm_limits.h"
 
 typedef struct LlmConfig
@@ -77,12 +78,29 @@ typedef struct LlmParams
 			   *lnfb;
 } LlmParams;
 
+/* The linear layers and the tied head of a served model, packed for llm_gemv (see served.h). */
+typedef struct LlmPacked
+{
+	LlmWeightFormat fmt;
+	const uint8_t *w[LLM_NUM_KINDS];	/* layer 0's packed matrix of the kinds that are packed
+										 * (LLM_WTE: the head, wte^T), NULL for the others */
+	size_t		stride[LLM_NUM_KINDS];	/* bytes from one layer's packed matrix to the next */
+} LlmPacked;
+
+/*
+ * A model with its weights: for training (llm_model_get_private) the whole float32 block; for
+ * inference (llm_model_get) a served copy, whose matrices are in `packed` and whose float32
+ * memory holds the vectors only (p.wte and the linear layers' weights are NULL there).
+ */
 typedef struct LlmModel
 {
 	LlmConfig	cfg;
 	LlmLayout	layout;
-	float	   *memory;			/* layout.num_params floats, 64-byte aligned; read-only unless private */
+	float	   *memory;			/* 64-byte aligned; read-only unless private */
 	LlmParams	p;				/* pointers into memory */
+	bool		served;
+	int			precision;		/* served: the LlmPrecision (served.h) */
+	LlmPacked	packed;			/* served only */
 } LlmModel;
 
 /* Layout and names (pure functions, no database access). */
@@ -90,6 +108,9 @@ extern void llm_layout_init(const LlmConfig *cfg, LlmLayout *layout);
 extern void llm_tensor_info(const LlmConfig *cfg, const LlmLayout *layout, int index, LlmTensorInfo *info);
 extern int	llm_tensor_find(const LlmConfig *cfg, const LlmLayout *layout, const char *name, LlmTensorInfo *info);
 extern void llm_params_point(float *memory, const LlmLayout *layout, LlmParams *p);
+
+/* Tensors of a kind: n_layer for the kinds of each layer, else 1. */
+extern size_t llm_kind_tensors(const LlmConfig *cfg, LlmParamKind kind);
 
 /* Checks a model name before it is used anywhere (length, no control characters). */
 extern void llm_check_model_name(const char *model);
@@ -101,18 +122,19 @@ extern bool llm_config_lookup(const char *model, LlmConfig *cfg, bool for_update
 extern void llm_config_load(const char *model, LlmConfig *cfg);
 
 /*
- * The model with its weights, from llm_param on first use and kept until the model's
- * weights_version changes (one indexed lookup per call): the server's shared read-only copy
+ * The model for inference, in the precision of pg_llm.inference_precision (a served copy, see
+ * served.h), derived from llm_param on first use and kept until the model's weights_version or
+ * the precision changes (one indexed lookup per call): the server's shared read-only copy
  * (weights_cache.h; pg_llm.shared_weights), else a private one. ERROR when a tensor is missing or
  * has the wrong size. The returned model stays valid until the next llm_model_get* call. Never
  * write into its memory: it may be mapped read-only.
  */
 extern LlmModel *llm_model_get(const char *model);
 
-/* The same, in private memory that the caller may write into (training). */
+/* The float32 block in private memory that the caller may write into (training). */
 extern LlmModel *llm_model_get_private(const char *model);
 
-/* Drop the backend's model (frees or unmaps its weights). */
+/* Drop the backend's models (frees or unmaps their weights). */
 extern void llm_model_forget(void);
 
 /*

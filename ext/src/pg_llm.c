@@ -4,6 +4,7 @@
  */
 #include "pg_llm.h"
 #include "access.h"
+#include "served.h"
 #include "weights_cache.h"
 
 #include <stdlib.h>
@@ -48,6 +49,7 @@ _PG_init(void)
 							NULL, NULL, NULL);
 	llm_wc_init();
 	llm_access_init();
+	llm_served_init();
 	MarkGUCPrefixReserved("pg_llm");
 }
 

@@ -28,8 +28,8 @@
  * - In use: a backend that maps a copy holds a shared flock on it. The space is bounded by
  *   pg_llm.weight_cache_size: unused copies are evicted, least recently used first (last use is
  *   the file's atime, set on map and unmap). A new version unlinks the older versions of its model
- *   and format; Linux keeps their pages for the backends still mapping them, which remap at their
- *   next call. Only committed weights are shared (see model.c), so versions only grow.
+ *   in every format (precision); Linux keeps their pages for the backends still mapping them, which
+ *   remap at their next call. Only committed weights are shared (see model.c), so versions only grow.
  */
 #include "pg_llm.h"
 #include "weights_cache.h"
@@ -594,12 +594,14 @@ evict(const WcEntry *e)
 	return gone;
 }
 
-/* Whether e is an older copy of key's model and format (or one of a dropped pg_llm). */
+/*
+ * Whether e is a copy of an older version of key's model, in any format (or one of a dropped
+ * pg_llm): a version is stale in every precision once a newer one exists.
+ */
 static bool
 replaced_by(const WcEntry *e, const WcKey *key)
 {
 	return e->database == key->database && e->model_hash == key->model_hash &&
-		strcmp(e->format, key->format) == 0 &&
 		(e->table_oid != key->table_oid || e->version < key->version);
 }
 
@@ -617,7 +619,7 @@ by_last_use(const ListCell *a, const ListCell *b)
 /*
  * With the directory locked: evicts unused copies, least recently used first, until `bytes` more
  * fit in pg_llm.weight_cache_size, not counting what key replaces. Removes the copies of dropped
- * databases. Sets *newer when the directory holds a newer version of key's model and format.
+ * databases. Sets *newer when the directory holds a newer version of key's model (any format).
  * Returns whether the copy fits; *used gets what the others take.
  */
 static bool
@@ -642,7 +644,7 @@ make_room(const WcKey *key, uint64 bytes, uint64 *used, bool *newer)
 		if (replaced_by(e, key))
 			continue;
 		*newer |= e->database == key->database && e->table_oid == key->table_oid &&
-			e->model_hash == key->model_hash && strcmp(e->format, key->format) == 0 && e->version > key->version;
+			e->model_hash == key->model_hash && e->version > key->version;
 		*used += e->bytes;
 		candidates = lappend(candidates, e);
 	}

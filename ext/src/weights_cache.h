@@ -4,9 +4,9 @@
  * A copy is a file per (database, model, weights_version, format) in $PGDATA/pgsql_tmp_pg_llm/,
  * built once by the first backend that needs it and mapped read-only by the others (see
  * weights_cache.c for why a file and how it is kept safe). A format names what the file holds: a
- * layout and a precision, written as a list of sections, each aligned to 2 MB. float32 in
- * model.h's block layout is the first; packed and reduced-precision layouts add formats (and
- * sections) without changing the file's structure.
+ * layout and a precision, written as a list of sections, each aligned to 2 MB. Inference shares
+ * one format per precision (served.h: float32, bfloat16, int8, packed for gemv.c); training's
+ * private float32 block (model.h's layout) is one more format, never shared.
  */
 #ifndef PG_LLM_WEIGHTS_CACHE_H
 #define PG_LLM_WEIGHTS_CACHE_H
@@ -18,17 +18,21 @@
 /* Ids written in a copy's header. Never renumber them: files carry them. */
 typedef enum LlmWcLayout
 {
-	LLM_WC_LAYOUT_BLOCK = 1		/* model.h's block: kinds grouped across layers, HF orientation */
+	LLM_WC_LAYOUT_BLOCK = 1,	/* model.h's block: kinds grouped across layers, HF orientation */
+	LLM_WC_LAYOUT_PACKED = 0x100	/* + LLM_WEIGHTS_LAYOUT: served.h's copies, packed by gemv.c */
 } LlmWcLayout;
 
 typedef enum LlmWcPrecision
 {
-	LLM_WC_FLOAT32 = 1
+	LLM_WC_FLOAT32 = 1,
+	LLM_WC_BFLOAT16 = 2,
+	LLM_WC_INT8 = 3
 } LlmWcPrecision;
 
 typedef enum LlmWcSectionId
 {
-	LLM_WC_SECTION_PARAMS = 1	/* the whole parameter block */
+	LLM_WC_SECTION_PARAMS = 1,	/* the whole parameter block */
+	LLM_WC_SECTION_SERVED = 2	/* a served copy: packed matrices and float32 vectors (served.c) */
 } LlmWcSectionId;
 
 /* Writes the sections of a copy being built (a shared file or private memory). */
