@@ -10,16 +10,19 @@
             print(event.step, event.token, event.text)
         for candidate in client.beam_search("Beam me", beam_width=2, max_tokens=6):
             print(candidate.score, candidate.text)
+        texts = client.generate_batch(["First prompt", "Second prompt"], max_tokens=16)
 
-Each method is one SQL call (llm_generate, llm_generate_stream, llm_beam_search); the client does
-no tensor math. Methods run in a transaction of their own (a savepoint inside the caller's
-transaction), so that a stream left early (its query is cancelled) leaves the connection usable.
+Each method is one SQL call (llm_generate, llm_generate_stream, llm_beam_search; llm_generate_batch
+per chunk of prompts); the client does no tensor math. Methods run in a transaction of their own
+(a savepoint inside the caller's transaction), so that a stream left early (its query is
+cancelled) leaves the connection usable. Statements are never prepared on the server, so the
+client works through PgBouncer in transaction pooling mode.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import psycopg
@@ -76,7 +79,7 @@ class PGLLMClient:
         query = self._sql("SELECT {llm_generate}(%s, %s, %s, %s, %s, %s, %s)")
         with self.conn.transaction():
             row = self.conn.execute(query, (prompt, max_tokens, temperature, top_k, top_p,
-                                            model or self.model, seed)).fetchone()
+                                            model or self.model, seed), prepare=False).fetchone()
         return row[0]
 
     def stream(self, prompt: str, max_tokens: int = 64, temperature: float = 1.0, top_k: int = 50,
@@ -94,5 +97,23 @@ class PGLLMClient:
                           "ORDER BY rank")
         with self.conn.transaction():
             rows = self.conn.execute(query, (prompt, beam_width, max_tokens, model or self.model,
-                                             length_penalty)).fetchall()
+                                             length_penalty), prepare=False).fetchall()
         return [BeamCandidate(*row) for row in rows]
+
+    def generate_batch(self, prompts: Sequence[str | None], max_tokens: int = 64, temperature: float = 1.0,
+                       top_k: int = 50, top_p: float = 0.95, seed: int | None = None, model: str | None = None,
+                       chunk: int = 256) -> list[str | None]:
+        """The text generated after each prompt, in order: item i equals generate(prompts[i], ...)
+        with the same arguments (a seed seeds every prompt's own stream). The prompts go to the
+        server `chunk` at a time (one llm_generate_batch call each), decoded together there."""
+        if chunk < 1:
+            raise ValueError("chunk must be at least 1")
+        query = self._sql("SELECT text FROM {llm_generate_batch}(%s, %s, %s, %s, %s, %s, %s) ORDER BY ord")
+        out: list[str | None] = []
+        for start in range(0, len(prompts), chunk):
+            part = list(prompts[start:start + chunk])
+            with self.conn.transaction():
+                rows = self.conn.execute(query, (part, max_tokens, temperature, top_k, top_p,
+                                                 model or self.model, seed), prepare=False).fetchall()
+            out.extend(row[0] for row in rows)
+        return out

@@ -243,6 +243,12 @@ extern void matmul_backward(float *dinp, float *dweight, float *dbias, const flo
 extern void matmul_rows(float *out, const float *inp, const float *w, const float *bias,
 						size_t R, size_t IC, size_t OC, bool accumulate);
 
+/*
+ * Up to this many rows matmul_rows runs the matrix-vector kernel, where each row's result is the
+ * same whatever the other rows (sgemm's blocking may change the last bits with the row count).
+ */
+#define LLM_GEMV_MAX_ROWS 8
+
 /* Inference's tied output head: logits(R,V) = inp(R,C) @ wte(V,C)^T, each wte row read once for all R rows. */
 extern void head_forward(float *logits, const float *inp, const float *wte, size_t R, size_t C, size_t V);
 

@@ -14,10 +14,9 @@
 #include <string.h>
 
 /*
- * Up to this many rows (the beams of a step, a short prompt) the matrix-vector kernel, bound by
- * reading the weights once, is used; with more rows the arithmetic dominates and sgemm wins.
+ * Up to LLM_GEMV_MAX_ROWS rows (the beams of a step, a short prompt) the matrix-vector kernel, bound
+ * by reading the weights once, is used; with more rows the arithmetic dominates and sgemm wins.
  */
-#define GEMV_MAX_ROWS 8
 
 /* Columns per work item of the matrix-vector kernel and of sgemm (multiples of the vector width). */
 #define GEMV_COL_BLOCK 64
@@ -220,7 +219,7 @@ matmul_rows(float *out, const float *inp, const float *w, const float *bias,
 {
 	MatmulTask	t = {out, inp, w, bias, R, IC, OC, accumulate};
 
-	if (R <= GEMV_MAX_ROWS)
+	if (R <= LLM_GEMV_MAX_ROWS)
 		llm_parallel_for((OC + GEMV_COL_BLOCK - 1) / GEMV_COL_BLOCK, gemv_task, &t);
 	else
 		llm_parallel_for((OC + SGEMM_COL_BLOCK - 1) / SGEMM_COL_BLOCK, sgemm_task, &t);

@@ -3,6 +3,7 @@
  * the extension's tables (their qualified names, the SPI helpers).
  */
 #include "pg_llm.h"
+#include "batch.h"
 #include "weights_cache.h"
 
 #include <stdlib.h>
@@ -46,6 +47,7 @@ _PG_init(void)
 							PGC_SUSET, 0,
 							NULL, NULL, NULL);
 	llm_wc_init();
+	llm_batch_init();
 	MarkGUCPrefixReserved("pg_llm");
 }
 
