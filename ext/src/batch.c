@@ -44,7 +44,7 @@ llm_batch_init(void)
 							"Each step reads the weights once for all of them; more prompts wait for a free slot. "
 							"Each sequence keeps its own key/value cache, so memory grows with this.",
 							&llm_batch_rows,
-							8, 1, 1024,
+							8, 1, LLM_BATCH_ROWS_MAX,
 							PGC_USERSET, 0,
 							NULL, NULL, NULL);
 }

@@ -82,6 +82,7 @@ pg_llm_limits(PG_FUNCTION_ARGS)
 		{"batch_size_max", LLM_BATCH_SIZE_MAX},
 		{"grad_accum_max", LLM_GRAD_ACCUM_MAX},
 		{"beam_width_max", LLM_BEAM_WIDTH_MAX},
+		{"batch_rows_max", LLM_BATCH_ROWS_MAX},
 	};
 
 	InitMaterializedSRF(fcinfo, 0);
