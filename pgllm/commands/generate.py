@@ -71,7 +71,7 @@ def generate_file(client: PGLLMClient, path: Path, jsonl: bool, **settings) -> N
 
 def generate(
     ctx: typer.Context,
-    prompt: str = typer.Argument(None, help="The text to continue.", show_default=False),
+    prompt: str = typer.Argument(None, help="The text to continue.", show_default="none: --input FILE"),
     model: str = MODEL,
     max_tokens: int = typer.Option(64, "--max-tokens", "-n", help="Tokens to generate at most."),
     temperature: float = typer.Option(1.0, "--temperature", "-t", help="0 for greedy decoding."),
@@ -84,7 +84,7 @@ def generate(
                                    show_default="off: sampling"),
     input: Path = typer.Option(None, "--input", "-i", help="Generate after each prompt of FILE (one per line; "
                                "'-': standard input), decoded together in batches; outputs in order.",
-                               show_default=False),
+                               show_default="none: PROMPT"),
     jsonl: bool = typer.Option(False, "--jsonl", help="With --input: JSON lines in and out."),
 ) -> None:
     """Generate text after PROMPT: streamed token by token, or by beam search; or after each
