@@ -75,7 +75,8 @@ class Pgllm:
             # a database error, not a PgllmError: PGLLMClient's callers catch psycopg.Error
             raise psycopg.errors.UndefinedObject(f'the pg_llm extension is not installed in database '
                                                  f'"{conn.info.dbname}" (run pgllm install)')
-        self.schema = row[0]
+        # a SQL_ASCII database sends text as bytes
+        self.schema = row[0] if isinstance(row[0], str) else row[0].decode("utf-8")
 
     def sql(self, query: str) -> sql.Composed:
         """The statement with each {name} as "schema"."name" ({{ and }} for literal braces)."""
