@@ -6,8 +6,8 @@ Keeping it off pipes and logs leaves stdout for results and stderr for the one-l
 from __future__ import annotations
 
 from rich.console import Console
-from rich.progress import (BarColumn, DownloadColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn,
-                           TransferSpeedColumn)
+from rich.progress import (BarColumn, DownloadColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn,
+                           TimeElapsedColumn, TransferSpeedColumn)
 
 
 def _progress(*columns) -> Progress:
@@ -19,6 +19,11 @@ def bytes_progress() -> Progress:
     """A bar for work measured in bytes."""
     return _progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
                      TimeElapsedColumn())
+
+
+def count_progress() -> Progress:
+    """A bar for work measured in items (prompts, rows)."""
+    return _progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
 
 
 def spinner() -> Progress:

@@ -48,6 +48,8 @@ def test_the_engine_refuses_just_past_each_limit(conn):
         conn.execute("SELECT llm_train('lim', 1, grad_accum => %s)", (lim["grad_accum_max"] + 1,))
     with pytest.raises(psycopg.errors.InvalidParameterValue, match=f"at most {lim['beam_width_max']}"):
         conn.execute("SELECT * FROM llm_beam_search_tokens('{1}', %s, 2, 'lim')", (lim["beam_width_max"] + 1,))
+    with pytest.raises(psycopg.errors.InvalidParameterValue, match=rf"\(1 \.\. {lim['batch_rows_max']}\)"):
+        conn.execute("SET pg_llm.batch_rows = %d" % (lim["batch_rows_max"] + 1))
     vocab = '{"a": 0, "b": %d}' % (lim["token_id_max"] + 1)
     with pytest.raises(psycopg.errors.InvalidTextRepresentation, match=f"past {lim['token_id_max']}"):
         conn.execute("SELECT pg_llm_load_bpe_vocab_bytes(%s, 'lim')", (vocab.encode(),))

@@ -98,6 +98,8 @@ def test_a_model_imported_on_the_primary_generates_the_same_text_on_the_standby(
             ("SELECT array_agg(token_ids::text ORDER BY rank) FROM llm_beam_search('Beam me', 3, 8, %s)", (name,)),
             ("SELECT string_agg((e).token, '') FROM (SELECT llm_generate_stream('Stream', 16, 0, model => %s) e) x",
              (name,)),
+            ("SELECT array_agg(text ORDER BY ord) FROM llm_generate_batch('{Hello,Batch,a}', 12, 0.9, 40, 0.9, %s, 7)",
+             (name,)),
             # measuring writes nothing either
             ("SELECT loss FROM llm_eval(%s, %s)", (name, name)),
             ("SELECT llm_perplexity('Perplexity on a standby', %s)", (name,)),

@@ -70,7 +70,7 @@ def mapped(pid: int) -> list[str]:
         if f"/{CACHE}/" in line:
             path = line.split(None, 5)[5]
             rel = CACHE + path.split(f"/{CACHE}", 1)[1]
-            if rel not in out:
+            if is_copy(Path(rel.removesuffix(" (deleted)")).name) and rel not in out:
                 out.append(rel)
     return out
 
@@ -82,11 +82,15 @@ def rss_anon(pid: int) -> int:
     raise AssertionError("no RssAnon")
 
 
+def is_copy(name: str) -> bool:
+    """A copy of weights, not a lock file or the sessions' thread budget (also kept there)."""
+    return not name.endswith(".lock") and name != "threads"
+
+
 def files(data_dir: Path) -> list[str]:
-    """The data files in the cache directory (lock files and the sessions' thread budget aside)."""
+    """The copies in the cache directory."""
     d = data_dir / CACHE
-    return sorted(p.name for p in d.iterdir()
-                  if not p.name.endswith(".lock") and p.name != "threads") if d.exists() else []
+    return sorted(p.name for p in d.iterdir() if is_copy(p.name)) if d.exists() else []
 
 
 def wait_for(predicate, what: str, timeout: float = 120):

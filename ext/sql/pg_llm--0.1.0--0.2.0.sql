@@ -267,3 +267,19 @@ CREATE FUNCTION pg_llm_weight_cache_build(model text, inference_precision text D
     OUT format text, OUT weights_version bigint, OUT bytes bigint, OUT shared boolean)
 RETURNS record
 AS 'MODULE_PATHNAME', 'pg_llm_weight_cache_build' LANGUAGE C VOLATILE;
+
+-- ==== batch: many prompts decoded together ====
+-- One row per prompt, ord its 1-based position in the array (rows come in that order). All
+-- prompts decode together, each step one pass over the weights for every unfinished sequence
+-- (up to pg_llm.batch_rows at once); row i equals llm_generate(prompts[i], ...) with the same
+-- arguments: each prompt samples from its own stream, seeded with seed as a single call is.
+-- A NULL element gives a NULL text; a NULL array no rows. A table's prompts in one call:
+--   SELECT a.ids[g.ord] AS id, g.text
+--     FROM (SELECT array_agg(id ORDER BY id) AS ids, array_agg(prompt ORDER BY id) AS prompts FROM t) a,
+--          llm_generate_batch(a.prompts, 32) g;
+CREATE FUNCTION llm_generate_batch(prompts text[], max_tokens int DEFAULT 64,
+                                   temperature double precision DEFAULT 1.0, topk int DEFAULT 50,
+                                   topp double precision DEFAULT 0.95, model text DEFAULT 'gpt2-small',
+                                   seed bigint DEFAULT NULL)
+RETURNS TABLE (ord int, text text)
+AS 'MODULE_PATHNAME', 'llm_generate_batch' LANGUAGE C VOLATILE CALLED ON NULL INPUT PARALLEL RESTRICTED ROWS 100;

@@ -214,13 +214,10 @@ llm_eval(PG_FUNCTION_ARGS)
 		elog(ERROR, "llm_eval must return a row");
 
 	SPI_connect();
-	/*
-	 * The training forward pass reads the float32 matrices, which only the private block has: a
-	 * served copy (llm_model_get) holds them packed, with p.wte and the layers' weights NULL.
-	 */
+	/* the training forward pass reads float32 tensors: the private block, never a served copy */
 	model = llm_model_get_private(model_name);
 	llm_dataset_open(&ds, &model->cfg, dataset, max_rows);
-	/* llm_dataset_open may have read other tables: the model is still valid (no llm_model_get* since) */
+	/* llm_dataset_open may have read other tables: the model is still valid (no llm_model_get since) */
 	loss = llm_eval_dataset(model, &ds, batch_size, &tokens);
 	SPI_finish();
 
@@ -245,7 +242,7 @@ model_and_ids(FunctionCallInfo fcinfo, int32 **ids, int *n)
 	input = bpe_datum_to_utf8(PG_GETARG_DATUM(0), &len);
 	llm_check_model_name(model_name);
 	*ids = llm_bpe_encode(model_name, input, len, n);
-	model = llm_model_get_private(model_name);	/* float32 matrices: see llm_eval */
+	model = llm_model_get_private(model_name);	/* float32 tensors, as llm_eval */
 	for (int i = 0; i < *n; i++)
 		if ((*ids)[i] >= model->cfg.vocab)
 			ereport(ERROR,

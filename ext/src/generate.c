@@ -33,19 +33,6 @@
 #include "utils/builtins.h"
 #include "utils/lsyscache.h"
 
-/* The settings of one generation, checked. */
-typedef struct GenSettings
-{
-	char	   *model;
-	int			max_tokens;
-	double		temperature;
-	int			top_k;
-	double		top_p;
-	bool		has_seed;
-	int64		seed;
-	int32		eos;			/* stop after this token; -1: none */
-} GenSettings;
-
 /* ---- arguments ----------------------------------------------------------------------------- */
 
 void
@@ -268,11 +255,11 @@ llm_logits(PG_FUNCTION_ARGS)
 }
 
 /*
- * Common arguments of llm_generate_tokens and the text functions:
- * (prompt, max_tokens, temperature, topk, topp, model, seed) at argument positions 1..6.
+ * Common arguments of llm_generate_tokens, the text functions and llm_generate_batch:
+ * (prompt(s), max_tokens, temperature, topk, topp, model, seed) at argument positions 1..6.
  */
-static void
-sampling_args(FunctionCallInfo fcinfo, GenSettings *set)
+void
+llm_sampling_args(FunctionCallInfo fcinfo, GenSettings *set)
 {
 	llm_require_arg(fcinfo, 1, "max_tokens");
 	llm_require_arg(fcinfo, 2, "temperature");
@@ -287,6 +274,8 @@ sampling_args(FunctionCallInfo fcinfo, GenSettings *set)
 	set->has_seed = !PG_ARGISNULL(6);
 	set->seed = set->has_seed ? PG_GETARG_INT64(6) : 0;
 	set->eos = -1;
+	llm_check_max_tokens(set->max_tokens);
+	check_sampling(set->temperature, set->top_k, set->top_p);
 }
 
 /*
@@ -304,7 +293,7 @@ llm_generate_tokens(PG_FUNCTION_ARGS)
 
 	if (PG_ARGISNULL(0))
 		PG_RETURN_NULL();
-	sampling_args(fcinfo, &set);
+	llm_sampling_args(fcinfo, &set);
 	if (!PG_ARGISNULL(7))
 		set.eos = PG_GETARG_INT32(7);
 	prompt = llm_tokens_from_array(PG_GETARG_ARRAYTYPE_P(0), &T);
@@ -356,9 +345,7 @@ llm_decode_generated(const char *model, const int32 *ids, int n, int32 eos)
 static int32 *
 text_generation_args(FunctionCallInfo fcinfo, GenSettings *set, int *T)
 {
-	sampling_args(fcinfo, set);
-	llm_check_max_tokens(set->max_tokens);
-	check_sampling(set->temperature, set->top_k, set->top_p);
+	llm_sampling_args(fcinfo, set);
 	return llm_encode_prompt(set->model, PG_GETARG_TEXT_PP(0), T, &set->eos);
 }
 

@@ -12,6 +12,25 @@
 #include "model.h"
 #include "utils/array.h"
 
+/* The settings of one generation, checked. */
+typedef struct GenSettings
+{
+	char	   *model;
+	int			max_tokens;
+	double		temperature;
+	int			top_k;
+	double		top_p;
+	bool		has_seed;
+	int64		seed;
+	int32		eos;			/* stop after this token; -1: none */
+} GenSettings;
+
+/*
+ * The sampling arguments of the generation functions, at argument positions 1..6:
+ * (max_tokens, temperature, topk, topp, model, seed), checked; eos -1.
+ */
+extern void llm_sampling_args(FunctionCallInfo fcinfo, GenSettings *set);
+
 /* ERROR (null value not allowed) when argument argno is NULL. */
 extern void llm_require_arg(FunctionCallInfo fcinfo, int argno, const char *name);
 

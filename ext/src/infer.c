@@ -6,7 +6,8 @@
  * Where the time goes, and what each path is built for:
  * - Every linear layer and the output head is llm_gemv (gemv.c) over the model's packed weights,
  *   in the precision of its served copy (served.h), split over the worker threads by panels of
- *   output columns. A generation step is B rows (B = 1, or the beams): memory-bound, each step
+ *   output columns. A generation step is B rows (B = 1, the beams, or the live sequences of a batch, each at its
+ *   own position): memory-bound, each step
  *   streams every weight once (0.5 GB for GPT-2 small in float32, 0.13 GB in int8). A prompt is T
  *   rows through the same kernels, in blocks of rows that reuse each panel from cache: as fast as
  *   sgemm on float32 weights, and reduced precisions need no float32 copy beside theirs.
@@ -42,9 +43,17 @@ typedef struct PromptAttTask
 {
 	LlmInfer   *s;
 	int			l;
+	int			p;				/* prompt slot */
 	size_t		T,
 				r0;
 } PromptAttTask;
+
+/* The key (or value) cache of layer l, prompt slot p: (max_prompt, C). */
+static inline float *
+prompt_cache(const LlmInfer *s, float *cache, size_t l, size_t p)
+{
+	return cache + (l * s->prompts + p) * s->max_prompt * s->C;
+}
 
 LLM_SIMD static void
 attention_prompt_task(void *arg, size_t start, size_t end)
@@ -54,8 +63,8 @@ attention_prompt_task(void *arg, size_t start, size_t end)
 	size_t		C = s->C,
 				hs = s->hs,
 				T = t->T;
-	const float *kc = s->k_prompt + (size_t) t->l * s->max_prompt * C;
-	const float *vc = s->v_prompt + (size_t) t->l * s->max_prompt * C;
+	const float *kc = prompt_cache(s, s->k_prompt, t->l, t->p);
+	const float *vc = prompt_cache(s, s->v_prompt, t->l, t->p);
 	float		scale = 1.0f / sqrtf((float) hs);
 
 	for (size_t h = start; h < end; h++)
@@ -92,7 +101,10 @@ typedef struct StepAttTask
 	int			l;
 } StepAttTask;
 
-/* One generation step's attention for the (beam, head) pairs [start, end). */
+/*
+ * One generation step's attention for the (row, head) pairs [start, end); row i of the step is
+ * slot b = step_rows[i], which sees its prompt slot's Tp positions and its own G generated ones.
+ */
 LLM_SIMD static void
 attention_step_task(void *arg, size_t start, size_t end)
 {
@@ -100,24 +112,26 @@ attention_step_task(void *arg, size_t start, size_t end)
 	const LlmInfer *s = t->s;
 	size_t		C = s->C,
 				hs = s->hs,
-				B = s->beams,
-				Tp = s->prompt_len,
-				G = s->n_new + 1;	/* including this step's position */
+				B = s->beams;
 	size_t		l = t->l;
-	const float *kp = s->k_prompt + l * s->max_prompt * C;
-	const float *vp = s->v_prompt + l * s->max_prompt * C;
 	const float *kn = s->k_new + l * s->max_new * B * C;
 	const float *vn = s->v_new + l * s->max_new * B * C;
 	float		scale = 1.0f / sqrtf((float) hs);
 
-	for (size_t bh = start; bh < end; bh++)
+	for (size_t ih = start; ih < end; ih++)
 	{
-		size_t		b = bh / s->NH,
-					h = bh % s->NH;
-		const float *q = s->qkv + b * 3 * C + h * hs;
+		size_t		i = ih / s->NH,
+					h = ih % s->NH,
+					b = s->step_rows[i],
+					pr = s->prompts == 1 ? 0 : b,
+					Tp = s->prompt_len[pr],
+					G = s->n_new[b] + 1;	/* including this step's position */
+		const float *kp = prompt_cache(s, s->k_prompt, l, pr);
+		const float *vp = prompt_cache(s, s->v_prompt, l, pr);
+		const float *q = s->qkv + i * 3 * C + h * hs;
 		const int  *path = s->path + b * s->max_new;
-		float	   *p = s->scores + bh * (s->max_prompt + s->max_new);
-		float	   *out = s->att + b * C + h * hs;
+		float	   *p = s->scores + ih * (s->max_prompt + s->max_new);
+		float	   *out = s->att + i * C + h * hs;
 
 		for (size_t t2 = 0; t2 < Tp; t2++)
 			p[t2] = llm_dot(q, kp + t2 * C + h * hs, hs) * scale;
@@ -160,8 +174,8 @@ gemv_scratch_size(size_t R, size_t IC)
 	return Max(llm_gemv_scratch_size(LLM_WEIGHTS_BF16, R, IC), llm_gemv_scratch_size(LLM_WEIGHTS_Q8, R, IC));
 }
 
-LlmInfer *
-llm_infer_create(const LlmModel *m, int beams, int max_prompt, int max_new)
+static LlmInfer *
+infer_create(const LlmModel *m, int beams, int prompts, int max_prompt, int max_new)
 {
 	LlmInfer   *s = palloc0(sizeof(LlmInfer));
 	size_t		L = m->cfg.n_layer,
@@ -179,28 +193,44 @@ llm_infer_create(const LlmModel *m, int beams, int max_prompt, int max_new)
 	s->V = m->cfg.vocab;
 	s->hs = s->C / s->NH;
 	s->beams = beams;
+	s->prompts = prompts;
 	s->max_prompt = max_prompt;
 	s->max_new = max_new;
+	s->prompt_len = palloc0(sizeof(int) * prompts);
+	s->n_new = palloc0(sizeof(int) * beams);
 
-	s->k_prompt = alloc_floats(L * max_prompt * C);
-	s->v_prompt = alloc_floats(L * max_prompt * C);
+	s->k_prompt = alloc_floats(L * prompts * max_prompt * C);
+	s->v_prompt = alloc_floats(L * prompts * max_prompt * C);
 	s->k_new = alloc_floats(L * max_new * beams * C);
 	s->v_new = alloc_floats(L * max_new * beams * C);
 	s->path = palloc0(Max(sizeof(int) * beams * max_new, 1));
 	s->path_tmp = palloc0(Max(sizeof(int) * beams * max_new, 1));
+	s->step_rows = palloc(sizeof(int) * beams);
 
 	s->x = alloc_floats(R * C);
 	s->ln = alloc_floats(R * C);
 	s->qkv = alloc_floats(R * 3 * C);
 	s->att = alloc_floats(R * C);
 	s->fch = alloc_floats(R * 4 * C);
-	/* prompt: a block of scores per head; step: one row of scores per (beam, head) */
+	/* prompt: a block of scores per head; step: one row of scores per (row, head) */
 	scores = Max((size_t) s->NH * Min(max_prompt, ATT_ROW_BLOCK) * max_prompt,
 				 (size_t) beams * s->NH * (max_prompt + max_new));
 	s->scores = alloc_floats(scores);
 	s->logits = alloc_floats((size_t) beams * V);
 	s->gemv_scratch = (void *) TYPEALIGN(64, MemoryContextAllocHuge(CurrentMemoryContext, gemv_scratch_size(R, 4 * C) + 64));
 	return s;
+}
+
+LlmInfer *
+llm_infer_create(const LlmModel *m, int beams, int max_prompt, int max_new)
+{
+	return infer_create(m, beams, 1, max_prompt, max_new);
+}
+
+LlmInfer *
+llm_infer_create_rows(const LlmModel *m, int rows, int max_prompt, int max_new)
+{
+	return infer_create(m, rows, rows, max_prompt, max_new);
 }
 
 void
@@ -249,14 +279,15 @@ head(LlmInfer *s, const float *x, size_t R)
 	llm_gemv(m->packed.fmt, s->logits, s->ln, m->packed.w[LLM_WTE], NULL, R, s->C, s->V, false, s->gemv_scratch);
 }
 
-const float *
-llm_infer_prompt(LlmInfer *s, const int32 *tokens, int T)
+/* The prompt pass of prompt slot ps: its keys and values, and the logits after its last token. */
+static const float *
+infer_prompt(LlmInfer *s, int ps, const int32 *tokens, int T)
 {
 	const LlmParams *p = &s->model->p;
 	const LlmLayout *lay = &s->model->layout;
 	size_t		C = s->C;
 	int		   *positions = palloc(sizeof(int) * T);
-	PromptAttTask att = {s, 0, T, 0};
+	PromptAttTask att = {s, 0, ps, T, 0};
 
 	Assert(T >= 1 && T <= s->max_prompt);
 	llm_blas_set_threads(1);	/* attention's sgemms run on the pool's threads, one each */
@@ -270,8 +301,8 @@ llm_infer_prompt(LlmInfer *s, const int32 *tokens, int T)
 		/* past the keys and values, the last layer only needs the last row */
 		size_t		r0 = (l == s->L - 1) ? (size_t) T - 1 : 0;
 		size_t		R = T - r0;
-		float	   *kc = s->k_prompt + (size_t) l * s->max_prompt * C;
-		float	   *vc = s->v_prompt + (size_t) l * s->max_prompt * C;
+		float	   *kc = prompt_cache(s, s->k_prompt, l, ps);
+		float	   *vc = prompt_cache(s, s->v_prompt, l, ps);
 
 		CHECK_FOR_INTERRUPTS();
 		layernorm_forward(s->ln, NULL, NULL, s->x, p->ln1w + l * lay->size[LLM_LN1W],
@@ -298,46 +329,79 @@ llm_infer_prompt(LlmInfer *s, const int32 *tokens, int T)
 	}
 	CHECK_FOR_INTERRUPTS();
 	head(s, s->x + (size_t) (T - 1) * C, 1);
-	s->prompt_len = T;
-	s->n_new = 0;
+	s->prompt_len[ps] = T;
 	return s->logits;
+}
+
+const float *
+llm_infer_prompt(LlmInfer *s, const int32 *tokens, int T)
+{
+	Assert(s->prompts == 1);
+	memset(s->n_new, 0, sizeof(int) * s->beams);
+	return infer_prompt(s, 0, tokens, T);
+}
+
+const float *
+llm_infer_prompt_row(LlmInfer *s, int row, const int32 *tokens, int T)
+{
+	Assert(s->prompts == s->beams && row >= 0 && row < s->beams);
+	s->n_new[row] = 0;
+	return infer_prompt(s, row, tokens, T);
 }
 
 const float *
 llm_infer_step(LlmInfer *s, const int32 *tokens)
 {
+	Assert(s->prompts == 1);
+	for (int b = 0; b < s->beams; b++)
+		s->step_rows[b] = b;
+	return llm_infer_step_rows(s, s->step_rows, s->beams, tokens);
+}
+
+/* Row i of a step is slot rows[i]; B below is the number of rows of this step. */
+const float *
+llm_infer_step_rows(LlmInfer *s, const int *rows, int n, const int32 *tokens)
+{
 	const LlmParams *p = &s->model->p;
 	const LlmLayout *lay = &s->model->layout;
 	size_t		C = s->C,
-				B = s->beams,
-				G = s->n_new;
+				B = n,
+				slots = s->beams;
 	int		   *positions = palloc(sizeof(int) * B);
+	size_t	   *cache_at = palloc(sizeof(size_t) * B);	/* row i's slot in the generated cache */
 	StepAttTask att = {s, 0};
 
-	if (G >= (size_t) s->max_new)
-		elog(ERROR, "generation cache of %d positions is full", s->max_new);
-	for (size_t b = 0; b < B; b++)
+	Assert(n >= 1 && n <= s->beams);
+	for (size_t i = 0; i < B; i++)
 	{
-		positions[b] = s->prompt_len + (int) G;
-		s->path[b * s->max_new + G] = (int) b;
+		int			b = rows[i],
+					g = s->n_new[b];
+
+		if (g >= s->max_new)
+			elog(ERROR, "generation cache of %d positions is full", s->max_new);
+		positions[i] = s->prompt_len[s->prompts == 1 ? 0 : b] + g;
+		s->path[(size_t) b * s->max_new + g] = b;
+		cache_at[i] = (size_t) g * slots + b;
 	}
+	if (rows != s->step_rows)
+		memcpy(s->step_rows, rows, sizeof(int) * B);
 	embed(s, tokens, positions, B);
 	pfree(positions);
 
 	for (int l = 0; l < s->L; l++)
 	{
-		float	   *kn = s->k_new + ((size_t) l * s->max_new + G) * B * C;
-		float	   *vn = s->v_new + ((size_t) l * s->max_new + G) * B * C;
+		float	   *kn = s->k_new + (size_t) l * s->max_new * slots * C;
+		float	   *vn = s->v_new + (size_t) l * s->max_new * slots * C;
 
 		CHECK_FOR_INTERRUPTS();
 		layernorm_forward(s->ln, NULL, NULL, s->x, p->ln1w + l * lay->size[LLM_LN1W],
 						  p->ln1b + l * lay->size[LLM_LN1B], B, C);
 		linear(s, LLM_QKVW, l, s->qkv, s->ln, p->qkvb + l * lay->size[LLM_QKVB],
 			   B, C, 3 * C, false);
-		for (size_t b = 0; b < B; b++)
+		for (size_t i = 0; i < B; i++)
 		{
-			memcpy(kn + b * C, s->qkv + b * 3 * C + C, C * sizeof(float));
-			memcpy(vn + b * C, s->qkv + b * 3 * C + 2 * C, C * sizeof(float));
+			memcpy(kn + cache_at[i] * C, s->qkv + i * 3 * C + C, C * sizeof(float));
+			memcpy(vn + cache_at[i] * C, s->qkv + i * 3 * C + 2 * C, C * sizeof(float));
 		}
 		att.l = l;
 		llm_parallel_for(B * s->NH, attention_step_task, &att);
@@ -353,7 +417,9 @@ llm_infer_step(LlmInfer *s, const int32 *tokens)
 	}
 	CHECK_FOR_INTERRUPTS();
 	head(s, s->x, B);
-	s->n_new++;
+	for (size_t i = 0; i < B; i++)
+		s->n_new[rows[i]]++;
+	pfree(cache_at);
 	return s->logits;
 }
 
@@ -364,7 +430,7 @@ llm_infer_reorder(LlmInfer *s, const int *parents)
 
 	for (int b = 0; b < s->beams; b++)
 		memcpy(tmp + (size_t) b * s->max_new, s->path + (size_t) parents[b] * s->max_new,
-			   s->n_new * sizeof(int));
+			   s->n_new[parents[b]] * sizeof(int));
 	s->path_tmp = s->path;
 	s->path = tmp;
 }

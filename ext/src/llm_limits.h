@@ -26,4 +26,7 @@
 /* beam search keeps every beam's cache: this bounds the memory and time one call can ask for */
 #define LLM_BEAM_WIDTH_MAX 64
 
+/* pg_llm.batch_rows: each sequence in flight keeps its own cache; the same bound as beams */
+#define LLM_BATCH_ROWS_MAX 64
+
 #endif							/* PG_LLM_LIMITS_H */

@@ -5,6 +5,7 @@
 #include "pg_llm.h"
 #include "access.h"
 #include "served.h"
+#include "batch.h"
 #include "weights_cache.h"
 
 #include <stdlib.h>
@@ -50,6 +51,7 @@ _PG_init(void)
 	llm_wc_init();
 	llm_access_init();
 	llm_served_init();
+	llm_batch_init();
 	MarkGUCPrefixReserved("pg_llm");
 }
 
@@ -84,6 +86,7 @@ pg_llm_limits(PG_FUNCTION_ARGS)
 		{"batch_size_max", LLM_BATCH_SIZE_MAX},
 		{"grad_accum_max", LLM_GRAD_ACCUM_MAX},
 		{"beam_width_max", LLM_BEAM_WIDTH_MAX},
+		{"batch_rows_max", LLM_BATCH_ROWS_MAX},
 	};
 
 	InitMaterializedSRF(fcinfo, 0);

@@ -22,6 +22,12 @@ llm_sampler_init(LlmSampler *s, int V, double temperature, int top_k, double top
 	s->z = palloc(sizeof(float) * V);
 	s->cand = palloc(sizeof(int32) * V);
 	s->prob = palloc(sizeof(double) * V);
+	llm_sampler_seed(s, has_seed, seed);
+}
+
+void
+llm_sampler_seed(LlmSampler *s, bool has_seed, int64 seed)
+{
 	pg_prng_seed(&s->rng, has_seed ? (uint64) seed : pg_prng_uint64(&pg_global_prng_state));
 }
 

@@ -23,6 +23,8 @@ typedef struct LlmSampler
 /* Seeded when has_seed (reproducible), else from the backend's random state. */
 extern void llm_sampler_init(LlmSampler *s, int V, double temperature, int top_k, double top_p,
 							 bool has_seed, int64 seed);
+/* Start a new stream of draws, as llm_sampler_init does (for a sampler used again). */
+extern void llm_sampler_seed(LlmSampler *s, bool has_seed, int64 seed);
 extern int32 llm_sample(LlmSampler *s, const float *logits);
 
 /* out (V) <- log_softmax(logits (V)) */
