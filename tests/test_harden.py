@@ -162,6 +162,7 @@ SERVING = [
     "SELECT count(*) FROM llm_beam_search_tokens(ARRAY[1, 2], 2, 2, model => 'm')",
     "SELECT * FROM llm_tokenizer_info('m')",
     "SELECT step FROM llm_train_state WHERE model = 'm'",
+    "SELECT count(*) FROM llm_models",
 ]
 TRAINING = [
     "SELECT llm_train('m', 1, warmup => 1, batch_size => 2)",

@@ -80,7 +80,8 @@ AS 'MODULE_PATHNAME', 'llm_train_lock' LANGUAGE C VOLATILE STRICT;
 
 -- Rights of ordinary roles. Every pg_llm function runs with its caller's rights, so what a role
 -- may do is what it may do on the tables. llm_grant(role) gives what serving reads (generate,
--- stream, beams, logits, encode/decode, the models' state); with train => true, every right on
+-- stream, beams, logits, encode/decode, the models' state and the llm_models view, which counts
+-- checkpoints); with train => true, every right on
 -- every table and sequence of the extension too (training, init, import and tokenizers sent over
 -- the connection, datasets, checkpoints; a table added by a later version counts). Never the
 -- server-file functions: pg_llm_import_npz and pg_llm_export_npz stay with superusers and
@@ -103,7 +104,8 @@ BEGIN
                                 ELSE 'GRANT SELECT, INSERT, UPDATE, DELETE, TRUNCATE ON %s TO %s' END,
                            rel.name, role);
         ELSIF rel.relname IN ('llm_model_config', 'llm_param', 'llm_bpe_vocab', 'llm_bpe_merges',
-                              'llm_tokenizer_version', 'llm_train_state', 'llm_train_log', 'llm_models') THEN
+                              'llm_tokenizer_version', 'llm_train_state', 'llm_train_log', 'llm_checkpoint',
+                              'llm_models') THEN
             EXECUTE format('GRANT SELECT ON %s TO %s', rel.name, role);
         END IF;
     END LOOP;
