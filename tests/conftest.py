@@ -63,6 +63,13 @@ def dsn(cluster) -> str:
     return cluster.dsn()
 
 
+@pytest.fixture(scope="module")
+def pg(dsn):
+    """A connection to `dsn` (autocommit) for a whole test module: its models stay between tests."""
+    with psycopg.connect(dsn, autocommit=True) as c:
+        yield c
+
+
 @pytest.fixture
 def db(cluster):
     """A new database with pg_llm created, dropped after the test: tests cannot see each other's models."""

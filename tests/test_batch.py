@@ -41,12 +41,6 @@ def eot_biased_model():
 
 
 @pytest.fixture(scope="module")
-def pg(dsn):
-    with psycopg.connect(dsn, autocommit=True) as c:
-        yield c
-
-
-@pytest.fixture(scope="module")
 def model(pg):
     m = eot_biased_model()
     name = f"batch-{uuid.uuid4().hex[:8]}"

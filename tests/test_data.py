@@ -189,7 +189,7 @@ def test_dataset_build_can_be_cancelled(conn):
     assert conn.execute("SELECT count(*) FROM llm_dataset").fetchone()[0] == 0
 
 
-def test_pgllm_dataset_query_with_a_validation_split(cli, conn, db, reference):
+def test_pgllm_dataset_validation_split_of_a_query_and_of_files(cli, conn, db, reference, tmp_path):
     register(conn)
     words = "alpha beta gamma delta epsilon zeta eta theta iota kappa".split()
     docs = [" ".join(words[(i * 7 + k) % 10] for k in range(5 + i % 4)) + f" number {i}." for i in range(60)]
@@ -209,6 +209,15 @@ def test_pgllm_dataset_query_with_a_validation_split(cli, conn, db, reference):
     assert np.array_equal(train, expected_rows(reference, [d for d in docs if share[d] >= 0.25], 4))
     # the same split again (deterministic), replacing both datasets
     assert cli(*args).exit_code == 0
+    assert np.array_equal(rows_of(conn, "val"), val) and np.array_equal(rows_of(conn, "train"), train)
+
+    # the same documents as files (one each, in the same order): the same split, the same rows
+    for i, d in enumerate(docs):
+        (tmp_path / f"doc{i:03}.txt").write_text(d, encoding="utf-8")
+    r = cli("--dsn", db, "dataset", "--model", "m", "--tokenizer", "db", "--input", str(tmp_path / "doc*.txt"),
+            "--block-size", "4", "--val-fraction", "0.25", "--truncate")
+    assert r.exit_code == 0, r.output
+    assert 'into dataset "train"' in r.output and 'into dataset "val"' in r.output
     assert np.array_equal(rows_of(conn, "val"), val) and np.array_equal(rows_of(conn, "train"), train)
 
     r = cli("--dsn", db, "dataset", "--model", "m", "--query", "SELECT n FROM docs", "--block-size", "4")

@@ -41,12 +41,6 @@ GEN_EOS = 160
 
 
 @pytest.fixture(scope="module")
-def pg(dsn):
-    with psycopg.connect(dsn, autocommit=True) as c:
-        yield c
-
-
-@pytest.fixture(scope="module")
 def models(pg):
     """name -> (registered model name, reference model) for every shape, plus 'gen'."""
     out = {}

@@ -152,6 +152,21 @@ class DBTokenizer:
 
 # ---- rows -------------------------------------------------------------------------------------
 
+# The validation split, by document: a document goes to the validation set when its share, a hash
+# of its text in [0, 1), is below --val-fraction. Deterministic, independent of the documents'
+# order, and the same for files and for --query (the server computes it for both).
+def doc_share(doc: str) -> str:
+    return f"(pg_catalog.hashtextextended({doc}, 0) & 2147483647) / 2147483648.0"
+
+
+def val_documents(pg: db.Pgllm, docs: list[str], val_fraction: float) -> list[bool]:
+    """For each document, whether it goes to the validation set."""
+    if not val_fraction or not docs:
+        return [False] * len(docs)
+    return [r[0] for r in pg.execute(f"SELECT {doc_share('d')} < %s FROM unnest(%s::text[]) WITH ORDINALITY "
+                                     "AS u(d, i) ORDER BY i", (val_fraction, docs))]
+
+
 def clear(pg: db.Pgllm, dataset: str) -> None:
     """Empty one dataset; when it is the only one, the ids restart from 1 too."""
     others = pg.execute("SELECT EXISTS (SELECT 1 FROM {llm_dataset} WHERE dataset <> %s)", (dataset,)).fetchone()[0]
@@ -211,9 +226,9 @@ def dataset(
     query: str = typer.Option(None, "--query", "-q", help="Instead of files: a SELECT whose first column (text) "
                               "is one document per row, tokenized in the server (llm_dataset_build).",
                               show_default="none: --input files"),
-    val_fraction: float = typer.Option(0.0, "--val-fraction", min=0.0, max=0.99, help="With --query: this "
-                                       "fraction of the documents goes to --val-dataset instead (by a hash of "
-                                       "each document's text: the same split on every run)."),
+    val_fraction: float = typer.Option(0.0, "--val-fraction", min=0.0, max=0.99, help="This fraction of the "
+                                       "documents goes to --val-dataset instead (by a hash of each document's "
+                                       "text: the same split on every run, for files and for --query)."),
     val_dataset: str = typer.Option("val", "--val-dataset", help="The dataset of --val-fraction."),
     more: list[str] = typer.Argument(None, metavar="[FILES]...", help="More input files (what a shell glob "
                                      "after --input expands to).", show_default=False),
@@ -240,9 +255,8 @@ def dataset(
                           val_dataset)
     if not input:
         raise PgllmError("no input", hint="pass --input FILE, a glob such as 'corpus/*.txt', or --query SQL")
-    if val_fraction:
-        raise PgllmError("--val-fraction needs --query", hint="or build the validation set from its own files "
-                         "with --dataset val")
+    if val_fraction and val_dataset == dataset_name:
+        raise PgllmError(f'--val-dataset must differ from --dataset ("{dataset_name}")')
     files = expand_inputs(list(input) + list(more or []))
     if tokenizer != "db":  # before connecting: a missing package is the first thing to hear about
         need("pgllm dataset --tokenizer gpt2|DIR", "transformers", alternative="or use --tokenizer db")
@@ -255,9 +269,11 @@ def dataset(
             raise PgllmError(f'--block-size {block_size} is larger than model "{model}"\'s n_positions '
                              f'{cfg.n_positions}')
         tok = DBTokenizer(pg, model) if tokenizer == "db" else HFTokenizer(tokenizer)
+        names = [dataset_name, val_dataset] if val_fraction else [dataset_name]
         if truncate:
-            clear(pg, dataset_name)
-        writer = RowWriter(pg, block_size, batch_size, cfg.vocab, model, dataset_name)
+            for name in names:
+                clear(pg, name)
+        writers = [RowWriter(pg, block_size, batch_size, cfg.vocab, model, name) for name in names]
         n_docs = 0
         total_bytes = sum(f.stat().st_size for f in files)
         with Progress(TextColumn("[bold]tokenizing"), BarColumn(), MofNCompleteColumn(),
@@ -266,20 +282,24 @@ def dataset(
             task = progress.add_task("files", total=len(files), rows=0)
             for f in files:
                 docs = read_documents(f, split_on)
-                for ids in tok.encode(docs):
-                    writer.add(list(ids) + [tok.eot], str(f))
+                for ids, val in zip(tok.encode(docs), val_documents(pg, docs, val_fraction)):
+                    writers[val].add(list(ids) + [tok.eot], str(f))
                     n_docs += 1
-                progress.update(task, advance=1, rows=writer.rows + len(writer.pending))
-            writer.flush()
-        if writer.rows == 0:
-            raise PgllmError(f"the input has {writer.tokens} tokens, too few for one row of {block_size} "
+                progress.update(task, advance=1, rows=sum(w.rows + len(w.pending) for w in writers))
+            for w in writers:
+                w.flush()
+        if writers[0].rows == 0:
+            raise PgllmError(f"the input has {writers[0].tokens} tokens, too few for one row of {block_size} "
                              f"(+1 for the target)", hint="lower --block-size; nothing was written")
         pg.conn.commit()
-        total = pg.execute("SELECT count(*) FROM {llm_dataset} WHERE dataset = %s", (dataset_name,)).fetchone()[0]
+        totals = [pg.execute("SELECT count(*) FROM {llm_dataset} WHERE dataset = %s", (w.dataset,)).fetchone()[0]
+                  for w in writers]
     elapsed = time.monotonic() - start
-    typer.echo(f"{len(files)} files ({total_bytes / 1e6:.1f} MB), {n_docs} documents, {writer.tokens} tokens "
-               f"with {tok.description} -> {writer.rows} rows of {block_size} tokens "
-               f"({writer.leftover} tokens left over) in {elapsed:.1f} s; dataset \"{dataset_name}\" has {total} rows")
+    tokens = sum(w.tokens for w in writers)
+    into = "; ".join(f"{w.rows} rows of {block_size} tokens ({w.leftover} tokens left over) into dataset "
+                     f"\"{w.dataset}\", which has {t} rows" for w, t in zip(writers, totals))
+    typer.echo(f"{len(files)} files ({total_bytes / 1e6:.1f} MB), {n_docs} documents, {tokens} tokens "
+               f"with {tok.description} -> {into}; in {elapsed:.1f} s")
 
 
 def from_query(dsn: str | None, query: str, model: str, block_size: int, name: str, truncate: bool,
@@ -298,7 +318,7 @@ def from_query(dsn: str | None, query: str, model: str, block_size: int, name: s
         parts = [(name, query)]
         if val_fraction:
             # the document's hash in [0, 1): deterministic, independent of the rows' order
-            share = "(pg_catalog.hashtextextended(q.doc::text, 0) & 2147483647) / 2147483648.0"
+            share = doc_share("q.doc::text")
             inner = query.strip().rstrip(";")
             parts = [(name, f"SELECT q.doc FROM ({inner}) AS q(doc) WHERE {share} >= {val_fraction!r}"),
                      (val_dataset, f"SELECT q.doc FROM ({inner}) AS q(doc) WHERE {share} < {val_fraction!r}")]
