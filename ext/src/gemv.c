@@ -342,14 +342,8 @@ llm_gemv_scratch_size(LlmWeightFormat fmt, size_t R, size_t IC)
 	return 0;
 }
 
-/* The quantisation loops vectorise; results are the same on every clone (no contraction). */
-#if defined(LLM_GEMV_X86) && !defined(__clang__)
-#define LLM_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
-#else
-#define LLM_CLONES
-#endif
-
-LLM_CLONES static void
+/* The quantisation loops vectorise (kernels.h's clones); results are the same on every clone. */
+LLM_SIMD static void
 quantise_q8(Q8Act a, const float *inp, size_t R, size_t IC)
 {
 	size_t		nb = n_blocks(IC);
@@ -379,7 +373,7 @@ quantise_q8(Q8Act a, const float *inp, size_t R, size_t IC)
 		}
 }
 
-LLM_CLONES static void
+LLM_SIMD static void
 round_bf16_pairs(uint16_t *dst, const float *inp, size_t R, size_t IC)
 {
 	size_t		IC2 = even(IC);
