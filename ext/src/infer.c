@@ -150,7 +150,7 @@ attention_step_task(void *arg, size_t start, size_t end)
 		h1 = ih1 - i * NH;
 		for (size_t t2 = 0; t2 < Tp + G; t2++)
 		{
-			const float *k = t2 < Tp ? kp + t2 * C : kn + ((t2 - Tp) * B + path[t2 - Tp]) * C;
+			const float *k = t2 < Tp ? kp + t2 * C : kn + ((size_t) path[t2 - Tp] * s->max_new + t2 - Tp) * C;
 
 			for (size_t h = h0; h < h1; h++)
 				p[h * stride + t2] = llm_dot(q + h * hs, k + h * hs, hs) * scale;
@@ -162,7 +162,7 @@ attention_step_task(void *arg, size_t start, size_t end)
 		}
 		for (size_t t2 = 0; t2 < Tp + G; t2++)
 		{
-			const float *v = t2 < Tp ? vp + t2 * C : vn + ((t2 - Tp) * B + path[t2 - Tp]) * C;
+			const float *v = t2 < Tp ? vp + t2 * C : vn + ((size_t) path[t2 - Tp] * s->max_new + t2 - Tp) * C;
 
 			for (size_t h = h0; h < h1; h++)
 			{
@@ -461,7 +461,7 @@ llm_infer_step_rows(LlmInfer *s, const int *rows, int n, const int32 *tokens)
 			elog(ERROR, "generation cache of %d positions is full", s->max_new);
 		positions[i] = s->prompt_len[s->prompts == 1 ? 0 : b] + g;
 		s->path[(size_t) b * s->max_new + g] = b;
-		cache_at[i] = (size_t) g * slots + b;
+		cache_at[i] = (size_t) b * s->max_new + g;
 	}
 	if (rows != s->step_rows)
 		memcpy(s->step_rows, rows, sizeof(int) * B);

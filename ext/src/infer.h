@@ -40,7 +40,7 @@ typedef struct LlmInfer
 	float	   *k_prompt,
 			   *v_prompt;		/* (L, P, max_prompt, C) */
 	float	   *k_new,
-			   *v_new;			/* (L, max_new, B, C): position g of slot b */
+			   *v_new;			/* (L, B, max_new, C): position g of slot b, a slot's positions in a row */
 	int		   *path;			/* (B, max_new): slot that holds row b's position g */
 	int		   *path_tmp;		/* (B, max_new) */
 	int		   *step_rows;		/* (B) the row slots of the step in progress */
