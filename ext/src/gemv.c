@@ -45,15 +45,6 @@
 #define Q8_BLOCK (NR * 2 + NR * QK) /* bytes of a block: 32 fp16 scales, 32x32 weights */
 #define MR_MAX 12				/* most rows any kernel takes at once */
 #define ROW_BLOCK 96			/* rows per pass over the weights: 96 x 3072 float32 inputs fit L2 */
-#ifndef GEMV_SHARES
-#define GEMV_SHARES 4			/* shares per thread (llm_parallel_for_shares): a busy machine's late thread delays less */
-#endif
-#ifndef PREFETCH_BYTES
-#define PREFETCH_BYTES 4096
-#endif
-#ifndef PREFETCH_ROWS
-#define PREFETCH_ROWS 4
-#endif
 
 /* ---- scalar conversions ----------------------------------------------------------------------- */
 
@@ -706,11 +697,6 @@ f32_avx512_rows(const Gemv *g, const uint8_t *panel, size_t r0, float (*acc)[NR]
 		__m512		w0 = _mm512_load_ps(w + i * NR),
 					w1 = _mm512_load_ps(w + i * NR + 16);
 
-		if (nr >= PREFETCH_ROWS)
-		{
-			_mm_prefetch((const char *) (w + i * NR) + PREFETCH_BYTES, _MM_HINT_T0);
-			_mm_prefetch((const char *) (w + i * NR) + PREFETCH_BYTES + 64, _MM_HINT_T0);
-		}
 		for (int r = 0; r < nr; r++)
 		{
 			__m512		xb = _mm512_set1_ps(x[r * IC + i]);
@@ -1067,5 +1053,5 @@ llm_gemv(LlmWeightFormat fmt, float *out, const float *inp, const void *packed,
 		quantise_q8(q8, inp, R, IC);
 		g.act = &q8;
 	}
-	llm_parallel_for_shares(n_panels(OC), GEMV_SHARES, gemv_task, &g);
+	llm_parallel_for(n_panels(OC), gemv_task, &g);
 }

@@ -5,9 +5,9 @@
  * arrays, never PostgreSQL (no palloc, ereport, SPI). They are created with every signal blocked,
  * so PostgreSQL's signal handlers only ever run on the backend's own thread.
  *
- * A job is cut into one share per thread (or a few: llm_parallel_for_shares), and shares are
- * claimed, not assigned: the calling thread and the workers each take the next unclaimed share
- * until none is left, and the caller then waits only for shares that a worker has started. A worker that the OS has not scheduled
+ * A job is cut into one share per thread, and shares are claimed, not assigned: the calling
+ * thread and the workers each take the next unclaimed share until none is left, and the caller
+ * then waits only for shares that a worker has started. A worker that the OS has not scheduled
  * yet (the machine is busy) therefore delays nothing: the caller runs its share too. Threads spin
  * for a short while before they sleep, because in a forward pass jobs follow each other within
  * microseconds, and waking a sleeping thread takes longer than that.
@@ -227,12 +227,6 @@ pool_activate(int workers)
 void
 llm_parallel_for(size_t n, llm_task_fn fn, void *arg)
 {
-	llm_parallel_for_shares(n, 1, fn, arg);
-}
-
-void
-llm_parallel_for_shares(size_t n, int per_thread, llm_task_fn fn, void *arg)
-{
 	int			workers = Min(llm_num_threads() - 1, pool.most_workers);
 	int			parts;
 	uint64		ticket;
@@ -248,7 +242,7 @@ llm_parallel_for_shares(size_t n, int per_thread, llm_task_fn fn, void *arg)
 		return;
 	}
 
-	parts = (int) Min(n, (size_t) (workers + 1) * per_thread);
+	parts = (int) Min(n, (size_t) workers + 1);
 	__atomic_store_n(&pool.fn, fn, __ATOMIC_RELAXED);
 	__atomic_store_n(&pool.arg, arg, __ATOMIC_RELAXED);
 	__atomic_store_n(&pool.n, n, __ATOMIC_RELAXED);

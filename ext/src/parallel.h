@@ -16,11 +16,4 @@ typedef void (*llm_task_fn) (void *arg, size_t start, size_t end);
 /* Runs fn(arg, start, end) over shares of [0, n) on llm_num_threads() threads; n < 2 runs inline. */
 extern void llm_parallel_for(size_t n, llm_task_fn fn, void *arg);
 
-/*
- * As llm_parallel_for, cut into up to `per_thread` shares per thread, each thread taking the next
- * share as it comes: on a busy machine a descheduled thread then holds back one small share, not
- * half the job. Only for functions whose results do not depend on where shares are cut.
- */
-extern void llm_parallel_for_shares(size_t n, int per_thread, llm_task_fn fn, void *arg);
-
 #endif							/* PG_LLM_PARALLEL_H */
