@@ -11,6 +11,7 @@ waiting sessions' statements with an error instead of leaving them hanging.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import threading
@@ -57,6 +58,16 @@ def runner(pg, name):
     """(pid, sequences, steps, rows) of the model's runner, or None."""
     return pg.execute("SELECT pid, sequences, steps, rows FROM pg_llm_batch_runners() WHERE model = %s",
                       (name,)).fetchone()
+
+
+@contextlib.contextmanager
+def held_runner(dsn, name):
+    """The model's runner, kept from exiting when idle by a stream left open in a cursor; its pid."""
+    with psycopg.connect(dsn) as c:
+        c.execute("DECLARE held CURSOR FOR SELECT (llm_generate_stream('Hello', 100, 0, model => %s)).token",
+                  (name,))
+        c.execute("FETCH 1 FROM held")
+        yield c.execute("SELECT pid FROM pg_llm_batch_runners() WHERE model = %s", (name,)).fetchone()[0]
 
 
 def wait_for(predicate, what, timeout=120):
@@ -135,18 +146,19 @@ def test_a_stream_is_unchanged_and_gives_its_slot_back(pg, model):
                                 (model,)).fetchone() in (None, (0,)), "the cursor's slot to be free")
 
 
-def test_the_setting_turns_it_off(pg, model):
+def test_the_setting_turns_it_off(pg, dsn, model):
     a = args("Hello", model)
-    text = pg.execute(GENERATE, a).fetchone()[0]
-    before = runner(pg, model)
-    assert before is not None
-    pg.execute("SET pg_llm.batch_sessions = 0")
-    try:
+    with held_runner(dsn, model):
+        text = pg.execute(GENERATE, a).fetchone()[0]
+        before = runner(pg, model)
+        pg.execute("SET pg_llm.batch_sessions = 0")
+        try:
+            assert pg.execute(GENERATE, a).fetchone()[0] == text
+        finally:
+            pg.execute("RESET pg_llm.batch_sessions")
+        assert runner(pg, model)[1] == before[1]  # no sequence went to the runner
         assert pg.execute(GENERATE, a).fetchone()[0] == text
-    finally:
-        pg.execute("RESET pg_llm.batch_sessions")
-    after = runner(pg, model)
-    assert after is None or after[1] == before[1]  # no sequence went to the runner
+        assert runner(pg, model)[1] == before[1] + 1  # and back on
 
 
 needs_root = pytest.mark.skipif(not is_root(), reason="signals the server's processes (runs as root only)")
@@ -156,8 +168,11 @@ needs_root = pytest.mark.skipif(not is_root(), reason="signals the server's proc
 def test_a_cancelled_session_leaves_the_others_running(pg, dsn, model):
     a, b = args("The quick brown fox jumps", model, 40), args("Tables and rows", model, 40, seeded=True)
     expected_b = alone(pg, b)
-    pg.execute(GENERATE, a)  # the runner exists
-    pid = runner(pg, model)[0]
+    with held_runner(dsn, model) as pid:
+        cancel_while_waiting(pg, dsn, model, pid, a, b, expected_b)
+
+
+def cancel_while_waiting(pg, dsn, model, pid, a, b, expected_b):
     conns = [psycopg.connect(dsn, autocommit=True) for _ in range(2)]
     pids = [c.info.backend_pid for c in conns]
     out = [None, None]
@@ -191,10 +206,20 @@ def test_a_cancelled_session_leaves_the_others_running(pg, dsn, model):
 def test_a_runner_that_exits_ends_its_sessions_statements_and_a_new_one_starts(pg, dsn, model):
     a = args("Why?", model, 40)
     expected = alone(pg, a)
-    pg.execute(GENERATE, a)
-    pid = runner(pg, model)[0]
     conn = psycopg.connect(dsn, autocommit=True)
     out = []
+    with held_runner(dsn, model) as pid:
+        stop_runner_while_waiting(pg, conn, a, pid, out)
+    assert isinstance(out[0], psycopg.errors.ObjectNotInPrerequisiteState)
+    assert "batch runner" in str(out[0]) and "stopped" in str(out[0])
+    # the next call starts a new runner and gets the solo result
+    assert conn.execute(GENERATE, a).fetchone()[0] == expected
+    with held_runner(dsn, model) as new_pid:
+        assert new_pid != pid
+    conn.close()
+
+
+def stop_runner_while_waiting(pg, conn, a, pid, out):
     os.kill(pid, signal.SIGSTOP)
     try:
         t = threading.Thread(target=lambda: out.append(_try(conn, a)))
@@ -205,12 +230,6 @@ def test_a_runner_that_exits_ends_its_sessions_statements_and_a_new_one_starts(p
         os.kill(pid, signal.SIGCONT)
     t.join(timeout=120)
     assert not t.is_alive(), "the session hangs after its runner exited"
-    assert isinstance(out[0], psycopg.errors.ObjectNotInPrerequisiteState)
-    assert "batch runner" in str(out[0]) and "stopped" in str(out[0])
-    # the next call starts a new runner and gets the solo result
-    assert conn.execute(GENERATE, a).fetchone()[0] == expected
-    wait_for(lambda: (runner(pg, model) or (pid,))[0] != pid, "a new runner")
-    conn.close()
 
 
 def _try(conn, a):

@@ -591,6 +591,17 @@ llm_runner_end(LlmRunnerSeq *q)
 static RunnerHeader *runner_h = NULL;
 static int	runner_fd = -1;
 static char runner_path[MAXPGPATH];
+static char weights_path[MAXPGPATH];	/* the shared copy it serves */
+static struct stat weights_stat;
+
+/* A new weights_version (or the eviction of this one) unlinked the copy: no new sequence will come. */
+static bool
+weights_replaced(void)
+{
+	struct stat st;
+
+	return stat(weights_path, &st) != 0 || st.st_ino != weights_stat.st_ino || st.st_dev != weights_stat.st_dev;
+}
 
 /* However the runner ends: its sessions learn it now, and the file goes if nobody starts another. */
 static void
@@ -723,7 +734,7 @@ serve(RunnerHeader *h, LlmInfer *inf)
 		{
 			if (active > 0)
 				idle_since = now;
-			else if (TimestampDifferenceExceeds(idle_since, now, RUNNER_IDLE_MS))
+			else if (TimestampDifferenceExceeds(idle_since, now, RUNNER_IDLE_MS) || weights_replaced())
 			{
 				uint32		ready = RUNNER_READY;
 
@@ -807,6 +818,10 @@ llm_runner_main(Datum arg)
 	BackgroundWorkerInitializeConnection(NULL, NULL, 0);
 
 	strlcpy(runner_path, MyBgworkerEntry->bgw_extra, sizeof(runner_path));
+	strlcpy(weights_path, runner_path, sizeof(weights_path));
+	weights_path[strlen(weights_path) - strlen(RUNNER_SUFFIX)] = '\0';
+	if (stat(weights_path, &weights_stat) != 0)
+		proc_exit(0);
 	runner_fd = open(runner_path, O_RDWR | O_CLOEXEC);
 	if (runner_fd < 0 || flock(runner_fd, LOCK_EX | LOCK_NB) != 0 || fstat(runner_fd, &st) != 0 ||
 		st.st_size < RUNNER_HEADER_BYTES)
