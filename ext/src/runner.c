@@ -99,6 +99,7 @@ typedef struct RunnerHeader
 	LlmConfig	cfg;
 	Oid			database;
 	int32		precision;		/* LlmPrecision */
+	int32		simd;			/* LlmSimdLevel of the kernels: results depend on it */
 	int32		n_slots;
 	int32		max_prompt;		/* tokens a slot's prompt may have */
 	int32		max_new;		/* steps a slot's sequence may take */
@@ -259,7 +260,7 @@ serves(RunnerMap *map, const LlmModel *m)
 			   *b = &m->cfg;
 
 	return pg_atomic_read_u32(&h->state) == RUNNER_READY && h->database == MyDatabaseId &&
-		h->precision == m->precision && strcmp(a->model, b->model) == 0 &&
+		h->precision == m->precision && h->simd == (int32) llm_simd_level() && strcmp(a->model, b->model) == 0 &&
 		a->weights_version == b->weights_version && a->table_oid == b->table_oid &&
 		a->n_layer == b->n_layer && a->n_head == b->n_head && a->d_model == b->d_model &&
 		a->n_positions == b->n_positions && a->vocab == b->vocab && runner_alive(map->fd);
@@ -293,6 +294,7 @@ create_file(const char *path, const LlmModel *m, int n_slots)
 	h->cfg = m->cfg;
 	h->database = MyDatabaseId;
 	h->precision = m->precision;
+	h->simd = (int32) llm_simd_level();
 	h->n_slots = n_slots;
 	h->max_prompt = m->cfg.n_positions;
 	h->max_new = m->cfg.n_positions;
@@ -403,13 +405,16 @@ find_runner(const char *weights_path, const LlmModel *m)
 				break;
 		if (lock >= 0)
 		{
+			bool		other = false;	/* a live runner that serves sessions of another pg_llm.simd */
+
 			map = map_file(path);
 			if (map != NULL && !serves(map, m))
 			{
+				other = runner_alive(map->fd);
 				unmap(map);
 				map = NULL;
 			}
-			if (map == NULL && (map = create_file(path, m, llm_batch_sessions)) != NULL && !start_runner(map))
+			if (map == NULL && !other && (map = create_file(path, m, llm_batch_sessions)) != NULL && !start_runner(map))
 			{
 				unmap(map);
 				map = NULL;
@@ -840,6 +845,9 @@ llm_runner_main(Datum arg)
 				(errmsg("pg_llm: the batch runner of model \"%s\" found no shared copy of its weights", h->cfg.model)));
 		proc_exit(0);
 	}
+	/* the level of the session that started it (pg_llm.simd): sessions at another level compute alone */
+	if (llm_simd_set_level((LlmSimdLevel) h->simd) != (LlmSimdLevel) h->simd)
+		proc_exit(0);
 	inf = llm_infer_create_rows(m, h->n_slots, h->max_prompt, h->max_new);
 	h->pid = MyProcPid;
 	h->procno = MyProc->pgprocno;
