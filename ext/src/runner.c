@@ -709,9 +709,10 @@ serve(RunnerHeader *h, LlmInfer *inf)
 {
 	MemoryContext step_cxt = AllocSetContextCreate(TopMemoryContext, "pg_llm runner step", ALLOCSET_DEFAULT_SIZES);
 	int			V = h->cfg.vocab;
-	int		   *rows = palloc(sizeof(int) * h->n_slots);
-	int		   *last = palloc(sizeof(int) * h->n_slots);
+	int		   *rows = palloc(sizeof(int) * h->n_slots);	/* of the step */
 	int32	   *tokens = palloc(sizeof(int32) * h->n_slots);
+	int		   *prompts = palloc(sizeof(int) * h->n_slots);	/* new sequences */
+	int		   *last = palloc(sizeof(int) * h->n_slots);	/* the slots served last time */
 	int			n_last = 0;
 	TimestampTz last_end = 0,
 				idle_since = GetCurrentTimestamp(),
@@ -720,6 +721,7 @@ serve(RunnerHeader *h, LlmInfer *inf)
 	for (;;)
 	{
 		int			n = 0,
+					n_prompts = 0,
 					requests = 0;
 		TimestampTz now = GetCurrentTimestamp();
 		bool		check_owners = TimestampDifferenceExceeds(last_sweep, now, LIVENESS_MS);
@@ -758,7 +760,7 @@ serve(RunnerHeader *h, LlmInfer *inf)
 		}
 		idle_since = now;
 
-		/* the sequences of the last step come back within microseconds: one step for them all */
+		/* the sequences served last come back within microseconds: one step for them all */
 		if (n_last > 0 && awaiting(h, last, n_last) &&
 			!TimestampDifferenceExceeds(last_end, now, GATHER_MS))
 		{
@@ -774,21 +776,22 @@ serve(RunnerHeader *h, LlmInfer *inf)
 			uint32		state = SLOT_PROMPT;
 
 			if (pg_atomic_compare_exchange_u32(&slot->state, &state, SLOT_RUNNING))
-			{
-				const float *logits;
-
-				pg_read_barrier();
-				logits = llm_infer_prompt_row(inf, s, slot_tokens(h, s), Min(Max(slot->n_tokens, 1), h->max_prompt));
-				memcpy(slot_logits(h, s), logits, sizeof(float) * V);
-				complete(h, s);
-				pg_atomic_fetch_add_u64(&h->sequences, 1);
-			}
+				prompts[n_prompts++] = s;
 			else if (state == SLOT_STEP && pg_atomic_compare_exchange_u32(&slot->state, &state, SLOT_RUNNING))
 			{
-				pg_read_barrier();
 				rows[n] = s;
 				tokens[n++] = slot_tokens(h, s)[0];
 			}
+		}
+		pg_read_barrier();
+		for (int i = 0; i < n_prompts; i++)
+		{
+			int			s = prompts[i];
+			const float *logits = llm_infer_prompt_row(inf, s, slot_tokens(h, s),
+													   Min(Max(slot_at(h, s)->n_tokens, 1), h->max_prompt));
+
+			memcpy(slot_logits(h, s), logits, sizeof(float) * V);
+			complete(h, s);
 		}
 		if (n > 0)
 		{
@@ -802,9 +805,11 @@ serve(RunnerHeader *h, LlmInfer *inf)
 			pg_atomic_fetch_add_u64(&h->steps, 1);
 			pg_atomic_fetch_add_u64(&h->rows, n);
 		}
+		pg_atomic_fetch_add_u64(&h->sequences, n_prompts);
 		MemoryContextSwitchTo(TopMemoryContext);
-		memcpy(last, rows, sizeof(int) * n);
-		n_last = n;
+		memcpy(last, prompts, sizeof(int) * n_prompts);
+		memcpy(last + n_prompts, rows, sizeof(int) * n);
+		n_last = n_prompts + n;
 		last_end = GetCurrentTimestamp();
 	}
 }
