@@ -10,7 +10,8 @@
  *   positions are found through a path of slot indices, so that reordering beams copies
  *   integers, never cached vectors;
  * - a batch (llm_infer_create_rows): each slot has a prompt of its own, run when a sequence
- *   enters the slot (llm_infer_prompt_row); any subset of the slots steps together
+ *   enters the slot (llm_infer_prompt_row; llm_infer_prompt_rows runs several prompts in shared
+ *   passes); any subset of the slots steps together
  *   (llm_infer_step_rows), each at its own position, and a slot is reused for the next sequence.
  *
  * Shapes: L = n_layer, NH = n_head, C = d_model, hs = C / NH, V = vocab, Tp = prompt length,
