@@ -1,6 +1,7 @@
 """Batched generation: N prompts in one llm_generate_batch call beside N single llm_generate calls.
 
     .venv/bin/python -m bench.batch [--dsn DSN] [--prompts 1,2,4,8] [--tokens 64] [--repeat 2]
+                                    [--batch-sessions N]
 
 A GPT-2-small-shaped model (12 layers, 12 heads, 768, 1024 positions, 50257 tokens) with random
 weights from llm_init and the bundled GPT-2 tokenizer, float32, greedy, default settings (one
@@ -11,7 +12,9 @@ the two ways alternate --repeat times (best of each kept):
   - batch: one llm_generate_batch(ARRAY[prompt_1 .. prompt_N], --tokens) call.
 The prompts have 3 to 14 tokens. Aggregate tokens/s = N x --tokens / wall time (the random model
 never draws <|endoftext|> in practice; the texts of both ways are checked equal, so both did the
-same work). The ratio is batch / singles, measured in the same run.
+same work). The ratio is batch / singles, measured in the same run. A single call decodes in the
+model's batch runner (pg_llm.batch_sessions, on by default); --batch-sessions 0 makes it compute
+alone in its backend, as the batch call does.
 """
 
 from __future__ import annotations
@@ -73,16 +76,20 @@ def main() -> None:
     p.add_argument("--prompts", default="1,2,4,8", help="numbers of prompts N, comma-separated")
     p.add_argument("--tokens", type=int, default=64, help="new tokens per prompt")
     p.add_argument("--repeat", type=int, default=2)
+    p.add_argument("--batch-sessions", type=int, help="SET pg_llm.batch_sessions (0: single calls compute alone)")
     args = p.parse_args()
     sizes = [int(x) for x in args.prompts.split(",")]
 
     with server(args.dsn) as dsn:
         setup(dsn)
         with psycopg.connect(dsn, autocommit=True) as conn:
+            if args.batch_sessions is not None:
+                conn.execute(f"SET pg_llm.batch_sessions = {int(args.batch_sessions)}")
             conn.execute("SELECT llm_logits('{1}', %s)", (MODEL,))  # load the weights: not timed
             batch_rows = conn.execute("SHOW pg_llm.batch_rows").fetchone()[0]
+            batch_sessions = conn.execute("SHOW pg_llm.batch_sessions").fetchone()[0]
             print(f"\nGPT-2 small shape, float32, greedy, {args.tokens} new tokens per prompt, "
-                  f"pg_llm.batch_rows = {batch_rows}, {os.cpu_count()} cores, "
+                  f"pg_llm.batch_rows = {batch_rows}, pg_llm.batch_sessions = {batch_sessions}, {os.cpu_count()} cores, "
                   f"load average {os.getloadavg()[0]:.1f}\n", flush=True)
             print(f"{'prompts':>8}{'singles tok/s':>15}{'batch tok/s':>13}{'ratio':>8}", flush=True)
             for n in sizes:

@@ -100,6 +100,21 @@ def test_seeded_rows_equal_single_calls_with_that_seed(pg, model, batch_rows):
     assert len(set(expected)) > len(set(prompts)) // 2  # sampling really ran: texts differ
 
 
+def test_prompts_sharing_passes_equal_single_calls(pg, model):
+    """Prompts that enter together share prompt passes (as many as fit 96 rows, the rest in more
+    passes): long and short ones mixed, each row still what a single call gives."""
+    name, _ = model
+    prompts = ["rows " * n + "end" for n in (40, 2, 70, 0, 25, 55, 9, 33)]
+    pg.execute("SET pg_llm.batch_rows = 8")
+    try:
+        greedy = batch(pg, prompts, 12, name)
+        seeded = batch(pg, prompts, 12, name, seed=99, **SAMPLING)
+    finally:
+        pg.execute("RESET pg_llm.batch_rows")
+    assert [r[1] for r in greedy] == [single(pg, p, 12, name) for p in prompts]
+    assert [r[1] for r in seeded] == [single(pg, p, 12, name, seed=99, **SAMPLING) for p in prompts]
+
+
 def test_unseeded_rows_draw_from_their_own_streams(pg, model):
     name, _ = model
     rows = batch(pg, ["Hello"] * 6, 12, name, temperature=1.0, topk=0, topp=1.0)

@@ -5,12 +5,13 @@
  * Decode is bound by reading the weights (0.5 GB per step for GPT-2 small), so one step for
  * several sequences costs little more than a step for one. The call keeps up to
  * pg_llm.batch_rows sequences in flight, each in a row slot of one LlmInfer (infer.h) at its own
- * position: a sequence enters a free slot with its own prompt pass, every step then runs all
- * unfinished slots together, and a slot that finishes (end-of-text or max_tokens) takes the next
+ * position: sequences enter free slots with their prompts' pass (one pass for the prompts that
+ * enter together), every step then runs all unfinished slots together, and a slot that finishes (end-of-text or max_tokens) takes the next
  * prompt at once, so slots never idle while prompts wait.
  *
  * Row i equals llm_generate(prompts[i], ...) with the same arguments, bit for bit:
- * - the prompt pass is the very pass a single call runs (one prompt per pass);
+ * - prompts that enter together share a prompt pass, in which each prompt's rows get exactly the
+ *   arithmetic of a single call's pass (llm_infer_prompt_rows);
  * - a step's rows never affect each other's results (llm_gemv's rows are independent, gemv.h);
  * - each prompt samples from its own stream, seeded as a single call is: with the call's seed
  *   when there is one (so row i equals llm_generate(prompts[i], ..., seed) alone), else from the
@@ -128,25 +129,42 @@ slot_take(Batch *b, int s, const float *logits)
 	}
 }
 
-/* Free slots take the next prompts: each runs its prompt pass and draws its first token. */
+/*
+ * Free slots take the next prompts: their prompts run together (llm_infer_prompt_rows: one pass
+ * over the weights for as many as fit), then each draws its first token; a slot whose sequence
+ * ends at once takes another prompt in the next round.
+ */
 static void
-batch_fill(Batch *b)
+batch_fill(Batch *b, int *rows, const int32 **ids, int *T)
 {
-	for (int s = 0; s < b->n_slots; s++)
+	for (;;)
 	{
-		BatchSlot  *slot = &b->slots[s];
+		int			n = 0;
+		const float *logits;
 
-		while (slot->prompt < 0 && b->next < b->n_prompts)
+		for (int s = 0; s < b->n_slots && b->next < b->n_prompts; s++)
 		{
-			BatchPrompt *p = &b->prompts[b->next++];
+			BatchSlot  *slot = &b->slots[s];
 
-			if (p->ids == NULL)
-				continue;
-			slot->prompt = p - b->prompts;
-			slot->n = 0;
-			llm_sampler_seed(&slot->sampler, b->set.has_seed, b->set.seed);
-			slot_take(b, s, llm_infer_prompt_row(b->inf, s, p->ids, p->T));
+			while (slot->prompt < 0 && b->next < b->n_prompts)
+			{
+				BatchPrompt *p = &b->prompts[b->next++];
+
+				if (p->ids == NULL)
+					continue;
+				slot->prompt = p - b->prompts;
+				slot->n = 0;
+				llm_sampler_seed(&slot->sampler, b->set.has_seed, b->set.seed);
+				rows[n] = s;
+				ids[n] = p->ids;
+				T[n++] = p->T;
+			}
 		}
+		if (n == 0)
+			return;
+		logits = llm_infer_prompt_rows(b->inf, n, rows, ids, T);
+		for (int i = 0; i < n; i++)
+			slot_take(b, rows[i], logits + (size_t) i * b->inf->V);
 	}
 }
 
@@ -159,6 +177,8 @@ batch_run(Batch *b)
 				max_prompt = 1;
 	int		   *rows;
 	int32	   *tokens;
+	const int32 **ids;
+	int		   *T;
 
 	for (int i = 0; i < b->n_prompts; i++)
 		if (b->prompts[i].ids != NULL)
@@ -180,13 +200,15 @@ batch_run(Batch *b)
 	}
 	rows = palloc(sizeof(int) * b->n_slots);
 	tokens = palloc(sizeof(int32) * b->n_slots);
+	ids = palloc(sizeof(int32 *) * b->n_slots);
+	T = palloc(sizeof(int) * b->n_slots);
 
 	for (;;)
 	{
 		int			n = 0;
 		const float *logits;
 
-		batch_fill(b);
+		batch_fill(b, rows, ids, T);
 		for (int s = 0; s < b->n_slots; s++)
 			if (b->slots[s].prompt >= 0)
 			{

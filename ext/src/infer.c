@@ -31,10 +31,14 @@
  * that end early skip most of the masked (future) keys. */
 #define ATT_ROW_BLOCK 128
 
+/* Rows of a batch's prompt pass, at least: one block of llm_gemv's rows (each reads the weights once). */
+#define PROMPT_PASS_ROWS 96
+
 /* ---- attention ----------------------------------------------------------------------------- */
 
 /*
- * Prompt attention of layer l for query rows [r0, T), for the heads [start, end): per head,
+ * Prompt attention of layer l for query rows [r0, T) of the prompt whose rows start at row `off`
+ * of qkv and att, for the heads [start, end): per head,
  * scores = Q K^T / sqrt(hs) by sgemm over a block of rows and the keys up to the block's last row,
  * causal softmax, then P V by sgemm into att's columns of that head. Keys and values come from the
  * prompt cache (already written). Each head has its own score buffer, so heads run in parallel.
@@ -44,7 +48,8 @@ typedef struct PromptAttTask
 	LlmInfer   *s;
 	int			l;
 	int			p;				/* prompt slot */
-	size_t		T,
+	size_t		off,			/* the prompt's first row in qkv and att */
+				T,
 				r0;
 } PromptAttTask;
 
@@ -78,7 +83,7 @@ attention_prompt_task(void *arg, size_t start, size_t end)
 			size_t		N = b1;		/* keys 0 .. b1-1 */
 
 			llm_cblas_sgemm(LlmCblasRowMajor, LlmCblasNoTrans, LlmCblasTrans, (int) M, (int) N, (int) hs,
-							scale, s->qkv + b0 * 3 * C + h * hs, (int) (3 * C), kc + h * hs, (int) C,
+							scale, s->qkv + (t->off + b0) * 3 * C + h * hs, (int) (3 * C), kc + h * hs, (int) C,
 							0.0f, S, (int) N);
 			for (size_t i = 0; i < M; i++)
 			{
@@ -90,7 +95,7 @@ attention_prompt_task(void *arg, size_t start, size_t end)
 			}
 			llm_cblas_sgemm(LlmCblasRowMajor, LlmCblasNoTrans, LlmCblasNoTrans, (int) M, (int) hs, (int) N,
 							1.0f, S, (int) N, vc + h * hs, (int) C,
-							0.0f, s->att + b0 * C + h * hs, (int) C);
+							0.0f, s->att + (t->off + b0) * C + h * hs, (int) C);
 		}
 	}
 }
@@ -102,8 +107,13 @@ typedef struct StepAttTask
 } StepAttTask;
 
 /*
- * One generation step's attention for the (row, head) pairs [start, end); row i of the step is
- * slot b = step_rows[i], which sees its prompt slot's Tp positions and its own G generated ones.
+ * One generation step's attention for the (row, head) pairs [start, end), ih = i * NH + h; row i
+ * of the step is slot b = step_rows[i], which sees its prompt slot's Tp positions and its own G
+ * generated ones. The pairs of one row are taken together, position by position, so that each
+ * cached key and value is read as one contiguous stretch of its heads (reading one head's 64
+ * floats per position, a cache line apart from the next position's, left the reads waiting on
+ * memory); each head's arithmetic is the same as one head alone: its scores in position order,
+ * its softmax, then its weighted sum of values in position order.
  */
 LLM_SIMD static void
 attention_step_task(void *arg, size_t start, size_t end)
@@ -112,49 +122,55 @@ attention_step_task(void *arg, size_t start, size_t end)
 	const LlmInfer *s = t->s;
 	size_t		C = s->C,
 				hs = s->hs,
-				B = s->beams;
+				NH = s->NH,
+				B = s->beams,
+				stride = s->max_prompt + s->max_new;	/* scores per (row, head) */
 	size_t		l = t->l;
 	const float *kn = s->k_new + l * s->max_new * B * C;
 	const float *vn = s->v_new + l * s->max_new * B * C;
 	float		scale = 1.0f / sqrtf((float) hs);
 
-	for (size_t ih = start; ih < end; ih++)
+	for (size_t ih0 = start, ih1; ih0 < end; ih0 = ih1)
 	{
-		size_t		i = ih / s->NH,
-					h = ih % s->NH,
+		size_t		i = ih0 / NH,
+					h0 = ih0 % NH,
+					h1,
 					b = s->step_rows[i],
 					pr = s->prompts == 1 ? 0 : b,
 					Tp = s->prompt_len[pr],
 					G = s->n_new[b] + 1;	/* including this step's position */
 		const float *kp = prompt_cache(s, s->k_prompt, l, pr);
 		const float *vp = prompt_cache(s, s->v_prompt, l, pr);
-		const float *q = s->qkv + i * 3 * C + h * hs;
+		const float *q = s->qkv + i * 3 * C;
 		const int  *path = s->path + b * s->max_new;
-		float	   *p = s->scores + ih * (s->max_prompt + s->max_new);
-		float	   *out = s->att + i * C + h * hs;
+		float	   *p = s->scores + i * NH * stride;	/* head h's scores at p + h * stride */
+		float	   *out = s->att + i * C;
 
-		for (size_t t2 = 0; t2 < Tp; t2++)
-			p[t2] = llm_dot(q, kp + t2 * C + h * hs, hs) * scale;
-		for (size_t g = 0; g < G; g++)
-			p[Tp + g] = llm_dot(q, kn + (g * B + path[g]) * C + h * hs, hs) * scale;
-		softmax_inplace(p, Tp + G);
-
-		memset(out, 0, hs * sizeof(float));
-		for (size_t t2 = 0; t2 < Tp; t2++)
+		ih1 = Min(end, (i + 1) * NH);
+		h1 = ih1 - i * NH;
+		for (size_t t2 = 0; t2 < Tp + G; t2++)
 		{
-			const float *v = vp + t2 * C + h * hs;
-			float		pt = p[t2];
+			const float *k = t2 < Tp ? kp + t2 * C : kn + ((size_t) path[t2 - Tp] * s->max_new + t2 - Tp) * C;
 
-			for (size_t k = 0; k < hs; k++)
-				out[k] += pt * v[k];
+			for (size_t h = h0; h < h1; h++)
+				p[h * stride + t2] = llm_dot(q + h * hs, k + h * hs, hs) * scale;
 		}
-		for (size_t g = 0; g < G; g++)
+		for (size_t h = h0; h < h1; h++)
 		{
-			const float *v = vn + (g * B + path[g]) * C + h * hs;
-			float		pt = p[Tp + g];
+			softmax_inplace(p + h * stride, Tp + G);
+			memset(out + h * hs, 0, hs * sizeof(float));
+		}
+		for (size_t t2 = 0; t2 < Tp + G; t2++)
+		{
+			const float *v = t2 < Tp ? vp + t2 * C : vn + ((size_t) path[t2 - Tp] * s->max_new + t2 - Tp) * C;
 
-			for (size_t k = 0; k < hs; k++)
-				out[k] += pt * v[k];
+			for (size_t h = h0; h < h1; h++)
+			{
+				float		pt = p[h * stride + t2];
+
+				for (size_t k = 0; k < hs; k++)
+					out[h * hs + k] += pt * v[h * hs + k];
+			}
 		}
 	}
 }
@@ -184,6 +200,10 @@ infer_create(const LlmModel *m, int beams, int prompts, int max_prompt, int max_
 	size_t		R = Max(max_prompt, beams);
 	size_t		scores;
 
+	/* a batch's short prompts share passes (llm_infer_prompt_rows) */
+	if (prompts > 1)
+		R = Max(R, Min((size_t) prompts * max_prompt, PROMPT_PASS_ROWS));
+
 	Assert(beams >= 1 && max_prompt >= 1 && max_new >= 0);
 	llm_blas_init();
 	s->model = m;
@@ -196,6 +216,7 @@ infer_create(const LlmModel *m, int beams, int prompts, int max_prompt, int max_
 	s->prompts = prompts;
 	s->max_prompt = max_prompt;
 	s->max_new = max_new;
+	s->rows = R;
 	s->prompt_len = palloc0(sizeof(int) * prompts);
 	s->n_new = palloc0(sizeof(int) * beams);
 
@@ -271,82 +292,141 @@ linear(LlmInfer *s, LlmParamKind kind, int l, float *out, const float *inp, cons
 
 /* logits (R, V) <- the final LayerNorm of x's rows (R, C) @ wte^T */
 static void
-head(LlmInfer *s, const float *x, size_t R)
+head(LlmInfer *s, float *logits, const float *x, size_t R)
 {
 	const LlmModel *m = s->model;
 
 	layernorm_forward(s->ln, NULL, NULL, x, m->p.lnfw, m->p.lnfb, R, s->C);
-	llm_gemv(m->packed.fmt, s->logits, s->ln, m->packed.w[LLM_WTE], NULL, R, s->C, s->V, false, s->gemv_scratch);
+	llm_gemv(m->packed.fmt, logits, s->ln, m->packed.w[LLM_WTE], NULL, R, s->C, s->V, false, s->gemv_scratch);
 }
 
-/* The prompt pass of prompt slot ps: its keys and values, and the logits after its last token. */
-static const float *
-infer_prompt(LlmInfer *s, int ps, const int32 *tokens, int T)
+/*
+ * One prompt pass for n prompts at once: prompt i (T[i] tokens) into prompt slot ps[i]; their rows
+ * are concatenated (sum of T[i] <= the row capacity), so each linear layer reads its weights once
+ * for all of them. Each row's arithmetic is the same as in a pass of its prompt alone: LayerNorm,
+ * GELU and llm_gemv work row by row, and attention runs per prompt with the same blocks of rows,
+ * relative to the prompt's first row. Past the keys and values of the last layer only each
+ * prompt's last row goes on (moved to row i); logits (n, V) <- those after each prompt's last
+ * token.
+ */
+static void
+infer_prompts(LlmInfer *s, int n, const int *ps, const int32 *const *tokens, const int *T, float *logits)
 {
 	const LlmParams *p = &s->model->p;
 	const LlmLayout *lay = &s->model->layout;
-	size_t		C = s->C;
-	int		   *positions = palloc(sizeof(int) * T);
-	PromptAttTask att = {s, 0, ps, T, 0};
+	size_t		C = s->C,
+				R = 0;
+	size_t	   *off = palloc(sizeof(size_t) * n);	/* prompt i's first row */
+	int		   *positions;
+	int32	   *ids;
 
-	Assert(T >= 1 && T <= s->max_prompt);
+	for (int i = 0; i < n; i++)
+	{
+		Assert(T[i] >= 1 && T[i] <= s->max_prompt);
+		off[i] = R;
+		R += T[i];
+	}
+	Assert(R <= s->rows);
+	positions = palloc(sizeof(int) * R);
+	ids = palloc(sizeof(int32) * R);
+	for (int i = 0; i < n; i++)
+		for (int t = 0; t < T[i]; t++)
+		{
+			positions[off[i] + t] = t;
+			ids[off[i] + t] = tokens[i][t];
+		}
 	llm_blas_set_threads(1);	/* attention's sgemms run on the pool's threads, one each */
-	for (int t = 0; t < T; t++)
-		positions[t] = t;
-	embed(s, tokens, positions, T);
+	embed(s, ids, positions, R);
 	pfree(positions);
+	pfree(ids);
 
 	for (int l = 0; l < s->L; l++)
 	{
-		/* past the keys and values, the last layer only needs the last row */
-		size_t		r0 = (l == s->L - 1) ? (size_t) T - 1 : 0;
-		size_t		R = T - r0;
-		float	   *kc = prompt_cache(s, s->k_prompt, l, ps);
-		float	   *vc = prompt_cache(s, s->v_prompt, l, ps);
+		bool		last = (l == s->L - 1);
+		size_t		Rout = last ? (size_t) n : R;	/* rows past the attention */
 
 		CHECK_FOR_INTERRUPTS();
 		layernorm_forward(s->ln, NULL, NULL, s->x, p->ln1w + l * lay->size[LLM_LN1W],
-						  p->ln1b + l * lay->size[LLM_LN1B], T, C);
+						  p->ln1b + l * lay->size[LLM_LN1B], R, C);
 		linear(s, LLM_QKVW, l, s->qkv, s->ln, p->qkvb + l * lay->size[LLM_QKVB],
-			   T, C, 3 * C, false);
-		for (int t = 0; t < T; t++)
+			   R, C, 3 * C, false);
+		for (int i = 0; i < n; i++)
 		{
-			memcpy(kc + (size_t) t * C, s->qkv + (size_t) t * 3 * C + C, C * sizeof(float));
-			memcpy(vc + (size_t) t * C, s->qkv + (size_t) t * 3 * C + 2 * C, C * sizeof(float));
+			float	   *kc = prompt_cache(s, s->k_prompt, l, ps[i]);
+			float	   *vc = prompt_cache(s, s->v_prompt, l, ps[i]);
+			/* past the keys and values, the last layer only needs each prompt's last row */
+			PromptAttTask att = {s, l, ps[i], off[i], T[i], last ? (size_t) T[i] - 1 : 0};
+
+			for (int t = 0; t < T[i]; t++)
+			{
+				const float *qkv = s->qkv + (off[i] + t) * 3 * C;
+
+				memcpy(kc + (size_t) t * C, qkv + C, C * sizeof(float));
+				memcpy(vc + (size_t) t * C, qkv + 2 * C, C * sizeof(float));
+			}
+			llm_parallel_for(s->NH, attention_prompt_task, &att);
 		}
-		att.l = l;
-		att.r0 = r0;
-		llm_parallel_for(s->NH, attention_prompt_task, &att);
-		linear(s, LLM_ATTPROJW, l, s->x + r0 * C, s->att + r0 * C,
-			   p->attprojb + l * lay->size[LLM_ATTPROJB], R, C, C, true);
-		layernorm_forward(s->ln + r0 * C, NULL, NULL, s->x + r0 * C, p->ln2w + l * lay->size[LLM_LN2W],
-						  p->ln2b + l * lay->size[LLM_LN2B], R, C);
-		linear(s, LLM_FCW, l, s->fch + r0 * 4 * C, s->ln + r0 * C, p->fcb + l * lay->size[LLM_FCB],
-			   R, C, 4 * C, false);
-		gelu_forward(s->fch + r0 * 4 * C, s->fch + r0 * 4 * C, R * 4 * C);
-		linear(s, LLM_FCPROJW, l, s->x + r0 * C, s->fch + r0 * 4 * C,
-			   p->fcprojb + l * lay->size[LLM_FCPROJB], R, 4 * C, C, true);
+		if (last)
+			for (int i = 0; i < n; i++)
+			{
+				/* row i <- prompt i's last row; rows below i were moved already, none above is read */
+				size_t		r = off[i] + T[i] - 1;
+
+				memmove(s->x + i * C, s->x + r * C, C * sizeof(float));
+				memmove(s->att + i * C, s->att + r * C, C * sizeof(float));
+			}
+		linear(s, LLM_ATTPROJW, l, s->x, s->att, p->attprojb + l * lay->size[LLM_ATTPROJB],
+			   Rout, C, C, true);
+		layernorm_forward(s->ln, NULL, NULL, s->x, p->ln2w + l * lay->size[LLM_LN2W],
+						  p->ln2b + l * lay->size[LLM_LN2B], Rout, C);
+		linear(s, LLM_FCW, l, s->fch, s->ln, p->fcb + l * lay->size[LLM_FCB], Rout, C, 4 * C, false);
+		gelu_forward(s->fch, s->fch, Rout * 4 * C);
+		linear(s, LLM_FCPROJW, l, s->x, s->fch, p->fcprojb + l * lay->size[LLM_FCPROJB],
+			   Rout, 4 * C, C, true);
 	}
 	CHECK_FOR_INTERRUPTS();
-	head(s, s->x + (size_t) (T - 1) * C, 1);
-	s->prompt_len[ps] = T;
-	return s->logits;
+	head(s, logits, s->x, n);
+	for (int i = 0; i < n; i++)
+		s->prompt_len[ps[i]] = T[i];
+	pfree(off);
 }
 
 const float *
 llm_infer_prompt(LlmInfer *s, const int32 *tokens, int T)
 {
+	int			ps = 0;
+
 	Assert(s->prompts == 1);
 	memset(s->n_new, 0, sizeof(int) * s->beams);
-	return infer_prompt(s, 0, tokens, T);
+	infer_prompts(s, 1, &ps, &tokens, &T, s->logits);
+	return s->logits;
 }
 
 const float *
 llm_infer_prompt_row(LlmInfer *s, int row, const int32 *tokens, int T)
 {
-	Assert(s->prompts == s->beams && row >= 0 && row < s->beams);
-	s->n_new[row] = 0;
-	return infer_prompt(s, row, tokens, T);
+	return llm_infer_prompt_rows(s, 1, &row, &tokens, &T);
+}
+
+/* Consecutive prompts go into one pass as long as their tokens fit its rows. */
+const float *
+llm_infer_prompt_rows(LlmInfer *s, int n, const int *rows, const int32 *const *tokens, const int *T)
+{
+	Assert(s->prompts == s->beams && n >= 1 && n <= s->beams);
+	for (int i0 = 0, i1; i0 < n; i0 = i1)
+	{
+		size_t		R = T[i0];
+
+		for (i1 = i0 + 1; i1 < n && R + T[i1] <= (size_t) s->rows; i1++)
+			R += T[i1];
+		for (int i = i0; i < i1; i++)
+		{
+			Assert(rows[i] >= 0 && rows[i] < s->beams);
+			s->n_new[rows[i]] = 0;
+		}
+		infer_prompts(s, i1 - i0, rows + i0, tokens + i0, T + i0, s->logits + (size_t) i0 * s->V);
+	}
+	return s->logits;
 }
 
 const float *
@@ -381,7 +461,7 @@ llm_infer_step_rows(LlmInfer *s, const int *rows, int n, const int32 *tokens)
 			elog(ERROR, "generation cache of %d positions is full", s->max_new);
 		positions[i] = s->prompt_len[s->prompts == 1 ? 0 : b] + g;
 		s->path[(size_t) b * s->max_new + g] = b;
-		cache_at[i] = (size_t) g * slots + b;
+		cache_at[i] = (size_t) b * s->max_new + g;
 	}
 	if (rows != s->step_rows)
 		memcpy(s->step_rows, rows, sizeof(int) * B);
@@ -416,7 +496,7 @@ llm_infer_step_rows(LlmInfer *s, const int *rows, int n, const int32 *tokens)
 			   B, 4 * C, C, true);
 	}
 	CHECK_FOR_INTERRUPTS();
-	head(s, s->x, B);
+	head(s, s->logits, s->x, B);
 	for (size_t i = 0; i < B; i++)
 		s->n_new[rows[i]]++;
 	pfree(cache_at);

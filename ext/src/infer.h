@@ -10,7 +10,8 @@
  *   positions are found through a path of slot indices, so that reordering beams copies
  *   integers, never cached vectors;
  * - a batch (llm_infer_create_rows): each slot has a prompt of its own, run when a sequence
- *   enters the slot (llm_infer_prompt_row); any subset of the slots steps together
+ *   enters the slot (llm_infer_prompt_row; llm_infer_prompt_rows runs several prompts in shared
+ *   passes); any subset of the slots steps together
  *   (llm_infer_step_rows), each at its own position, and a slot is reused for the next sequence.
  *
  * Shapes: L = n_layer, NH = n_head, C = d_model, hs = C / NH, V = vocab, Tp = prompt length,
@@ -33,18 +34,19 @@ typedef struct LlmInfer
 	int			prompts;		/* P: prompt slots; row slot b reads prompt slot (P == 1 ? 0 : b) */
 	int			max_prompt;		/* capacity of each prompt slot (positions) */
 	int			max_new;		/* capacity of the generated cache (positions per row slot) */
+	int			rows;			/* R: rows of the activations, the most tokens of one prompt pass */
 	int		   *prompt_len;		/* (P) Tp of each prompt slot, once its prompt has run */
 	int		   *n_new;			/* (B) G: positions generated so far in each row slot */
 
 	float	   *k_prompt,
 			   *v_prompt;		/* (L, P, max_prompt, C) */
 	float	   *k_new,
-			   *v_new;			/* (L, max_new, B, C): position g of slot b */
+			   *v_new;			/* (L, B, max_new, C): position g of slot b, a slot's positions in a row */
 	int		   *path;			/* (B, max_new): slot that holds row b's position g */
 	int		   *path_tmp;		/* (B, max_new) */
 	int		   *step_rows;		/* (B) the row slots of the step in progress */
 
-	/* activations, R = max(max_prompt, B) rows */
+	/* activations, R rows: max(max_prompt, B), for a batch at least min(P x max_prompt, 96) */
 	float	   *x;				/* (R, C) residual stream */
 	float	   *ln;				/* (R, C) */
 	float	   *qkv;			/* (R, 3C) */
@@ -75,6 +77,15 @@ extern const float *llm_infer_step(LlmInfer *s, const int32 *tokens);
  * dropped); runs its prompt of T tokens and returns the logits (V) after its last token.
  */
 extern const float *llm_infer_prompt_row(LlmInfer *s, int row, const int32 *tokens, int T);
+
+/*
+ * New sequences in n distinct row slots rows[0..n) at once: prompt i (T[i] tokens) into slot
+ * rows[i]; returns the logits (n, V), row i after prompt i's last token. Prompts that fit the
+ * rows of one pass together share it (each weight read once for all of them); each slot's keys,
+ * values and logits are exactly those of llm_infer_prompt_row alone.
+ */
+extern const float *llm_infer_prompt_rows(LlmInfer *s, int n, const int *rows,
+										  const int32 *const *tokens, const int *T);
 
 /*
  * One step of n distinct row slots rows[0..n), each at its own position: tokens[i] is the next

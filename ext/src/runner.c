@@ -703,7 +703,7 @@ runner_wait(long ms)
 	CHECK_FOR_INTERRUPTS();
 }
 
-/* Runs the requests: each new sequence's prompt, then one step for all the others. */
+/* Runs the requests: the new sequences' prompts (sharing passes), then one step for all the others. */
 static void
 serve(RunnerHeader *h, LlmInfer *inf)
 {
@@ -712,6 +712,8 @@ serve(RunnerHeader *h, LlmInfer *inf)
 	int		   *rows = palloc(sizeof(int) * h->n_slots);	/* of the step */
 	int32	   *tokens = palloc(sizeof(int32) * h->n_slots);
 	int		   *prompts = palloc(sizeof(int) * h->n_slots);	/* new sequences */
+	const int32 **prompt_ids = palloc(sizeof(int32 *) * h->n_slots);
+	int		   *prompt_len = palloc(sizeof(int) * h->n_slots);
 	int		   *last = palloc(sizeof(int) * h->n_slots);	/* the slots served last time */
 	int			n_last = 0;
 	TimestampTz last_end = 0,
@@ -784,14 +786,22 @@ serve(RunnerHeader *h, LlmInfer *inf)
 			}
 		}
 		pg_read_barrier();
-		for (int i = 0; i < n_prompts; i++)
+		if (n_prompts > 0)
 		{
-			int			s = prompts[i];
-			const float *logits = llm_infer_prompt_row(inf, s, slot_tokens(h, s),
-													   Min(Max(slot_at(h, s)->n_tokens, 1), h->max_prompt));
+			/* the new sequences' prompts share passes over the weights */
+			const float *logits;
 
-			memcpy(slot_logits(h, s), logits, sizeof(float) * V);
-			complete(h, s);
+			for (int i = 0; i < n_prompts; i++)
+			{
+				prompt_ids[i] = slot_tokens(h, prompts[i]);
+				prompt_len[i] = Min(Max(slot_at(h, prompts[i])->n_tokens, 1), h->max_prompt);
+			}
+			logits = llm_infer_prompt_rows(inf, n_prompts, prompts, prompt_ids, prompt_len);
+			for (int i = 0; i < n_prompts; i++)
+			{
+				memcpy(slot_logits(h, prompts[i]), logits + (size_t) i * V, sizeof(float) * V);
+				complete(h, prompts[i]);
+			}
 		}
 		if (n > 0)
 		{
