@@ -37,6 +37,9 @@ SERVER_SETTINGS = {
     "max_wal_size": "'4GB'",
     "checkpoint_timeout": "'30min'",
     "max_connections": "50",
+    # each model served at the moment has a batch runner, a background worker (8 by default,
+    # shared with parallel query); when none is free, sessions compute alone
+    "max_worker_processes": "24",
     "unix_socket_permissions": "0700",
     "log_line_prefix": "'%m [%p] %q%u@%d '",
 }

@@ -110,6 +110,17 @@ def test_a_model_imported_on_the_primary_generates_the_same_text_on_the_standby(
         assert on_standby == on_primary
         assert on_primary[0] and len(on_primary[2]) == 50257
         assert s.execute("SELECT pg_is_in_recovery()").fetchone()[0] is True
+        # the standby's generations go through a batch runner of its own (continuous batching);
+        # a stream left open in a cursor keeps each runner from exiting while it is looked at
+        runners = "SELECT pid FROM pg_llm_batch_runners() WHERE model = %s"
+        held = "DECLARE held CURSOR FOR SELECT (llm_generate_stream('Held', 8, 0, model => %s)).token"
+        with psycopg.connect(primary_dsn) as ph, psycopg.connect(standby_dsn) as sh:
+            for c in (ph, sh):
+                c.execute(held, (name,))
+                c.execute("FETCH 1 FROM held")
+            [(standby_runner,)] = s.execute(runners, (name,)).fetchall()
+            [(primary_runner,)] = p.execute(runners, (name,)).fetchall()
+            assert standby_runner != primary_runner
 
 
 @pytest.mark.slow

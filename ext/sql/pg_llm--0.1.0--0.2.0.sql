@@ -285,3 +285,14 @@ CREATE FUNCTION llm_generate_batch(prompts text[], max_tokens int DEFAULT 64,
                                    seed bigint DEFAULT NULL)
 RETURNS TABLE (ord int, text text)
 AS 'MODULE_PATHNAME', 'llm_generate_batch' LANGUAGE C VOLATILE CALLED ON NULL INPUT PARALLEL RESTRICTED ROWS 100;
+
+-- ==== continuous batching across sessions ====
+-- Sessions generating with the same model, weights_version and precision at the same time share
+-- one background worker per model, the batch runner, which runs all their decode steps together
+-- (pg_llm.batch_sessions sequences at once; 0: each session computes alone). This lists the live
+-- runners of the current database: rows / steps is how many sequences a step served on average.
+CREATE FUNCTION pg_llm_batch_runners(
+    OUT model text, OUT weights_version bigint, OUT inference_precision text, OUT pid int, OUT slots int,
+    OUT active int, OUT sequences bigint, OUT steps bigint, OUT rows bigint)
+RETURNS SETOF record
+AS 'MODULE_PATHNAME', 'pg_llm_batch_runners' LANGUAGE C VOLATILE STRICT;

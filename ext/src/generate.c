@@ -8,12 +8,15 @@
  * standby.
  *
  * Generation runs one prompt pass, then one step per new token (infer.c). The last token needs no
- * step: its logits would only be used for a token that is not generated.
+ * step: its logits would only be used for a token that is not generated. Those passes run in the
+ * model's batch runner when there is one (runner.h), together with other sessions' sequences,
+ * else in this backend: the same logits either way, so the same tokens.
  */
 #include "pg_llm.h"
 #include "bpe.h"
 #include "generate.h"
 #include "infer.h"
+#include "runner.h"
 #include "sample.h"
 #include "utf8.h"
 
@@ -155,7 +158,8 @@ typedef struct Generation
 {
 	GenSettings set;
 	LlmConfig	cfg;			/* as the weights were loaded */
-	LlmInfer   *inf;
+	LlmInfer   *inf;			/* computing in this backend */
+	LlmRunnerSeq *seq;			/* else: computing in the model's batch runner */
 	LlmSampler	sampler;
 	const float *logits;		/* for the next token */
 	int32	   *out;			/* (max_tokens) generated ids */
@@ -198,11 +202,17 @@ generation_start(const GenSettings *set, const int32 *prompt, int T)
 
 	m = llm_model_get(set->model);
 	g->cfg = m->cfg;
-	g->inf = llm_infer_create(m, 1, T, set->max_tokens);
 	llm_sampler_init(&g->sampler, g->cfg.vocab, set->temperature, set->top_k, set->top_p,
 					 set->has_seed, set->seed);
 	g->out = palloc(sizeof(int32) * set->max_tokens);
-	g->logits = llm_infer_prompt(g->inf, prompt, T);
+	g->seq = llm_runner_begin(m);
+	if (g->seq != NULL)
+		g->logits = llm_runner_prompt(g->seq, prompt, T);
+	else
+	{
+		g->inf = llm_infer_create(m, 1, T, set->max_tokens);
+		g->logits = llm_infer_prompt(g->inf, prompt, T);
+	}
 	return g;
 }
 
@@ -215,13 +225,25 @@ generation_next(Generation *g, bool refresh_model)
 	Assert(!g->done);
 	if (g->n > 0)
 	{
-		if (refresh_model)
-			llm_infer_set_model(g->inf, model_unchanged(g));
-		g->logits = llm_infer_step(g->inf, &g->out[g->n - 1]);
+		const LlmModel *m = refresh_model ? model_unchanged(g) : NULL;
+
+		if (g->seq != NULL)
+			g->logits = llm_runner_step(g->seq, g->out[g->n - 1]);
+		else
+		{
+			if (m != NULL)
+				llm_infer_set_model(g->inf, m);
+			g->logits = llm_infer_step(g->inf, &g->out[g->n - 1]);
+		}
 	}
 	tok = llm_sample(&g->sampler, g->logits);
 	g->out[g->n++] = tok;
 	g->done = (tok == g->set.eos || g->n == g->set.max_tokens);
+	if (g->done)
+	{
+		llm_runner_end(g->seq);
+		g->seq = NULL;
+	}
 	return tok;
 }
 

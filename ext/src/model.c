@@ -564,6 +564,32 @@ llm_model_get(const char *model)
 	return model_get_served(model, (LlmPrecision) llm_inference_precision);
 }
 
+const char *
+llm_model_shared_path(const LlmModel *m)
+{
+	if (m == NULL || m != serving.model || serving.kind != COPY_SHARED || serving.copy->path[0] == '\0')
+		return NULL;
+	return serving.copy->path;
+}
+
+LlmModel *
+llm_model_map_shared(Oid database, const LlmConfig *cfg, int precision)
+{
+	LlmWcFormat fmt;
+	LlmWcCopy  *copy;
+	LlmModel   *m;
+
+	llm_served_format(cfg, (LlmPrecision) precision, NULL, &fmt);
+	copy = llm_wc_map_shared(database, cfg, &fmt);
+	if (copy == NULL)
+		return NULL;
+	m = MemoryContextAllocZero(TopMemoryContext, sizeof(LlmModel));
+	m->cfg = *cfg;
+	llm_layout_init(cfg, &m->layout);
+	llm_served_point(m, copy, (LlmPrecision) precision);
+	return m;
+}
+
 LlmModel *
 llm_model_get_private(const char *model)
 {

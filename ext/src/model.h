@@ -131,6 +131,19 @@ extern void llm_config_load(const char *model, LlmConfig *cfg);
  */
 extern LlmModel *llm_model_get(const char *model);
 
+/*
+ * The file of the server's shared copy that m (from llm_model_get) is mapped from; NULL when m is a
+ * private copy (pg_llm.shared_weights off, weights this transaction changed, sharing failed).
+ */
+extern const char *llm_model_shared_path(const LlmModel *m);
+
+/*
+ * For the batch runner, a process without a database: the served model of cfg in this precision,
+ * mapped from the shared copy that a backend of `database` made; NULL when there is none. It stays
+ * mapped until the process exits.
+ */
+extern LlmModel *llm_model_map_shared(Oid database, const LlmConfig *cfg, int precision);
+
 /* The float32 block in private memory that the caller may write into (training). */
 extern LlmModel *llm_model_get_private(const char *model);
 

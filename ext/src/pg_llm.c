@@ -6,6 +6,7 @@
 #include "access.h"
 #include "served.h"
 #include "batch.h"
+#include "runner.h"
 #include "weights_cache.h"
 
 #include <stdlib.h>
@@ -52,6 +53,7 @@ _PG_init(void)
 	llm_access_init();
 	llm_served_init();
 	llm_batch_init();
+	llm_runner_init();
 	MarkGUCPrefixReserved("pg_llm");
 }
 

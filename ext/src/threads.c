@@ -17,6 +17,7 @@
  * written with atomics only, and a backend that cannot map the file uses pg_llm.threads alone.
  */
 #include "pg_llm.h"
+#include "weights_cache.h"
 
 #include <errno.h>
 #include <fcntl.h>
@@ -30,7 +31,7 @@
 #include "miscadmin.h"
 #include "storage/fd.h"
 
-#define BUDGET_DIR "pgsql_tmp_pg_llm"
+#define BUDGET_DIR LLM_WC_DIR
 #define BUDGET_FILE BUDGET_DIR "/threads"
 #define BUDGET_MAGIC UINT64CONST(0x706731746872310a)	/* the layout below, version 1 */
 #define SLOTS 1024

@@ -61,7 +61,7 @@
 #include "utils/syscache.h"
 #include "utils/timestamp.h"
 
-#define WC_DIR "pgsql_tmp_pg_llm"	/* relative to the data directory, the backends' cwd */
+#define WC_DIR LLM_WC_DIR
 #define WC_MAGIC "PGLLM-WC"
 #define WC_FILE_VERSION 1
 #define WC_HEADER_BYTES 4096
@@ -375,9 +375,9 @@ private_copy(const LlmConfig *cfg, const LlmWcFormat *fmt)
 /* ---- names, headers, locks ----------------------------------------------------------------- */
 
 static void
-make_key(const LlmConfig *cfg, const LlmWcFormat *fmt, WcKey *key)
+make_key(Oid database, const LlmConfig *cfg, const LlmWcFormat *fmt, WcKey *key)
 {
-	key->database = MyDatabaseId;
+	key->database = database;
 	key->table_oid = cfg->table_oid;
 	key->model_hash = hash_bytes_extended((const unsigned char *) cfg->model, strlen(cfg->model), 0);
 	key->version = cfg->weights_version;
@@ -507,13 +507,8 @@ wait_flock(int fd, int op, const char *path)
 	}
 }
 
-/*
- * Opens path (creating it when asked) and locks it; -1 with errno when it cannot, ENOENT also when
- * the name was unlinked or replaced before the lock was granted. *slot holds the descriptor while
- * waiting, so that an ERROR meanwhile closes it.
- */
-static int
-open_locked(const char *path, int op, bool create, int *slot)
+int
+llm_open_locked(const char *path, int op, bool create, int *slot)
 {
 	struct stat a,
 				b;
@@ -877,6 +872,8 @@ build_copy(const WcKey *key, const LlmConfig *cfg, const LlmWcFormat *fmt, WcFds
 		use_private(cfg, psprintf("Could not map \"%s\": %m.", key->path), IO_HINT);
 		return NULL;
 	}
+	if (linked)
+		strlcpy(copy->path, key->path, sizeof(copy->path));
 	fds->file = -1;				/* the copy owns it */
 	ereport(DEBUG1, (errmsg_internal("pg_llm: built the shared copy \"%s\" (%llu MB)", key->path,
 									 (unsigned long long) (h->file_bytes >> 20))));
@@ -910,7 +907,7 @@ open_copy(const WcKey *key, const WcHeader *want, WcFds *fds, const char **inval
 	LlmWcCopy  *copy;
 
 	*invalid = NULL;
-	fds->file = open_locked(key->path, LOCK_SH, false, &fds->file);
+	fds->file = llm_open_locked(key->path, LOCK_SH, false, &fds->file);
 	if (fds->file < 0)
 	{
 		if (errno != ENOENT)
@@ -933,6 +930,7 @@ open_copy(const WcKey *key, const WcHeader *want, WcFds *fds, const char **inval
 		*failed = true;
 		return NULL;
 	}
+	strlcpy(copy->path, key->path, sizeof(copy->path));
 	fds->file = -1;
 	return copy;
 }
@@ -947,7 +945,7 @@ shared_copy(const LlmConfig *cfg, const LlmWcFormat *fmt)
 	LlmWcCopy  *copy = NULL;
 	bool		failed = false;
 
-	make_key(cfg, fmt, &key);
+	make_key(MyDatabaseId, cfg, fmt, &key);
 	expected_header(want, &key, cfg, fmt);
 	if (MakePGDirectory(WC_DIR) != 0 && errno != EEXIST)
 	{
@@ -966,7 +964,7 @@ shared_copy(const LlmConfig *cfg, const LlmWcFormat *fmt)
 				break;
 
 			/* absent or invalid: build it, or wait for whoever builds it */
-			fds.lock = open_locked(key.lock, LOCK_EX, true, &fds.lock);
+			fds.lock = llm_open_locked(key.lock, LOCK_EX, true, &fds.lock);
 			if (fds.lock < 0)
 			{
 				if (errno == ENOENT)
@@ -1006,6 +1004,23 @@ llm_wc_get(const LlmConfig *cfg, const LlmWcFormat *fmt, bool shared)
 	LlmWcCopy  *copy = shared ? shared_copy(cfg, fmt) : NULL;
 
 	return copy != NULL ? copy : private_copy(cfg, fmt);
+}
+
+LlmWcCopy *
+llm_wc_map_shared(Oid database, const LlmConfig *cfg, const LlmWcFormat *fmt)
+{
+	WcKey		key;
+	WcHeader	want;
+	WcFds		fds = {.lock = -1, .dir = -1, .file = -1};
+	const char *invalid;
+	bool		failed = false;
+	LlmWcCopy  *copy;
+
+	make_key(database, cfg, fmt, &key);
+	expected_header(&want, &key, cfg, fmt);
+	copy = open_copy(&key, &want, &fds, &invalid, cfg, &failed);
+	close_fds(&fds, &key);
+	return copy;
 }
 
 void

@@ -13,6 +13,12 @@
 
 #include "model.h"
 
+/*
+ * The directory of the shared copies, relative to the data directory (the backends' cwd). Files of
+ * other shared state live there too (threads.c, runner.c): base backups skip pgsql_tmp* entries.
+ */
+#define LLM_WC_DIR "pgsql_tmp_pg_llm"
+
 #define LLM_WC_MAX_SECTIONS 16
 
 /* Ids written in a copy's header. Never renumber them: files carry them. */
@@ -67,6 +73,7 @@ typedef struct LlmWcCopy
 	char	   *base;			/* the mapping or allocation */
 	size_t		bytes;
 	int			fd;				/* shared: holds a shared flock, which marks the file in use */
+	char		path[MAXPGPATH];	/* the server's copy: its file's name ("" otherwise) */
 } LlmWcCopy;
 
 /* Settings (defined by llm_wc_init). */
@@ -83,8 +90,23 @@ extern void llm_wc_init(void);
  */
 extern LlmWcCopy *llm_wc_get(const LlmConfig *cfg, const LlmWcFormat *fmt, bool shared);
 
+/*
+ * The shared copy of cfg's weights in this format that a backend of `database` made, mapped, for a
+ * process that cannot build one (the batch runner, which has no database); NULL when there is no
+ * valid one.
+ */
+extern LlmWcCopy *llm_wc_map_shared(Oid database, const LlmConfig *cfg, const LlmWcFormat *fmt);
+
 /* Unmaps or frees a copy. */
 extern void llm_wc_release(LlmWcCopy *copy);
+
+/*
+ * Opens path (creating it when asked) and takes flock op (LOCK_SH, LOCK_EX) on it, waiting with
+ * CHECK_FOR_INTERRUPTS; -1 with errno when it cannot, ENOENT also when the name was unlinked or
+ * replaced before the lock was granted (so a lock file may be unlinked by who holds it). *slot
+ * holds the descriptor while waiting, so that the caller's cleanup closes it after an ERROR.
+ */
+extern int	llm_open_locked(const char *path, int op, bool create, int *slot);
 
 /* For fill: copy len bytes to offset of a section. */
 extern void llm_wc_write(LlmWcWriter *w, int section, size_t offset, const void *src, size_t len);
