@@ -124,7 +124,6 @@ class Ours:
         self.monitor = psycopg.connect(dsn, autocommit=True)
         self.runners_seen = 0
         solo = connect(dsn, "off")
-        self.available = setting(solo) is not None
         self.solo, self.made = [], []  # per prompt: its text alone, and how many tokens that took
         stream = ("SELECT (e).text FROM (SELECT llm_generate_stream(%s, %s, 0, model => %s) AS e) s")
         for p in PROMPTS[:prompts]:
@@ -279,15 +278,15 @@ def main() -> None:
 
             model.save_pretrained(Path(tmp) / "model")
             gguf = convert(Path(tmp) / "model", Path(tmp) / "gguf", ("f32",))["f32"]
-        ours = Ours(dsn, args.tokens, min(len(PROMPTS), max(sizes)))
-        pg_modes = [m for m in ("on", "off") if m in modes and (m == "off" or ours.available)]
         with psycopg.connect(dsn, autocommit=True) as conn:
             conn.execute(GENERATE, (PROMPTS[0], 1, MODEL)).fetchone()
             default = setting(conn)
+        pg_modes = [m for m in ("on", "off") if m in modes and (m == "off" or default is not None)]
+        ours = Ours(dsn, args.tokens, min(len(PROMPTS), max(sizes)) if pg_modes else 0)
         print(f"\nGPT-2 small shape, random weights, float32, greedy, {args.tokens} new tokens per session, "
               f"{os.cpu_count()} cores; {SETTING} = {default or 'absent (no batch runner: off only)'}, "
               f"load average {loads[0]:.1f}", flush=True)
-        solo = ours.solo_latency(3 * args.repeat) if ours.available and {"on", "off"} <= set(modes) else None
+        solo = ours.solo_latency(3 * args.repeat) if pg_modes == ["on", "off"] else None
         results = {m: {} for m in MODES}
         for n in sizes:
             conns = {m: [connect(dsn, m) for _ in range(n)] for m in pg_modes}
