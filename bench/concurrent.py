@@ -28,8 +28,8 @@ interleaved; the issue's goal: within 10%), and the issue's goals on aggregate d
 at least 3x one session's, 8 at least 5x (mode on, over the faster of on and off at N = 1). The
 load average is printed before and after: the machine may be shared, compare within one run.
 llama.cpp's threads wait for each other by spinning at its default (--poll 50): on a loaded
-machine its figures collapse (6 tok/s for one request at a load average of 4, where --poll 0 gave
-48), so this benchmark passes --poll 0 unless told otherwise.
+machine a request alone got 5.5-6.1 tok/s (load 4-5.6) where --poll 0 gave 44-48 at a similar
+load, so this benchmark passes --poll 0 unless told otherwise (it still collapses at times).
 
 A server without the setting pg_llm.batch_sessions (before the batch runner) has no "on" mode:
 every session computes alone there, and the "on" columns print "-".
