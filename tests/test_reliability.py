@@ -245,3 +245,63 @@ def test_unprivileged_roles_cannot_read_files_or_change_models(cluster, conn, db
     assert not os.path.exists("/tmp/pgllm-stolen.npz")
     conn.execute("REVOKE ALL ON ALL TABLES IN SCHEMA public FROM llm_reader")
     conn.execute("DROP ROLE llm_reader")
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(os.geteuid() != 0, reason="kills a process of the server's OS user (runs as root only)")
+def test_a_batch_runner_killed_with_sigkill_leaves_no_session_hanging(own_cluster):
+    """A session waits in the model's batch runner (paused with SIGSTOP, so it is a state, not a
+    moment); SIGKILL on the runner makes the postmaster restart the server, as for any crashed
+    backend: the session's statement ends with an error, and generation works again after."""
+    dsn = own_cluster.dsn()
+    generate = "SELECT llm_generate_tokens('{1,2,3}', 20, 0, model => 'tiny')"
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        make_tiny_model(conn, rows=1)
+        expected = conn.execute(generate).fetchone()[0]
+    victim = psycopg.connect(dsn, autocommit=True)
+    out = []
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        runner = _paused_runner(conn, generate)
+        try:
+            t = threading.Thread(target=lambda: out.append(_attempt(victim, generate)))
+            t.start()
+            _wait_for(lambda: conn.execute("SELECT wait_event = 'Extension' FROM pg_stat_activity WHERE pid = %s",
+                                           (victim.info.backend_pid,)).fetchone()[0], 60,
+                      "the session to wait for its runner")
+        finally:
+            os.kill(runner, signal.SIGKILL)
+    t.join(timeout=120)
+    assert not t.is_alive(), "a session hangs after its batch runner was killed"
+    assert isinstance(out[0], psycopg.OperationalError)  # the crash restart ended its session
+    try:
+        victim.close()
+    except psycopg.Error:
+        pass
+    again = _wait_for(lambda: _generate(dsn, generate), 120, "the server to recover")
+    assert again == expected
+
+
+def _paused_runner(conn, generate) -> int:
+    """The pid of the model's batch runner, stopped (SIGSTOP): started by a generation if there is
+    none, and looked up again once stopped, in case it had just exited when idle."""
+    for _ in range(100):
+        row = conn.execute("SELECT pid FROM pg_llm_batch_runners() WHERE model = 'tiny'").fetchone()
+        if row is None:
+            conn.execute(generate)
+            continue
+        os.kill(row[0], signal.SIGSTOP)
+        if conn.execute("SELECT pid FROM pg_llm_batch_runners() WHERE model = 'tiny'").fetchone() == row:
+            return row[0]
+    raise AssertionError("no batch runner stayed up")
+
+
+def _attempt(conn, sql):
+    try:
+        return conn.execute(sql).fetchone()[0]
+    except psycopg.Error as e:
+        return e
+
+
+def _generate(dsn, sql):
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        return conn.execute(sql).fetchone()[0]

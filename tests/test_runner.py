@@ -161,6 +161,22 @@ def test_the_setting_turns_it_off(pg, dsn, model):
         assert runner(pg, model)[1] == before[1] + 1  # and back on
 
 
+def test_a_session_on_other_kernels_computes_alone(pg, dsn, model):
+    """Results depend on the kernels' SIMD level: a runner serves the sessions of its own level."""
+    a = args("The weather today", model)
+    with held_runner(dsn, model) as pid:
+        before = runner(pg, model)
+        pg.execute("SET pg_llm.simd = portable")
+        try:
+            portable = pg.execute(GENERATE, a).fetchone()[0]
+            with_runner_off = alone(pg, a)
+        finally:
+            pg.execute("RESET pg_llm.simd")
+        assert portable == with_runner_off
+        assert runner(pg, model) == before  # the runner (level auto) served nothing of it
+        assert pid == before[0]
+
+
 needs_root = pytest.mark.skipif(not is_root(), reason="signals the server's processes (runs as root only)")
 
 

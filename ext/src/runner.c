@@ -99,6 +99,7 @@ typedef struct RunnerHeader
 	LlmConfig	cfg;
 	Oid			database;
 	int32		precision;		/* LlmPrecision */
+	int32		simd;			/* LlmSimdLevel of the kernels: results depend on it */
 	int32		n_slots;
 	int32		max_prompt;		/* tokens a slot's prompt may have */
 	int32		max_new;		/* steps a slot's sequence may take */
@@ -259,7 +260,7 @@ serves(RunnerMap *map, const LlmModel *m)
 			   *b = &m->cfg;
 
 	return pg_atomic_read_u32(&h->state) == RUNNER_READY && h->database == MyDatabaseId &&
-		h->precision == m->precision && strcmp(a->model, b->model) == 0 &&
+		h->precision == m->precision && h->simd == (int32) llm_simd_level() && strcmp(a->model, b->model) == 0 &&
 		a->weights_version == b->weights_version && a->table_oid == b->table_oid &&
 		a->n_layer == b->n_layer && a->n_head == b->n_head && a->d_model == b->d_model &&
 		a->n_positions == b->n_positions && a->vocab == b->vocab && runner_alive(map->fd);
@@ -293,6 +294,7 @@ create_file(const char *path, const LlmModel *m, int n_slots)
 	h->cfg = m->cfg;
 	h->database = MyDatabaseId;
 	h->precision = m->precision;
+	h->simd = (int32) llm_simd_level();
 	h->n_slots = n_slots;
 	h->max_prompt = m->cfg.n_positions;
 	h->max_new = m->cfg.n_positions;
@@ -403,13 +405,16 @@ find_runner(const char *weights_path, const LlmModel *m)
 				break;
 		if (lock >= 0)
 		{
+			bool		other = false;	/* a live runner that serves sessions of another pg_llm.simd */
+
 			map = map_file(path);
 			if (map != NULL && !serves(map, m))
 			{
+				other = runner_alive(map->fd);
 				unmap(map);
 				map = NULL;
 			}
-			if (map == NULL && (map = create_file(path, m, llm_batch_sessions)) != NULL && !start_runner(map))
+			if (map == NULL && !other && (map = create_file(path, m, llm_batch_sessions)) != NULL && !start_runner(map))
 			{
 				unmap(map);
 				map = NULL;
@@ -704,9 +709,10 @@ serve(RunnerHeader *h, LlmInfer *inf)
 {
 	MemoryContext step_cxt = AllocSetContextCreate(TopMemoryContext, "pg_llm runner step", ALLOCSET_DEFAULT_SIZES);
 	int			V = h->cfg.vocab;
-	int		   *rows = palloc(sizeof(int) * h->n_slots);
-	int		   *last = palloc(sizeof(int) * h->n_slots);
+	int		   *rows = palloc(sizeof(int) * h->n_slots);	/* of the step */
 	int32	   *tokens = palloc(sizeof(int32) * h->n_slots);
+	int		   *prompts = palloc(sizeof(int) * h->n_slots);	/* new sequences */
+	int		   *last = palloc(sizeof(int) * h->n_slots);	/* the slots served last time */
 	int			n_last = 0;
 	TimestampTz last_end = 0,
 				idle_since = GetCurrentTimestamp(),
@@ -715,6 +721,7 @@ serve(RunnerHeader *h, LlmInfer *inf)
 	for (;;)
 	{
 		int			n = 0,
+					n_prompts = 0,
 					requests = 0;
 		TimestampTz now = GetCurrentTimestamp();
 		bool		check_owners = TimestampDifferenceExceeds(last_sweep, now, LIVENESS_MS);
@@ -753,7 +760,7 @@ serve(RunnerHeader *h, LlmInfer *inf)
 		}
 		idle_since = now;
 
-		/* the sequences of the last step come back within microseconds: one step for them all */
+		/* the sequences served last come back within microseconds: one step for them all */
 		if (n_last > 0 && awaiting(h, last, n_last) &&
 			!TimestampDifferenceExceeds(last_end, now, GATHER_MS))
 		{
@@ -769,21 +776,22 @@ serve(RunnerHeader *h, LlmInfer *inf)
 			uint32		state = SLOT_PROMPT;
 
 			if (pg_atomic_compare_exchange_u32(&slot->state, &state, SLOT_RUNNING))
-			{
-				const float *logits;
-
-				pg_read_barrier();
-				logits = llm_infer_prompt_row(inf, s, slot_tokens(h, s), Min(Max(slot->n_tokens, 1), h->max_prompt));
-				memcpy(slot_logits(h, s), logits, sizeof(float) * V);
-				complete(h, s);
-				pg_atomic_fetch_add_u64(&h->sequences, 1);
-			}
+				prompts[n_prompts++] = s;
 			else if (state == SLOT_STEP && pg_atomic_compare_exchange_u32(&slot->state, &state, SLOT_RUNNING))
 			{
-				pg_read_barrier();
 				rows[n] = s;
 				tokens[n++] = slot_tokens(h, s)[0];
 			}
+		}
+		pg_read_barrier();
+		for (int i = 0; i < n_prompts; i++)
+		{
+			int			s = prompts[i];
+			const float *logits = llm_infer_prompt_row(inf, s, slot_tokens(h, s),
+													   Min(Max(slot_at(h, s)->n_tokens, 1), h->max_prompt));
+
+			memcpy(slot_logits(h, s), logits, sizeof(float) * V);
+			complete(h, s);
 		}
 		if (n > 0)
 		{
@@ -797,9 +805,11 @@ serve(RunnerHeader *h, LlmInfer *inf)
 			pg_atomic_fetch_add_u64(&h->steps, 1);
 			pg_atomic_fetch_add_u64(&h->rows, n);
 		}
+		pg_atomic_fetch_add_u64(&h->sequences, n_prompts);
 		MemoryContextSwitchTo(TopMemoryContext);
-		memcpy(last, rows, sizeof(int) * n);
-		n_last = n;
+		memcpy(last, prompts, sizeof(int) * n_prompts);
+		memcpy(last + n_prompts, rows, sizeof(int) * n);
+		n_last = n_prompts + n;
 		last_end = GetCurrentTimestamp();
 	}
 }
@@ -840,6 +850,9 @@ llm_runner_main(Datum arg)
 				(errmsg("pg_llm: the batch runner of model \"%s\" found no shared copy of its weights", h->cfg.model)));
 		proc_exit(0);
 	}
+	/* the level of the session that started it (pg_llm.simd): sessions at another level compute alone */
+	if (llm_simd_set_level((LlmSimdLevel) h->simd) != (LlmSimdLevel) h->simd)
+		proc_exit(0);
 	inf = llm_infer_create_rows(m, h->n_slots, h->max_prompt, h->max_new);
 	h->pid = MyProcPid;
 	h->procno = MyProc->pgprocno;
