@@ -25,7 +25,7 @@ import time
 
 import psycopg
 
-from bench.common import server
+from bench.common import load_gpt2_tokenizer, server
 
 MODEL = "bench-batch"
 SHAPE = (12, 12, 768, 1024, 50257)
@@ -38,15 +38,10 @@ PROMPTS = ["The database", "Once upon a time, in a small village by the sea, the
 
 
 def setup(dsn: str) -> None:
-    from pgllm.bundled import gpt2_tokenizer_files
-    from pgllm.commands.tokenizer import load
-
     with psycopg.connect(dsn, autocommit=True) as conn:
         conn.execute("DELETE FROM llm_model_config WHERE model = %s", (MODEL,))
         conn.execute("SELECT llm_init(%s, %s, %s, %s, %s, %s, seed => 1)", (MODEL, *SHAPE))
-        vocab, merges = (f.read_bytes() for f in gpt2_tokenizer_files())
-        with conn.transaction():
-            load(conn, MODEL, vocab, merges, replace=True)
+        load_gpt2_tokenizer(conn, MODEL)
 
 
 def timed(fn):

@@ -1,4 +1,4 @@
-"""What every benchmark shares: a server to measure on."""
+"""What every benchmark shares: a server to measure on, the GPT-2 tokenizer in it."""
 
 from __future__ import annotations
 
@@ -34,3 +34,13 @@ def server(dsn: str | None):
     finally:
         cluster.stop()
         shutil.rmtree(home, ignore_errors=True)
+
+
+def load_gpt2_tokenizer(conn: psycopg.Connection, model: str) -> None:
+    """The bundled GPT-2 tokenizer for `model` (replacing any), as `pgllm tokenizer` loads it."""
+    from pgllm.bundled import gpt2_tokenizer_files
+    from pgllm.commands.tokenizer import load
+
+    vocab, merges = (f.read_bytes() for f in gpt2_tokenizer_files())
+    with conn.transaction():
+        load(conn, model, vocab, merges, replace=True)
