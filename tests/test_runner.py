@@ -146,6 +146,21 @@ def test_a_stream_is_unchanged_and_gives_its_slot_back(pg, model):
                                 (model,)).fetchone() in (None, (0,)), "the cursor's slot to be free")
 
 
+def test_an_open_stream_survives_the_session_switching_runners(pg, model):
+    """A cursor's stream keeps its runner mapped while the session's other calls look elsewhere
+    (here a call at another kernel level, which no runner of this level serves)."""
+    a = args("Once upon a time there was", model, 16, seeded=True)
+    solo = alone(pg, a)
+    with pg.transaction():
+        pg.execute("DECLARE s CURSOR FOR SELECT (llm_generate_stream(%s, %s, %s, %s, %s, %s, %s)).token", a)
+        first = pg.execute("FETCH 2 FROM s").fetchall()
+        pg.execute("SET pg_llm.simd = portable")
+        pg.execute(GENERATE, args("Hello", model))
+        pg.execute("RESET pg_llm.simd")
+        rest = pg.execute("FETCH ALL FROM s").fetchall()
+    assert "".join(r[0] for r in first + rest) == solo
+
+
 def test_the_setting_turns_it_off(pg, dsn, model):
     a = args("Hello", model)
     with held_runner(dsn, model):

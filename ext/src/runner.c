@@ -198,6 +198,7 @@ typedef struct RunnerMap
 	char		path[MAXPGPATH];
 	int			fd;
 	RunnerHeader *h;
+	int			users;			/* this session's sequences in it: mapped until they end */
 } RunnerMap;
 
 struct LlmRunnerSeq
@@ -385,7 +386,9 @@ find_runner(const char *weights_path, const LlmModel *m)
 		return current_map;
 	if (current_map != NULL)
 	{
-		unmap(current_map);
+		/* a stream of this session still in it (an open cursor) unmaps it when it ends */
+		if (current_map->users == 0)
+			unmap(current_map);
 		current_map = NULL;
 	}
 	map = map_file(path);
@@ -452,6 +455,8 @@ seq_release(LlmRunnerSeq *q)
 	}
 	wake(h->procno);
 	held = list_delete_ptr(held, q);
+	if (--q->map->users == 0 && q->map != current_map)
+		unmap(q->map);
 	pfree(q);
 }
 
@@ -507,6 +512,7 @@ llm_runner_begin(const LlmModel *m)
 		}
 		q = MemoryContextAllocZero(TopMemoryContext, sizeof(LlmRunnerSeq));
 		q->map = map;
+		map->users++;
 		q->slot = s;
 		q->owner = CurrentResourceOwner;
 		{
