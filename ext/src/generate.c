@@ -81,7 +81,7 @@ llm_check_token_range(const int32 *tokens, int n, const LlmConfig *cfg)
 					 errmsg("token id %d at position %d is out of range for model \"%s\"",
 							tokens[i], i + 1, cfg->model),
 					 errdetail("The vocabulary has %d tokens (ids 0 to %d).", cfg->vocab, cfg->vocab - 1),
-				 errhint("Use -1 or NULL for no end token.")));
+					 errhint("Encode text with the model's own tokenizer: llm_encode(text, model).")));
 }
 
 void
