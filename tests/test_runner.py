@@ -24,6 +24,7 @@ import pytest
 from pgllm.cluster import is_root
 
 from .test_batch import PROMPTS, SAMPLING, eot_biased_model
+from .test_pool import BUDGET, session_threads
 from .weights import store_hf_model, write_gpt2_tokenizer
 
 GENERATE = "SELECT llm_generate(%s, %s, %s, %s, %s, %s, %s)"
@@ -174,6 +175,18 @@ def test_the_setting_turns_it_off(pg, dsn, model):
         assert runner(pg, model)[1] == before[1]  # no sequence went to the runner
         assert pg.execute(GENERATE, a).fetchone()[0] == text
         assert runner(pg, model)[1] == before[1] + 1  # and back on
+
+
+def test_a_runner_without_sequences_leaves_the_cores_to_sessions_computing_alone(pg, dsn, model):
+    """The runner counts in the server's thread budget (threads.c) while it has sequences, and
+    has no transaction whose end would say it stopped: before, it counted for 2 s after its last
+    step, and a session computing alone just after a burst of generation got half its threads."""
+    pg.execute(GENERATE, args("Hello", model)).fetchone()
+    wait_for(lambda: pg.execute("SELECT coalesce(max(active), 0) FROM pg_llm_batch_runners()").fetchone()[0] == 0,
+             "the runners to have no sequence")
+    with psycopg.connect(dsn, autocommit=True) as b:
+        b.execute(BUDGET)
+        assert session_threads(b) == 8  # the session alone: all of the budget
 
 
 def test_a_session_on_other_kernels_computes_alone(pg, dsn, model):

@@ -43,6 +43,8 @@ extern int	llm_server_threads;	/* pg_llm.server_threads: threads all computing s
 
 /* threads.c: the threads this session may use now (its share of the server's, at most pg_llm.threads). */
 extern int	llm_num_threads(void);
+/* This process stops counting as computing until it asks again (a transaction's end does it for sessions). */
+extern void llm_threads_idle(void);
 
 /* Schema-qualified, quoted name of a pg_llm table, so that search_path cannot redirect it. */
 extern char *llm_table(const char *name);

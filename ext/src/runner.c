@@ -624,6 +624,7 @@ runner_exit(int code, Datum arg)
 
 	if (h == NULL)
 		return;
+	llm_threads_idle();
 	pg_atomic_write_u32(&h->state, RUNNER_STOPPED);
 	pg_memory_barrier();
 	wake(h->starter_procno);
@@ -662,7 +663,7 @@ complete(RunnerHeader *h, int s)
 		pg_atomic_write_u32(&slot->state, SLOT_FREE);	/* abandoned meanwhile */
 }
 
-/* Frees the slots of sessions that left or are gone; counts those in use. */
+/* Frees the slots of sessions that left or are gone; counts those in use (none: stops counting as computing). */
 static int
 sweep(RunnerHeader *h, bool check_owners)
 {
@@ -687,6 +688,8 @@ sweep(RunnerHeader *h, bool check_owners)
 			continue;
 		active++;
 	}
+	if (active == 0)
+		llm_threads_idle();		/* no sequence left: the cores are the sessions' again */
 	pg_atomic_write_u32(&h->active, active);
 	return active;
 }

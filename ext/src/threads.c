@@ -13,8 +13,11 @@
  * backend which computes maps: one slot per backend, holding its pid and when it last asked
  * for threads (CLOCK_MONOTONIC). A session counts as computing from its last request until its
  * transaction ends, and for ACTIVE_NS at most: a session idle in its transaction, or one that
- * died, stops counting by itself. Nothing needs shared_preload_libraries; the slots are read and
- * written with atomics only, and a backend that cannot map the file uses pg_llm.threads alone.
+ * died, stops counting by itself. The batch runner (runner.c), which has no transaction, says
+ * when it has no sequence left (llm_threads_idle): else a session computing alone just after a
+ * burst of generation would get half the cores for ACTIVE_NS. Nothing needs
+ * shared_preload_libraries; the slots are read and written with atomics only, and a backend that
+ * cannot map the file uses pg_llm.threads alone.
  */
 #include "pg_llm.h"
 #include "weights_cache.h"
@@ -85,16 +88,22 @@ cores(void)
 	return n;
 }
 
-/* The transaction ended: this session stops counting as computing until it asks again. */
-static void
-budget_xact_callback(XactEvent event, void *arg)
+void
+llm_threads_idle(void)
 {
-	if (budget != NULL && my_slot >= 0 &&
-		(event == XACT_EVENT_COMMIT || event == XACT_EVENT_ABORT || event == XACT_EVENT_PREPARE))
+	if (budget != NULL && my_slot >= 0)
 	{
 		__atomic_store_n(&budget->slots[my_slot].asked, 0, __ATOMIC_RELAXED);
 		last_touch = 0;
 	}
+}
+
+/* The transaction ended: this session stops counting as computing until it asks again. */
+static void
+budget_xact_callback(XactEvent event, void *arg)
+{
+	if (event == XACT_EVENT_COMMIT || event == XACT_EVENT_ABORT || event == XACT_EVENT_PREPARE)
+		llm_threads_idle();
 }
 
 static void
