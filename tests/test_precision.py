@@ -28,6 +28,7 @@ import pytest
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
+from .test_batch import cancel_until_ended
 from .test_weight_cache import copies, wait_for
 from .weights import random_gpt2, store_hf_model
 
@@ -284,9 +285,8 @@ def test_cancel_during_an_int8_generation(db):
         wait_for(lambda: admin.execute("SELECT state = 'active' AND query LIKE '%%llm_generate_tokens%%' "
                                        "FROM pg_stat_activity WHERE pid = %s", (pid,)).fetchone()[0],
                  "the generation to run")
-        admin.execute("SELECT pg_cancel_backend(%s)", (pid,))
-        t.join(60)
-        assert not t.is_alive() and len(errors) == 1 and isinstance(errors[0], psycopg.errors.QueryCanceled)
+        cancel_until_ended(admin, pid, t)
+        assert len(errors) == 1 and isinstance(errors[0], psycopg.errors.QueryCanceled)
         assert len(conn.execute("SELECT llm_generate_tokens('{1,2,3}', 3, 0, model => 'long')").fetchone()[0]) == 3
 
 
