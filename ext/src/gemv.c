@@ -45,12 +45,13 @@
 #define Q8_BLOCK (NR * 2 + NR * QK) /* bytes of a block: 32 fp16 scales, 32x32 weights */
 #define MR_MAX 12				/* most rows any kernel takes at once */
 /*
- * float32 panels: inputs ahead (of NR floats, 8 KB at 64) that the AVX-512 kernel prefetches. With
- * several rows a panel's FMAs take as long as its reads, and the hardware's prefetch alone did not
- * keep the reads going during them: 8 rows 8.2 -> 6.4 ms, 16 rows 12.1 -> 10.2 ms, 1 row unchanged
- * (bench/kernels.c, GPT-2 small, 2 threads, best of 6 interleaved runs).
+ * With several rows, a panel's multiply-adds take as long as its reads, and the hardware's
+ * prefetch alone let the reads stall meanwhile: the AVX-512 kernels then prefetch this far ahead
+ * in the weights. Products of GPT-2 small, 2 threads, best of 6 interleaved runs: float32 8 rows
+ * 8.2 -> 6.4 ms, 16 rows 12.1 -> 10.2; bfloat16 (dot) 8 rows 4.9 -> 3.4, 16 rows 6.9 -> 5.7;
+ * int8 (dot) 8 rows 4.2 -> 2.9, 16 rows 6.3 -> 5.2 (bench/kernels.c). One row keeps the plain loop.
  */
-#define F32_PREFETCH_AHEAD 64
+#define PREFETCH_BYTES 8192
 #define ROW_BLOCK 96			/* rows per pass over the weights: 96 x 3072 float32 inputs fit L2 */
 
 /* ---- scalar conversions ----------------------------------------------------------------------- */
@@ -689,6 +690,14 @@ acc_store(float (*acc)[NR], const __m512 *a0, const __m512 *a1, const int nr)
 	}
 }
 
+/* Prefetches `lines` cache lines from p + PREFETCH_BYTES (never faults, even past the weights). */
+INLINE T_AVX512 void
+prefetch_ahead(const void *p, const int lines)
+{
+	for (int k = 0; k < lines; k++)
+		_mm_prefetch((const char *) p + PREFETCH_BYTES + 64 * k, _MM_HINT_T0);
+}
+
 INLINE T_AVX512 void
 f32_avx512_rows(const Gemv *g, const uint8_t *panel, size_t r0, float (*acc)[NR], const int nr)
 {
@@ -704,9 +713,8 @@ f32_avx512_rows(const Gemv *g, const uint8_t *panel, size_t r0, float (*acc)[NR]
 		__m512		w0 = _mm512_load_ps(w + i * NR),
 					w1 = _mm512_load_ps(w + i * NR + 16);
 
-		/* never faults: past the last panel it only reads nothing useful */
-		_mm_prefetch((const char *) (w + (i + F32_PREFETCH_AHEAD) * NR), _MM_HINT_T0);
-		_mm_prefetch((const char *) (w + (i + F32_PREFETCH_AHEAD) * NR + 16), _MM_HINT_T0);
+		if (nr > 1)
+			prefetch_ahead(w + i * NR, 2);
 		for (int r = 0; r < nr; r++)
 		{
 			__m512		xb = _mm512_set1_ps(x[r * IC + i]);
@@ -843,6 +851,8 @@ bf16_dot_rows(const Gemv *g, const uint8_t *panel, size_t r0, float (*acc)[NR], 
 		__m512bh	w0 = (__m512bh) _mm512_load_si512(w + 2 * i),
 					w1 = (__m512bh) _mm512_load_si512(w + 2 * i + 1);
 
+		if (nr > 1)
+			prefetch_ahead(w + 2 * i, 2);
 		for (int r = 0; r < nr; r++)
 		{
 			__m512bh	xb = (__m512bh) _mm512_set1_epi32((int) x[r * IC2 / 2 + i]);
@@ -883,6 +893,8 @@ q8_dot_rows(const Gemv *g, const uint8_t *panel, size_t r0, float (*acc)[NR], co
 		{
 			__m512i		w0 = _mm512_load_si512(blk + q8_index(k, 0)),
 						w1 = _mm512_load_si512(blk + q8_index(k, 16));
+			if (nr > 1)
+				prefetch_ahead(blk + q8_index(k, 0) - (k == 0 ? NR * 2 : 0), k == 0 ? 3 : 2);
 
 			for (int r = 0; r < nr; r++)
 			{
