@@ -893,6 +893,7 @@ q8_dot_rows(const Gemv *g, const uint8_t *panel, size_t r0, float (*acc)[NR], co
 		{
 			__m512i		w0 = _mm512_load_si512(blk + q8_index(k, 0)),
 						w1 = _mm512_load_si512(blk + q8_index(k, 16));
+			/* the two lines of this k's weights, and at k = 0 the line of scales before them */
 			if (nr > 1)
 				prefetch_ahead(blk + q8_index(k, 0) - (k == 0 ? NR * 2 : 0), k == 0 ? 3 : 2);
 
