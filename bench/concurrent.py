@@ -24,8 +24,9 @@ Our rounds go in --repeat cycles: each cycle runs every N, on then off, so that 
 meet the machine in the same state (a shared machine's memory bandwidth, which bounds decode,
 swings by up to 1.7x within minutes here); the table shows each N's best round, and "on
 rows/step" the sequences per step of the batch runner in that round (pg_llm_batch_runners()).
-llama-server runs --repeat rounds per N after ours. Every session's text must equal its solo result (its prompt alone, runner off): batching must never
-change a result; a session that differs is reported and fails the run (exit status 1).
+llama-server runs --repeat rounds per N after ours. Every session's text must equal its solo
+result (its prompt alone, runner off): batching must never change a result; a session that
+differs is reported and fails the run (exit status 1).
 Also printed: one session's latency alone, on beside off (best and median of 3 x --repeat calls,
 interleaved; the issue's goal: within 10%), and the issue's goals on aggregate decode, 4 sessions
 at least 3x one session's, 8 at least 5x: mode on at N over the faster of on and off at N = 1 in
@@ -275,7 +276,8 @@ def main() -> None:
     p.add_argument("--sessions", default="1,2,4,8,16", help="numbers of concurrent sessions N, comma-separated")
     p.add_argument("--tokens", type=int, default=64, help="new tokens per session")
     p.add_argument("--modes", default=",".join(MODES), help="of " + ",".join(MODES))
-    p.add_argument("--repeat", type=int, default=3, help="cycles of rounds over every N and mode (the best round is shown)")
+    p.add_argument("--repeat", type=int, default=3,
+                   help="cycles of rounds over every N and mode (the best round is shown)")
     p.add_argument("--threads", type=int, default=2, help="llama-server's threads")
     p.add_argument("--poll", type=int, default=0, help="llama-server's --poll: 0 (its threads wait without "
                    "spinning) or up to 100 (they spin; its own default is 50)")
