@@ -1,3 +1,3 @@
 """pgllm: train and serve GPT-2 models inside PostgreSQL."""
 
-__version__ = "0.2.0"
+__version__ = "0.3.0"
