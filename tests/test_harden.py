@@ -176,6 +176,8 @@ TRAINING = [
 SERVER_FILES = [
     "SELECT pg_llm_import_npz('/nonexistent.npz', 'm_{role}')",
     "SELECT pg_llm_export_npz('/tmp/never.npz', 'm')",
+    "SELECT pg_llm_load_bpe_vocab('/nonexistent/vocab.json', 'm_{role}')",
+    "SELECT pg_llm_load_bpe_merges('/nonexistent/merges.txt', 'm_{role}')",
 ]
 
 

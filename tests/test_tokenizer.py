@@ -626,8 +626,9 @@ def test_malformed_files_are_refused_alike_by_the_server_loaders_and_the_cli(cli
 
 
 def test_bytes_loaders_need_only_the_table_rights(conn, good_files):
-    """pg_llm_load_bpe_vocab_bytes/merges_bytes: a role with rights on the tokenizer tables (and
-    not on server files) loads a tokenizer; without them it is refused by the tables' own rights."""
+    """pg_llm_load_bpe_vocab_bytes/merges_bytes: a role with rights on the tokenizer tables and the
+    version they bump (not on server files) loads a tokenizer; without them it is refused by the
+    tables' own rights (the version trigger runs with its caller's rights since 0.3.0)."""
     vocab, merges = good_files
     role = f"tok_{uuid.uuid4().hex[:8]}"
     conn.execute(f'CREATE ROLE "{role}" NOSUPERUSER')
@@ -637,6 +638,8 @@ def test_bytes_loaders_need_only_the_table_rights(conn, good_files):
             conn.execute("SELECT pg_llm_load_bpe_vocab_bytes(%s, 'r')", (vocab.read_bytes(),))
         conn.execute("RESET ROLE")
         conn.execute(f'GRANT SELECT, INSERT, DELETE ON llm_bpe_vocab, llm_bpe_merges TO "{role}"')
+        conn.execute(f'GRANT SELECT, INSERT, UPDATE ON llm_tokenizer_version TO "{role}"')
+        conn.execute(f'GRANT USAGE ON SEQUENCE llm_tokenizer_version_seq TO "{role}"')
         conn.execute(f'SET ROLE "{role}"')
         assert conn.execute("SELECT pg_llm_load_bpe_vocab_bytes(%s, 'r')", (vocab.read_bytes(),)).fetchone() == (263,)
         assert conn.execute("SELECT pg_llm_load_bpe_merges_bytes(%s, 'r')",
@@ -645,7 +648,8 @@ def test_bytes_loaders_need_only_the_table_rights(conn, good_files):
             conn.execute("SELECT pg_llm_load_bpe_vocab(%s, 'r', replace => true)", (str(vocab),))
     finally:
         conn.execute("RESET ROLE")
-        conn.execute(f'REVOKE ALL ON llm_bpe_vocab, llm_bpe_merges FROM "{role}"')
+        conn.execute(f'REVOKE ALL ON llm_bpe_vocab, llm_bpe_merges, llm_tokenizer_version FROM "{role}"')
+        conn.execute(f'REVOKE ALL ON SEQUENCE llm_tokenizer_version_seq FROM "{role}"')
         conn.execute(f'DROP ROLE "{role}"')
     assert encode(conn, ["hello world"], "r") == [[259, 261, ord("r"), ord("l"), ord("d")]]
 

@@ -27,6 +27,7 @@ from pgllm.cluster import Cluster
 from pgllm.extension import build_and_install, control_version
 
 from .conftest import EXT_VERSION, REPO, make_home, run_pgllm
+from .test_security import check_privilege_table, check_search_paths
 
 # The release 0.1.0: the last commit before 0.2.0 opened.
 RELEASE_0_1_0 = "f58152086019e8d78b4bfa68f0a1d84a9f744380"
@@ -224,6 +225,11 @@ def test_update_from_0_1_0(old_server):
     for options in ((), ("--binary-upgrade",)):
         updated, fresh = (normalised_dump(c, name, *options) for name in ("updated", "fresh"))
         assert updated == fresh, "\n".join(difflib.unified_diff(fresh, updated, "fresh", "updated", lineterm=""))
+    # exactly as safe: every object's privileges as documented, in both
+    for name in ("updated", "fresh"):
+        with psycopg.connect(c.dsn(name), autocommit=True) as conn:
+            check_privilege_table(conn)
+            check_search_paths(conn)
 
 
 def test_library_refuses_an_older_schema(cluster):

@@ -189,7 +189,7 @@ batch_run(Batch *b)
 	if (live == 0)
 		return;
 	b->n_slots = Min(live, llm_batch_rows);
-	b->inf = llm_infer_create_rows(m, b->n_slots, max_prompt, b->set.max_tokens);
+	b->inf = llm_infer_create_rows(m, b->n_slots, max_prompt, max_prompt + b->set.max_tokens);
 	b->slots = palloc0(sizeof(BatchSlot) * b->n_slots);
 	for (int s = 0; s < b->n_slots; s++)
 	{

@@ -403,7 +403,7 @@ bpe_tokenizer_get(const char *model)
 	{
 		if (strcmp(t->model, model) == 0)
 		{
-			if (stamp_matches(t, snap))
+			if (stamp_matches(t, snap) && t->user == GetUserId())
 				return t;
 			break;
 		}
@@ -416,7 +416,7 @@ bpe_tokenizer_get(const char *model)
 		if (strcmp(t->model, model) != 0)
 			continue;
 		*link = t->next;
-		if (t->version == version && t->table_oid == table_oid)
+		if (t->version == version && t->table_oid == table_oid && t->user == GetUserId())
 		{
 			t->next = tokenizers;	/* most recently used first */
 			tokenizers = t;
@@ -429,6 +429,7 @@ bpe_tokenizer_get(const char *model)
 
 	t = tokenizer_build(model, version);
 	t->table_oid = table_oid;
+	t->user = GetUserId();
 	stamp_set(t, snap);
 	t->next = tokenizers;
 	tokenizers = t;

@@ -89,6 +89,7 @@ typedef struct BpeTokenizer
 	char		model[LLM_MODEL_NAME_MAX + 1];
 	int64		version;
 	Oid			table_oid;		/* of llm_tokenizer_version when the version was read */
+	Oid			user;			/* whose rights read the tables: another role reads them again */
 	bool		checked;		/* the version was read under the snapshot in stamp */
 	BpeSnapshotStamp stamp;
 	int32		vocab_size;		/* largest id + 1 */

@@ -178,6 +178,30 @@ llm_eval_dataset(const LlmModel *model, LlmDataset *ds, int batch_size, int64 *t
 	return sum / (double) *tokens;
 }
 
+double
+llm_eval_rows(const LlmModel *model, const int32 *inputs, const int32 *targets, int B, int T)
+{
+	Forward		f;
+	double		sum = 0.0;
+
+	llm_blas_init();
+	forward_alloc(&f, &model->cfg, B, T);
+	PG_TRY();
+	{
+		memcpy(f.inputs, inputs, sizeof(int32) * B * T);
+		memcpy(f.targets, targets, sizeof(int32) * B * T);
+		forward_losses(&f, model, B, T);
+		for (int i = 0; i < B * T; i++)
+			sum += f.losses[i];
+	}
+	PG_FINALLY();
+	{
+		forward_free(&f);
+	}
+	PG_END_TRY();
+	return sum / ((double) B * T);
+}
+
 /* ---- SQL ----------------------------------------------------------------------------------- */
 
 static char *

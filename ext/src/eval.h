@@ -19,4 +19,7 @@
  */
 extern double llm_eval_dataset(const LlmModel *model, LlmDataset *ds, int batch_size, int64 *tokens);
 
+/* Mean cross-entropy of B rows of T tokens (inputs and targets (B,T)), in one forward. */
+extern double llm_eval_rows(const LlmModel *model, const int32 *inputs, const int32 *targets, int B, int T);
+
 #endif							/* PG_LLM_EVAL_H */

@@ -53,11 +53,11 @@ typedef struct PromptAttTask
 				r0;
 } PromptAttTask;
 
-/* The key (or value) cache of layer l, prompt slot p: (max_prompt, C). */
+/* The key (or value) cache of layer l, prompt slot p: (ctx, C). */
 static inline float *
 prompt_cache(const LlmInfer *s, float *cache, size_t l, size_t p)
 {
-	return cache + (l * s->prompts + p) * s->max_prompt * s->C;
+	return cache + (l * s->prompts + p) * s->ctx * s->C;
 }
 
 LLM_SIMD static void
@@ -74,7 +74,7 @@ attention_prompt_task(void *arg, size_t start, size_t end)
 
 	for (size_t h = start; h < end; h++)
 	{
-		float	   *S = s->scores + h * (size_t) Min(s->max_prompt, ATT_ROW_BLOCK) * s->max_prompt;
+		float	   *S = s->scores + h * (size_t) Min(s->max_prompt, ATT_ROW_BLOCK) * s->ctx;
 
 		for (size_t b0 = t->r0; b0 < T; b0 += ATT_ROW_BLOCK)
 		{
@@ -124,10 +124,11 @@ attention_step_task(void *arg, size_t start, size_t end)
 				hs = s->hs,
 				NH = s->NH,
 				B = s->beams,
-				stride = s->max_prompt + s->max_new;	/* scores per (row, head) */
+				stride = s->ctx + s->max_new;	/* scores per (row, head) */
 	size_t		l = t->l;
 	const float *kn = s->k_new + l * s->max_new * B * C;
 	const float *vn = s->v_new + l * s->max_new * B * C;
+	bool		own = s->batch;	/* each slot's generated positions follow its prompt */
 	float		scale = 1.0f / sqrtf((float) hs);
 
 	for (size_t ih0 = start, ih1; ih0 < end; ih0 = ih1)
@@ -150,7 +151,7 @@ attention_step_task(void *arg, size_t start, size_t end)
 		h1 = ih1 - i * NH;
 		for (size_t t2 = 0; t2 < Tp + G; t2++)
 		{
-			const float *k = t2 < Tp ? kp + t2 * C : kn + ((size_t) path[t2 - Tp] * s->max_new + t2 - Tp) * C;
+			const float *k = t2 < Tp || own ? kp + t2 * C : kn + ((size_t) path[t2 - Tp] * s->max_new + t2 - Tp) * C;
 
 			for (size_t h = h0; h < h1; h++)
 				p[h * stride + t2] = llm_dot(q + h * hs, k + h * hs, hs) * scale;
@@ -162,7 +163,7 @@ attention_step_task(void *arg, size_t start, size_t end)
 		}
 		for (size_t t2 = 0; t2 < Tp + G; t2++)
 		{
-			const float *v = t2 < Tp ? vp + t2 * C : vn + ((size_t) path[t2 - Tp] * s->max_new + t2 - Tp) * C;
+			const float *v = t2 < Tp || own ? vp + t2 * C : vn + ((size_t) path[t2 - Tp] * s->max_new + t2 - Tp) * C;
 
 			for (size_t h = h0; h < h1; h++)
 			{
@@ -190,8 +191,13 @@ gemv_scratch_size(size_t R, size_t IC)
 	return Max(llm_gemv_scratch_size(LLM_WEIGHTS_BF16, R, IC), llm_gemv_scratch_size(LLM_WEIGHTS_Q8, R, IC));
 }
 
+/*
+ * Beams (prompts 1): one prompt slot of max_prompt positions, and a generated cache of max_new
+ * positions per beam. A batch (prompts = beams): each slot holds its prompt and then what it
+ * generates, max_positions in all, so a slot reserves what one sequence can use.
+ */
 static LlmInfer *
-infer_create(const LlmModel *m, int beams, int prompts, int max_prompt, int max_new)
+infer_create(const LlmModel *m, bool batch, int beams, int prompts, int max_prompt, int max_new, int max_positions)
 {
 	LlmInfer   *s = palloc0(sizeof(LlmInfer));
 	size_t		L = m->cfg.n_layer,
@@ -204,7 +210,7 @@ infer_create(const LlmModel *m, int beams, int prompts, int max_prompt, int max_
 	if (prompts > 1)
 		R = Max(R, Min((size_t) prompts * max_prompt, PROMPT_PASS_ROWS));
 
-	Assert(beams >= 1 && max_prompt >= 1 && max_new >= 0);
+	Assert(beams >= 1 && max_prompt >= 1 && max_new >= 0 && max_positions >= max_prompt);
 	llm_blas_init();
 	s->model = m;
 	s->L = m->cfg.n_layer;
@@ -212,16 +218,18 @@ infer_create(const LlmModel *m, int beams, int prompts, int max_prompt, int max_
 	s->C = m->cfg.d_model;
 	s->V = m->cfg.vocab;
 	s->hs = s->C / s->NH;
+	s->batch = batch;
 	s->beams = beams;
 	s->prompts = prompts;
 	s->max_prompt = max_prompt;
 	s->max_new = max_new;
+	s->ctx = max_positions;
 	s->rows = R;
 	s->prompt_len = palloc0(sizeof(int) * prompts);
 	s->n_new = palloc0(sizeof(int) * beams);
 
-	s->k_prompt = alloc_floats(L * prompts * max_prompt * C);
-	s->v_prompt = alloc_floats(L * prompts * max_prompt * C);
+	s->k_prompt = alloc_floats(L * prompts * max_positions * C);
+	s->v_prompt = alloc_floats(L * prompts * max_positions * C);
 	s->k_new = alloc_floats(L * max_new * beams * C);
 	s->v_new = alloc_floats(L * max_new * beams * C);
 	s->path = palloc0(Max(sizeof(int) * beams * max_new, 1));
@@ -234,8 +242,8 @@ infer_create(const LlmModel *m, int beams, int prompts, int max_prompt, int max_
 	s->att = alloc_floats(R * C);
 	s->fch = alloc_floats(R * 4 * C);
 	/* prompt: a block of scores per head; step: one row of scores per (row, head) */
-	scores = Max((size_t) s->NH * Min(max_prompt, ATT_ROW_BLOCK) * max_prompt,
-				 (size_t) beams * s->NH * (max_prompt + max_new));
+	scores = Max((size_t) s->NH * Min(max_prompt, ATT_ROW_BLOCK) * max_positions,
+				 (size_t) beams * s->NH * (max_positions + max_new));
 	s->scores = alloc_floats(scores);
 	s->logits = alloc_floats((size_t) beams * V);
 	s->gemv_scratch = (void *) TYPEALIGN(64, MemoryContextAllocHuge(CurrentMemoryContext, gemv_scratch_size(R, 4 * C) + 64));
@@ -245,13 +253,13 @@ infer_create(const LlmModel *m, int beams, int prompts, int max_prompt, int max_
 LlmInfer *
 llm_infer_create(const LlmModel *m, int beams, int max_prompt, int max_new)
 {
-	return infer_create(m, beams, 1, max_prompt, max_new);
+	return infer_create(m, false, beams, 1, max_prompt, max_new, max_prompt);
 }
 
 LlmInfer *
-llm_infer_create_rows(const LlmModel *m, int rows, int max_prompt, int max_new)
+llm_infer_create_rows(const LlmModel *m, int rows, int max_prompt, int max_positions)
 {
-	return infer_create(m, rows, rows, max_prompt, max_new);
+	return infer_create(m, true, rows, rows, max_prompt, 0, max_positions);
 }
 
 void
@@ -396,7 +404,7 @@ llm_infer_prompt(LlmInfer *s, const int32 *tokens, int T)
 {
 	int			ps = 0;
 
-	Assert(s->prompts == 1);
+	Assert(!s->batch);
 	memset(s->n_new, 0, sizeof(int) * s->beams);
 	infer_prompts(s, 1, &ps, &tokens, &T, s->logits);
 	return s->logits;
@@ -412,7 +420,7 @@ llm_infer_prompt_row(LlmInfer *s, int row, const int32 *tokens, int T)
 const float *
 llm_infer_prompt_rows(LlmInfer *s, int n, const int *rows, const int32 *const *tokens, const int *T)
 {
-	Assert(s->prompts == s->beams && n >= 1 && n <= s->beams);
+	Assert(s->batch && n >= 1 && n <= s->beams);
 	for (int i0 = 0, i1; i0 < n; i0 = i1)
 	{
 		size_t		R = T[i0];
@@ -432,7 +440,7 @@ llm_infer_prompt_rows(LlmInfer *s, int n, const int *rows, const int32 *const *t
 const float *
 llm_infer_step(LlmInfer *s, const int32 *tokens)
 {
-	Assert(s->prompts == 1);
+	Assert(!s->batch);
 	for (int b = 0; b < s->beams; b++)
 		s->step_rows[b] = b;
 	return llm_infer_step_rows(s, s->step_rows, s->beams, tokens);
@@ -457,16 +465,24 @@ llm_infer_step_rows(LlmInfer *s, const int *rows, int n, const int32 *tokens)
 		int			b = rows[i],
 					g = s->n_new[b];
 
-		if (g >= s->max_new)
-			elog(ERROR, "generation cache of %d positions is full", s->max_new);
-		positions[i] = s->prompt_len[s->prompts == 1 ? 0 : b] + g;
-		s->path[(size_t) b * s->max_new + g] = b;
-		cache_at[i] = (size_t) b * s->max_new + g;
+		if (!s->batch)
+		{
+			if (g >= s->max_new)
+				elog(ERROR, "generation cache of %d positions is full", s->max_new);
+			positions[i] = s->prompt_len[0] + g;
+			s->path[(size_t) b * s->max_new + g] = b;
+			cache_at[i] = (size_t) b * s->max_new + g;
+		}
+		else
+		{
+			positions[i] = s->prompt_len[b] + g;
+			if (positions[i] >= s->ctx)
+				elog(ERROR, "the cache of %d positions of row slot %d is full", s->ctx, b);
+		}
 	}
 	if (rows != s->step_rows)
 		memcpy(s->step_rows, rows, sizeof(int) * B);
 	embed(s, tokens, positions, B);
-	pfree(positions);
 
 	for (int l = 0; l < s->L; l++)
 	{
@@ -480,8 +496,13 @@ llm_infer_step_rows(LlmInfer *s, const int *rows, int n, const int32 *tokens)
 			   B, C, 3 * C, false);
 		for (size_t i = 0; i < B; i++)
 		{
-			memcpy(kn + cache_at[i] * C, s->qkv + i * 3 * C + C, C * sizeof(float));
-			memcpy(vn + cache_at[i] * C, s->qkv + i * 3 * C + 2 * C, C * sizeof(float));
+			float	   *k = s->batch ? prompt_cache(s, s->k_prompt, l, rows[i]) + (size_t) positions[i] * C
+				: kn + cache_at[i] * C;
+			float	   *v = s->batch ? prompt_cache(s, s->v_prompt, l, rows[i]) + (size_t) positions[i] * C
+				: vn + cache_at[i] * C;
+
+			memcpy(k, s->qkv + i * 3 * C + C, C * sizeof(float));
+			memcpy(v, s->qkv + i * 3 * C + 2 * C, C * sizeof(float));
 		}
 		att.l = l;
 		llm_parallel_for(B * s->NH, attention_step_task, &att);
@@ -499,8 +520,16 @@ llm_infer_step_rows(LlmInfer *s, const int *rows, int n, const int32 *tokens)
 	head(s, s->logits, s->x, B);
 	for (size_t i = 0; i < B; i++)
 		s->n_new[rows[i]]++;
+	pfree(positions);
 	pfree(cache_at);
 	return s->logits;
+}
+
+size_t
+llm_infer_cache_bytes(const LlmInfer *s)
+{
+	return 2 * sizeof(float) * (size_t) s->L * s->C *
+		((size_t) s->prompts * s->ctx + (size_t) s->beams * s->max_new);
 }
 
 void

@@ -30,18 +30,22 @@ typedef struct LlmInfer
 				C,
 				V,
 				hs;
+	bool		batch;			/* llm_infer_create_rows: independent sequences, not beams */
 	int			beams;			/* B: row slots */
 	int			prompts;		/* P: prompt slots; row slot b reads prompt slot (P == 1 ? 0 : b) */
-	int			max_prompt;		/* capacity of each prompt slot (positions) */
-	int			max_new;		/* capacity of the generated cache (positions per row slot) */
+	int			max_prompt;		/* positions of the longest prompt */
+	int			ctx;			/* capacity of each prompt slot (positions): max_prompt for beams; for a
+								 * batch its prompt and then its generated positions */
+	int			max_new;		/* capacity of the beams' generated cache (positions per row slot; 0 for
+								 * a batch) */
 	int			rows;			/* R: rows of the activations, the most tokens of one prompt pass */
 	int		   *prompt_len;		/* (P) Tp of each prompt slot, once its prompt has run */
 	int		   *n_new;			/* (B) G: positions generated so far in each row slot */
 
 	float	   *k_prompt,
-			   *v_prompt;		/* (L, P, max_prompt, C) */
+			   *v_prompt;		/* (L, P, ctx, C) */
 	float	   *k_new,
-			   *v_new;			/* (L, B, max_new, C): position g of slot b, a slot's positions in a row */
+			   *v_new;			/* beams: (L, B, max_new, C), position g of slot b, a slot's positions in a row */
 	int		   *path;			/* (B, max_new): slot that holds row b's position g */
 	int		   *path_tmp;		/* (B, max_new) */
 	int		   *step_rows;		/* (B) the row slots of the step in progress */
@@ -60,8 +64,11 @@ typedef struct LlmInfer
 /* Buffers for B beams, a prompt of up to max_prompt tokens and max_new generated tokens (palloc'd). */
 extern LlmInfer *llm_infer_create(const LlmModel *m, int beams, int max_prompt, int max_new);
 
-/* Buffers for B independent sequences, each a prompt of up to max_prompt tokens and max_new more. */
-extern LlmInfer *llm_infer_create_rows(const LlmModel *m, int rows, int max_prompt, int max_new);
+/*
+ * Buffers for B independent sequences, each a prompt of up to max_prompt tokens and then generated
+ * positions, max_positions in all (a slot's cache holds no more than one sequence can use).
+ */
+extern LlmInfer *llm_infer_create_rows(const LlmModel *m, int rows, int max_prompt, int max_positions);
 
 /* Use these weights from now on (same architecture; the caller checks they did not change). */
 extern void llm_infer_set_model(LlmInfer *s, const LlmModel *m);
@@ -93,6 +100,9 @@ extern const float *llm_infer_prompt_rows(LlmInfer *s, int n, const int *rows,
  * a step never affect each other's results: a slot's logits are exactly those it would get alone.
  */
 extern const float *llm_infer_step_rows(LlmInfer *s, const int *rows, int n, const int32 *tokens);
+
+/* Bytes of the key/value cache that s reserved. */
+extern size_t llm_infer_cache_bytes(const LlmInfer *s);
 
 /* Beam b continues the sequence of beam parents[b] (before the next llm_infer_step). */
 extern void llm_infer_reorder(LlmInfer *s, const int *parents);

@@ -3,7 +3,7 @@
  * the extension's tables (their qualified names, the SPI helpers).
  */
 #include "pg_llm.h"
-#include "access.h"
+#include "privileges.h"
 #include "served.h"
 #include "batch.h"
 #include "runner.h"
@@ -50,7 +50,7 @@ _PG_init(void)
 							PGC_SUSET, 0,
 							NULL, NULL, NULL);
 	llm_wc_init();
-	llm_access_init();
+	llm_privileges_init();
 	llm_served_init();
 	llm_batch_init();
 	llm_runner_init();
@@ -111,8 +111,8 @@ pg_llm_limits(PG_FUNCTION_ARGS)
  * UPDATE (or on a standby whose library is not the primary's), the tables may lack what the
  * library reads and writes. That is an error that says what to do, never a guess.
  */
-char *
-llm_table(const char *name)
+static Oid
+extension_schema(void)
 {
 	Relation	rel = table_open(ExtensionRelationId, AccessShareLock);
 	ScanKeyData key;
@@ -146,7 +146,28 @@ llm_table(const char *name)
 				 errmsg("the pg_llm library is version %s but this database has pg_llm %s", PG_LLM_VERSION, version),
 				 errdetail("The library only works with the tables of its own version."),
 				 errhint("Run pgllm install, or ALTER EXTENSION pg_llm UPDATE, to bring the database to the library's version.")));
+	return schema;
+}
+
+char *
+llm_table(const char *name)
+{
+	Oid			schema = extension_schema();
+
 	return psprintf("%s.%s", quote_identifier(get_namespace_name(schema)), quote_identifier(name));
+}
+
+Oid
+llm_table_oid(const char *name)
+{
+	Oid			relid = get_relname_relid(name, extension_schema());
+
+	if (!OidIsValid(relid))
+		ereport(ERROR,
+				(errcode(ERRCODE_UNDEFINED_TABLE),
+				 errmsg("the table %s of pg_llm is missing", name),
+				 errhint("Recreate the extension, or restore the table from a backup.")));
+	return relid;
 }
 
 float *

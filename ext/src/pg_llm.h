@@ -49,6 +49,9 @@ extern void llm_threads_idle(void);
 /* Schema-qualified, quoted name of a pg_llm table, so that search_path cannot redirect it. */
 extern char *llm_table(const char *name);
 
+/* The OID of that table (ERROR when it is missing). */
+extern Oid	llm_table_oid(const char *name);
+
 /* malloc'd, 64-byte aligned; NULL when out of memory. */
 extern float *llm_alloc_floats(size_t n);
 

@@ -33,6 +33,7 @@
  */
 #include "pg_llm.h"
 #include "infer.h"
+#include "privileges.h"
 #include "runner.h"
 #include "served.h"
 #include "weights_cache.h"
@@ -63,7 +64,7 @@
 #include "utils/timestamp.h"
 
 #define RUNNER_SUFFIX ".runner"
-#define RUNNER_MAGIC UINT64CONST(0x706c6c6d72756e31)	/* this layout, version 1 */
+#define RUNNER_MAGIC UINT64CONST(0x706c6c6d72756e32)	/* this layout, version 2 */
 #define RUNNER_HEADER_BYTES 4096
 #define RUNNER_IDLE_MS 10000	/* a runner without sequences exits after this long */
 #define GATHER_MS 5				/* a step waits at most this long for the sequences of the last */
@@ -102,7 +103,7 @@ typedef struct RunnerHeader
 	int32		simd;			/* LlmSimdLevel of the kernels: results depend on it */
 	int32		n_slots;
 	int32		max_prompt;		/* tokens a slot's prompt may have */
-	int32		max_new;		/* steps a slot's sequence may take */
+	int32		max_positions;	/* positions a slot's sequence may have, prompt and generated */
 	uint64		slot_bytes;
 	pg_atomic_uint32 state;
 	int32		starter_procno; /* the session that started it, woken when it is ready */
@@ -113,6 +114,7 @@ typedef struct RunnerHeader
 	pg_atomic_uint64 steps;		/* decode steps run */
 	pg_atomic_uint64 rows;		/* sequences those steps ran (rows / steps: the batch) */
 	pg_atomic_uint32 active;	/* slots not free at the last look */
+	uint64		cache_bytes;	/* the key/value cache the runner reserved, once ready */
 } RunnerHeader;
 
 StaticAssertDecl(sizeof(RunnerHeader) <= RUNNER_HEADER_BYTES, "the header must fit its page");
@@ -186,7 +188,7 @@ llm_runner_init(void)
 							"The session that starts a runner sets its number of slots; when all are taken, a session computes alone.",
 							&llm_batch_sessions,
 							16, 0, LLM_BATCH_ROWS_MAX,
-							PGC_USERSET, 0,
+							PGC_SUSET, 0,
 							NULL, NULL, NULL);
 }
 
@@ -298,7 +300,7 @@ create_file(const char *path, const LlmModel *m, int n_slots)
 	h->simd = (int32) llm_simd_level();
 	h->n_slots = n_slots;
 	h->max_prompt = m->cfg.n_positions;
-	h->max_new = m->cfg.n_positions;
+	h->max_positions = m->cfg.n_positions;	/* a prompt and what follows it fit the context */
 	h->slot_bytes = per_slot;
 	pg_atomic_init_u32(&h->state, RUNNER_STARTING);
 	h->starter_procno = MyProc->pgprocno;
@@ -379,8 +381,8 @@ find_runner(const char *weights_path, const LlmModel *m)
 {
 	char	   *path = psprintf("%s%s", weights_path, RUNNER_SUFFIX);
 	char	   *lock_path = psprintf("%s.start", path);
-	RunnerMap  *map = NULL;
-	int			lock = -1;
+	RunnerMap  *volatile map = NULL;
+	volatile int lock = -1;
 
 	if (current_map != NULL && strcmp(current_map->path, path) == 0 && serves(current_map, m))
 		return current_map;
@@ -403,7 +405,8 @@ find_runner(const char *weights_path, const LlmModel *m)
 		return NULL;
 	PG_TRY();
 	{
-		while ((lock = llm_open_locked(lock_path, LOCK_EX, true, &lock)) < 0)
+		/* the slot argument holds the descriptor while it waits, for the cleanup below */
+		while ((lock = llm_open_locked(lock_path, LOCK_EX, true, (int *) &lock)) < 0)
 			if (errno != ENOENT)
 				break;
 		if (lock >= 0)
@@ -429,6 +432,9 @@ find_runner(const char *weights_path, const LlmModel *m)
 	}
 	PG_CATCH();
 	{
+		/* a cancel while the new runner starts: its file stays for it, this session lets go */
+		if (map != NULL)
+			unmap(map);
 		if (lock >= 0)
 			close(lock);
 		PG_RE_THROW();
@@ -557,7 +563,7 @@ request(LlmRunnerSeq *q, uint32 what)
 					(errcode(ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE),
 					 errmsg("the batch runner of model \"%s\" stopped during generation", h->cfg.model),
 					 errdetail("Sessions generating with this model at the same time share one background worker; it exited (see the server log)."),
-					 errhint("Run the statement again. SET pg_llm.batch_sessions = 0 computes in this session alone.")));
+					 errhint("Run the statement again.")));
 		rc = WaitLatch(MyLatch, WL_LATCH_SET | WL_TIMEOUT | WL_EXIT_ON_PM_DEATH, LIVENESS_MS, PG_WAIT_EXTENSION);
 		ResetLatch(MyLatch);
 		CHECK_FOR_INTERRUPTS();
@@ -872,7 +878,8 @@ llm_runner_main(Datum arg)
 	/* the level of the session that started it (pg_llm.simd): sessions at another level compute alone */
 	if (llm_simd_set_level((LlmSimdLevel) h->simd) != (LlmSimdLevel) h->simd)
 		proc_exit(0);
-	inf = llm_infer_create_rows(m, h->n_slots, h->max_prompt, h->max_new);
+	inf = llm_infer_create_rows(m, h->n_slots, h->max_prompt, h->max_positions);
+	h->cache_bytes = llm_infer_cache_bytes(inf);
 	h->pid = MyProcPid;
 	h->procno = MyProc->pgprocno;
 	pg_write_barrier();
@@ -890,7 +897,8 @@ PG_FUNCTION_INFO_V1(pg_llm_batch_runners);
 
 /*
  * pg_llm_batch_runners() -> rows (model, weights_version, inference_precision, pid, slots, active,
- * sequences, steps, rows): the live batch runners of this database.
+ * sequences, steps, rows, cache_bytes): the live batch runners of this database, of the models the
+ * caller may read.
  */
 Datum
 pg_llm_batch_runners(PG_FUNCTION_ARGS)
@@ -912,11 +920,11 @@ pg_llm_batch_runners(PG_FUNCTION_ARGS)
 		if (map == NULL)
 			continue;
 		if (map->h->database == MyDatabaseId && pg_atomic_read_u32(&map->h->state) == RUNNER_READY &&
-			runner_alive(map->fd))
+			runner_alive(map->fd) && llm_may_see_model(map->h->cfg.model))
 		{
 			RunnerHeader *h = map->h;
-			Datum		values[9];
-			bool		nulls[9] = {0};
+			Datum		values[10];
+			bool		nulls[10] = {0};
 
 			values[0] = CStringGetTextDatum(h->cfg.model);
 			values[1] = Int64GetDatum(h->cfg.weights_version);
@@ -927,6 +935,7 @@ pg_llm_batch_runners(PG_FUNCTION_ARGS)
 			values[6] = Int64GetDatum((int64) pg_atomic_read_u64(&h->sequences));
 			values[7] = Int64GetDatum((int64) pg_atomic_read_u64(&h->steps));
 			values[8] = Int64GetDatum((int64) pg_atomic_read_u64(&h->rows));
+			values[9] = Int64GetDatum((int64) h->cache_bytes);
 			tuplestore_putvalues(rsinfo->setResult, rsinfo->setDesc, values, nulls);
 		}
 		unmap(map);

@@ -134,11 +134,22 @@ llm_sample(LlmSampler *s, const float *logits)
 				acc = 0.0;
 
 	check_logits(logits, V);
-	if (s->temperature == 0.0)
-		return argmax(logits, V);
 
+	/*
+	 * Scaled in float32, as transformers divides. A positive temperature that is 0 in float32, or
+	 * so small that a scaled logit overflows, samples as greedy decoding does, the limit of sampling
+	 * as the temperature goes to 0: the scaled logits would be infinite, their probabilities NaN.
+	 */
+	if (s->temperature == 0.0 || t == 0.0f)
+		return argmax(logits, V);
+	zmax = 0.0f;
 	for (int i = 0; i < V; i++)
+	{
 		z[i] = logits[i] / t;
+		zmax = fabsf(z[i]) > zmax ? fabsf(z[i]) : zmax;
+	}
+	if (!isfinite(zmax))
+		return argmax(logits, V);
 
 	/* top-k keeps every token scoring at least the k-th best (ties included, as transformers) */
 	if (s->top_k > 0)

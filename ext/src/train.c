@@ -20,6 +20,7 @@
 #include "dataset.h"
 #include "eval.h"
 #include "model.h"
+#include "privileges.h"
 #include "train_lock.h"
 
 #include <math.h>
@@ -34,6 +35,7 @@
 #include "utils/builtins.h"
 #include "utils/json.h"
 #include "utils/memutils.h"
+#include "utils/snapmgr.h"
 
 /* At most this many logits (rows x V) exist at once; the head runs in chunks of rows. */
 #define LOGITS_MAX_FLOATS ((size_t) 32 << 20)
@@ -754,6 +756,7 @@ typedef struct TrainRun
 	int64		rows_per_step;
 	double		tokens_per_step;
 	float		last_loss;
+	double		first_loss;		/* of the call's first step: what divergence is measured against */
 	double		t_start,
 				t_loaded,
 				t_trained;
@@ -772,9 +775,20 @@ train_setup(TrainRun *run, FunctionCallInfo fcinfo)
 	Oid			text_type[1] = {TEXTOID};
 	bool		isnull;
 
-	llm_config_load(a->model, &run->cfg);
-	check_architecture(fcinfo, &run->cfg);
+	/*
+	 * One trainer per model: wait for its lock first, then read everything under a snapshot taken
+	 * after it. The statement's own snapshot predates the lock, so a call that queued behind another
+	 * run would otherwise load the weights and moments that run replaced, and write over its work.
+	 * Under REPEATABLE READ or SERIALIZABLE the transaction keeps its snapshot: locking the model's
+	 * rows below then fails with a serialization error when that run changed them.
+	 */
+	llm_check_model_name(a->model);
+	llm_check_may_train(a->model);
 	llm_train_lock_xact(a->model);
+	PushActiveSnapshot(GetTransactionSnapshot());	/* popped at the end of llm_train */
+	if (!llm_config_lookup(a->model, &run->cfg, true))
+		llm_config_load(a->model, &run->cfg);	/* the error for a model that does not exist */
+	check_architecture(fcinfo, &run->cfg);
 
 	llm_spi_run("creating the model's row of llm_train_state",
 				psprintf("INSERT INTO %s (model) VALUES ($1) ON CONFLICT (model) DO NOTHING",
@@ -937,6 +951,33 @@ eval_step(TrainRun *run, int64 step)
 }
 
 /*
+ * ERROR when training diverges: a loss above both twice the call's first loss and ln V, the loss
+ * of guessing uniformly among V tokens. No run that learns gets there: the loss falls or wobbles,
+ * and a fresh model starts near ln V. Updates that are finite but far too large do (lr_max 1e6
+ * took a loss of 4.81 to 1.5e6 in one step, and the model then generated one token over and over),
+ * and committing them would ruin the model as surely as NaN would. after_update: the loss is the
+ * last step's batch once more, with the weights that step's update left.
+ */
+static void
+check_diverged(const TrainRun *run, int64 step, double loss, double lr, bool after_update)
+{
+	double		bound = Max(2.0 * run->first_loss, log((double) run->cfg.vocab));
+
+	if (!(loss > bound))
+		return;
+	ereport(ERROR,
+			(errcode(ERRCODE_NUMERIC_VALUE_OUT_OF_RANGE),
+			 after_update ? errmsg("training of model \"%s\" diverged at step %lld: the loss after its update is %g, up from %g at the call's first step",
+								   run->args.model, (long long) step, loss, run->first_loss)
+			 : errmsg("training of model \"%s\" diverged at step %lld: the loss is %g, up from %g at the call's first step",
+					  run->args.model, (long long) step, loss, run->first_loss),
+			 errdetail("A loss above twice the first one and above ln(vocab) = %.2f (guessing uniformly) means the updates are "
+					   "breaking the model; the learning rate of that step was %g. Training stopped; nothing of this call was written.",
+					   log((double) run->cfg.vocab), lr),
+			 errhint("Lower lr_max (it is %g).", run->args.lr_max)));
+}
+
+/*
  * ERROR when an update left a parameter NaN, infinite, or so large that float32 sums of its
  * square overflow (LayerNorm's variance would: every logit NaN). The losses only see the weights
  * before each update; without this check the last update of a call is committed unseen.
@@ -1004,6 +1045,9 @@ train_steps(TrainRun *run)
 		loss /= run->tokens_per_step;
 		norm = sqrt(sum_of_squares(tr->grads_memory, model->layout.num_params));
 		check_finite(run, it + 1, loss, norm);
+		if (s == 0)
+			run->first_loss = loss;
+		check_diverged(run, it + 1, loss, schedule(a, run->total_steps, it - 1), false);
 		if (a->grad_clip > 0)
 			grad_scale = (float) Min(1.0, a->grad_clip / (norm + 1e-6));
 		lr = schedule(a, run->total_steps, it);
@@ -1026,6 +1070,11 @@ train_steps(TrainRun *run)
 		MemoryContextReset(step_ctx);
 	}
 	MemoryContextDelete(step_ctx);
+
+	/* the last update is committed unseen by any step's loss: its own batch once more */
+	check_diverged(run, run->step0 + a->steps,
+				   llm_eval_rows(model, tr->inputs, tr->targets, a->batch_size, run->ds.T),
+				   schedule(a, run->total_steps, run->step0 + a->steps - 1), true);
 }
 
 /*
@@ -1103,6 +1152,7 @@ llm_train(PG_FUNCTION_ARGS)
 	PG_END_TRY();
 
 	trainer_free(run.tr);
+	PopActiveSnapshot();
 	SPI_finish();
 	PG_RETURN_FLOAT4(run.last_loss);
 }

@@ -13,6 +13,7 @@
  */
 #include "pg_llm.h"
 #include "model.h"
+#include "privileges.h"
 #include "train_lock.h"
 
 #include "common/hashfn.h"
@@ -77,6 +78,7 @@ llm_train_lock(PG_FUNCTION_ARGS)
 	int			pid;
 
 	llm_check_model_name(model);
+	llm_check_may_train(model);
 	train_lock_tag(&tag, model);
 	if (LockAcquire(&tag, ExclusiveLock, true, true) != LOCKACQUIRE_NOT_AVAIL)
 		PG_RETURN_VOID();

@@ -32,6 +32,7 @@
  *   remap at their next call. Only committed weights are shared (see model.c), so versions only grow.
  */
 #include "pg_llm.h"
+#include "privileges.h"
 #include "weights_cache.h"
 
 #include <dirent.h>
@@ -1070,8 +1071,8 @@ PG_FUNCTION_INFO_V1(pg_llm_weight_cache);
 
 /*
  * pg_llm_weight_cache() -> (database, model, weights_version, format, bytes, built_at, last_used,
- * backends, path): the shared copies on this server; those of other databases only for roles with
- * the privileges of pg_read_all_stats.
+ * backends, path): the shared copies on this server. Roles with the privileges of pg_read_all_stats
+ * see all of them; others those of this database's models whose weights they may read.
  */
 Datum
 pg_llm_weight_cache(PG_FUNCTION_ARGS)
@@ -1104,14 +1105,18 @@ pg_llm_weight_cache(PG_FUNCTION_ARGS)
 		fd = open(path, O_RDONLY | O_CLOEXEC | O_NOATIME);	/* looking is no use */
 		header_ok = fd >= 0 && pread(fd, &h, sizeof(h), 0) == sizeof(h) &&
 			memcmp(h.magic, WC_MAGIC, sizeof(h.magic)) == 0 && EQ_CRC32C(h.crc, header_crc(&h));
+		if (header_ok)
+			h.model[sizeof(h.model) - 1] = '\0';
 		if (fd >= 0)
 			close(fd);
+		/* a model's copies are shown to whoever may read its weights, all of them to monitoring roles */
+		if (!all && (!header_ok || !llm_may_see_model(h.model)))
+			continue;
 		db = get_database_name(e->database);
 		values[0] = db ? CStringGetTextDatum(db) : (Datum) 0;
 		nulls[0] = db == NULL;
 		if (header_ok)
 		{
-			h.model[sizeof(h.model) - 1] = '\0';
 			values[1] = CStringGetTextDatum(h.model);
 			values[5] = TimestampTzGetDatum(h.built_at);
 		}
