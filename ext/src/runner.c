@@ -301,7 +301,7 @@ create_file(const char *path, const LlmModel *m, int n_slots)
 	h->max_new = m->cfg.n_positions;
 	h->slot_bytes = per_slot;
 	pg_atomic_init_u32(&h->state, RUNNER_STARTING);
-	h->starter_procno = MyProc->pgprocno;
+	h->starter_procno = LLM_MY_PROCNO;
 	h->pid = 0;
 	h->procno = -1;
 	pg_atomic_init_u64(&h->sequences, 0);
@@ -503,7 +503,7 @@ llm_runner_begin(const LlmModel *m)
 		if (pg_atomic_read_u32(&slot->state) != SLOT_FREE ||
 			!pg_atomic_compare_exchange_u32(&slot->state, &state, SLOT_OWNED))
 			continue;
-		slot->owner_procno = MyProc->pgprocno;
+		slot->owner_procno = LLM_MY_PROCNO;
 		slot->owner_pid = MyProcPid;
 		if (!callback_registered)
 		{
@@ -874,7 +874,7 @@ llm_runner_main(Datum arg)
 		proc_exit(0);
 	inf = llm_infer_create_rows(m, h->n_slots, h->max_prompt, h->max_new);
 	h->pid = MyProcPid;
-	h->procno = MyProc->pgprocno;
+	h->procno = LLM_MY_PROCNO;
 	pg_write_barrier();
 	pg_atomic_write_u32(&h->state, RUNNER_READY);
 	wake(h->starter_procno);
