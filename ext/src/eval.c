@@ -152,7 +152,7 @@ double
 llm_eval_dataset(const LlmModel *model, LlmDataset *ds, int batch_size, int64 *tokens)
 {
 	Forward		f;
-	double		sum = 0.0;
+	volatile double sum = 0.0;	/* set in PG_TRY, read after it */
 	int			B = (int) Min(batch_size, ds->n);
 
 	llm_blas_init();
@@ -270,8 +270,8 @@ llm_perplexity(PG_FUNCTION_ARGS)
 				stride;
 	LlmModel   *model;
 	Forward		f;
-	double		nll_sum = 0.0;
-	int64		n_tokens = 0;
+	volatile double nll_sum = 0.0;	/* set in PG_TRY, read after it */
+	volatile int64 n_tokens = 0;
 
 	SPI_connect();
 	model = model_and_ids(fcinfo, &ids, &n);
