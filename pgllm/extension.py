@@ -106,7 +106,8 @@ def build_dir(ext: Path, cfg: dict[str, str]) -> Path:
     headers, so that installing into another tree of the same PostgreSQL reuses the objects."""
     cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
     headers = os.path.realpath(cfg["includedir-server"])
-    key = hashlib.sha1(f"{ext}|{headers}|{cfg['version']}".encode()).hexdigest()[:12]
+    # COPT (extra compiler options, as PGXS reads them: make test's warnings as errors) is part of the key
+    key = hashlib.sha1(f"{ext}|{headers}|{cfg['version']}|{os.environ.get('COPT', '')}".encode()).hexdigest()[:12]
     return cache / "pgllm" / f"build-{key}"
 
 
