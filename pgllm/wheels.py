@@ -8,7 +8,7 @@ server loads that OpenBLAS through the setting pg_llm.blas_library when the syst
 
 from __future__ import annotations
 
-import ctypes.util
+import ctypes
 import importlib.util
 from pathlib import Path
 
@@ -40,7 +40,14 @@ def wheel_blas_library() -> Path | None:
 
 
 def system_has_openblas() -> bool:
-    return ctypes.util.find_library("openblas") is not None
+    """Whether the system's OpenBLAS loads, under the names the server tries first (blas.c)."""
+    for name in ("libopenblas.so.0", "libopenblas.so"):
+        try:
+            ctypes.CDLL(name)
+            return True
+        except OSError:
+            pass
+    return False
 
 
 def blas_library_setting() -> str | None:
