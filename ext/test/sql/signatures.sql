@@ -28,4 +28,4 @@ ORDER BY 1;
 SELECT pg_llm_version() IS NOT NULL AS loaded;
 SELECT name, boot_val, unit, context, vartype FROM pg_settings WHERE name LIKE 'pg_llm.%' ORDER BY 1;
 
-DROP EXTENSION pg_llm;
+-- left created: tokenizer.sql, which runs next, expects it
