@@ -47,7 +47,7 @@ PG18_PG_CONFIG = $(shell $(BIN)/python -c 'from pgllm.wheels import wheel_pg_con
 # pgvector and batched embeddings, the shared copy, the batch runner, training (against PyTorch,
 # and resumed), every entry point per role, a standby. What stays on 15 only depends on no server
 # API that differs (tokenizer, file formats, CLI, numerics of each kernel, sanitizers, docs).
-PG18_TESTS := tests/test_foundation.py tests/test_upgrade.py tests/test_embeddings.py tests/test_standby.py \
+PG18_TESTS := tests/test_foundation.py tests/test_upgrade.py tests/test_conventions.py tests/test_embeddings.py tests/test_standby.py \
 	tests/test_weight_cache.py::test_backends_map_one_copy_and_a_private_copy_when_off \
 	tests/test_weight_cache.py::test_a_new_version_replaces_the_copy_in_sessions_already_connected \
 	tests/test_runner.py::test_concurrent_sessions_get_exactly_their_solo_results \

@@ -98,3 +98,22 @@ def test_meta_json_versions_are_the_control_files():
     header = (REPO / "ext" / "src" / "pg_llm.h").read_text()
     oldest = int(re.search(r"PG_LLM_MIN_PG_VERSION_NUM (\d+)", header).group(1)) // 10000
     assert meta["prereqs"]["runtime"]["requires"]["PostgreSQL"] == f"{oldest}.0.0"
+
+
+def signatures(conn) -> list[str]:
+    return [r[0] for r in conn.execute(
+        "SELECT p.oid::regprocedure::text || ' ' || pg_get_function_result(p.oid) FROM pg_proc p "
+        "JOIN pg_depend d ON d.classid = 'pg_proc'::regclass AND d.objid = p.oid AND d.deptype = 'e' "
+        "JOIN pg_extension e ON e.oid = d.refobjid AND e.extname = 'pg_llm' ORDER BY 1")]
+
+
+def test_the_update_scripts_from_0_1_0_on_this_server(conn):
+    """CREATE EXTENSION pg_llm VERSION '0.1.0' then ALTER EXTENSION ... UPDATE, with this server's
+    build: the released scripts and every upgrade run on each PostgreSQL version make test uses
+    (test_upgrade.py also updates a database filled by 0.1.0's own library, where that builds)."""
+    fresh = signatures(conn)
+    conn.execute("DROP EXTENSION pg_llm")
+    conn.execute("CREATE EXTENSION pg_llm VERSION '0.1.0'")
+    conn.execute("ALTER EXTENSION pg_llm UPDATE")
+    assert conn.execute("SELECT extversion FROM pg_extension WHERE extname = 'pg_llm'").fetchone()[0] == EXT_VERSION
+    assert signatures(conn) == fresh
