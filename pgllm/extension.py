@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import ctypes.util
 import fcntl
 import hashlib
 import os
@@ -15,6 +14,7 @@ import psycopg
 
 from .cluster import pg_config_values
 from .errors import PgllmError
+from .wheels import system_has_openblas, wheel_blas_library
 
 EXTENSION = "pg_llm"
 
@@ -75,8 +75,13 @@ def check_prerequisites(pg_config: Path) -> dict[str, str]:
     for tool, package in (("make", "make"), ("gcc", "gcc")):
         if shutil.which(tool) is None:
             raise PgllmError(f"{tool} not found", hint=f"install it: apt-get install {package}")
-    if ctypes.util.find_library("openblas") is None:
-        raise PgllmError("OpenBLAS not found", hint="install it: apt-get install libopenblas-dev")
+    if subprocess.run(["gcc", "-E", "-x", "c", "-o", os.devnull, "-"], input="#include <zlib.h>\n",
+                      capture_output=True, text=True).returncode != 0:
+        raise PgllmError("zlib's header zlib.h not found (checkpoint files are gzip streams)",
+                         hint="install it: apt-get install zlib1g-dev")
+    if not system_has_openblas() and wheel_blas_library() is None:
+        raise PgllmError("OpenBLAS not found",
+                         hint="install it: apt-get install libopenblas-dev, or without root: pip install scipy-openblas32")
     for key in ("pkglibdir", "sharedir"):
         target = Path(cfg[key]) / ("extension" if key == "sharedir" else "")
         if not os.access(target, os.W_OK):
@@ -101,7 +106,8 @@ def build_dir(ext: Path, cfg: dict[str, str]) -> Path:
     headers, so that installing into another tree of the same PostgreSQL reuses the objects."""
     cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
     headers = os.path.realpath(cfg["includedir-server"])
-    key = hashlib.sha1(f"{ext}|{headers}|{cfg['version']}".encode()).hexdigest()[:12]
+    # COPT (extra compiler options, as PGXS reads them: make test's warnings as errors) is part of the key
+    key = hashlib.sha1(f"{ext}|{headers}|{cfg['version']}|{os.environ.get('COPT', '')}".encode()).hexdigest()[:12]
     return cache / "pgllm" / f"build-{key}"
 
 

@@ -353,6 +353,7 @@ def serving_calls(model: str) -> list[str]:
         f"SELECT count(*) FROM llm_generate_batch(ARRAY['Hello', 'World'], 4, 0, model => '{model}')",
         f"SELECT count(*) FROM llm_beam_search('Hello', 2, 3, '{model}')",
         f"SELECT llm_embed('Hello there', '{model}')",
+        f"SELECT count(*) FROM llm_embed_batch(ARRAY['Hello there', 'Hi'], '{model}')",
         f"SELECT llm_perplexity('Hello there friend', '{model}')",
         f"SELECT loss FROM llm_eval('{model}', 'val')",
         f"SELECT format FROM pg_llm_weight_cache_build('{model}')",

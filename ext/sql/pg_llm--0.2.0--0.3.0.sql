@@ -202,3 +202,13 @@ AS 'MODULE_PATHNAME', 'pg_llm_batch_runners' LANGUAGE C VOLATILE STRICT;
 -- ==== precision ====
 
 -- ==== scale-out: volatility and parallel safety ====
+
+-- ==== embeddings: batched, pgvector ====
+
+-- llm_embed_batch: llm_embed of many texts in shared forward passes (each weight matrix read once
+-- for up to 2048 tokens of texts), one row per element in array order; embedding is NULL for a
+-- NULL text or one without tokens. For a table: see docs/guide.md ("Semantic search with pgvector").
+-- Privileges: PUBLIC, as llm_embed: it reads the model's tables with the caller's rights.
+CREATE FUNCTION llm_embed_batch(inputs text[], model text DEFAULT 'gpt2-small')
+RETURNS TABLE (ord integer, embedding real[])
+AS 'MODULE_PATHNAME', 'llm_embed_batch' LANGUAGE C VOLATILE PARALLEL UNSAFE;

@@ -165,23 +165,25 @@ bad_id(const VocabParse *p)
 }
 
 /* An object or array where an id belongs (the document itself is an object: checked before). */
-static void
+static LLM_JSON_ACTION
 vocab_nested(void *state)
 {
 	bad_id((VocabParse *) state);
+	LLM_JSON_ACTION_DONE;
 }
 
-static void
+static LLM_JSON_ACTION
 vocab_object_start(void *state)
 {
 	VocabParse *p = state;
 
 	if (p->lex->lex_level > 0)
 		bad_id(p);
+	LLM_JSON_ACTION_DONE;
 }
 
 /* A token: the lexer has read its value's first token, so lex->line_number is the entry's line. */
-static void
+static LLM_JSON_ACTION
 vocab_field_start(void *state, char *fname, bool isnull)
 {
 	VocabParse *p = state;
@@ -190,10 +192,11 @@ vocab_field_start(void *state, char *fname, bool isnull)
 	p->line = p->lex->line_number;
 	if (fname[0] == '\0')
 		vocab_error(p->file, p->line, NULL, "empty token");
+	LLM_JSON_ACTION_DONE;
 }
 
 /* An id: a JSON number without sign, fraction or exponent, at most LLM_TOKEN_ID_MAX. */
-static void
+static LLM_JSON_ACTION
 vocab_scalar(void *state, char *token, JsonTokenType type)
 {
 	VocabParse *p = state;
@@ -225,6 +228,7 @@ vocab_scalar(void *state, char *token, JsonTokenType type)
 	v->n++;
 	if ((v->n & 4095) == 0)
 		CHECK_FOR_INTERRUPTS();
+	LLM_JSON_ACTION_DONE;
 }
 
 /*
@@ -383,7 +387,7 @@ parse_vocab(const char *file, char *data, size_t len, Vocab *v)
 	v->lens = palloc_array(int, v->cap);
 	v->ids = palloc_array(int32, v->cap);
 	v->lines = palloc_array(int, v->cap);
-	p.lex = makeJsonLexContextCstringLen(data, (int) len, PG_UTF8, true);
+	p.lex = llm_json_lexer(data, (int) len);
 	p.file = file;
 	p.vocab = v;
 	sem.semstate = &p;

@@ -3,6 +3,7 @@
  * the extension's tables (their qualified names, the SPI helpers).
  */
 #include "pg_llm.h"
+#include "blas.h"
 #include "privileges.h"
 #include "served.h"
 #include "batch.h"
@@ -49,6 +50,7 @@ _PG_init(void)
 							0, 0, 4096,
 							PGC_SUSET, 0,
 							NULL, NULL, NULL);
+	llm_blas_define_settings();
 	llm_wc_init();
 	llm_privileges_init();
 	llm_served_init();
