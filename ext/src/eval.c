@@ -184,7 +184,7 @@ double
 llm_eval_rows(const LlmModel *model, const int32 *inputs, const int32 *targets, int B, int T)
 {
 	Forward		f;
-	double		sum = 0.0;
+	volatile double sum = 0.0;	/* set in PG_TRY, read after it */
 
 	llm_blas_init();
 	forward_alloc(&f, &model->cfg, B, T);
