@@ -569,7 +569,8 @@ def test_a_cancel_while_a_runner_starts_leaves_nothing_mapped(cluster, conn, db)
         os.kill(postmaster, signal.SIGSTOP)
         try:
             call.start()
-            wait_for(conn, "SELECT 1 FROM pg_stat_activity WHERE pid = %s AND wait_event = 'BgWorkerStartup'",
+            # BgWorkerStartup until PostgreSQL 16, BgworkerStartup from 17
+            wait_for(conn, "SELECT 1 FROM pg_stat_activity WHERE pid = %s AND lower(wait_event) = 'bgworkerstartup'",
                      (pid,), what="the session to wait for its runner")
             cancel_until_ended(conn, pid, call)
             assert errors and isinstance(errors[0], psycopg.errors.QueryCanceled), errors
