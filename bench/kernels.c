@@ -21,7 +21,7 @@
  * float32 arena on the same threads (the memory bandwidth the kernels can hope for).
  */
 #define _GNU_SOURCE
-#include "gemv.h"
+#include "compute/gemv.h"
 
 #include <fcntl.h>
 #include <immintrin.h>

@@ -2,8 +2,9 @@
 
     [uint16 LE name length][UTF-8 name][.npy v1.0 array]   repeated
 
-The format is described once, in the extension's sources, which pgllm carries: ext/src/npz.h (the
-record names, the version, the limits) and ext/src/tensors.def (every tensor's name and shape).
+The format is described once, in the extension's sources, which pgllm carries: ext/src/model/npz.h
+(the record names, the version, the limits) and ext/src/model/tensors.def (every tensor's name and
+shape).
 This module reads both, so that the files it writes and the server's reader agree by construction,
 also where no server is at hand (`pgllm convert`).
 
@@ -34,7 +35,7 @@ from .extension import source_dir
 
 def _definitions() -> dict[str, str | int]:
     """The NPZ_ definitions of npz.h: each a plain string or a decimal number."""
-    text = (source_dir() / "src" / "npz.h").read_text()
+    text = (source_dir() / "src" / "model" / "npz.h").read_text()
     return {name: value.strip('"') if value.startswith('"') else int(value)
             for name, value in re.findall(r'^#define (NPZ_\w+)\s+("[^"\\]*"|\d+)', text, re.M)}
 
@@ -42,7 +43,7 @@ def _definitions() -> dict[str, str | int]:
 @functools.lru_cache(maxsize=1)
 def _tensor_table() -> list[tuple[str, str, str, str]]:
     """(name, scope, rows, cols) of every kind in tensors.def, in its order."""
-    text = (source_dir() / "src" / "tensors.def").read_text()
+    text = (source_dir() / "src" / "model" / "tensors.def").read_text()
     return re.findall(r'^LLM_TENSOR\(\w+, "([^"]+)", (MODEL|LAYER), ([^,]+), ([^)]+)\)', text, re.M)
 
 

@@ -17,7 +17,7 @@
  *  - bias, accumulate, a head packed from wte (V, C), rows independent of R (each row alone
  *    gives bitwise the same result) and of the thread count (1, 2, 3 threads: bitwise equal).
  */
-#include "gemv.h"
+#include "compute/gemv.h"
 
 #include <math.h>
 #include <stdio.h>

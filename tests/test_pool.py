@@ -35,7 +35,7 @@ def build(out: Path, *flags: str) -> subprocess.CompletedProcess:
     include = pg_config_values(find_system_pg_config())["includedir-server"]
     return subprocess.run(["gcc", *flags, "-pthread", "-Wall", "-Werror", f"-I{SRC}", f"-I{include}",
                            '-DPG_LLM_VERSION="test"', str(REPO / "ext" / "test" / "pool_stress.c"),
-                           str(SRC / "parallel.c"), "-o", str(out)], capture_output=True, text=True)
+                           str(SRC / "compute" / "pool.c"), "-o", str(out)], capture_output=True, text=True)
 
 
 @pytest.fixture(scope="module")

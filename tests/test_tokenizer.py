@@ -218,7 +218,7 @@ def _fortunes(limit: int = 200_000) -> list[str]:
 
 
 def _source_files() -> list[str]:
-    files = sorted((REPO / "pgllm").rglob("*.py")) + sorted((REPO / "ext" / "src").glob("*.[ch]"))
+    files = sorted((REPO / "pgllm").rglob("*.py")) + sorted((REPO / "ext" / "src").rglob("*.[ch]"))
     return [f.read_text(encoding="utf-8") for f in files if f.name != "unicode_tables.h"]
 
 

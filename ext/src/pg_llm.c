@@ -2,13 +2,13 @@
  * pg_llm.c: module entry point, settings, version and limits, and what every module uses to reach
  * the extension's tables (their qualified names, the SPI helpers).
  */
-#include "pg_llm.h"
-#include "blas.h"
-#include "privileges.h"
-#include "served.h"
-#include "batch.h"
-#include "runner.h"
-#include "weights_cache.h"
+#include "base/pg_llm.h"
+#include "compute/blas.h"
+#include "base/privileges.h"
+#include "weights/served.h"
+#include "generate/batch.h"
+#include "runner/runner.h"
+#include "weights/cache.h"
 
 #include <stdlib.h>
 

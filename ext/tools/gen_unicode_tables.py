@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Generate ext/src/unicode_tables.h: the character classes of GPT-2's pre-tokenisation pattern.
+"""Generate ext/src/tokenizer/unicode_tables.h: the character classes of GPT-2's pre-tokenisation pattern.
 
 The pattern `'s|'t|'re|'ve|'m|'ll|'d| ?\\p{L}+| ?\\p{N}+| ?[^\\s\\p{L}\\p{N}]+|\\s+(?!\\S)|\\s+` sorts
 every code point into one of four classes: a letter (general category L*), a number (N*),
@@ -12,7 +12,7 @@ Unicode 16.0 for tokenizers 0.2x. Python's own unicodedata is older on most inte
 ships 14.0), so the script reads the `unicodedata2` backport, pinned to that version:
 
     python -m venv /tmp/ucd && /tmp/ucd/bin/pip install unicodedata2==16.0.0
-    /tmp/ucd/bin/python ext/tools/gen_unicode_tables.py > ext/src/unicode_tables.h
+    /tmp/ucd/bin/python ext/tools/gen_unicode_tables.py > ext/src/tokenizer/unicode_tables.h
 
 tests/test_tokenizer.py checks every code point against the tokenizers package, so a version
 drift on either side shows up as a failing test, not as silently different ids.

@@ -1,0 +1,545 @@
+/*
+ * infer.c: the GPT-2 forward pass for inference (see infer.h), in the numerics of
+ * transformers.GPT2LMHeadModel: pre-LayerNorm blocks (eps 1e-5), causal softmax attention scaled by
+ * 1/sqrt(hs), GELU in its tanh form, a final LayerNorm and the output head tied to wte.
+ *
+ * Where the time goes, and what each path is built for:
+ * - Every linear layer and the output head is llm_gemv (gemv.c) over the model's packed weights,
+ *   in the precision of its served copy (served.h), split over the worker threads by panels of
+ *   output columns. A generation step is B rows (B = 1, the beams, or the live sequences of a batch, each at its
+ *   own position): memory-bound, each step
+ *   streams every weight once (0.5 GB for GPT-2 small in float32, 0.13 GB in int8). A prompt is T
+ *   rows through the same kernels, in blocks of rows that reuse each panel from cache: as fast as
+ *   sgemm on float32 weights, and reduced precisions need no float32 copy beside theirs.
+ *   In the last layer of a prompt only the last row goes on past the key/value projection: its
+ *   keys and values are all the cache needs, and only its logits are wanted.
+ * - Prompt attention is two sgemms (BLAS, one thread each) per head and block of rows, heads spread
+ *   over the threads; a step's attention is plain C per (beam, head).
+ * - The token embedding reads wte's rows back from the packed head (llm_weights_column).
+ */
+#include "base/pg_llm.h"
+#include "compute/blas.h"
+#include "infer/infer.h"
+#include "weights/served.h"
+
+#include <math.h>
+
+#include "miscadmin.h"
+#include "utils/memutils.h"
+
+/* Rows of queries per attention block in the prompt pass: bounds the score buffer, and blocks
+ * that end early skip most of the masked (future) keys. */
+#define ATT_ROW_BLOCK 128
+
+/* Rows of a batch's prompt pass, at least: one block of llm_gemv's rows (each reads the weights once). */
+#define PROMPT_PASS_ROWS 96
+
+/* ---- attention ----------------------------------------------------------------------------- */
+
+/*
+ * Prompt attention of layer l for query rows [r0, T) of the prompt whose rows start at row `off`
+ * of qkv and att, for the heads [start, end): per head,
+ * scores = Q K^T / sqrt(hs) by sgemm over a block of rows and the keys up to the block's last row,
+ * causal softmax, then P V by sgemm into att's columns of that head. Keys and values come from the
+ * prompt cache (already written). Each head has its own score buffer, so heads run in parallel.
+ */
+typedef struct PromptAttTask
+{
+	LlmInfer   *s;
+	int			l;
+	int			p;				/* prompt slot */
+	size_t		off,			/* the prompt's first row in qkv and att */
+				T,
+				r0;
+} PromptAttTask;
+
+/* The key (or value) cache of layer l, prompt slot p: (ctx, C). */
+static inline float *
+prompt_cache(const LlmInfer *s, float *cache, size_t l, size_t p)
+{
+	return cache + (l * s->prompts + p) * s->ctx * s->C;
+}
+
+LLM_SIMD static void
+attention_prompt_task(void *arg, size_t start, size_t end)
+{
+	const PromptAttTask *t = arg;
+	const LlmInfer *s = t->s;
+	size_t		C = s->C,
+				hs = s->hs,
+				T = t->T;
+	const float *kc = prompt_cache(s, s->k_prompt, t->l, t->p);
+	const float *vc = prompt_cache(s, s->v_prompt, t->l, t->p);
+	float		scale = 1.0f / sqrtf((float) hs);
+
+	for (size_t h = start; h < end; h++)
+	{
+		float	   *S = s->scores + h * (size_t) Min(s->max_prompt, ATT_ROW_BLOCK) * s->ctx;
+
+		for (size_t b0 = t->r0; b0 < T; b0 += ATT_ROW_BLOCK)
+		{
+			size_t		b1 = Min(b0 + ATT_ROW_BLOCK, T);
+			size_t		M = b1 - b0;
+			size_t		N = b1;		/* keys 0 .. b1-1 */
+
+			llm_cblas_sgemm(LlmCblasRowMajor, LlmCblasNoTrans, LlmCblasTrans, (int) M, (int) N, (int) hs,
+							scale, s->qkv + (t->off + b0) * 3 * C + h * hs, (int) (3 * C), kc + h * hs, (int) C,
+							0.0f, S, (int) N);
+			for (size_t i = 0; i < M; i++)
+			{
+				float	   *row = S + i * N;
+				size_t		n = b0 + i + 1;	/* causal: keys 0 .. b0+i */
+
+				softmax_inplace(row, n);
+				memset(row + n, 0, (N - n) * sizeof(float));
+			}
+			llm_cblas_sgemm(LlmCblasRowMajor, LlmCblasNoTrans, LlmCblasNoTrans, (int) M, (int) hs, (int) N,
+							1.0f, S, (int) N, vc + h * hs, (int) C,
+							0.0f, s->att + (t->off + b0) * C + h * hs, (int) C);
+		}
+	}
+}
+
+typedef struct StepAttTask
+{
+	LlmInfer   *s;
+	int			l;
+} StepAttTask;
+
+/*
+ * One generation step's attention for the (row, head) pairs [start, end), ih = i * NH + h; row i
+ * of the step is slot b = step_rows[i], which sees its prompt slot's Tp positions and its own G
+ * generated ones. The pairs of one row are taken together, position by position, so that each
+ * cached key and value is read as one contiguous stretch of its heads (reading one head's 64
+ * floats per position, a cache line apart from the next position's, left the reads waiting on
+ * memory); each head's arithmetic is the same as one head alone: its scores in position order,
+ * its softmax, then its weighted sum of values in position order.
+ */
+LLM_SIMD static void
+attention_step_task(void *arg, size_t start, size_t end)
+{
+	const StepAttTask *t = arg;
+	const LlmInfer *s = t->s;
+	size_t		C = s->C,
+				hs = s->hs,
+				NH = s->NH,
+				B = s->beams,
+				stride = s->ctx + s->max_new;	/* scores per (row, head) */
+	size_t		l = t->l;
+	const float *kn = s->k_new + l * s->max_new * B * C;
+	const float *vn = s->v_new + l * s->max_new * B * C;
+	bool		own = s->batch;	/* each slot's generated positions follow its prompt */
+	float		scale = 1.0f / sqrtf((float) hs);
+
+	for (size_t ih0 = start, ih1; ih0 < end; ih0 = ih1)
+	{
+		size_t		i = ih0 / NH,
+					h0 = ih0 % NH,
+					h1,
+					b = s->step_rows[i],
+					pr = s->prompts == 1 ? 0 : b,
+					Tp = s->prompt_len[pr],
+					G = s->n_new[b] + 1;	/* including this step's position */
+		const float *kp = prompt_cache(s, s->k_prompt, l, pr);
+		const float *vp = prompt_cache(s, s->v_prompt, l, pr);
+		const float *q = s->qkv + i * 3 * C;
+		const int  *path = s->path + b * s->max_new;
+		float	   *p = s->scores + i * NH * stride;	/* head h's scores at p + h * stride */
+		float	   *out = s->att + i * C;
+
+		ih1 = Min(end, (i + 1) * NH);
+		h1 = ih1 - i * NH;
+		for (size_t t2 = 0; t2 < Tp + G; t2++)
+		{
+			const float *k = t2 < Tp || own ? kp + t2 * C : kn + ((size_t) path[t2 - Tp] * s->max_new + t2 - Tp) * C;
+
+			for (size_t h = h0; h < h1; h++)
+				p[h * stride + t2] = llm_dot(q + h * hs, k + h * hs, hs) * scale;
+		}
+		for (size_t h = h0; h < h1; h++)
+		{
+			softmax_inplace(p + h * stride, Tp + G);
+			memset(out + h * hs, 0, hs * sizeof(float));
+		}
+		for (size_t t2 = 0; t2 < Tp + G; t2++)
+		{
+			const float *v = t2 < Tp || own ? vp + t2 * C : vn + ((size_t) path[t2 - Tp] * s->max_new + t2 - Tp) * C;
+
+			for (size_t h = h0; h < h1; h++)
+			{
+				float		pt = p[h * stride + t2];
+
+				for (size_t k = 0; k < hs; k++)
+					out[h * hs + k] += pt * v[h * hs + k];
+			}
+		}
+	}
+}
+
+/* ---- the forward passes -------------------------------------------------------------------- */
+
+static float *
+alloc_floats(size_t n)
+{
+	return (float *) MemoryContextAllocHuge(CurrentMemoryContext, Max(n, 1) * sizeof(float));
+}
+
+/* Scratch of llm_gemv for R rows of up to IC inputs, in any format (the precision may change). */
+static size_t
+gemv_scratch_size(size_t R, size_t IC)
+{
+	return Max(llm_gemv_scratch_size(LLM_WEIGHTS_BF16, R, IC), llm_gemv_scratch_size(LLM_WEIGHTS_Q8, R, IC));
+}
+
+/*
+ * Beams (prompts 1): one prompt slot of max_prompt positions, and a generated cache of max_new
+ * positions per beam. A batch (prompts = beams): each slot holds its prompt and then what it
+ * generates, max_positions in all, so a slot reserves what one sequence can use.
+ */
+static LlmInfer *
+infer_create(const LlmModel *m, bool batch, int beams, int prompts, int max_prompt, int max_new, int max_positions)
+{
+	LlmInfer   *s = palloc0(sizeof(LlmInfer));
+	size_t		L = m->cfg.n_layer,
+				C = m->cfg.d_model,
+				V = m->cfg.vocab;
+	size_t		R = Max(max_prompt, beams);
+	size_t		scores;
+
+	/* a batch's short prompts share passes (llm_infer_prompt_rows) */
+	if (prompts > 1)
+		R = Max(R, Min((size_t) prompts * max_prompt, PROMPT_PASS_ROWS));
+
+	Assert(beams >= 1 && max_prompt >= 1 && max_new >= 0 && max_positions >= max_prompt);
+	llm_blas_init();
+	s->model = m;
+	s->L = m->cfg.n_layer;
+	s->NH = m->cfg.n_head;
+	s->C = m->cfg.d_model;
+	s->V = m->cfg.vocab;
+	s->hs = s->C / s->NH;
+	s->batch = batch;
+	s->beams = beams;
+	s->prompts = prompts;
+	s->max_prompt = max_prompt;
+	s->max_new = max_new;
+	s->ctx = max_positions;
+	s->rows = R;
+	s->prompt_len = palloc0(sizeof(int) * prompts);
+	s->n_new = palloc0(sizeof(int) * beams);
+
+	s->k_prompt = alloc_floats(L * prompts * max_positions * C);
+	s->v_prompt = alloc_floats(L * prompts * max_positions * C);
+	s->k_new = alloc_floats(L * max_new * beams * C);
+	s->v_new = alloc_floats(L * max_new * beams * C);
+	s->path = palloc0(Max(sizeof(int) * beams * max_new, 1));
+	s->path_tmp = palloc0(Max(sizeof(int) * beams * max_new, 1));
+	s->step_rows = palloc(sizeof(int) * beams);
+
+	s->x = alloc_floats(R * C);
+	s->ln = alloc_floats(R * C);
+	s->qkv = alloc_floats(R * 3 * C);
+	s->att = alloc_floats(R * C);
+	s->fch = alloc_floats(R * 4 * C);
+	/* prompt: a block of scores per head; step: one row of scores per (row, head) */
+	scores = Max((size_t) s->NH * Min(max_prompt, ATT_ROW_BLOCK) * max_positions,
+				 (size_t) beams * s->NH * (max_positions + max_new));
+	s->scores = alloc_floats(scores);
+	s->logits = alloc_floats((size_t) beams * V);
+	s->gemv_scratch = (void *) TYPEALIGN(64, MemoryContextAllocHuge(CurrentMemoryContext, gemv_scratch_size(R, 4 * C) + 64));
+	return s;
+}
+
+LlmInfer *
+llm_infer_create(const LlmModel *m, int beams, int max_prompt, int max_new)
+{
+	return infer_create(m, false, beams, 1, max_prompt, max_new, max_prompt);
+}
+
+LlmInfer *
+llm_infer_create_rows(const LlmModel *m, int rows, int max_prompt, int max_positions)
+{
+	return infer_create(m, true, rows, rows, max_prompt, 0, max_positions);
+}
+
+void
+llm_infer_set_model(LlmInfer *s, const LlmModel *m)
+{
+	Assert(m->cfg.n_layer == s->L && m->cfg.d_model == s->C && m->cfg.vocab == s->V);
+	s->model = m;
+}
+
+/* x (R, C) <- wte[tokens] + wpe[positions], wte's rows read back from the packed head */
+static void
+embed(LlmInfer *s, const int32 *tokens, const int *positions, size_t R)
+{
+	const LlmModel *m = s->model;
+	size_t		C = s->C;
+
+	for (size_t r = 0; r < R; r++)
+	{
+		float	   *x = s->x + r * C;
+		const float *pe = m->p.wpe + (size_t) positions[r] * C;
+
+		llm_weights_column(m->packed.fmt, x, m->packed.w[LLM_WTE], C, s->V, (size_t) tokens[r]);
+		for (size_t i = 0; i < C; i++)
+			x[i] += pe[i];
+	}
+}
+
+/* out (R, OC) (+)= inp (R, IC) @ W + bias, W layer l's packed weights of this kind */
+static void
+linear(LlmInfer *s, LlmParamKind kind, int l, float *out, const float *inp, const float *bias,
+	   size_t R, size_t IC, size_t OC, bool accumulate)
+{
+	const LlmPacked *w = &s->model->packed;
+
+	llm_gemv(w->fmt, out, inp, w->w[kind] + (size_t) l * w->stride[kind], bias, R, IC, OC, accumulate,
+			 s->gemv_scratch);
+}
+
+/* logits (R, V) <- the final LayerNorm of x's rows (R, C) @ wte^T */
+static void
+head(LlmInfer *s, float *logits, const float *x, size_t R)
+{
+	const LlmModel *m = s->model;
+
+	layernorm_forward(s->ln, NULL, NULL, x, m->p.lnfw, m->p.lnfb, R, s->C);
+	llm_gemv(m->packed.fmt, logits, s->ln, m->packed.w[LLM_WTE], NULL, R, s->C, s->V, false, s->gemv_scratch);
+}
+
+/*
+ * One prompt pass for n prompts at once: prompt i (T[i] tokens) into prompt slot ps[i]; their rows
+ * are concatenated (sum of T[i] <= the row capacity), so each linear layer reads its weights once
+ * for all of them. Each row's arithmetic is the same as in a pass of its prompt alone: LayerNorm,
+ * GELU and llm_gemv work row by row, and attention runs per prompt with the same blocks of rows,
+ * relative to the prompt's first row. Past the keys and values of the last layer only each
+ * prompt's last row goes on (moved to row i); logits (n, V) <- those after each prompt's last
+ * token.
+ */
+static void
+infer_prompts(LlmInfer *s, int n, const int *ps, const int32 *const *tokens, const int *T, float *logits)
+{
+	const LlmParams *p = &s->model->p;
+	const LlmLayout *lay = &s->model->layout;
+	size_t		C = s->C,
+				R = 0;
+	size_t	   *off = palloc(sizeof(size_t) * n);	/* prompt i's first row */
+	int		   *positions;
+	int32	   *ids;
+
+	for (int i = 0; i < n; i++)
+	{
+		Assert(T[i] >= 1 && T[i] <= s->max_prompt);
+		off[i] = R;
+		R += T[i];
+	}
+	Assert(R <= s->rows);
+	positions = palloc(sizeof(int) * R);
+	ids = palloc(sizeof(int32) * R);
+	for (int i = 0; i < n; i++)
+		for (int t = 0; t < T[i]; t++)
+		{
+			positions[off[i] + t] = t;
+			ids[off[i] + t] = tokens[i][t];
+		}
+	llm_blas_set_threads(1);	/* attention's sgemms run on the pool's threads, one each */
+	embed(s, ids, positions, R);
+	pfree(positions);
+	pfree(ids);
+
+	for (int l = 0; l < s->L; l++)
+	{
+		bool		last = (l == s->L - 1);
+		size_t		Rout = last ? (size_t) n : R;	/* rows past the attention */
+
+		CHECK_FOR_INTERRUPTS();
+		layernorm_forward(s->ln, NULL, NULL, s->x, p->ln1w + l * lay->size[LLM_LN1W],
+						  p->ln1b + l * lay->size[LLM_LN1B], R, C);
+		linear(s, LLM_QKVW, l, s->qkv, s->ln, p->qkvb + l * lay->size[LLM_QKVB],
+			   R, C, 3 * C, false);
+		for (int i = 0; i < n; i++)
+		{
+			float	   *kc = prompt_cache(s, s->k_prompt, l, ps[i]);
+			float	   *vc = prompt_cache(s, s->v_prompt, l, ps[i]);
+			/* past the keys and values, the last layer only needs each prompt's last row */
+			PromptAttTask att = {s, l, ps[i], off[i], T[i], last ? (size_t) T[i] - 1 : 0};
+
+			for (int t = 0; t < T[i]; t++)
+			{
+				const float *qkv = s->qkv + (off[i] + t) * 3 * C;
+
+				memcpy(kc + (size_t) t * C, qkv + C, C * sizeof(float));
+				memcpy(vc + (size_t) t * C, qkv + 2 * C, C * sizeof(float));
+			}
+			llm_parallel_for(s->NH, attention_prompt_task, &att);
+		}
+		if (last)
+			for (int i = 0; i < n; i++)
+			{
+				/* row i <- prompt i's last row; rows below i were moved already, none above is read */
+				size_t		r = off[i] + T[i] - 1;
+
+				memmove(s->x + i * C, s->x + r * C, C * sizeof(float));
+				memmove(s->att + i * C, s->att + r * C, C * sizeof(float));
+			}
+		linear(s, LLM_ATTPROJW, l, s->x, s->att, p->attprojb + l * lay->size[LLM_ATTPROJB],
+			   Rout, C, C, true);
+		layernorm_forward(s->ln, NULL, NULL, s->x, p->ln2w + l * lay->size[LLM_LN2W],
+						  p->ln2b + l * lay->size[LLM_LN2B], Rout, C);
+		linear(s, LLM_FCW, l, s->fch, s->ln, p->fcb + l * lay->size[LLM_FCB], Rout, C, 4 * C, false);
+		gelu_forward(s->fch, s->fch, Rout * 4 * C);
+		linear(s, LLM_FCPROJW, l, s->x, s->fch, p->fcprojb + l * lay->size[LLM_FCPROJB],
+			   Rout, 4 * C, C, true);
+	}
+	CHECK_FOR_INTERRUPTS();
+	head(s, logits, s->x, n);
+	for (int i = 0; i < n; i++)
+		s->prompt_len[ps[i]] = T[i];
+	pfree(off);
+}
+
+const float *
+llm_infer_prompt(LlmInfer *s, const int32 *tokens, int T)
+{
+	int			ps = 0;
+
+	Assert(!s->batch);
+	memset(s->n_new, 0, sizeof(int) * s->beams);
+	infer_prompts(s, 1, &ps, &tokens, &T, s->logits);
+	return s->logits;
+}
+
+const float *
+llm_infer_prompt_row(LlmInfer *s, int row, const int32 *tokens, int T)
+{
+	return llm_infer_prompt_rows(s, 1, &row, &tokens, &T);
+}
+
+/* Consecutive prompts go into one pass as long as their tokens fit its rows. */
+const float *
+llm_infer_prompt_rows(LlmInfer *s, int n, const int *rows, const int32 *const *tokens, const int *T)
+{
+	Assert(s->batch && n >= 1 && n <= s->beams);
+	for (int i0 = 0, i1; i0 < n; i0 = i1)
+	{
+		size_t		R = T[i0];
+
+		for (i1 = i0 + 1; i1 < n && R + T[i1] <= (size_t) s->rows; i1++)
+			R += T[i1];
+		for (int i = i0; i < i1; i++)
+		{
+			Assert(rows[i] >= 0 && rows[i] < s->beams);
+			s->n_new[rows[i]] = 0;
+		}
+		infer_prompts(s, i1 - i0, rows + i0, tokens + i0, T + i0, s->logits + (size_t) i0 * s->V);
+	}
+	return s->logits;
+}
+
+const float *
+llm_infer_step(LlmInfer *s, const int32 *tokens)
+{
+	Assert(!s->batch);
+	for (int b = 0; b < s->beams; b++)
+		s->step_rows[b] = b;
+	return llm_infer_step_rows(s, s->step_rows, s->beams, tokens);
+}
+
+/* Row i of a step is slot rows[i]; B below is the number of rows of this step. */
+const float *
+llm_infer_step_rows(LlmInfer *s, const int *rows, int n, const int32 *tokens)
+{
+	const LlmParams *p = &s->model->p;
+	const LlmLayout *lay = &s->model->layout;
+	size_t		C = s->C,
+				B = n,
+				slots = s->beams;
+	int		   *positions = palloc(sizeof(int) * B);
+	size_t	   *cache_at = palloc(sizeof(size_t) * B);	/* row i's slot in the generated cache */
+	StepAttTask att = {s, 0};
+
+	Assert(n >= 1 && n <= s->beams);
+	for (size_t i = 0; i < B; i++)
+	{
+		int			b = rows[i],
+					g = s->n_new[b];
+
+		if (!s->batch)
+		{
+			if (g >= s->max_new)
+				elog(ERROR, "generation cache of %d positions is full", s->max_new);
+			positions[i] = s->prompt_len[0] + g;
+			s->path[(size_t) b * s->max_new + g] = b;
+			cache_at[i] = (size_t) b * s->max_new + g;
+		}
+		else
+		{
+			positions[i] = s->prompt_len[b] + g;
+			if (positions[i] >= s->ctx)
+				elog(ERROR, "the cache of %d positions of row slot %d is full", s->ctx, b);
+		}
+	}
+	if (rows != s->step_rows)
+		memcpy(s->step_rows, rows, sizeof(int) * B);
+	embed(s, tokens, positions, B);
+
+	for (int l = 0; l < s->L; l++)
+	{
+		float	   *kn = s->k_new + (size_t) l * s->max_new * slots * C;
+		float	   *vn = s->v_new + (size_t) l * s->max_new * slots * C;
+
+		CHECK_FOR_INTERRUPTS();
+		layernorm_forward(s->ln, NULL, NULL, s->x, p->ln1w + l * lay->size[LLM_LN1W],
+						  p->ln1b + l * lay->size[LLM_LN1B], B, C);
+		linear(s, LLM_QKVW, l, s->qkv, s->ln, p->qkvb + l * lay->size[LLM_QKVB],
+			   B, C, 3 * C, false);
+		for (size_t i = 0; i < B; i++)
+		{
+			float	   *k = s->batch ? prompt_cache(s, s->k_prompt, l, rows[i]) + (size_t) positions[i] * C
+				: kn + cache_at[i] * C;
+			float	   *v = s->batch ? prompt_cache(s, s->v_prompt, l, rows[i]) + (size_t) positions[i] * C
+				: vn + cache_at[i] * C;
+
+			memcpy(k, s->qkv + i * 3 * C + C, C * sizeof(float));
+			memcpy(v, s->qkv + i * 3 * C + 2 * C, C * sizeof(float));
+		}
+		att.l = l;
+		llm_parallel_for(B * s->NH, attention_step_task, &att);
+		linear(s, LLM_ATTPROJW, l, s->x, s->att, p->attprojb + l * lay->size[LLM_ATTPROJB],
+			   B, C, C, true);
+		layernorm_forward(s->ln, NULL, NULL, s->x, p->ln2w + l * lay->size[LLM_LN2W],
+						  p->ln2b + l * lay->size[LLM_LN2B], B, C);
+		linear(s, LLM_FCW, l, s->fch, s->ln, p->fcb + l * lay->size[LLM_FCB],
+			   B, C, 4 * C, false);
+		gelu_forward(s->fch, s->fch, B * 4 * C);
+		linear(s, LLM_FCPROJW, l, s->x, s->fch, p->fcprojb + l * lay->size[LLM_FCPROJB],
+			   B, 4 * C, C, true);
+	}
+	CHECK_FOR_INTERRUPTS();
+	head(s, s->logits, s->x, B);
+	for (size_t i = 0; i < B; i++)
+		s->n_new[rows[i]]++;
+	pfree(positions);
+	pfree(cache_at);
+	return s->logits;
+}
+
+size_t
+llm_infer_cache_bytes(const LlmInfer *s)
+{
+	return 2 * sizeof(float) * (size_t) s->L * s->C *
+		((size_t) s->prompts * s->ctx + (size_t) s->beams * s->max_new);
+}
+
+void
+llm_infer_reorder(LlmInfer *s, const int *parents)
+{
+	int		   *tmp = s->path_tmp;
+
+	for (int b = 0; b < s->beams; b++)
+		memcpy(tmp + (size_t) b * s->max_new, s->path + (size_t) parents[b] * s->max_new,
+			   s->n_new[parents[b]] * sizeof(int));
+	s->path_tmp = s->path;
+	s->path = tmp;
+}

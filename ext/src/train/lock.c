@@ -1,0 +1,95 @@
+/*
+ * train_lock.c: one trainer per model at a time.
+ *
+ * Training a model reads and advances its step counter, and a run of pgllm train spreads one
+ * learning-rate schedule over many transactions (chunks). Two runs at once would interleave their
+ * chunks: both would plan the same steps and the later steps would run outside either schedule.
+ * So each model has an advisory lock (classid LLM_TRAIN_LOCK_CLASS, objid a hash of the model's
+ * name, objsubid 2: visible in pg_locks as such), which
+ *   - llm_train takes for its transaction, waiting for it (a plain SQL call queues behind a run);
+ *   - llm_train_lock(model) takes for the session without waiting: pgllm train calls it first,
+ *     so that a second run is refused at once with the first one's pid, instead of queuing.
+ * The holder's own llm_train calls do not conflict with its session lock.
+ */
+#include "base/pg_llm.h"
+#include "model/model.h"
+#include "base/privileges.h"
+#include "train/lock.h"
+
+#include "common/hashfn.h"
+#include "executor/spi.h"
+#include "fmgr.h"
+#include "miscadmin.h"
+#include "storage/lock.h"
+#include "utils/builtins.h"
+
+/* "llmt" */
+#define LLM_TRAIN_LOCK_CLASS 0x6C6C6D74
+
+static void
+train_lock_tag(LOCKTAG *tag, const char *model)
+{
+	uint32		h = hash_bytes((const unsigned char *) model, strlen(model));
+
+	SET_LOCKTAG_ADVISORY(*tag, MyDatabaseId, LLM_TRAIN_LOCK_CLASS, h, 2);
+}
+
+void
+llm_train_lock_xact(const char *model)
+{
+	LOCKTAG		tag;
+
+	train_lock_tag(&tag, model);
+	(void) LockAcquire(&tag, ExclusiveLock, false, false);
+}
+
+/* The pid of the session that holds model's lock, or 0 when it is not known. */
+static int
+train_lock_holder(const char *model)
+{
+	LOCKTAG		tag;
+	int			pid = 0;
+	bool		isnull;
+
+	train_lock_tag(&tag, model);
+	SPI_connect();
+	if (llm_spi_run("looking for the training session",
+					"SELECT pid FROM pg_catalog.pg_locks WHERE locktype = 'advisory' AND granted "
+					"AND database = $1 AND classid = $2 AND objid = $3 AND objsubid = 2 AND pid <> pg_backend_pid()",
+					3, (Oid[]) {OIDOID, OIDOID, OIDOID},
+					(Datum[]) {ObjectIdGetDatum(tag.locktag_field1), ObjectIdGetDatum(tag.locktag_field2),
+					ObjectIdGetDatum(tag.locktag_field3)},
+					true, 1, SPI_OK_SELECT) == 1)
+		pid = DatumGetInt32(SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1, &isnull));
+	SPI_finish();
+	return pid;
+}
+
+/*
+ * llm_train_lock(model text) -> void: hold model's training lock until the session ends, or fail
+ * at once when another session holds it.
+ */
+PG_FUNCTION_INFO_V1(llm_train_lock);
+Datum
+llm_train_lock(PG_FUNCTION_ARGS)
+{
+	char	   *model = text_to_cstring(PG_GETARG_TEXT_PP(0));
+	LOCKTAG		tag;
+	int			pid;
+
+	llm_check_model_name(model);
+	llm_check_may_train(model);
+	train_lock_tag(&tag, model);
+	if (LockAcquire(&tag, ExclusiveLock, true, true) != LOCKACQUIRE_NOT_AVAIL)
+		PG_RETURN_VOID();
+	pid = train_lock_holder(model);
+	ereport(ERROR,
+			(errcode(ERRCODE_LOCK_NOT_AVAILABLE),
+			 pid > 0 ? errmsg("model \"%s\" is being trained by another session (pid %d)", model, pid)
+			 : errmsg("model \"%s\" is being trained by another session", model),
+			 errdetail("Two runs at once would share the model's step counter and learning-rate schedule; "
+					   "this one did nothing."),
+			 pid > 0 ? errhint("Wait for that run to finish, or stop it with SELECT pg_cancel_backend(%d).", pid)
+			 : errhint("Wait for that run to finish.")));
+	PG_RETURN_VOID();
+}
