@@ -1,9 +1,9 @@
 """Standalone C programs over the extension's kernels (no server): the kernel test and benchmark.
 
-The kernel objects are compiled by the extension's own Makefile (PGXS, out of tree, against the
-server headers of `pg_config --includedir-server`), so they carry exactly the flags the extension
-is built with; the program's main() supplies what the rest of the extension would
-(llm_num_threads) and is linked with them.
+The kernel objects are compiled by the extension's own Makefile (PGXS, out of tree), so they
+carry exactly the flags the extension is built with; they need nothing of PostgreSQL (the compute
+layer never includes it), and the program links them as they are, setting its own thread count
+(llm_compute_set_thread_source).
 """
 
 from __future__ import annotations

@@ -21,7 +21,7 @@
  * float32 arena on the same threads (the memory bandwidth the kernels can hope for).
  */
 #define _GNU_SOURCE
-#include "compute/gemv.h"
+#include "compute/compute.h"
 
 #include <fcntl.h>
 #include <immintrin.h>
@@ -43,8 +43,9 @@ extern void openblas_set_num_threads(int n);
 
 static int	threads = 2;
 
-int
-llm_num_threads(void)
+/* the pool asks how many threads to use: the count this program sets */
+static int
+thread_count(void)
 {
 	return threads;
 }
@@ -320,6 +321,8 @@ main(int argc, char **argv)
 	size_t		Rmax = 1;
 	Buffers		b;
 	static const char *const fmt_names[] = {"f32", "bf16", "q8"};
+
+	llm_compute_set_thread_source(thread_count);
 
 	for (int a = 1; a + 1 < argc; a += 2)
 	{

@@ -41,8 +41,8 @@ def control_version(ext: Path | None = None) -> str:
 
 
 def min_server_version() -> int:
-    """The oldest PostgreSQL pg_llm builds for, as server_version_num: pg_llm.h says it."""
-    header = (source_dir() / "src" / "base" / "pg_llm.h").read_text()
+    """The oldest PostgreSQL pg_llm builds for, as server_version_num: base/base.h says it."""
+    header = (source_dir() / "src" / "base" / "base.h").read_text()
     return int(re.search(r"^#define PG_LLM_MIN_PG_VERSION_NUM (\d+)", header, re.M).group(1))
 
 

@@ -17,7 +17,7 @@
  *  - bias, accumulate, a head packed from wte (V, C), rows independent of R (each row alone
  *    gives bitwise the same result) and of the thread count (1, 2, 3 threads: bitwise equal).
  */
-#include "compute/gemv.h"
+#include "compute/compute.h"
 
 #include <math.h>
 #include <stdio.h>
@@ -26,9 +26,9 @@
 
 static int	threads = 2;
 
-/* parallel.c asks the extension's thread setting; here the test sets it. */
-int
-llm_num_threads(void)
+/* the pool asks how many threads to use: the count this program sets */
+static int
+thread_count(void)
 {
 	return threads;
 }
@@ -259,6 +259,8 @@ main(void)
 {
 	static const size_t shapes[][2] = {{1, 1}, {5, 3}, {45, 77}, {64, 96}, {100, 33}, {131, 250}, {37, 8}};
 	LlmSimdLevel best = llm_simd_detect();
+
+	llm_compute_set_thread_source(thread_count);
 
 	printf("detected %s\n", llm_simd_name(best));
 	for (int l = LLM_SIMD_PORTABLE; l <= (int) best; l++)

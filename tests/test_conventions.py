@@ -94,8 +94,8 @@ def test_meta_json_versions_are_the_control_files():
     meta = json.loads(META.read_text())
     assert meta["version"] == EXT_VERSION
     assert {ext["version"] for ext in meta["provides"].values()} == {EXT_VERSION}
-    # the oldest PostgreSQL it names is the one pg_llm.h builds for
-    header = (REPO / "ext" / "src" / "base" / "pg_llm.h").read_text()
+    # the oldest PostgreSQL it names is the one base/base.h builds for
+    header = (REPO / "ext" / "src" / "base" / "base.h").read_text()
     oldest = int(re.search(r"PG_LLM_MIN_PG_VERSION_NUM (\d+)", header).group(1)) // 10000
     assert meta["prereqs"]["runtime"]["requires"]["PostgreSQL"] == f"{oldest}.0.0"
 

@@ -12,19 +12,16 @@
  * job counts as a late run. At the end every counter is checked again. Any count other than 1, or
  * any late run, fails (exit status 1). Run it with more threads than cores: a worker descheduled
  * at an unlucky moment is what breaks a wrong protocol. With `vary`, the number of threads a call
- * may use (llm_num_threads) changes every 4 calls, through every value from 1 to THREADS, as a
+ * may use (the thread source) changes every 4 calls, through every value from 1 to THREADS, as a
  * session's share of the server's threads does: workers park and come back between jobs.
  */
+#include "compute/compute.h"
+
 #include <stdbool.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-
-/* The pool's interface (declared in the extension's headers; repeated here to build without them). */
-typedef void (*llm_task_fn) (void *arg, size_t start, size_t end);
-extern void llm_parallel_for(size_t n, llm_task_fn fn, void *arg);
-extern int	llm_num_threads(void);
 
 typedef struct Job
 {
@@ -34,12 +31,12 @@ typedef struct Job
 
 static int	threads;
 static bool vary;
-static long calls;				/* calls of llm_num_threads: one per llm_parallel_for */
+static long calls;				/* calls of thread_count: one per llm_parallel_for */
 static long late_runs;			/* atomic: tasks that ran on a job whose call had returned */
 
-/* the pool asks how many threads to use; parallel.c's only outside dependency */
-int
-llm_num_threads(void)
+/* the pool asks how many threads to use: this program's source (the server's is its thread budget) */
+static int
+thread_count(void)
 {
 	long		c = calls++;
 
@@ -98,6 +95,7 @@ main(int argc, char **argv)
 	uint8_t    *counts;
 	size_t		n_counts = 0;
 
+	llm_compute_set_thread_source(thread_count);
 	vary = argc == 4 && strcmp(argv[3], "vary") == 0;
 	if ((argc != 3 && !vary) || (threads = atoi(argv[1])) < 2 || threads > 256 || (n_jobs = atol(argv[2])) < 1)
 	{

@@ -12,7 +12,7 @@
  * Also here: the check that a trigger function of the extension fires on its own table, and a
  * hint on "permission denied" for pg_llm's objects.
  */
-#include "base/pg_llm.h"
+#include "base/base.h"
 #include "base/privileges.h"
 
 #include "catalog/pg_type.h"

@@ -6,40 +6,33 @@
  * handlers (SIGINT for cancel, SIGALRM for statement_timeout, ...) then only ever run on the
  * backend's own thread, which is the only thread that may touch PostgreSQL state.
  */
-#include "base/pg_llm.h"
 #include "compute/blas.h"
+#include "compute/pool.h"
 
 #include <dlfcn.h>
 #include <signal.h>
+#include <stdio.h>
 #include <stdlib.h>
-
-#include "fmgr.h"
-#include "utils/builtins.h"
-#include "utils/guc.h"
-#include "utils/memutils.h"
+#include <string.h>
 
 llm_sgemm_fn llm_cblas_sgemm = NULL;
 
-/* pg_llm.blas_library: a BLAS of the administrator's choice, tried alone ("" = the list below). */
-static char *blas_library = NULL;
-
 typedef void (*set_threads_fn) (int);
-typedef int (*get_threads_fn) (void);
 
 static void blas_threads(int want);
 static void sgemm_in_share(int order, int transa, int transb, int m, int n, int k, float alpha,
 						   const float *a, int lda, const float *b, int ldb, float beta, float *c, int ldc);
 
 static void *blas_handle = NULL;
-static const char *blas_name = NULL;
+static char blas_name[1024];
 static llm_sgemm_fn blas_sgemm = NULL;	/* the library's own */
 static set_threads_fn blas_set_threads = NULL;
 static int	blas_threads_set = -1;
-static bool blas_follow_share = false;	/* set threads to llm_num_threads() before each product */
+static bool blas_follow_share = false;	/* set threads to llm_compute_threads() before each product */
 
 /* Libraries tried in order: OpenBLAS (Debian's libopenblas0), then the reference CBLAS. */
-static const char *const blas_candidates[] = {
-	"libopenblas.so.0", "libopenblas.so", "libcblas.so.3", "libblas.so.3",
+const char *const llm_blas_candidates[] = {
+	"libopenblas.so.0", "libopenblas.so", "libcblas.so.3", "libblas.so.3", NULL
 };
 
 /*
@@ -48,31 +41,23 @@ static const char *const blas_candidates[] = {
  */
 static const char *const blas_prefixes[] = {"", "scipy_"};
 
-void
-llm_blas_define_settings(void)
-{
-	/* sighup: only an administrator may make the server load a library */
-	DefineCustomStringVariable("pg_llm.blas_library",
-							   "BLAS library to load: a path, or a name the dynamic linker finds.",
-							   "Empty: the system's OpenBLAS (libopenblas.so.0), else the reference CBLAS.",
-							   &blas_library, "", PGC_SIGHUP, 0, NULL, NULL, NULL);
-}
-
 /* dlopen's handle with cblas_sgemm under one of blas_prefixes, or NULL. */
 static void *
 open_blas(const char *name)
 {
 	void	   *h = dlopen(name, RTLD_NOW | RTLD_LOCAL);
+	char		symbol[64];
 
 	if (h == NULL)
 		return NULL;
-	for (size_t p = 0; p < lengthof(blas_prefixes); p++)
+	for (size_t p = 0; p < sizeof(blas_prefixes) / sizeof(blas_prefixes[0]); p++)
 	{
-		blas_sgemm = (llm_sgemm_fn) dlsym(h, psprintf("%scblas_sgemm", blas_prefixes[p]));
+		snprintf(symbol, sizeof(symbol), "%scblas_sgemm", blas_prefixes[p]);
+		blas_sgemm = (llm_sgemm_fn) dlsym(h, symbol);
 		if (blas_sgemm != NULL)
 		{
-			blas_set_threads = (set_threads_fn) dlsym(h, psprintf("%sopenblas_set_num_threads",
-																	blas_prefixes[p]));
+			snprintf(symbol, sizeof(symbol), "%sopenblas_set_num_threads", blas_prefixes[p]);
+			blas_set_threads = (set_threads_fn) dlsym(h, symbol);
 			return h;
 		}
 	}
@@ -80,14 +65,14 @@ open_blas(const char *name)
 	return NULL;
 }
 
-void
-llm_blas_init(void)
+bool
+llm_blas_open(const char *library)
 {
 	if (blas_handle == NULL)
 	{
 		sigset_t	all,
 					old;
-		bool		chosen = blas_library != NULL && blas_library[0] != '\0';
+		bool		chosen = library != NULL && library[0] != '\0';
 
 		sigfillset(&all);
 		pthread_sigmask(SIG_SETMASK, &all, &old);
@@ -99,16 +84,11 @@ llm_blas_init(void)
 		 * microseconds per product). A value set by the server's environment wins.
 		 */
 		setenv("OPENBLAS_THREAD_TIMEOUT", "4", 0);
-		if (chosen)
-		{
-			blas_handle = open_blas(blas_library);
-			blas_name = MemoryContextStrdup(TopMemoryContext, blas_library);
-		}
-		for (size_t i = 0; !chosen && i < lengthof(blas_candidates) && blas_handle == NULL; i++)
-		{
-			blas_handle = open_blas(blas_candidates[i]);
-			blas_name = blas_candidates[i];
-		}
+		if (chosen && (blas_handle = open_blas(library)) != NULL)
+			snprintf(blas_name, sizeof(blas_name), "%s", library);
+		for (int i = 0; !chosen && llm_blas_candidates[i] != NULL && blas_handle == NULL; i++)
+			if ((blas_handle = open_blas(llm_blas_candidates[i])) != NULL)
+				snprintf(blas_name, sizeof(blas_name), "%s", llm_blas_candidates[i]);
 		if (blas_handle != NULL)
 		{
 			/* a first tiny product, still with signals blocked, so any lazily made threads inherit the mask */
@@ -121,35 +101,35 @@ llm_blas_init(void)
 			llm_cblas_sgemm = sgemm_in_share;
 		}
 		pthread_sigmask(SIG_SETMASK, &old, NULL);
-
-		if (blas_handle == NULL && chosen)
-			ereport(ERROR,
-					(errcode(ERRCODE_FEATURE_NOT_SUPPORTED),
-					 errmsg("pg_llm could not load the BLAS library \"%s\"", blas_library),
-					 errdetail("It does not open, or has no cblas_sgemm (nor scipy_cblas_sgemm)."),
-					 errhint("Set pg_llm.blas_library to an OpenBLAS, or empty for the system's.")));
 		if (blas_handle == NULL)
-			ereport(ERROR,
-					(errcode(ERRCODE_FEATURE_NOT_SUPPORTED),
-					 errmsg("pg_llm could not load a BLAS library"),
-					 errdetail("Tried libopenblas.so.0, libopenblas.so, libcblas.so.3 and libblas.so.3."),
-					 errhint("Install OpenBLAS on the database server, e.g. apt-get install libopenblas0, "
-							 "or set pg_llm.blas_library to the library of pip's scipy-openblas32.")));
+			return false;
 	}
+	llm_blas_follow_threads();
+	return true;
+}
 
-	blas_threads(llm_num_threads());
-	blas_follow_share = true;
+const char *
+llm_blas_name(void)
+{
+	return blas_handle != NULL ? blas_name : NULL;
 }
 
 /*
- * Threads that BLAS itself uses from now on (until llm_blas_init or this is called again). Callers
- * that split a product over llm_parallel_for and call BLAS from every worker ask for 1.
+ * Threads that BLAS itself uses from now on (until llm_blas_follow_threads). Callers that split a
+ * product over llm_parallel_for and call BLAS from every worker ask for 1.
  */
 void
 llm_blas_set_threads(int want)
 {
 	blas_follow_share = false;
 	blas_threads(want);
+}
+
+void
+llm_blas_follow_threads(void)
+{
+	blas_threads(llm_compute_threads());
+	blas_follow_share = true;
 }
 
 static void
@@ -170,23 +150,15 @@ blas_threads(int want)
 }
 
 /*
- * cblas_sgemm as pg_llm calls it. After llm_blas_init, BLAS runs its own threads (training calls
- * it from the backend's thread): match them first to the session's share of the server's threads,
- * which changes as other sessions start and stop computing.
+ * cblas_sgemm as pg_llm calls it. Following the thread count, BLAS runs its own threads (training
+ * calls it from the backend's thread): match them first to the session's share of the server's
+ * threads, which changes as other sessions start and stop computing.
  */
 static void
 sgemm_in_share(int order, int transa, int transb, int m, int n, int k, float alpha, const float *a,
 			   int lda, const float *b, int ldb, float beta, float *c, int ldc)
 {
 	if (blas_follow_share)
-		blas_threads(llm_num_threads());
+		blas_threads(llm_compute_threads());
 	blas_sgemm(order, transa, transb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
-}
-
-PG_FUNCTION_INFO_V1(pg_llm_blas_info);
-Datum
-pg_llm_blas_info(PG_FUNCTION_ARGS)
-{
-	llm_blas_init();
-	PG_RETURN_TEXT_P(cstring_to_text(psprintf("%s, %d threads", blas_name, llm_num_threads())));
 }

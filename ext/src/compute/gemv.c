@@ -28,12 +28,17 @@
  * Each row's arithmetic is the same whatever R and the other rows are (rows never mix), so a
  * batch gives each sequence the result it would get alone.
  */
-#include "base/pg_llm.h"
 #include "compute/gemv.h"
+#include "compute/kernels.h"
+#include "compute/pool.h"
 
 #include <math.h>
+#include <stdbool.h>
 #include <stdlib.h>
 #include <string.h>
+
+#define Min(x, y) ((x) < (y) ? (x) : (y))
+
 
 #if defined(__x86_64__) && defined(__GNUC__)
 #define LLM_GEMV_X86 1

@@ -9,10 +9,16 @@
  * -ffast-math, and the hot loops are compiled twice (LLM_SIMD: AVX2+FMA and baseline x86-64),
  * picked at load time, so the library runs on any x86-64.
  */
-#include "base/pg_llm.h"
+#include "compute/kernels.h"
+#include "compute/pool.h"
 
 #include <math.h>
+#include <stdbool.h>
+#include <stdlib.h>
 #include <string.h>
+
+#define Min(x, y) ((x) < (y) ? (x) : (y))
+
 
 #define LANES 8
 

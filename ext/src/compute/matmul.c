@@ -2,10 +2,17 @@
  * matmul.c: the matrix products of training (see kernels.h): each one sgemm on BLAS's own threads.
  * Inference's products are gemv.c's, over packed weights.
  */
-#include "base/pg_llm.h"
 #include "compute/blas.h"
+#include "compute/kernels.h"
+#include "compute/pool.h"
 
+#include <math.h>
+#include <stdbool.h>
+#include <stdlib.h>
 #include <string.h>
+
+#define Min(x, y) ((x) < (y) ? (x) : (y))
+
 
 typedef struct
 {

@@ -1,5 +1,5 @@
 /*
- * parallel.c: a small pool of worker threads for the plain-C kernels.
+ * pool.c: a small pool of worker threads for the plain-C kernels.
  *
  * The workers run only the kernel functions handed to llm_parallel_for: pure C over float
  * arrays, never PostgreSQL (no palloc, ereport, SPI). They are created with every signal blocked,
@@ -22,16 +22,26 @@
  * ticket: had it compared the shares claimed against the `parts` field it had just read, a late
  * reader could take the next job's larger `parts` for the old job's and claim a share twice.
  *
- * Each call runs on llm_num_threads() threads, which may change from call to call (the session's
- * share of the server's threads: see threads.c). The pool grows to the most threads ever asked
+ * Each call runs on llm_compute_threads() threads, which may change from call to call (the
+ * session's share of the server's threads: see base/thread_budget.c). The pool grows to the most threads ever asked
  * for and never shrinks; workers beyond the current count park, without spinning, until a call
  * wants them again.
  */
-#include "base/pg_llm.h"
+#ifndef _GNU_SOURCE
+#define _GNU_SOURCE				/* sched_getaffinity */
+#endif
+#include "compute/pool.h"
 
 #include <pthread.h>
+#include <sched.h>
 #include <signal.h>
+#include <stdbool.h>
+#include <stdint.h>
 #include <time.h>
+
+#define Min(x, y) ((x) < (y) ? (x) : (y))
+
+typedef uint64_t uint64;
 
 #define MAX_WORKERS 255
 #define SPIN_NS 100000			/* spin this long (0.1 ms) before sleeping */
@@ -224,10 +234,34 @@ pool_activate(int workers)
 	}
 }
 
+static llm_thread_source thread_source = NULL;
+
+void
+llm_compute_set_thread_source(llm_thread_source source)
+{
+	thread_source = source;
+}
+
+int
+llm_compute_threads(void)
+{
+	static int	cpus = 0;
+
+	if (thread_source != NULL)
+		return thread_source();
+	if (cpus == 0)
+	{
+		cpu_set_t	set;
+
+		cpus = sched_getaffinity(0, sizeof(set), &set) == 0 ? CPU_COUNT(&set) : 1;
+	}
+	return cpus;
+}
+
 void
 llm_parallel_for(size_t n, llm_task_fn fn, void *arg)
 {
-	int			workers = Min(llm_num_threads() - 1, pool.most_workers);
+	int			workers = Min(llm_compute_threads() - 1, pool.most_workers);
 	int			parts;
 	uint64		ticket;
 	uint64		deadline;

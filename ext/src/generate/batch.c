@@ -19,7 +19,7 @@
  * A NULL element gives a NULL text, as llm_generate(NULL) does. Every prompt is encoded and
  * checked before anything runs, so a bad one fails the call at once, naming its position.
  */
-#include "base/pg_llm.h"
+#include "base/base.h"
 #include "generate/batch.h"
 #include "generate/generate.h"
 #include "infer/infer.h"

@@ -8,7 +8,7 @@
  * once K hypotheses are finished and the best running beam can no longer beat the worst of them
  * (early_stopping=False). All beams share the prompt's cache and run as one batch per step.
  */
-#include "base/pg_llm.h"
+#include "base/base.h"
 #include "generate/generate.h"
 #include "infer/infer.h"
 #include "infer/sample.h"

@@ -12,7 +12,7 @@
  * model's batch runner when there is one (runner.h), together with other sessions' sequences,
  * else in this backend: the same logits either way, so the same tokens.
  */
-#include "base/pg_llm.h"
+#include "base/base.h"
 #include "tokenizer/bpe.h"
 #include "generate/generate.h"
 #include "infer/infer.h"
@@ -37,15 +37,6 @@
 #include "utils/lsyscache.h"
 
 /* ---- arguments ----------------------------------------------------------------------------- */
-
-void
-llm_require_arg(FunctionCallInfo fcinfo, int argno, const char *name)
-{
-	if (PG_ARGISNULL(argno))
-		ereport(ERROR,
-				(errcode(ERRCODE_NULL_VALUE_NOT_ALLOWED),
-				 errmsg("%s must not be null", name)));
-}
 
 int32 *
 llm_tokens_from_array(ArrayType *a, int *n)

@@ -32,7 +32,6 @@ typedef struct GenSettings
 extern void llm_sampling_args(FunctionCallInfo fcinfo, GenSettings *set);
 
 /* ERROR (null value not allowed) when argument argno is NULL. */
-extern void llm_require_arg(FunctionCallInfo fcinfo, int argno, const char *name);
 
 /* A 1-D int[] without NULLs and not empty, as a palloc'd copy; *n its length. */
 extern int32 *llm_tokens_from_array(ArrayType *a, int *n);

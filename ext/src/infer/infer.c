@@ -17,7 +17,7 @@
  *   over the threads; a step's attention is plain C per (beam, head).
  * - The token embedding reads wte's rows back from the packed head (llm_weights_column).
  */
-#include "base/pg_llm.h"
+#include "base/base.h"
 #include "compute/blas.h"
 #include "infer/infer.h"
 #include "weights/served.h"

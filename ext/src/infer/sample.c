@@ -6,7 +6,7 @@
  * The draws come from PostgreSQL's PRNG (xoroshiro128**): with a seed, the same call gives the same
  * tokens in any session; without one, the state is seeded from the backend's own random state.
  */
-#include "base/pg_llm.h"
+#include "base/base.h"
 #include "infer/sample.h"
 
 #include <math.h>

@@ -7,7 +7,7 @@
  *
  * All of it runs in the calling transaction through SPI: an ERROR rolls back every row written.
  */
-#include "base/pg_llm.h"
+#include "base/base.h"
 #include "model/model.h"
 #include "model/checkpoint.h"
 
@@ -325,9 +325,7 @@ llm_init(PG_FUNCTION_ARGS)
 	bool		replace;
 	LlmWeightWriter w;
 
-	if (PG_ARGISNULL(0))
-		ereport(ERROR, (errcode(ERRCODE_NULL_VALUE_NOT_ALLOWED), errmsg("model must not be null")));
-	model = text_to_cstring(PG_GETARG_TEXT_PP(0));
+	model = llm_text_arg(fcinfo, 0, "model");
 	seed = PG_ARGISNULL(6) ? 0 : (uint64) PG_GETARG_INT64(6);
 	replace = PG_ARGISNULL(7) ? false : PG_GETARG_BOOL(7);
 	llm_check_model_name(model);
@@ -492,9 +490,7 @@ llm_checkpoint_save(PG_FUNCTION_ARGS)
 	bool		isnull;
 	int			ret;
 
-	if (PG_ARGISNULL(0))
-		ereport(ERROR, (errcode(ERRCODE_NULL_VALUE_NOT_ALLOWED), errmsg("model must not be null")));
-	model = text_to_cstring(PG_GETARG_TEXT_PP(0));
+	model = llm_text_arg(fcinfo, 0, "model");
 	llm_check_model_name(model);
 	values[0] = CStringGetTextDatum(model);
 	values[1] = PG_ARGISNULL(1) ? (Datum) 0 : PG_GETARG_DATUM(1);

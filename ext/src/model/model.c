@@ -2,7 +2,7 @@
  * model.c: GPT-2 tensor names and layout, llm_model_config, and the backend's model (its weights
  * from weights_cache.c: the server's shared copy, or a private one).
  */
-#include "base/pg_llm.h"
+#include "base/base.h"
 #include "model/model.h"
 #include "base/privileges.h"
 #include "weights/served.h"
@@ -177,22 +177,6 @@ size_t
 llm_kind_tensors(const LlmConfig *cfg, LlmParamKind kind)
 {
 	return kind_is_layered(kind) ? (size_t) cfg->n_layer : 1;
-}
-
-void
-llm_check_model_name(const char *model)
-{
-	size_t		len = strlen(model);
-
-	if (len == 0 || len > LLM_MODEL_NAME_MAX)
-		ereport(ERROR,
-				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
-				 errmsg("model name must have 1 to %d bytes", LLM_MODEL_NAME_MAX)));
-	for (size_t i = 0; i < len; i++)
-		if ((unsigned char) model[i] < 0x20 || model[i] == 0x7f)
-			ereport(ERROR,
-					(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
-					 errmsg("model name must not contain control characters")));
 }
 
 /* The model's row of llm_model_config (locked when for_update); false when there is none.
@@ -625,10 +609,7 @@ pg_llm_weight_cache_build(PG_FUNCTION_ARGS)
 	Datum		values[4];
 	bool		nulls[4] = {false, false, false, false};
 
-	if (PG_ARGISNULL(0))
-		ereport(ERROR,
-				(errcode(ERRCODE_NULL_VALUE_NOT_ALLOWED),
-				 errmsg("model must not be null")));
+	llm_require_arg(fcinfo, 0, "model");
 	if (!llm_shared_weights)
 		ereport(ERROR,
 				(errcode(ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE),

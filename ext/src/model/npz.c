@@ -10,7 +10,7 @@
  * Export writes the same format, the format and configuration records first, as gzip members of
  * stored blocks made in parallel (float32 weights barely compress, and stored blocks import fastest).
  */
-#include "base/pg_llm.h"
+#include "base/base.h"
 #include "model/model.h"
 #include "model/checkpoint.h"
 #include "model/npz.h"

@@ -31,7 +31,7 @@
  * A session computes alone when the runner is not available: pg_llm.batch_sessions = 0, a private
  * copy of the weights, no free background worker (max_worker_processes) or no free slot.
  */
-#include "base/pg_llm.h"
+#include "base/base.h"
 #include "infer/infer.h"
 #include "base/privileges.h"
 #include "runner/runner.h"

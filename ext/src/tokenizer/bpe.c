@@ -16,7 +16,7 @@
  * keeps a cache of already-encoded pieces in it. The loaders of vocab.json / merges.txt are in
  * bpe_load.c.
  */
-#include "base/pg_llm.h"
+#include "base/base.h"
 #include "tokenizer/bpe.h"
 #include "tokenizer/cache.h"
 #include "tokenizer/pretokenize.h"
@@ -575,7 +575,7 @@ llm_decode(PG_FUNCTION_ARGS)
 	if (ARR_HASNULL(arr) && array_contains_nulls(arr))
 		ereport(ERROR,
 				(errcode(ERRCODE_NULL_VALUE_NOT_ALLOWED),
-				 errmsg("token ids must not be NULL")));
+				 errmsg("token ids must not be null")));
 	out = llm_bpe_decode(model, n > 0 ? (int32 *) ARR_DATA_PTR(arr) : NULL, n, &len);
 	server = pg_any_to_server(out, len, PG_UTF8);
 	PG_RETURN_TEXT_P(cstring_to_text_with_len(server, server == out ? len : (int) strlen(server)));

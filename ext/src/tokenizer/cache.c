@@ -7,7 +7,7 @@
  * lookup, at most once per snapshot); statement triggers on the two tables set it from a
  * sequence, so a changed, reloaded or rolled-back tokenizer never matches a stale cache.
  */
-#include "base/pg_llm.h"
+#include "base/base.h"
 #include "tokenizer/cache.h"
 #include "model/model.h"
 #include "tokenizer/strmap.h"

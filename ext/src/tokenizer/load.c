@@ -15,7 +15,7 @@
  *     one space, each of them and their concatenation in the model's vocabulary, no merge twice.
  * The vocabulary goes first: merges are checked against what the tables hold.
  */
-#include "base/pg_llm.h"
+#include "base/base.h"
 #include "tokenizer/cache.h"
 #include "model/model.h"
 #include "tokenizer/strmap.h"

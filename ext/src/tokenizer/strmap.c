@@ -1,7 +1,7 @@
 /*
  * strmap.c: a string -> int map (see strmap.h).
  */
-#include "base/pg_llm.h"
+#include "base/base.h"
 #include "tokenizer/strmap.h"
 
 void

@@ -1,7 +1,7 @@
 /*
  * utf8.c: UTF-8 as a strict decoder sees it (see utf8.h).
  */
-#include "base/pg_llm.h"
+#include "base/base.h"
 #include "tokenizer/utf8.h"
 
 /*

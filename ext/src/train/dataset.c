@@ -4,7 +4,7 @@
  * The ids are read once per call (in id order); each block is then one indexed lookup, so a
  * dataset of any size costs 8 bytes per row of memory.
  */
-#include "base/pg_llm.h"
+#include "base/base.h"
 #include "train/dataset.h"
 
 #include "catalog/pg_type.h"

@@ -9,7 +9,7 @@
  * Rows are written by one INSERT per TOKENS_PER_INSERT tokens or so; memory holds one batch of
  * documents and one insert's worth of tokens, whatever the size of the table.
  */
-#include "base/pg_llm.h"
+#include "base/base.h"
 #include "tokenizer/bpe.h"
 #include "tokenizer/cache.h"
 #include "model/model.h"
@@ -136,18 +136,11 @@ llm_dataset_build(PG_FUNCTION_ARGS)
 	MemoryContext old;
 
 	memset(&b, 0, sizeof(b));
-	if (PG_ARGISNULL(0))
-		llm_bad_argument("query must not be NULL", "Give a SELECT that returns one document per row.");
-	if (PG_ARGISNULL(1))
-		llm_bad_argument("dataset must not be NULL", NULL);
-	if (PG_ARGISNULL(2))
-		llm_bad_argument("model must not be NULL", NULL);
-	if (PG_ARGISNULL(3))
-		llm_bad_argument("block_size must not be NULL", NULL);
-	query = text_to_cstring(PG_GETARG_TEXT_PP(0));
+	query = llm_text_arg(fcinfo, 0, "query");
+	llm_require_arg(fcinfo, 1, "dataset");
 	b.dataset = PG_GETARG_DATUM(1);
-	model = text_to_cstring(PG_GETARG_TEXT_PP(2));
-	b.T = PG_GETARG_INT32(3);
+	model = llm_text_arg(fcinfo, 2, "model");
+	b.T = llm_int_arg(fcinfo, 3, "block_size");
 	replace = !PG_ARGISNULL(4) && PG_GETARG_BOOL(4);
 	llm_check_model_name(model);
 	b.model = model;

@@ -5,7 +5,7 @@
  * activations for a backward: one set of per-layer buffers, reused by every layer, malloc'd per
  * call and freed on success and on error. They write nothing, so they run on a hot standby.
  */
-#include "base/pg_llm.h"
+#include "base/base.h"
 #include "compute/blas.h"
 #include "tokenizer/bpe.h"
 #include "tokenizer/cache.h"
@@ -206,20 +206,12 @@ llm_eval_rows(const LlmModel *model, const int32 *inputs, const int32 *targets, 
 
 /* ---- SQL ----------------------------------------------------------------------------------- */
 
-static char *
-text_arg(FunctionCallInfo fcinfo, int i, const char *name)
-{
-	if (PG_ARGISNULL(i))
-		llm_bad_argument(psprintf("%s must not be NULL", name), NULL);
-	return text_to_cstring(PG_GETARG_TEXT_PP(i));
-}
-
 PG_FUNCTION_INFO_V1(llm_eval);
 Datum
 llm_eval(PG_FUNCTION_ARGS)
 {
-	char	   *model_name = text_arg(fcinfo, 0, "model");
-	char	   *dataset = text_arg(fcinfo, 1, "dataset");
+	char	   *model_name = llm_text_arg(fcinfo, 0, "model");
+	char	   *dataset = llm_text_arg(fcinfo, 1, "dataset");
 	int64		max_rows = PG_ARGISNULL(2) ? 0 : PG_GETARG_INT32(2);
 	int			batch_size = PG_ARGISNULL(3) ? 8 : PG_GETARG_INT32(3);
 	LlmDataset	ds;
@@ -258,13 +250,12 @@ llm_eval(PG_FUNCTION_ARGS)
 static LlmModel *
 model_and_ids(FunctionCallInfo fcinfo, int32 **ids, int *n)
 {
-	char	   *model_name = text_arg(fcinfo, 1, "model");
+	char	   *model_name = llm_text_arg(fcinfo, 1, "model");
 	char	   *input;
 	int			len;
 	LlmModel   *model;
 
-	if (PG_ARGISNULL(0))
-		llm_bad_argument("input must not be NULL", NULL);
+	llm_require_arg(fcinfo, 0, "input");
 	input = bpe_datum_to_utf8(PG_GETARG_DATUM(0), &len);
 	llm_check_model_name(model_name);
 	*ids = llm_bpe_encode(model_name, input, len, n);
@@ -467,7 +458,7 @@ Datum
 llm_embed_batch(PG_FUNCTION_ARGS)
 {
 	ReturnSetInfo *rsinfo = (ReturnSetInfo *) fcinfo->resultinfo;
-	char	   *model_name = text_arg(fcinfo, 1, "model");
+	char	   *model_name = llm_text_arg(fcinfo, 1, "model");
 	LlmModel   *model;
 	Datum	   *texts;
 	bool	   *text_nulls;

@@ -11,7 +11,7 @@
  *     so that a second run is refused at once with the first one's pid, instead of queuing.
  * The holder's own llm_train calls do not conflict with its session lock.
  */
-#include "base/pg_llm.h"
+#include "base/base.h"
 #include "model/model.h"
 #include "base/privileges.h"
 #include "train/lock.h"

@@ -15,7 +15,7 @@
  * the cached weights, already changed in memory, are then dropped so that the next call
  * reloads them from the tables.
  */
-#include "base/pg_llm.h"
+#include "base/base.h"
 #include "compute/blas.h"
 #include "train/dataset.h"
 #include "train/eval.h"
@@ -162,15 +162,6 @@ train_subxact_callback(SubXactEvent event, SubTransactionId mySubid, SubTransact
 
 /* ---- arguments ----------------------------------------------------------------------------- */
 
-static void
-bad_argument(const char *msg, const char *hint)
-{
-	ereport(ERROR,
-			(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
-			 errmsg("%s", msg),
-			 hint ? errhint("%s", hint) : 0));
-}
-
 /* Argument positions, as declared in pg_llm--0.1.0.sql, then the upgrade script's additions. */
 enum
 {
@@ -182,22 +173,11 @@ enum
 static double
 float_arg(FunctionCallInfo fcinfo, int i, const char *name)
 {
-	double		x;
+	double		x = llm_float_arg(fcinfo, i, name);
 
-	if (PG_ARGISNULL(i))
-		bad_argument(psprintf("%s must not be NULL", name), NULL);
-	x = PG_GETARG_FLOAT8(i);
 	if (isnan(x) || isinf(x))
-		bad_argument(psprintf("%s must be a finite number", name), NULL);
+		llm_bad_argument(psprintf("%s must be a finite number", name), NULL);
 	return x;
-}
-
-static int
-int_arg(FunctionCallInfo fcinfo, int i, const char *name)
-{
-	if (PG_ARGISNULL(i))
-		bad_argument(psprintf("%s must not be NULL", name), NULL);
-	return PG_GETARG_INT32(i);
 }
 
 /* eval_dataset, eval_every, eval_rows (the upgrade script's; absent under 0.1.0's declaration). */
@@ -210,67 +190,63 @@ parse_eval_args(FunctionCallInfo fcinfo, TrainArgs *a)
 	a->eval_every = PG_ARGISNULL(A_EVAL_EVERY) ? 0 : PG_GETARG_INT32(A_EVAL_EVERY);
 	a->eval_rows = PG_ARGISNULL(A_EVAL_ROWS) ? 0 : PG_GETARG_INT32(A_EVAL_ROWS);
 	if (a->eval_every < 0)
-		bad_argument(psprintf("eval_every must not be negative, got %d", a->eval_every),
+		llm_bad_argument(psprintf("eval_every must not be negative, got %d", a->eval_every),
 					 "0 evaluates after the last step only.");
 	if (!PG_ARGISNULL(A_EVAL_ROWS) && a->eval_rows < 1)
-		bad_argument(psprintf("eval_rows must be positive, got %d", a->eval_rows),
+		llm_bad_argument(psprintf("eval_rows must be positive, got %d", a->eval_rows),
 					 "Leave it NULL to evaluate every row.");
 	if (a->eval_dataset == NULL && (a->eval_every > 0 || a->eval_rows > 0))
-		bad_argument("eval_every and eval_rows need eval_dataset", "Pass eval_dataset => 'val'.");
+		llm_bad_argument("eval_every and eval_rows need eval_dataset", "Pass eval_dataset => 'val'.");
 }
 
 static void
 parse_args(FunctionCallInfo fcinfo, TrainArgs *a)
 {
 	memset(a, 0, sizeof(*a));
-	if (PG_ARGISNULL(A_MODEL))
-		bad_argument("model must not be NULL", NULL);
-	a->model = text_to_cstring(PG_GETARG_TEXT_PP(A_MODEL));
+	a->model = llm_text_arg(fcinfo, A_MODEL, "model");
 	llm_check_model_name(a->model);
-	a->steps = int_arg(fcinfo, A_STEPS, "steps");
+	a->steps = llm_int_arg(fcinfo, A_STEPS, "steps");
 	a->beta1 = float_arg(fcinfo, A_BETA1, "beta1");
 	a->beta2 = float_arg(fcinfo, A_BETA2, "beta2");
 	a->eps = float_arg(fcinfo, A_EPS, "eps");
 	a->wd = float_arg(fcinfo, A_WD, "wd");
 	a->lr_max = float_arg(fcinfo, A_LR_MAX, "lr_max");
-	a->warmup = int_arg(fcinfo, A_WARMUP, "warmup");
-	a->batch_size = int_arg(fcinfo, A_BATCH_SIZE, "batch_size");
-	a->grad_accum = int_arg(fcinfo, A_GRAD_ACCUM, "grad_accum");
+	a->warmup = llm_int_arg(fcinfo, A_WARMUP, "warmup");
+	a->batch_size = llm_int_arg(fcinfo, A_BATCH_SIZE, "batch_size");
+	a->grad_accum = llm_int_arg(fcinfo, A_GRAD_ACCUM, "grad_accum");
 	a->grad_clip = float_arg(fcinfo, A_GRAD_CLIP, "grad_clip");
 	a->lr_min = float_arg(fcinfo, A_LR_MIN, "lr_min");
 	a->total_steps = PG_ARGISNULL(A_TOTAL_STEPS) ? 0 : PG_GETARG_INT32(A_TOTAL_STEPS);
 	a->dropout = float_arg(fcinfo, A_DROPOUT, "dropout");
 	a->seed = PG_ARGISNULL(A_SEED) ? 1337 : PG_GETARG_INT64(A_SEED);
-	if (PG_NARGS() > A_DATASET && PG_ARGISNULL(A_DATASET))
-		bad_argument("dataset must not be NULL", "The seed's rows are in dataset 'train'.");
-	a->dataset = PG_NARGS() > A_DATASET ? text_to_cstring(PG_GETARG_TEXT_PP(A_DATASET)) : "train";
+	a->dataset = PG_NARGS() > A_DATASET ? llm_text_arg(fcinfo, A_DATASET, "dataset") : "train";
 	parse_eval_args(fcinfo, a);
 
 	if (a->steps <= 0)
-		bad_argument(psprintf("steps must be positive, got %d", a->steps), NULL);
+		llm_bad_argument(psprintf("steps must be positive, got %d", a->steps), NULL);
 	if (a->beta1 < 0 || a->beta1 >= 1 || a->beta2 < 0 || a->beta2 >= 1)
-		bad_argument("beta1 and beta2 must be in [0, 1)", NULL);
+		llm_bad_argument("beta1 and beta2 must be in [0, 1)", NULL);
 	if (a->eps <= 0)
-		bad_argument("eps must be positive", NULL);
+		llm_bad_argument("eps must be positive", NULL);
 	if (a->wd < 0)
-		bad_argument("wd must not be negative", NULL);
+		llm_bad_argument("wd must not be negative", NULL);
 	if (a->lr_max < 0)
-		bad_argument(psprintf("lr_max must not be negative, got %g", a->lr_max), NULL);
+		llm_bad_argument(psprintf("lr_max must not be negative, got %g", a->lr_max), NULL);
 	if (a->lr_min < 0 || a->lr_min > a->lr_max)
-		bad_argument(psprintf("lr_min must be between 0 and lr_max (%g), got %g", a->lr_max, a->lr_min),
+		llm_bad_argument(psprintf("lr_min must be between 0 and lr_max (%g), got %g", a->lr_max, a->lr_min),
 					 "lr_min is the floor that the cosine schedule decays to.");
 	if (a->warmup < 0)
-		bad_argument("warmup must not be negative", NULL);
+		llm_bad_argument("warmup must not be negative", NULL);
 	if (a->batch_size < 1 || a->batch_size > LLM_BATCH_SIZE_MAX)
-		bad_argument(psprintf("batch_size must be between 1 and %d, got %d", LLM_BATCH_SIZE_MAX, a->batch_size), NULL);
+		llm_bad_argument(psprintf("batch_size must be between 1 and %d, got %d", LLM_BATCH_SIZE_MAX, a->batch_size), NULL);
 	if (a->grad_accum < 1 || a->grad_accum > LLM_GRAD_ACCUM_MAX)
-		bad_argument(psprintf("grad_accum must be between 1 and %d, got %d", LLM_GRAD_ACCUM_MAX, a->grad_accum), NULL);
+		llm_bad_argument(psprintf("grad_accum must be between 1 and %d, got %d", LLM_GRAD_ACCUM_MAX, a->grad_accum), NULL);
 	if (a->grad_clip < 0)
-		bad_argument("grad_clip must not be negative", "Use 0 to turn clipping off.");
+		llm_bad_argument("grad_clip must not be negative", "Use 0 to turn clipping off.");
 	if (!PG_ARGISNULL(A_TOTAL_STEPS) && a->total_steps <= 0)
-		bad_argument(psprintf("total_steps must be positive, got %d", a->total_steps), NULL);
+		llm_bad_argument(psprintf("total_steps must be positive, got %d", a->total_steps), NULL);
 	if (a->dropout < 0 || a->dropout >= 1)
-		bad_argument(psprintf("dropout must be in [0, 1), got %g", a->dropout), NULL);
+		llm_bad_argument(psprintf("dropout must be in [0, 1), got %g", a->dropout), NULL);
 }
 
 /*
@@ -804,7 +780,7 @@ train_setup(TrainRun *run, FunctionCallInfo fcinfo)
 	run->data_pos = DatumGetInt64(SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 2, &isnull));
 	SPI_freetuptable(SPI_tuptable);
 	if (run->step0 + a->steps > PG_INT32_MAX)
-		bad_argument("the step counter would overflow", NULL);
+		llm_bad_argument("the step counter would overflow", NULL);
 
 	/*
 	 * The schedule's length: total_steps when given (pgllm train passes it, so that chunked
@@ -820,7 +796,7 @@ train_setup(TrainRun *run, FunctionCallInfo fcinfo)
 
 	llm_dataset_open(&run->ds, &run->cfg, a->dataset, 0);
 	if ((int64) a->batch_size * run->ds.T > PG_INT32_MAX / 4)
-		bad_argument(psprintf("batch_size %d times the block size %d is too large", a->batch_size, run->ds.T),
+		llm_bad_argument(psprintf("batch_size %d times the block size %d is too large", a->batch_size, run->ds.T),
 					 "Use grad_accum for a larger effective batch.");
 	if (a->eval_dataset != NULL)
 		eval_setup(run);

@@ -31,7 +31,7 @@
  *   in every format (precision); Linux keeps their pages for the backends still mapping them, which
  *   remap at their next call. Only committed weights are shared (see model.c), so versions only grow.
  */
-#include "base/pg_llm.h"
+#include "base/base.h"
 #include "base/privileges.h"
 #include "weights/cache.h"
 

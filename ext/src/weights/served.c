@@ -11,7 +11,7 @@
  * faster than sgemm on the float32 block (bench.kernels at T = 128; docs/notes/decode.md), so one
  * copy serves both passes and a reduced precision needs no float32 copy beside it.
  */
-#include "base/pg_llm.h"
+#include "base/base.h"
 #include "weights/served.h"
 
 #include "miscadmin.h"

@@ -1,20 +1,22 @@
 /*
- * pg_llm.h: what every module of the pg_llm extension shares: the version, the settings, the
- * names of its tables and running statements on them, memory for float blocks.
+ * base.h: what every PostgreSQL-side module of pg_llm shares (base.c, thread_budget.c,
+ * blas_setting.c, privileges.c, shared_file.c): the version and the PostgreSQL versions it
+ * builds for, the names of its tables and running statements on them, the rule for arguments, the
+ * threads a session may use, the files shared by the server's processes, memory for float blocks.
  *
- * It also brings in the worker pool (parallel.h) and the kernel library (kernels.h, with the one
- * SIMD dispatch macro), which most modules use.
+ * It brings in PostgreSQL (postgres.h first, as every backend file must) and the compute layer
+ * (compute/compute.h), which sits below it and never includes PostgreSQL.
  */
-#ifndef PG_LLM_H
-#define PG_LLM_H
+#ifndef PG_LLM_BASE_H
+#define PG_LLM_BASE_H
 
 #include "postgres.h"
 
 #include "executor/spi.h"
+#include "fmgr.h"
 
-#include "compute/kernels.h"
 #include "base/limits.h"
-#include "compute/pool.h"
+#include "compute/compute.h"
 
 /* The extension's version: default_version of pg_llm.control, passed in by the Makefile. */
 #ifndef PG_LLM_VERSION
@@ -61,14 +63,23 @@
 #define llm_json_lexer(json, len) makeJsonLexContextCstringLen((json), (len), PG_UTF8, true)
 #endif
 
-/* GUCs (see pg_llm.c) */
-extern int	llm_threads;		/* pg_llm.threads: worker threads for BLAS and kernels; 0 = one per core */
-extern int	llm_server_threads;	/* pg_llm.server_threads: threads all computing sessions share; 0 = one per core */
+/* ---- thread_budget.c: the threads the sessions of a server share ----------------------------- */
 
-/* threads.c: the threads this session may use now (its share of the server's, at most pg_llm.threads). */
+/* _PG_init: the settings pg_llm.threads and pg_llm.server_threads. */
+extern void llm_thread_budget_init(void);
+/* The threads this session may use now (its share of the server's, at most pg_llm.threads). */
 extern int	llm_num_threads(void);
 /* This process stops counting as computing until it asks again (a transaction's end does it for sessions). */
 extern void llm_threads_idle(void);
+
+/* ---- blas_setting.c: the BLAS library ------------------------------------------------------- */
+
+/* _PG_init: the setting pg_llm.blas_library. */
+extern void llm_blas_define_settings(void);
+/* Opens the library on first use (ERROR when there is none); BLAS then follows llm_num_threads(). */
+extern void llm_blas_init(void);
+
+/* ---- base.c: tables, statements, arguments, memory ------------------------------------------ */
 
 /* Schema-qualified, quoted name of a pg_llm table, so that search_path cannot redirect it. */
 extern char *llm_table(const char *name);
@@ -91,7 +102,19 @@ extern uint64 llm_spi_run_plan(const char *purpose, SPIPlanPtr plan, Datum *valu
 /* A prepared statement (SPI_prepare), or an ERROR naming its purpose. */
 extern SPIPlanPtr llm_spi_prepare(const char *purpose, const char *sql, int nargs, Oid *types);
 
-/* ERROR invalid_parameter_value with msg (and hint, unless NULL): a bad argument of a SQL function. */
+/*
+ * The rule for the arguments of every SQL function: a NULL where a value is needed is ERROR
+ * null_value_not_allowed "<name> must not be null"; a value out of range or of the wrong kind is
+ * ERROR invalid_parameter_value (llm_bad_argument). The *_arg functions read argument argno,
+ * refusing NULL by that rule.
+ */
+extern void llm_require_arg(FunctionCallInfo fcinfo, int argno, const char *name);
+extern char *llm_text_arg(FunctionCallInfo fcinfo, int argno, const char *name);
+extern int32 llm_int_arg(FunctionCallInfo fcinfo, int argno, const char *name);
+extern double llm_float_arg(FunctionCallInfo fcinfo, int argno, const char *name);
 extern pg_noreturn void llm_bad_argument(const char *msg, const char *hint);
 
-#endif							/* PG_LLM_H */
+/* A model name, checked before it is used anywhere (length, no control characters). */
+extern void llm_check_model_name(const char *model);
+
+#endif							/* PG_LLM_BASE_H */

@@ -1,5 +1,6 @@
 /*
- * threads.c: how many threads this session may use now (llm_num_threads).
+ * thread_budget.c: how many threads this session may use now (llm_num_threads), the source of
+ * the compute layer's thread count (compute/pool.h).
  *
  * pg_llm.threads caps one session (0 = one per core). Alone, a session uses every core. But each
  * backend has its own worker pool (parallel.c) and BLAS threads, so sessions computing at once
@@ -19,7 +20,7 @@
  * shared_preload_libraries; the slots are read and written with atomics only, and a backend that
  * cannot map the file uses pg_llm.threads alone.
  */
-#include "base/pg_llm.h"
+#include "base/base.h"
 #include "weights/cache.h"
 
 #include <errno.h>
@@ -33,6 +34,7 @@
 #include "access/xact.h"
 #include "miscadmin.h"
 #include "storage/fd.h"
+#include "utils/guc.h"
 
 #define BUDGET_DIR LLM_WC_DIR
 #define BUDGET_FILE BUDGET_DIR "/threads"
@@ -41,6 +43,28 @@
 #define ACTIVE_NS (UINT64CONST(2) * 1000000000) /* computing: asked for threads this recently */
 #define TOUCH_NS 1000000		/* write the slot's time at most every 1 ms */
 #define RECOUNT_NS 10000000		/* count the computing sessions at most every 10 ms */
+
+static int	llm_threads = 0;	/* pg_llm.threads: worker threads for BLAS and kernels; 0 = one per core */
+static int	llm_server_threads = 0; /* pg_llm.server_threads: threads all computing sessions share; 0 = one per core */
+
+void
+llm_thread_budget_init(void)
+{
+	DefineCustomIntVariable("pg_llm.threads",
+							"Worker threads for matrix products and kernels (0 = one per CPU core).",
+							"Applies from the next call that uses the model engine.",
+							&llm_threads,
+							0, 0, 256,
+							PGC_USERSET, 0,
+							NULL, NULL, NULL);
+	DefineCustomIntVariable("pg_llm.server_threads",
+							"Threads that all sessions computing at once share (0 = one per CPU core).",
+							"Each computing session gets an equal share, at least one, and at most pg_llm.threads.",
+							&llm_server_threads,
+							0, 0, 4096,
+							PGC_SUSET, 0,
+							NULL, NULL, NULL);
+}
 
 typedef struct Slot
 {
