@@ -3,7 +3,6 @@
  * hooks; everything else lives in the folders of src/ (src/README.md).
  */
 #include "base/base.h"
-#include "base/privileges.h"
 #include "generate/batch.h"
 #include "runner/runner.h"
 #include "weights/cache.h"

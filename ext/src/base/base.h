@@ -14,6 +14,7 @@
 
 #include "executor/spi.h"
 #include "fmgr.h"
+#include "nodes/parsenodes.h"
 
 #include "base/limits.h"
 #include "compute/compute.h"
@@ -116,5 +117,22 @@ extern pg_noreturn void llm_bad_argument(const char *msg, const char *hint);
 
 /* A model name, checked before it is used anywhere (length, no control characters). */
 extern void llm_check_model_name(const char *model);
+
+/* ---- privileges.c: rights on the tables ------------------------------------------------------ */
+
+/* _PG_init: the hint on "permission denied" for pg_llm's objects. */
+extern void llm_privileges_init(void);
+
+/* Whether the current user has `mode` on table relid, or on each of these columns of it. */
+extern bool llm_granted(Oid relid, const char *const *columns, int n_columns, AclMode mode);
+
+/* ERROR unless the current user may write models' weights (UPDATE on llm_param), as the write would. */
+extern void llm_check_may_train(const char *model);
+
+/*
+ * ERROR unless the trigger of fcinfo fires on pg_llm's table `table`: a trigger function of the
+ * extension reads that table's columns by position, and must never run anywhere else.
+ */
+extern void llm_check_trigger_table(FunctionCallInfo fcinfo, const char *function, const char *table);
 
 #endif							/* PG_LLM_BASE_H */

@@ -20,6 +20,7 @@
  * checked before anything runs, so a bad one fails the call at once, naming its position.
  */
 #include "base/base.h"
+#include "weights/weights.h"
 #include "generate/batch.h"
 #include "generate/generate.h"
 #include "infer/infer.h"

@@ -9,6 +9,7 @@
  * (early_stopping=False). All beams share the prompt's cache and run as one batch per step.
  */
 #include "base/base.h"
+#include "weights/weights.h"
 #include "generate/generate.h"
 #include "infer/infer.h"
 #include "infer/sample.h"

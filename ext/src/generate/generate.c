@@ -13,6 +13,7 @@
  * else in this backend: the same logits either way, so the same tokens.
  */
 #include "base/base.h"
+#include "weights/weights.h"
 #include "tokenizer/bpe.h"
 #include "generate/generate.h"
 #include "infer/infer.h"

@@ -159,7 +159,7 @@ llm_weights_begin(LlmWeightWriter *w, const char *model, const LlmConfig *arch, 
 											llm_table("llm_param")), 4, argtypes, CURSOR_OPT_GENERIC_PLAN);
 	if (w->insert == NULL)
 		elog(ERROR, "preparing the llm_param insert failed: %s", SPI_result_code_string(SPI_result));
-	w->seen = palloc0(w->layout.num_tensors * sizeof(bool));
+	llm_tensor_rows_begin(&w->rows, &w->cfg);
 }
 
 bytea *
@@ -190,10 +190,7 @@ llm_weights_put(LlmWeightWriter *w, int index, bytea *data)
 
 	llm_tensor_info(&w->cfg, &w->layout, index, &info);
 	Assert(VARSIZE(data) - VARHDRSZ == info.numel * sizeof(float));
-	if (w->seen[index])
-		ereport(ERROR,
-				(errcode(ERRCODE_DATA_EXCEPTION),
-				 errmsg("tensor \"%s\" appears twice", info.name)));
+	llm_tensor_rows_take(&w->rows, index);
 	for (int d = 0; d < info.ndim; d++)
 		dims[d] = Int32GetDatum(info.shape[d]);
 	values[0] = CStringGetTextDatum(w->cfg.model);
@@ -203,27 +200,19 @@ llm_weights_put(LlmWeightWriter *w, int index, bytea *data)
 	ret = SPI_execute_plan(w->insert, values, NULL, false, 0);
 	if (ret != SPI_OK_INSERT)
 		elog(ERROR, "writing tensor \"%s\" failed: %s", info.name, SPI_result_code_string(ret));
-	w->seen[index] = true;
-	w->n_written++;
 }
 
 void
 llm_weights_finish(LlmWeightWriter *w)
 {
-	for (int i = 0; i < w->layout.num_tensors; i++)
-	{
-		if (!w->seen[i])
-		{
-			LlmTensorInfo info;
+	LlmTensorInfo info;
 
-			llm_tensor_info(&w->cfg, &w->layout, i, &info);
-			ereport(ERROR,
-					(errcode(ERRCODE_NO_DATA_FOUND),
-					 errmsg("tensor \"%s\" is missing", info.name),
-					 errdetail("Model \"%s\" (%s) has %d tensors; %d were given.", w->cfg.model,
-							   llm_describe_architecture(&w->cfg), w->layout.num_tensors, w->n_written)));
-		}
-	}
+	if (llm_tensor_rows_missing(&w->rows, 0, &info) >= 0)
+		ereport(ERROR,
+				(errcode(ERRCODE_NO_DATA_FOUND),
+				 errmsg("tensor \"%s\" is missing", info.name),
+				 errdetail("Model \"%s\" (%s) has %d tensors; %d were given.", w->cfg.model,
+						   llm_describe_architecture(&w->cfg), w->layout.num_tensors, w->rows.n_seen)));
 }
 
 /* ---- llm_init: GPT-2's initialisation, reproducible from a seed -------------------------------- */
@@ -391,6 +380,54 @@ llm_init(PG_FUNCTION_ARGS)
 
 /* ---- checkpoints ------------------------------------------------------------------------------- */
 
+/* A checkpoint being checked: whose fault a failure is (the model being saved, or the checkpoint). */
+typedef struct CheckpointCheck
+{
+	const LlmConfig *cfg;
+	int64		id;
+	bool		saving;
+} CheckpointCheck;
+
+/* One row (name, shape, octet lengths of data, m, v) of llm_checkpoint_tensor. */
+static void
+check_row(void *arg, HeapTuple tuple, TupleDesc desc, const char *name, int index, const LlmTensorInfo *info)
+{
+	const CheckpointCheck *c = arg;
+	char	   *shape = SPI_getvalue(tuple, desc, 2);
+	char	   *problem = NULL;
+
+	if (index < 0)
+		problem = psprintf("the model has no tensor of that name");
+	else
+	{
+		char	   *want = info->ndim == 2 ? psprintf("{%d,%d}", info->shape[0], info->shape[1])
+		: psprintf("{%d}", info->shape[0]);
+		const char *column[3] = {"data", "m", "v"};
+
+		if (strcmp(shape, want) != 0)
+			problem = psprintf("its shape is %s, the model's %s", shape, want);
+		for (int k = 0; k < 3 && problem == NULL; k++)
+		{
+			bool		isnull;
+			int32		len = DatumGetInt32(SPI_getbinval(tuple, desc, 3 + k, &isnull));
+
+			if ((isnull && k == 0) || (!isnull && (size_t) len != info->numel * sizeof(float)))
+				problem = psprintf("its %s has %d bytes, not %zu", column[k], isnull ? 0 : len,
+								   info->numel * sizeof(float));
+		}
+	}
+	if (problem && c->saving)
+		ereport(ERROR,
+				(errcode(ERRCODE_DATA_CORRUPTED),
+				 errmsg("model \"%s\" cannot be saved: tensor \"%s\" is inconsistent", c->cfg->model, name),
+				 errdetail("%s; the model has %s.", problem, llm_describe_architecture(c->cfg))));
+	if (problem)
+		ereport(ERROR,
+				(errcode(ERRCODE_DATA_CORRUPTED),
+				 errmsg("checkpoint %lld does not fit model \"%s\": tensor \"%s\"", (long long) c->id, c->cfg->model, name),
+				 errdetail("%s; the model has %s.", problem, llm_describe_architecture(c->cfg))));
+}
+
 /*
  * Every tensor of the model, once, with the right shape and sizes (parameters and, where
  * present, both moments): a checkpoint that passes restores a loadable model. `saving` says
@@ -399,76 +436,23 @@ llm_init(PG_FUNCTION_ARGS)
 static void
 check_checkpoint_tensors(const LlmConfig *cfg, int64 id, bool saving)
 {
-	Oid			argtypes[1] = {INT8OID};
-	Datum		values[1] = {Int64GetDatum(id)};
-	LlmLayout	layout;
-	bool	   *seen;
-	int			ret;
+	CheckpointCheck c = {cfg, id, saving};
+	LlmTensorRows rows;
+	LlmTensorInfo info;
 
-	llm_layout_init(cfg, &layout);
-	seen = palloc0(layout.num_tensors * sizeof(bool));
-	ret = SPI_execute_with_args(psprintf("SELECT name, shape, octet_length(data), octet_length(m), octet_length(v) "
+	llm_tensor_rows_begin(&rows, cfg);
+	llm_tensor_rows_scan(&rows, psprintf("SELECT name, shape, octet_length(data), octet_length(m), octet_length(v) "
 										 "FROM %s WHERE checkpoint_id = $1", llm_table("llm_checkpoint_tensor")),
-								1, argtypes, values, NULL, false, 0);
-	if (ret != SPI_OK_SELECT)
-		elog(ERROR, "reading llm_checkpoint_tensor failed: %s", SPI_result_code_string(ret));
-	for (uint64 r = 0; r < SPI_processed; r++)
-	{
-		HeapTuple	tuple = SPI_tuptable->vals[r];
-		TupleDesc	desc = SPI_tuptable->tupdesc;
-		char	   *name = SPI_getvalue(tuple, desc, 1);
-		char	   *shape = SPI_getvalue(tuple, desc, 2);
-		LlmTensorInfo info;
-		int			index = llm_tensor_find(cfg, &layout, name, &info);
-		char	   *problem = NULL;
-
-		if (index < 0)
-			problem = psprintf("the model has no tensor of that name");
-		else
-		{
-			char	   *want = info.ndim == 2 ? psprintf("{%d,%d}", info.shape[0], info.shape[1])
-			: psprintf("{%d}", info.shape[0]);
-			const char *column[3] = {"data", "m", "v"};
-
-			if (strcmp(shape, want) != 0)
-				problem = psprintf("its shape is %s, the model's %s", shape, want);
-			for (int c = 0; c < 3 && problem == NULL; c++)
-			{
-				bool		isnull;
-				int32		len = DatumGetInt32(SPI_getbinval(tuple, desc, 3 + c, &isnull));
-
-				if ((isnull && c == 0) || (!isnull && (size_t) len != info.numel * sizeof(float)))
-					problem = psprintf("its %s has %d bytes, not %zu", column[c], isnull ? 0 : len,
-									   info.numel * sizeof(float));
-			}
-		}
-		if (problem && saving)
-			ereport(ERROR,
-					(errcode(ERRCODE_DATA_CORRUPTED),
-					 errmsg("model \"%s\" cannot be saved: tensor \"%s\" is inconsistent", cfg->model, name),
-					 errdetail("%s; the model has %s.", problem, llm_describe_architecture(cfg))));
-		if (problem)
-			ereport(ERROR,
-					(errcode(ERRCODE_DATA_CORRUPTED),
-					 errmsg("checkpoint %lld does not fit model \"%s\": tensor \"%s\"", (long long) id, cfg->model, name),
-					 errdetail("%s; the model has %s.", problem, llm_describe_architecture(cfg))));
-		seen[index] = true;
-	}
-	for (int i = 0; i < layout.num_tensors; i++)
-	{
-		LlmTensorInfo info;
-
-		if (seen[i])
-			continue;
-		llm_tensor_info(cfg, &layout, i, &info);
-		if (saving)
-			ereport(ERROR,
-					(errcode(ERRCODE_NO_DATA_FOUND),
-					 errmsg("model \"%s\" cannot be saved: it has no weights for tensor \"%s\"", cfg->model, info.name)));
+						 INT8OID, Int64GetDatum(id), false, check_row, &c);
+	if (llm_tensor_rows_missing(&rows, 0, &info) < 0)
+		return;
+	if (saving)
 		ereport(ERROR,
 				(errcode(ERRCODE_NO_DATA_FOUND),
-				 errmsg("checkpoint %lld of model \"%s\" has no tensor \"%s\"", (long long) id, cfg->model, info.name)));
-	}
+				 errmsg("model \"%s\" cannot be saved: it has no weights for tensor \"%s\"", cfg->model, info.name)));
+	ereport(ERROR,
+			(errcode(ERRCODE_NO_DATA_FOUND),
+			 errmsg("checkpoint %lld of model \"%s\" has no tensor \"%s\"", (long long) id, cfg->model, info.name)));
 }
 
 PG_FUNCTION_INFO_V1(llm_checkpoint_save);

@@ -18,10 +18,9 @@ typedef struct LlmWeightWriter
 {
 	LlmConfig	cfg;			/* the model's architecture, as registered */
 	LlmLayout	layout;
+	LlmTensorRows rows;			/* the tensors written already */
 	SPIPlanPtr	insert;			/* INSERT INTO llm_param (model, name, shape, data) */
-	bool	   *seen;			/* per tensor index: written already */
 	bytea	   *buffer;			/* see llm_weights_buffer */
-	int			n_written;
 } LlmWeightWriter;
 
 /*

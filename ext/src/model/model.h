@@ -112,48 +112,46 @@ extern void llm_params_point(float *memory, const LlmLayout *layout, LlmParams *
 /* Tensors of a kind: n_layer for the kinds of each layer, else 1. */
 extern size_t llm_kind_tensors(const LlmConfig *cfg, LlmParamKind kind);
 
-/* Checks a model name before it is used anywhere (length, no control characters). */
-extern void llm_check_model_name(const char *model);
+/*
+ * A model's tensors as rows (tensor_rows.c): of llm_param, llm_optim_state, llm_checkpoint_tensor or
+ * a checkpoint file. Each row's name is matched to the tensor of that name in the layout, each
+ * tensor is taken once, and the caller learns which never came.
+ */
+typedef struct LlmTensorRows
+{
+	LlmConfig	cfg;
+	LlmLayout	layout;
+	bool	   *seen;			/* (num_tensors) palloc'd */
+	int			n_seen;
+} LlmTensorRows;
+
+extern void llm_tensor_rows_begin(LlmTensorRows *rows, const LlmConfig *cfg);
+
+/* The index of the tensor named `name` (info filled), or -1 when the architecture has none. */
+extern int	llm_tensor_rows_find(LlmTensorRows *rows, const char *name, LlmTensorInfo *info);
+
+/* Tensor `index` came: ERROR data_exception when it came already ("appears twice"). */
+extern void llm_tensor_rows_take(LlmTensorRows *rows, int index);
+
+/* The first tensor from `from` on that no row gave (info filled), or -1 when every one came. */
+extern int	llm_tensor_rows_missing(const LlmTensorRows *rows, int from, LlmTensorInfo *info);
+
+/*
+ * Runs `sql` (its $1 the key, of type key_type: the model's name, a checkpoint's id; its first
+ * column a tensor's name) through a cursor, a few rows at a time, and calls fn for each row: index
+ * is the tensor (taken), or -1 for a name the architecture does not have. The caller is connected
+ * to SPI. read_only: under the current snapshot (as the statement sees the tables), else after
+ * this transaction's own latest writes (SPI's new snapshot).
+ */
+typedef void (*LlmTensorRowFn) (void *arg, HeapTuple tuple, TupleDesc desc, const char *name, int index,
+								const LlmTensorInfo *info);
+extern void llm_tensor_rows_scan(LlmTensorRows *rows, const char *sql, Oid key_type, Datum key,
+								 bool read_only, LlmTensorRowFn fn, void *arg);
 
 /* Reads the model's row of llm_model_config (caller connected to SPI); false when absent. */
 extern bool llm_config_lookup(const char *model, LlmConfig *cfg, bool for_update);
 
 /* Reads llm_model_config; ERROR (undefined object) when the model is unknown. Uses SPI. */
 extern void llm_config_load(const char *model, LlmConfig *cfg);
-
-/*
- * The model for inference, in the precision of pg_llm.inference_precision (a served copy, see
- * served.h), derived from llm_param on first use and kept until the model's weights_version or
- * the precision changes (one indexed lookup per call): the server's shared read-only copy
- * (weights_cache.h; pg_llm.shared_weights), else a private one. ERROR when a tensor is missing or
- * has the wrong size. The returned model stays valid until the next llm_model_get* call. Never
- * write into its memory: it may be mapped read-only.
- */
-extern LlmModel *llm_model_get(const char *model);
-
-/*
- * The file of the server's shared copy that m (from llm_model_get) is mapped from; NULL when m is a
- * private copy (pg_llm.shared_weights off, weights this transaction changed, sharing failed).
- */
-extern const char *llm_model_shared_path(const LlmModel *m);
-
-/*
- * For the batch runner, a process without a database: the served model of cfg in this precision,
- * mapped from the shared copy that a backend of `database` made; NULL when there is none. It stays
- * mapped until the process exits.
- */
-extern LlmModel *llm_model_map_shared(Oid database, const LlmConfig *cfg, int precision);
-
-/* The float32 block in private memory that the caller may write into (training). */
-extern LlmModel *llm_model_get_private(const char *model);
-
-/* Drop the backend's models (frees or unmaps their weights). */
-extern void llm_model_forget(void);
-
-/*
- * After this backend itself wrote new weights into the model of llm_model_get_private (training),
- * record the version it now sees so that the next llm_model_get does not reload what it holds.
- */
-extern void llm_model_set_version(LlmModel *m, int64 version);
 
 #endif							/* PG_LLM_MODEL_H */

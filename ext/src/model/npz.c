@@ -648,7 +648,7 @@ npz_import(NpzInput *in, const char *model, bool replace)
 				 errmsg("%s contains no tensors", in->label)));
 	llm_weights_finish(&w);
 	inflateEnd(&r.zs);
-	return w.n_written;
+	return w.rows.n_seen;
 }
 
 PG_FUNCTION_INFO_V1(pg_llm_import_npz);

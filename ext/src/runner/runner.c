@@ -32,8 +32,8 @@
  * copy of the weights, no free background worker (max_worker_processes) or no free slot.
  */
 #include "base/base.h"
+#include "weights/weights.h"
 #include "infer/infer.h"
-#include "base/privileges.h"
 #include "runner/runner.h"
 #include "weights/served.h"
 #include "weights/cache.h"

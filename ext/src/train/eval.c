@@ -6,6 +6,7 @@
  * call and freed on success and on error. They write nothing, so they run on a hot standby.
  */
 #include "base/base.h"
+#include "weights/weights.h"
 #include "compute/blas.h"
 #include "tokenizer/bpe.h"
 #include "tokenizer/cache.h"

@@ -13,7 +13,6 @@
  */
 #include "base/base.h"
 #include "model/model.h"
-#include "base/privileges.h"
 #include "train/lock.h"
 
 #include "common/hashfn.h"

@@ -16,11 +16,11 @@
  * reloads them from the tables.
  */
 #include "base/base.h"
+#include "weights/weights.h"
 #include "compute/blas.h"
 #include "train/dataset.h"
 #include "train/eval.h"
 #include "model/model.h"
-#include "base/privileges.h"
 #include "train/lock.h"
 
 #include <math.h>
@@ -363,76 +363,55 @@ trainer_alloc(Trainer *tr, const LlmModel *model, int B, int T)
 /* ---- AdamW state in llm_optim_state -------------------------------------------------------- */
 
 /* m and v from the table; tensors without a row (a fresh model) start from zero. */
+/* One row of llm_optim_state (name, m, v) into the trainer's moments. */
+static void
+load_moments_row(void *arg, HeapTuple tuple, TupleDesc desc, const char *name, int index, const LlmTensorInfo *info)
+{
+	Trainer    *tr = arg;
+
+	if (index < 0)
+		return;
+	for (int k = 0; k < 2; k++)
+	{
+		bool		isnull;
+		Datum		raw = SPI_getbinval(tuple, desc, 2 + k, &isnull);
+		bytea	   *data = DatumGetByteaPP(raw);
+		float	   *dst = (k == 0 ? tr->m_memory : tr->v_memory) + info->offset;
+
+		if (VARSIZE_ANY_EXHDR(data) != info->numel * sizeof(float))
+			ereport(ERROR,
+					(errcode(ERRCODE_DATA_CORRUPTED),
+					 errmsg("AdamW state of tensor \"%s\" has %zu bytes in llm_optim_state, expected %zu",
+							name, (size_t) VARSIZE_ANY_EXHDR(data), info->numel * sizeof(float)),
+					 errhint("DELETE the model's rows from llm_optim_state to restart the optimizer.")));
+		memcpy(dst, VARDATA_ANY(data), info->numel * sizeof(float));
+		if ((Pointer) data != DatumGetPointer(raw))
+			pfree(data);		/* detoasted copy; inline values point into the tuple */
+	}
+}
+
 static void
 load_optim_state(Trainer *tr, const LlmModel *model)
 {
-	const LlmLayout *layout = &model->layout;
-	Oid			argtypes[1] = {TEXTOID};
-	Datum		values[1] = {CStringGetTextDatum(model->cfg.model)};
-	bool	   *seen = palloc0(layout->num_tensors * sizeof(bool));
+	LlmTensorRows rows;
+	LlmTensorInfo info;
 	int			missing = 0;
-	Portal		portal;
 
-	portal = SPI_cursor_open_with_args(NULL, psprintf("SELECT name, m, v FROM %s WHERE model = $1",
-													  llm_table("llm_optim_state")),
-									   1, argtypes, values, NULL, true, CURSOR_OPT_NO_SCROLL);
-	for (;;)
+	llm_tensor_rows_begin(&rows, &model->cfg);
+	llm_tensor_rows_scan(&rows, psprintf("SELECT name, m, v FROM %s WHERE model = $1", llm_table("llm_optim_state")),
+						 TEXTOID, CStringGetTextDatum(model->cfg.model), true, load_moments_row, tr);
+	for (int i = 0; (i = llm_tensor_rows_missing(&rows, i, &info)) >= 0; i++)
 	{
-		SPI_cursor_fetch(portal, true, 8);
-		if (SPI_processed == 0)
-			break;
-		for (uint64 r = 0; r < SPI_processed; r++)
-		{
-			HeapTuple	tuple = SPI_tuptable->vals[r];
-			TupleDesc	desc = SPI_tuptable->tupdesc;
-			bool		isnull;
-			char	   *name = TextDatumGetCString(SPI_getbinval(tuple, desc, 1, &isnull));
-			LlmTensorInfo info;
-			int			index = llm_tensor_find(&model->cfg, layout, name, &info);
-
-			CHECK_FOR_INTERRUPTS();
-			if (index < 0)
-				continue;
-			for (int k = 0; k < 2; k++)
-			{
-				Datum		raw = SPI_getbinval(tuple, desc, 2 + k, &isnull);
-				bytea	   *data = DatumGetByteaPP(raw);
-				float	   *dst = (k == 0 ? tr->m_memory : tr->v_memory) + info.offset;
-
-				if (VARSIZE_ANY_EXHDR(data) != info.numel * sizeof(float))
-					ereport(ERROR,
-							(errcode(ERRCODE_DATA_CORRUPTED),
-							 errmsg("AdamW state of tensor \"%s\" has %zu bytes in llm_optim_state, expected %zu",
-									name, (size_t) VARSIZE_ANY_EXHDR(data), info.numel * sizeof(float)),
-							 errhint("DELETE the model's rows from llm_optim_state to restart the optimizer.")));
-				memcpy(dst, VARDATA_ANY(data), info.numel * sizeof(float));
-				if ((Pointer) data != DatumGetPointer(raw))
-					pfree(data);	/* detoasted copy; inline values point into the tuple */
-			}
-			seen[index] = true;
-		}
-		SPI_freetuptable(SPI_tuptable);
+		memset(tr->m_memory + info.offset, 0, info.numel * sizeof(float));
+		memset(tr->v_memory + info.offset, 0, info.numel * sizeof(float));
+		missing++;
 	}
-	SPI_cursor_close(portal);
-
-	for (int i = 0; i < layout->num_tensors; i++)
-	{
-		if (!seen[i])
-		{
-			LlmTensorInfo info;
-
-			llm_tensor_info(&model->cfg, layout, i, &info);
-			memset(tr->m_memory + info.offset, 0, info.numel * sizeof(float));
-			memset(tr->v_memory + info.offset, 0, info.numel * sizeof(float));
-			missing++;
-		}
-	}
-	if (missing > 0 && missing < layout->num_tensors)
+	if (missing > 0 && missing < rows.layout.num_tensors)
 		ereport(WARNING,
 				(errmsg("llm_optim_state has no AdamW state for %d of model \"%s\"'s %d tensors",
-						missing, model->cfg.model, layout->num_tensors),
+						missing, model->cfg.model, rows.layout.num_tensors),
 				 errdetail("Their moments start from zero.")));
-	pfree(seen);
+	pfree(rows.seen);
 }
 
 /* x[0..n) as the value of buf, which has room for the largest tensor. */

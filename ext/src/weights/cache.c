@@ -32,7 +32,7 @@
  *   remap at their next call. Only committed weights are shared (see model.c), so versions only grow.
  */
 #include "base/base.h"
-#include "base/privileges.h"
+#include "weights/weights.h"
 #include "weights/cache.h"
 
 #include <dirent.h>

@@ -14,7 +14,12 @@
 #include "base/base.h"
 #include "weights/served.h"
 
+#include "access/detoast.h"
+#include "catalog/pg_type.h"
+#include "executor/spi.h"
 #include "miscadmin.h"
+#include "utils/array.h"
+#include "utils/builtins.h"
 #include "utils/guc.h"
 #include "utils/memutils.h"
 
@@ -316,4 +321,103 @@ llm_served_point(LlmModel *m, const LlmWcCopy *copy, LlmPrecision prec)
 		m->packed.w[kind] = (const uint8_t *) base + packed[kind];
 		m->packed.stride[kind] = llm_weights_packed_size(fmt, IC, OC);
 	}
+}
+
+/* ---- the float32 block, filled from llm_param ----------------------------------------------- */
+
+static void
+check_shape(const LlmTensorInfo *info, ArrayType *shape)
+{
+	int			n = ARR_NDIM(shape) == 1 ? ARR_DIMS(shape)[0] : -1;
+	int32	   *dims = (int32 *) ARR_DATA_PTR(shape);
+	bool		ok = (n == info->ndim) && !ARR_HASNULL(shape) && ARR_ELEMTYPE(shape) == INT4OID;
+
+	for (int i = 0; ok && i < n; i++)
+		ok = dims[i] == info->shape[i];
+	if (!ok)
+		ereport(ERROR,
+				(errcode(ERRCODE_DATA_CORRUPTED),
+				 errmsg("tensor \"%s\" has the wrong shape in llm_param", info->name),
+				 info->ndim == 2 ? errdetail("Expected {%d,%d}.", info->shape[0], info->shape[1])
+				 : errdetail("Expected {%d}.", info->shape[0]),
+				 errhint("Re-import the model's weights.")));
+}
+
+#define LOAD_SLICE_BYTES ((size_t) 8 << 20)
+
+/* One row of llm_param (name, shape, data) into section 0 of the copy being written. */
+static void
+load_row(void *arg, HeapTuple tuple, TupleDesc desc, const char *name, int index, const LlmTensorInfo *info)
+{
+	LlmWcWriter *w = arg;
+	bool		isnull;
+	Datum		datum;
+	size_t		bytes;
+
+	if (index < 0)
+		return;					/* not a parameter of this architecture: ignored */
+	check_shape(info, DatumGetArrayTypeP(SPI_getbinval(tuple, desc, 2, &isnull)));
+	datum = SPI_getbinval(tuple, desc, 3, &isnull);
+	bytes = toast_raw_datum_size(datum) - VARHDRSZ;
+	if (bytes != info->numel * sizeof(float))
+		ereport(ERROR,
+				(errcode(ERRCODE_DATA_CORRUPTED),
+				 errmsg("tensor \"%s\" has %zu bytes in llm_param, expected %zu",
+						name, bytes, info->numel * sizeof(float)),
+				 errhint("Re-import the model's weights.")));
+
+	/*
+	 * Copied in slices, each fetched from TOAST on its own: a whole tensor (wte is 150 MB in GPT-2
+	 * small) is never held twice, so loading needs little more than the weights.
+	 */
+	for (size_t off = 0; off < bytes; off += LOAD_SLICE_BYTES)
+	{
+		size_t		len = Min(LOAD_SLICE_BYTES, bytes - off);
+		bytea	   *slice = DatumGetByteaPSlice(datum, (int32) off, (int32) len);
+
+		llm_wc_write(w, 0, info->offset * sizeof(float) + off, VARDATA(slice), len);
+		pfree(slice);
+	}
+}
+
+/* Writes every tensor of the model from llm_param into section 0 of a copy (num_params floats). */
+static void
+load_weights(const LlmConfig *cfg, LlmWcWriter *w)
+{
+	LlmTensorRows rows;
+	LlmTensorInfo info;
+
+	llm_tensor_rows_begin(&rows, cfg);
+	SPI_connect();
+	llm_tensor_rows_scan(&rows, psprintf("SELECT name, shape, data FROM %s WHERE model = $1", llm_table("llm_param")),
+						 TEXTOID, CStringGetTextDatum(cfg->model), true, load_row, w);
+	SPI_finish();
+	if (llm_tensor_rows_missing(&rows, 0, &info) >= 0)
+		ereport(ERROR,
+				(errcode(ERRCODE_NO_DATA_FOUND),
+				 errmsg("model \"%s\" has no weights for tensor \"%s\"", cfg->model, info.name),
+				 errhint("Load weights with pgllm import (or pg_llm_import_npz), or create them with pgllm init.")));
+	pfree(rows.seen);
+}
+
+static void
+fill_from_tables(const LlmConfig *cfg, LlmWcWriter *w, void *arg)
+{
+	load_weights(cfg, w);
+}
+
+void
+llm_block_format(const LlmConfig *cfg, LlmWcFormat *fmt)
+{
+	LlmLayout	layout;
+
+	llm_layout_init(cfg, &layout);
+	memset(fmt, 0, sizeof(*fmt));
+	fmt->name = "block";
+	fmt->layout = LLM_WC_LAYOUT_BLOCK;
+	fmt->precision = LLM_WC_FLOAT32;
+	fmt->n_sections = 1;
+	fmt->section_id[0] = LLM_WC_SECTION_PARAMS;
+	fmt->section_bytes[0] = layout.num_params * sizeof(float);
+	fmt->fill = fill_from_tables;
 }
