@@ -118,6 +118,46 @@ extern pg_noreturn void llm_bad_argument(const char *msg, const char *hint);
 /* A model name, checked before it is used anywhere (length, no control characters). */
 extern void llm_check_model_name(const char *model);
 
+/* ---- shared_file.c: files the server's processes share --------------------------------------- */
+
+/* The folder, relative to the data directory (base backups skip pgsql_tmp* entries). */
+#define LLM_SHARED_DIR "pgsql_tmp_pg_llm"
+
+/* Makes the folder unless it exists; false when it cannot. */
+extern bool llm_shared_dir_create(void);
+
+/* Waits for flock `op` on fd, the backend's cancel and statement_timeout working meanwhile. */
+extern void llm_shared_wait_flock(int fd, int op, const char *path);
+
+/*
+ * path opened (created when `create`) and locked with flock `op`, waiting as long as it takes;
+ * *slot holds the descriptor while it waits, so that the caller's cleanup after a cancel closes it.
+ * -1 (errno ENOENT) when the file is absent or was replaced while waiting: the caller starts again.
+ */
+extern int	llm_shared_open_locked(const char *path, int op, bool create, int *slot);
+
+/* The whole file at path mapped read-write (*bytes, *fd set); NULL when absent or under min_bytes. */
+extern void *llm_shared_map(const char *path, size_t min_bytes, size_t *bytes, int *fd);
+
+/*
+ * A new file for path: made as path.new, its blocks allocated, mapped read-write for the caller to
+ * fill (NULL when it cannot be made); llm_shared_publish then renames it into place, so that no
+ * process ever maps it half made (false, everything released, when it cannot).
+ */
+extern void *llm_shared_create(const char *path, size_t bytes, int *fd);
+extern bool llm_shared_publish(const char *path, void *map, size_t bytes, int fd);
+
+/*
+ * The file at path mapped read-write, made (all zeros) when absent, as every process maps the same
+ * one and claims it with atomics; NULL with *err (an errno) when it cannot be.
+ */
+extern void *llm_shared_map_or_create(const char *path, size_t bytes, int *err);
+
+extern void llm_shared_unmap(void *map, size_t bytes, int fd);
+
+/* Whether another process holds an exclusive flock on the file open at fd (its owner is alive). */
+extern bool llm_shared_held(int fd);
+
 /* ---- privileges.c: rights on the tables ------------------------------------------------------ */
 
 /* _PG_init: the hint on "permission denied" for pg_llm's objects. */

@@ -10,7 +10,7 @@
  * gets an equal share of them, at least one.
  *
  * Sessions find each other through a small file, pgsql_tmp_pg_llm/threads in the data directory
- * (beside the shared weights, weights_cache.c: base backups skip pgsql_tmp* entries), that every
+ * (a shared file, shared_file.c, beside the shared weights), that every
  * backend which computes maps: one slot per backend, holding its pid and when it last asked
  * for threads (CLOCK_MONOTONIC). A session counts as computing from its last request until its
  * transaction ends, and for ACTIVE_NS at most: a session idle in its transaction, or one that
@@ -21,7 +21,6 @@
  * cannot map the file uses pg_llm.threads alone.
  */
 #include "base/base.h"
-#include "weights/cache.h"
 
 #include <errno.h>
 #include <fcntl.h>
@@ -36,8 +35,7 @@
 #include "storage/fd.h"
 #include "utils/guc.h"
 
-#define BUDGET_DIR LLM_WC_DIR
-#define BUDGET_FILE BUDGET_DIR "/threads"
+#define BUDGET_FILE LLM_SHARED_DIR "/threads"
 #define BUDGET_MAGIC UINT64CONST(0x706731746872310a)	/* the layout below, version 1 */
 #define SLOTS 1024
 #define ACTIVE_NS (UINT64CONST(2) * 1000000000) /* computing: asked for threads this recently */
@@ -133,35 +131,16 @@ budget_xact_callback(XactEvent event, void *arg)
 static void
 budget_map(void)
 {
-	char		path[MAXPGPATH];
-	int			fd;
 	int			err;
-	void	   *p = MAP_FAILED;
+	void	   *p;
 	uint64		zero = 0;
 
 	budget_tried = true;
-	snprintf(path, sizeof(path), "%s/%s", DataDir, BUDGET_DIR);
-	if (MakePGDirectory(path) != 0 && errno != EEXIST)
-		fd = -1;
-	else
-	{
-		snprintf(path, sizeof(path), "%s/%s", DataDir, BUDGET_FILE);
-		fd = open(path, O_RDWR | O_CREAT | O_CLOEXEC, S_IRUSR | S_IWUSR);
-	}
-	if (fd < 0)
-		err = errno;
-	/* allocate the blocks now: a write to a hole of a mapped file could fault on a full disk */
-	else if ((err = posix_fallocate(fd, 0, sizeof(Budget))) == 0)
-	{
-		p = mmap(NULL, sizeof(Budget), PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
-		err = errno;
-	}
-	if (fd >= 0)
-		close(fd);
-	if (p == MAP_FAILED)
+	p = llm_shared_map_or_create(BUDGET_FILE, sizeof(Budget), &err);
+	if (p == NULL)
 	{
 		ereport(LOG,
-				(errmsg("pg_llm: sessions will not share threads: cannot map \"%s\": %s", path, strerror(err)),
+				(errmsg("pg_llm: sessions will not share threads: cannot map \"%s\": %s", BUDGET_FILE, strerror(err)),
 				 errhint("Each session uses pg_llm.threads threads.")));
 		return;
 	}
@@ -171,7 +150,7 @@ budget_map(void)
 	{
 		munmap(p, sizeof(Budget));
 		ereport(LOG,
-				(errmsg("pg_llm: sessions will not share threads: \"%s\" has an unknown layout", path),
+				(errmsg("pg_llm: sessions will not share threads: \"%s\" has an unknown layout", BUDGET_FILE),
 				 errhint("Remove the file; the next session creates it again.")));
 		return;
 	}

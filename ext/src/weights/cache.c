@@ -62,7 +62,7 @@
 #include "utils/syscache.h"
 #include "utils/timestamp.h"
 
-#define WC_DIR LLM_WC_DIR
+#define WC_DIR LLM_SHARED_DIR
 #define WC_MAGIC "PGLLM-WC"
 #define WC_FILE_VERSION 1
 #define WC_HEADER_BYTES 4096
@@ -494,42 +494,6 @@ check_header(int fd, const WcHeader *want, WcHeader *h)
 
 /* Takes flock op on fd, waiting as long as it takes; cancel and termination work meanwhile. */
 static void
-wait_flock(int fd, int op, const char *path)
-{
-	while (flock(fd, op | LOCK_NB) != 0)
-	{
-		if (errno != EWOULDBLOCK && errno != EINTR)
-			ereport(ERROR,
-					(errcode_for_file_access(),
-					 errmsg("could not lock \"%s\": %m", path)));
-		(void) WaitLatch(MyLatch, WL_LATCH_SET | WL_TIMEOUT | WL_EXIT_ON_PM_DEATH, 10, PG_WAIT_EXTENSION);
-		ResetLatch(MyLatch);
-		CHECK_FOR_INTERRUPTS();
-	}
-}
-
-int
-llm_open_locked(const char *path, int op, bool create, int *slot)
-{
-	struct stat a,
-				b;
-	int			fd = open(path, (create ? O_RDWR | O_CREAT : O_RDONLY) | O_CLOEXEC, pg_file_create_mode);
-
-	if (fd < 0)
-		return -1;
-	*slot = fd;
-	wait_flock(fd, op, path);
-	*slot = -1;
-	if (fstat(fd, &a) != 0 || stat(path, &b) != 0 || a.st_ino != b.st_ino || a.st_dev != b.st_dev)
-	{
-		close(fd);
-		errno = ENOENT;			/* gone or replaced: the caller starts again */
-		return -1;
-	}
-	return fd;
-}
-
-static void
 touch(int fd)
 {
 	struct timespec times[2] = {{.tv_nsec = UTIME_NOW}, {.tv_nsec = UTIME_OMIT}};
@@ -669,7 +633,7 @@ lock_dir(WcFds *fds)
 				(errcode_for_file_access(),
 				 errmsg("could not open directory \"%s\": %m", WC_DIR)));
 	fds->dir = fd;
-	wait_flock(fd, LOCK_EX, WC_DIR);
+	llm_shared_wait_flock(fd, LOCK_EX, WC_DIR);
 }
 
 static void
@@ -908,7 +872,7 @@ open_copy(const WcKey *key, const WcHeader *want, WcFds *fds, const char **inval
 	LlmWcCopy  *copy;
 
 	*invalid = NULL;
-	fds->file = llm_open_locked(key->path, LOCK_SH, false, &fds->file);
+	fds->file = llm_shared_open_locked(key->path, LOCK_SH, false, &fds->file);
 	if (fds->file < 0)
 	{
 		if (errno != ENOENT)
@@ -948,7 +912,7 @@ shared_copy(const LlmConfig *cfg, const LlmWcFormat *fmt)
 
 	make_key(MyDatabaseId, cfg, fmt, &key);
 	expected_header(want, &key, cfg, fmt);
-	if (MakePGDirectory(WC_DIR) != 0 && errno != EEXIST)
+	if (!llm_shared_dir_create())
 	{
 		use_private(cfg, psprintf("Could not create directory \"%s\": %m.", WC_DIR), IO_HINT);
 		return NULL;
@@ -965,7 +929,7 @@ shared_copy(const LlmConfig *cfg, const LlmWcFormat *fmt)
 				break;
 
 			/* absent or invalid: build it, or wait for whoever builds it */
-			fds.lock = llm_open_locked(key.lock, LOCK_EX, true, &fds.lock);
+			fds.lock = llm_shared_open_locked(key.lock, LOCK_EX, true, &fds.lock);
 			if (fds.lock < 0)
 			{
 				if (errno == ENOENT)

@@ -13,12 +13,6 @@
 
 #include "model/model.h"
 
-/*
- * The directory of the shared copies, relative to the data directory (the backends' cwd). Files of
- * other shared state live there too (threads.c, runner.c): base backups skip pgsql_tmp* entries.
- */
-#define LLM_WC_DIR "pgsql_tmp_pg_llm"
-
 #define LLM_WC_MAX_SECTIONS 16
 
 /* Ids written in a copy's header. Never renumber them: files carry them. */
@@ -99,14 +93,6 @@ extern LlmWcCopy *llm_wc_map_shared(Oid database, const LlmConfig *cfg, const Ll
 
 /* Unmaps or frees a copy. */
 extern void llm_wc_release(LlmWcCopy *copy);
-
-/*
- * Opens path (creating it when asked) and takes flock op (LOCK_SH, LOCK_EX) on it, waiting with
- * CHECK_FOR_INTERRUPTS; -1 with errno when it cannot, ENOENT also when the name was unlinked or
- * replaced before the lock was granted (so a lock file may be unlinked by who holds it). *slot
- * holds the descriptor while waiting, so that the caller's cleanup closes it after an ERROR.
- */
-extern int	llm_open_locked(const char *path, int op, bool create, int *slot);
 
 /* For fill: copy len bytes to offset of a section. */
 extern void llm_wc_write(LlmWcWriter *w, int section, size_t offset, const void *src, size_t len);
