@@ -88,7 +88,7 @@ def test_llm_train_reads_one_dataset(conn):
     conn.execute("SELECT llm_train('t', 1, warmup => 1, batch_size => 1, dataset => 'other')")
     with pytest.raises(psycopg.errors.NoDataFound, match='dataset "nope" of llm_dataset is empty'):
         conn.execute("SELECT llm_train('t', 1, warmup => 1, dataset => 'nope')")
-    with pytest.raises(psycopg.errors.InvalidParameterValue, match="dataset must not be NULL"):
+    with pytest.raises(psycopg.errors.NullValueNotAllowed, match="dataset must not be null"):
         conn.execute("SELECT llm_train('t', 1, warmup => 1, dataset => NULL)")
 
 
@@ -270,9 +270,10 @@ def test_llm_eval_refuses_bad_input(conn):
     conn.execute("INSERT INTO llm_dataset (dataset, tokens, target) VALUES ('val', '{1,2}', '{2,99}')")
     with pytest.raises(psycopg.errors.DataException, match="outside the model's vocabulary"):
         conn.execute("SELECT * FROM llm_eval('e')")
-    for args, message in [("max_rows => 0", "max_rows must be positive"), ("batch_size => 0", "batch_size must be"),
-                          ("dataset => NULL", "dataset must not be NULL")]:
-        with pytest.raises(psycopg.errors.InvalidParameterValue, match=message):
+    for args, message, error in [("max_rows => 0", "max_rows must be positive", psycopg.errors.InvalidParameterValue),
+                                 ("batch_size => 0", "batch_size must be", psycopg.errors.InvalidParameterValue),
+                                 ("dataset => NULL", "dataset must not be null", psycopg.errors.NullValueNotAllowed)]:
+        with pytest.raises(error, match=message):
             conn.execute(f"SELECT * FROM llm_eval('e', {args})")
     with pytest.raises(psycopg.errors.UndefinedObject):
         conn.execute("SELECT * FROM llm_eval('nope')")

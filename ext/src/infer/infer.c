@@ -287,11 +287,12 @@ embed(LlmInfer *s, const int32 *tokens, const int *positions, size_t R)
 	}
 }
 
-/* out (R, OC) (+)= inp (R, IC) @ W + bias, W layer l's packed weights of this kind */
+/* out (R, OC) (+)= inp (R, IC) @ W + bias, W layer l's packed weights of this kind (the block's linear op) */
 static void
-linear(LlmInfer *s, LlmParamKind kind, int l, float *out, const float *inp, const float *bias,
+linear(void *ctx, LlmParamKind kind, int l, float *out, const float *inp, const float *bias,
 	   size_t R, size_t IC, size_t OC, bool accumulate)
 {
+	LlmInfer   *s = *(LlmInfer **) ctx;
 	const LlmPacked *w = &s->model->packed;
 
 	llm_gemv(w->fmt, out, inp, w->w[kind] + (size_t) l * w->stride[kind], bias, R, IC, OC, accumulate,
@@ -309,6 +310,71 @@ head(LlmInfer *s, float *logits, const float *x, size_t R)
 }
 
 /*
+ * The block's activations in inference: one set for every layer, the residual stream x updated in
+ * place (each projection added by llm_gemv's accumulate), GELU in place.
+ */
+static LlmBlockActs
+infer_acts(LlmInfer *s)
+{
+	LlmBlockActs a = {.x_in = s->x, .x_mid = s->x, .x_out = s->x, .ln1 = s->ln, .qkv = s->qkv, .att = s->att,
+	.ln2 = s->ln, .fch = s->fch, .fch_gelu = s->fch};
+
+	return a;
+}
+
+/* A prompt pass: n prompts, prompt i in prompt slot ps[i], its T[i] rows from row off[i]. */
+typedef struct PromptPass
+{
+	LlmInfer   *s;				/* first: the ops' ctx is also an LlmInfer ** */
+	int			n;
+	const int  *ps;
+	const size_t *off;
+	const int  *T;
+} PromptPass;
+
+/*
+ * The prompt pass's attention: each prompt's keys and values into its cache, then its attention;
+ * past the keys and values of the last layer only each prompt's last row goes on (moved to row i).
+ */
+static size_t
+prompt_attention(void *ctx, int l, float *out, const float *qkv_rows, size_t R)
+{
+	const PromptPass *pp = ctx;
+	LlmInfer   *s = pp->s;
+	size_t		C = s->C;
+	bool		last = (l == s->L - 1);
+
+	for (int i = 0; i < pp->n; i++)
+	{
+		float	   *kc = prompt_cache(s, s->k_prompt, l, pp->ps[i]);
+		float	   *vc = prompt_cache(s, s->v_prompt, l, pp->ps[i]);
+		PromptAttTask att = {s, l, pp->ps[i], pp->off[i], pp->T[i], last ? (size_t) pp->T[i] - 1 : 0};
+
+		for (int t = 0; t < pp->T[i]; t++)
+		{
+			const float *qkv = qkv_rows + (pp->off[i] + t) * 3 * C;
+
+			memcpy(kc + (size_t) t * C, qkv + C, C * sizeof(float));
+			memcpy(vc + (size_t) t * C, qkv + 2 * C, C * sizeof(float));
+		}
+		llm_parallel_for(s->NH, attention_prompt_task, &att);
+	}
+	if (!last)
+		return R;
+	for (int i = 0; i < pp->n; i++)
+	{
+		/* row i <- prompt i's last row; rows below i were moved already, none above is read */
+		size_t		r = pp->off[i] + pp->T[i] - 1;
+
+		memmove(s->x + i * C, s->x + r * C, C * sizeof(float));
+		memmove(out + i * C, out + r * C, C * sizeof(float));
+	}
+	return (size_t) pp->n;
+}
+
+static const LlmBlockOps prompt_ops = {linear, prompt_attention, NULL};
+
+/*
  * One prompt pass for n prompts at once: prompt i (T[i] tokens) into prompt slot ps[i]; their rows
  * are concatenated (sum of T[i] <= the row capacity), so each linear layer reads its weights once
  * for all of them. Each row's arithmetic is the same as in a pass of its prompt alone: LayerNorm,
@@ -322,11 +388,12 @@ infer_prompts(LlmInfer *s, int n, const int *ps, const int32 *const *tokens, con
 {
 	const LlmParams *p = &s->model->p;
 	const LlmLayout *lay = &s->model->layout;
-	size_t		C = s->C,
-				R = 0;
+	size_t		R = 0;
 	size_t	   *off = palloc(sizeof(size_t) * n);	/* prompt i's first row */
 	int		   *positions;
 	int32	   *ids;
+	PromptPass	pass = {s, n, ps, off, T};
+	LlmBlockActs acts = infer_acts(s);
 
 	for (int i = 0; i < n; i++)
 	{
@@ -350,47 +417,8 @@ infer_prompts(LlmInfer *s, int n, const int *ps, const int32 *const *tokens, con
 
 	for (int l = 0; l < s->L; l++)
 	{
-		bool		last = (l == s->L - 1);
-		size_t		Rout = last ? (size_t) n : R;	/* rows past the attention */
-
 		CHECK_FOR_INTERRUPTS();
-		layernorm_forward(s->ln, NULL, NULL, s->x, p->ln1w + l * lay->size[LLM_LN1W],
-						  p->ln1b + l * lay->size[LLM_LN1B], R, C);
-		linear(s, LLM_QKVW, l, s->qkv, s->ln, p->qkvb + l * lay->size[LLM_QKVB],
-			   R, C, 3 * C, false);
-		for (int i = 0; i < n; i++)
-		{
-			float	   *kc = prompt_cache(s, s->k_prompt, l, ps[i]);
-			float	   *vc = prompt_cache(s, s->v_prompt, l, ps[i]);
-			/* past the keys and values, the last layer only needs each prompt's last row */
-			PromptAttTask att = {s, l, ps[i], off[i], T[i], last ? (size_t) T[i] - 1 : 0};
-
-			for (int t = 0; t < T[i]; t++)
-			{
-				const float *qkv = s->qkv + (off[i] + t) * 3 * C;
-
-				memcpy(kc + (size_t) t * C, qkv + C, C * sizeof(float));
-				memcpy(vc + (size_t) t * C, qkv + 2 * C, C * sizeof(float));
-			}
-			llm_parallel_for(s->NH, attention_prompt_task, &att);
-		}
-		if (last)
-			for (int i = 0; i < n; i++)
-			{
-				/* row i <- prompt i's last row; rows below i were moved already, none above is read */
-				size_t		r = off[i] + T[i] - 1;
-
-				memmove(s->x + i * C, s->x + r * C, C * sizeof(float));
-				memmove(s->att + i * C, s->att + r * C, C * sizeof(float));
-			}
-		linear(s, LLM_ATTPROJW, l, s->x, s->att, p->attprojb + l * lay->size[LLM_ATTPROJB],
-			   Rout, C, C, true);
-		layernorm_forward(s->ln, NULL, NULL, s->x, p->ln2w + l * lay->size[LLM_LN2W],
-						  p->ln2b + l * lay->size[LLM_LN2B], Rout, C);
-		linear(s, LLM_FCW, l, s->fch, s->ln, p->fcb + l * lay->size[LLM_FCB], Rout, C, 4 * C, false);
-		gelu_forward(s->fch, s->fch, Rout * 4 * C);
-		linear(s, LLM_FCPROJW, l, s->x, s->fch, p->fcprojb + l * lay->size[LLM_FCPROJB],
-			   Rout, 4 * C, C, true);
+		llm_block_forward(&prompt_ops, &pass, p, lay, l, &acts, R);
 	}
 	CHECK_FOR_INTERRUPTS();
 	head(s, logits, s->x, n);
@@ -446,18 +474,53 @@ llm_infer_step(LlmInfer *s, const int32 *tokens)
 	return llm_infer_step_rows(s, s->step_rows, s->beams, tokens);
 }
 
+/* A step: row i is row slot rows[i] at position positions[i] (beams: generated cache slot cache_at[i]). */
+typedef struct StepPass
+{
+	LlmInfer   *s;				/* first: the ops' ctx is also an LlmInfer ** */
+	const int  *rows;
+	const int  *positions;
+	const size_t *cache_at;
+} StepPass;
+
+/* The step's attention: each row's key and value into its cache, then its attention over all of them. */
+static size_t
+step_attention(void *ctx, int l, float *out, const float *qkv, size_t B)
+{
+	const StepPass *sp = ctx;
+	LlmInfer   *s = sp->s;
+	size_t		C = s->C;
+	float	   *kn = s->k_new + (size_t) l * s->max_new * s->beams * C;
+	float	   *vn = s->v_new + (size_t) l * s->max_new * s->beams * C;
+	StepAttTask att = {s, l};
+
+	for (size_t i = 0; i < B; i++)
+	{
+		float	   *k = s->batch ? prompt_cache(s, s->k_prompt, l, sp->rows[i]) + (size_t) sp->positions[i] * C
+			: kn + sp->cache_at[i] * C;
+		float	   *v = s->batch ? prompt_cache(s, s->v_prompt, l, sp->rows[i]) + (size_t) sp->positions[i] * C
+			: vn + sp->cache_at[i] * C;
+
+		memcpy(k, qkv + i * 3 * C + C, C * sizeof(float));
+		memcpy(v, qkv + i * 3 * C + 2 * C, C * sizeof(float));
+	}
+	llm_parallel_for(B * s->NH, attention_step_task, &att);
+	return B;
+}
+
+static const LlmBlockOps step_ops = {linear, step_attention, NULL};
+
 /* Row i of a step is slot rows[i]; B below is the number of rows of this step. */
 const float *
 llm_infer_step_rows(LlmInfer *s, const int *rows, int n, const int32 *tokens)
 {
 	const LlmParams *p = &s->model->p;
 	const LlmLayout *lay = &s->model->layout;
-	size_t		C = s->C,
-				B = n,
-				slots = s->beams;
+	size_t		B = n;
 	int		   *positions = palloc(sizeof(int) * B);
 	size_t	   *cache_at = palloc(sizeof(size_t) * B);	/* row i's slot in the generated cache */
-	StepAttTask att = {s, 0};
+	StepPass	pass = {s, rows, positions, cache_at};
+	LlmBlockActs acts = infer_acts(s);
 
 	Assert(n >= 1 && n <= s->beams);
 	for (size_t i = 0; i < B; i++)
@@ -486,35 +549,8 @@ llm_infer_step_rows(LlmInfer *s, const int *rows, int n, const int32 *tokens)
 
 	for (int l = 0; l < s->L; l++)
 	{
-		float	   *kn = s->k_new + (size_t) l * s->max_new * slots * C;
-		float	   *vn = s->v_new + (size_t) l * s->max_new * slots * C;
-
 		CHECK_FOR_INTERRUPTS();
-		layernorm_forward(s->ln, NULL, NULL, s->x, p->ln1w + l * lay->size[LLM_LN1W],
-						  p->ln1b + l * lay->size[LLM_LN1B], B, C);
-		linear(s, LLM_QKVW, l, s->qkv, s->ln, p->qkvb + l * lay->size[LLM_QKVB],
-			   B, C, 3 * C, false);
-		for (size_t i = 0; i < B; i++)
-		{
-			float	   *k = s->batch ? prompt_cache(s, s->k_prompt, l, rows[i]) + (size_t) positions[i] * C
-				: kn + cache_at[i] * C;
-			float	   *v = s->batch ? prompt_cache(s, s->v_prompt, l, rows[i]) + (size_t) positions[i] * C
-				: vn + cache_at[i] * C;
-
-			memcpy(k, s->qkv + i * 3 * C + C, C * sizeof(float));
-			memcpy(v, s->qkv + i * 3 * C + 2 * C, C * sizeof(float));
-		}
-		att.l = l;
-		llm_parallel_for(B * s->NH, attention_step_task, &att);
-		linear(s, LLM_ATTPROJW, l, s->x, s->att, p->attprojb + l * lay->size[LLM_ATTPROJB],
-			   B, C, C, true);
-		layernorm_forward(s->ln, NULL, NULL, s->x, p->ln2w + l * lay->size[LLM_LN2W],
-						  p->ln2b + l * lay->size[LLM_LN2B], B, C);
-		linear(s, LLM_FCW, l, s->fch, s->ln, p->fcb + l * lay->size[LLM_FCB],
-			   B, C, 4 * C, false);
-		gelu_forward(s->fch, s->fch, B * 4 * C);
-		linear(s, LLM_FCPROJW, l, s->x, s->fch, p->fcprojb + l * lay->size[LLM_FCPROJB],
-			   B, 4 * C, C, true);
+		llm_block_forward(&step_ops, &pass, p, lay, l, &acts, B);
 	}
 	CHECK_FOR_INTERRUPTS();
 	head(s, s->logits, s->x, B);

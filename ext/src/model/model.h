@@ -103,6 +103,68 @@ typedef struct LlmModel
 	LlmPacked	packed;			/* served only */
 } LlmModel;
 
+/*
+ * The GPT-2 block (block.c), the one definition that training, evaluation, the prompt pass and the
+ * decode step all run: pre-LayerNorm attention and MLP, each added to the residual stream,
+ *
+ *   ln1 = LN(x_in); qkv = ln1 @ c_attn + b; att = attention(qkv)
+ *   x_mid = x_in + dropout(att @ attn.c_proj + b)
+ *   ln2 = LN(x_mid); fch_gelu = GELU(ln2 @ c_fc + b)
+ *   x_out = x_mid + dropout(fch_gelu @ mlp.c_proj + b)
+ *
+ * over R rows of C channels. What differs between its callers is passed in: how a linear layer's
+ * product is computed (sgemm on the float32 block, or llm_gemv on packed weights), what attention
+ * is (causal over whole sequences, or over a key/value cache), where the activations go (kept per
+ * layer for a backward pass, or one set reused), and whether dropout applies.
+ */
+typedef struct LlmBlockOps
+{
+	/*
+	 * out (R, OC) = inp (R, IC) @ W + bias, W layer l's weights of this kind; with accumulate,
+	 * out += that (the residual stream, when the caller keeps no separate projection).
+	 */
+	void		(*linear) (void *ctx, LlmParamKind weight, int l, float *out, const float *inp,
+						   const float *bias, size_t R, size_t IC, size_t OC, bool accumulate);
+
+	/*
+	 * out (R, C) = the causal self-attention of layer l over qkv (R, 3C). Returns the rows that go
+	 * on past it (R, or fewer when only some rows' outputs are wanted; those rows are then moved
+	 * to the front of x and out).
+	 */
+	size_t		(*attention) (void *ctx, int l, float *out, const float *qkv, size_t R);
+
+	/* x (N) <- dropout at layer l's site (1: after attention, 2: after the MLP); NULL: none. */
+	void		(*dropout) (void *ctx, int l, int site, float *x, size_t N);
+} LlmBlockOps;
+
+/*
+ * Where layer l's activations go (R rows of each). x_in, x_mid and x_out may be one buffer (the
+ * residual stream updated in place); the LayerNorm statistics are kept when not NULL; fch and
+ * fch_gelu may be one buffer. proj: scratch (R, C) for each projection before it is added to the
+ * residual stream; NULL adds it in place (linear with accumulate).
+ */
+typedef struct LlmBlockActs
+{
+	const float *x_in;			/* (R, C) */
+	float	   *x_mid,			/* (R, C) */
+			   *x_out;			/* (R, C) */
+	float	   *ln1,			/* (R, C) */
+			   *ln1_mean,		/* (R) or NULL */
+			   *ln1_rstd;		/* (R) or NULL */
+	float	   *qkv;			/* (R, 3C) */
+	float	   *att;			/* (R, C) */
+	float	   *ln2,			/* (R, C) */
+			   *ln2_mean,		/* (R) or NULL */
+			   *ln2_rstd;		/* (R) or NULL */
+	float	   *fch,			/* (R, 4C) before GELU */
+			   *fch_gelu;		/* (R, 4C) after */
+	float	   *proj;			/* (R, C) or NULL */
+} LlmBlockActs;
+
+/* Layer l of the model whose vectors (biases, LayerNorm) are p, over R rows; returns the rows out. */
+extern size_t llm_block_forward(const LlmBlockOps *ops, void *ctx, const LlmParams *p, const LlmLayout *layout,
+								int l, const LlmBlockActs *a, size_t R);
+
 /* Layout and names (pure functions, no database access). */
 extern void llm_layout_init(const LlmConfig *cfg, LlmLayout *layout);
 extern void llm_tensor_info(const LlmConfig *cfg, const LlmLayout *layout, int index, LlmTensorInfo *info);

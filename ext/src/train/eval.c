@@ -108,26 +108,19 @@ static void
 forward_hidden(Forward *f, const LlmModel *m, int B, int T)
 {
 	const LlmParams *p = &m->p;
-	size_t		C = f->C,
-				C3 = 3 * C,
-				C4 = 4 * C;
+	size_t		C = f->C;
 	int			BT = B * T;
-	size_t		BTC = (size_t) BT * C;
+	LlmFullPass pass = {.model = m, .B = B, .T = T, .NH = f->NH, .att = f->att, .scratch = f->scratch};
+
+	/* one set of activations for every layer, the residual stream updated in place */
+	LlmBlockActs acts = {.x_in = f->resid, .x_mid = f->resid, .x_out = f->resid, .ln1 = f->ln, .qkv = f->qkv,
+	.att = f->atty, .ln2 = f->ln, .fch = f->fch, .fch_gelu = f->fch, .proj = f->proj};
 
 	encoder_forward(f->resid, f->inputs, p->wte, p->wpe, B, T, (int) C);
 	for (int l = 0; l < m->cfg.n_layer; l++)
 	{
 		CHECK_FOR_INTERRUPTS();
-		layernorm_forward(f->ln, NULL, NULL, f->resid, p->ln1w + l * C, p->ln1b + l * C, BT, (int) C);
-		matmul_forward(f->qkv, f->ln, p->qkvw + l * C * C3, p->qkvb + l * C3, BT, (int) C, (int) C3);
-		attention_forward(f->atty, f->att, f->scratch, f->qkv, B, T, (int) C, f->NH, 0.0f, 0);
-		matmul_forward(f->proj, f->atty, p->attprojw + l * C * C, p->attprojb + l * C, BT, (int) C, (int) C);
-		residual_forward(f->resid, f->resid, f->proj, BTC);
-		layernorm_forward(f->ln, NULL, NULL, f->resid, p->ln2w + l * C, p->ln2b + l * C, BT, (int) C);
-		matmul_forward(f->fch, f->ln, p->fcw + l * C * C4, p->fcb + l * C4, BT, (int) C, (int) C4);
-		gelu_forward(f->fch, f->fch, C4 * BT);
-		matmul_forward(f->proj, f->fch, p->fcprojw + l * C4 * C, p->fcprojb + l * C, BT, (int) C4, (int) C);
-		residual_forward(f->resid, f->resid, f->proj, BTC);
+		llm_block_forward(&llm_full_pass_ops, &pass, p, &m->layout, l, &acts, (size_t) BT);
 	}
 	layernorm_forward(f->ln, NULL, NULL, f->resid, p->lnfw, p->lnfb, BT, (int) C);
 }

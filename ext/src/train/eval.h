@@ -19,6 +19,31 @@
  */
 extern double llm_eval_dataset(const LlmModel *model, LlmDataset *ds, int batch_size, int64 *tokens);
 
+/*
+ * The block's operations for training and evaluation (full_pass.c): products by sgemm on the
+ * float32 block, causal attention over B sequences of T tokens keeping its probabilities (per
+ * layer for a backward pass, else one set reused), dropout keyed by the step (training; 0: none).
+ */
+typedef struct LlmFullPass
+{
+	const LlmModel *model;
+	int			B,
+				T,
+				NH;
+	float	   *att;			/* (L or 1, B, NH, T, T) */
+	bool		att_per_layer;
+	float	   *scratch;		/* (B, T, C + NH) */
+	float		dropout;
+	uint64		seed;			/* the masks' keys: seed, global step, micro-batch, site */
+	int64		step;
+	int			micro;
+} LlmFullPass;
+
+extern const LlmBlockOps llm_full_pass_ops;
+
+/* The key of the dropout masks at (layer, site); layer -1 is the embeddings. */
+extern uint64 llm_full_pass_key(const LlmFullPass *f, int layer, int site);
+
 /* Mean cross-entropy of B rows of T tokens (inputs and targets (B,T)), in one forward. */
 extern double llm_eval_rows(const LlmModel *model, const int32 *inputs, const int32 *targets, int B, int T);
 

@@ -522,12 +522,6 @@ typedef struct StepShape
 	int			micro;
 } StepShape;
 
-static uint64
-site_key(const StepShape *s, int layer, int site)
-{
-	return dropout_key(s->seed, (uint64) s->step, (uint64) s->micro, (uint64) (layer + 1) * 4 + site);
-}
-
 /*
  * Forward and backward over one micro-batch; the parameter gradients are written (or, when
  * accumulate, added) into tr->grads. Returns the sum of the per-token losses.
@@ -550,40 +544,24 @@ forward_backward(Trainer *tr, const LlmModel *model, const StepShape *s, float d
 				C4 = 4 * (size_t) C;
 	float		pd = s->dropout;
 	double		loss = 0.0;
+	LlmFullPass pass = {.model = model, .B = B, .T = T, .NH = NH, .att = a->att, .att_per_layer = true,
+	.scratch = a->attscratch, .dropout = pd, .seed = s->seed, .step = s->step, .micro = s->micro};
 
-	/* forward */
+	/* forward: every layer's activations kept for the backward pass */
 	encoder_forward(a->encoded, tr->inputs, p->wte, p->wpe, B, T, C);
-	dropout_forward(a->encoded, BTC, pd, site_key(s, -1, 0));
+	dropout_forward(a->encoded, BTC, pd, llm_full_pass_key(&pass, -1, 0));
 	for (int l = 0; l < L; l++)
 	{
-		const float *residual = l == 0 ? a->encoded : a->residual3 + (l - 1) * BTC;
-		float	   *ln1 = a->ln1 + l * BTC,
-				   *ln1_mean = a->ln1_mean + l * BT,
-				   *ln1_rstd = a->ln1_rstd + l * BT,
-				   *qkv = a->qkv + l * 3 * BTC,
-				   *atty = a->atty + l * BTC,
-				   *att = a->att + (size_t) l * B * NH * T * T,
-				   *residual2 = a->residual2 + l * BTC,
-				   *ln2 = a->ln2 + l * BTC,
-				   *ln2_mean = a->ln2_mean + l * BT,
-				   *ln2_rstd = a->ln2_rstd + l * BT,
-				   *fch = a->fch + l * 4 * BTC,
-				   *fch_gelu = a->fch_gelu + l * 4 * BTC,
-				   *residual3 = a->residual3 + l * BTC;
+		LlmBlockActs acts = {
+			.x_in = l == 0 ? a->encoded : a->residual3 + (l - 1) * BTC, .x_mid = a->residual2 + l * BTC,
+			.x_out = a->residual3 + l * BTC, .ln1 = a->ln1 + l * BTC, .ln1_mean = a->ln1_mean + l * BT,
+			.ln1_rstd = a->ln1_rstd + l * BT, .qkv = a->qkv + l * 3 * BTC, .att = a->atty + l * BTC,
+			.ln2 = a->ln2 + l * BTC, .ln2_mean = a->ln2_mean + l * BT, .ln2_rstd = a->ln2_rstd + l * BT,
+			.fch = a->fch + l * 4 * BTC, .fch_gelu = a->fch_gelu + l * 4 * BTC, .proj = a->proj,
+		};
 
 		CHECK_FOR_INTERRUPTS();
-		layernorm_forward(ln1, ln1_mean, ln1_rstd, residual, p->ln1w + l * C, p->ln1b + l * C, BT, C);
-		matmul_forward(qkv, ln1, p->qkvw + l * C * C3, p->qkvb + l * C3, BT, C, 3 * C);
-		attention_forward(atty, att, a->attscratch, qkv, B, T, C, NH, pd, site_key(s, l, 0));
-		matmul_forward(a->proj, atty, p->attprojw + l * C * C, p->attprojb + l * C, BT, C, C);
-		dropout_forward(a->proj, BTC, pd, site_key(s, l, 1));
-		residual_forward(residual2, residual, a->proj, BTC);
-		layernorm_forward(ln2, ln2_mean, ln2_rstd, residual2, p->ln2w + l * C, p->ln2b + l * C, BT, C);
-		matmul_forward(fch, ln2, p->fcw + l * C * C4, p->fcb + l * C4, BT, C, 4 * C);
-		gelu_forward(fch_gelu, fch, 4 * BTC);
-		matmul_forward(a->proj, fch_gelu, p->fcprojw + l * C4 * C, p->fcprojb + l * C, BT, 4 * C, C);
-		dropout_forward(a->proj, BTC, pd, site_key(s, l, 2));
-		residual_forward(residual3, residual2, a->proj, BTC);
+		llm_block_forward(&llm_full_pass_ops, &pass, p, &model->layout, l, &acts, (size_t) BT);
 	}
 	layernorm_forward(a->lnf, a->lnf_mean, a->lnf_rstd, a->residual3 + (L - 1) * BTC, p->lnfw, p->lnfb, BT, C);
 
@@ -608,7 +586,7 @@ forward_backward(Trainer *tr, const LlmModel *model, const StepShape *s, float d
 		if (pd > 0)
 		{
 			memcpy(a->dproj, a->dresidual, BTC * sizeof(float));
-			dropout_forward(a->dproj, BTC, pd, site_key(s, l, 2));
+			dropout_forward(a->dproj, BTC, pd, llm_full_pass_key(&pass, l, 2));
 			dproj = a->dproj;
 		}
 		matmul_backward(a->dfch, g->fcprojw + l * C4 * C, g->fcprojb + l * C, dproj,
@@ -624,19 +602,19 @@ forward_backward(Trainer *tr, const LlmModel *model, const StepShape *s, float d
 		if (pd > 0)
 		{
 			memcpy(a->dproj, a->dresidual, BTC * sizeof(float));
-			dropout_forward(a->dproj, BTC, pd, site_key(s, l, 1));
+			dropout_forward(a->dproj, BTC, pd, llm_full_pass_key(&pass, l, 1));
 			dproj = a->dproj;
 		}
 		matmul_backward(a->dbtc, g->attprojw + l * C * C, g->attprojb + l * C, dproj,
 						a->atty + l * BTC, p->attprojw + l * C * C, BT, C, C, accumulate);
 		attention_backward(a->dqkv, a->attscratch, a->dbtc, a->qkv + l * 3 * BTC,
-						   a->att + (size_t) l * B * NH * T * T, B, T, C, NH, pd, site_key(s, l, 0));
+						   a->att + (size_t) l * B * NH * T * T, B, T, C, NH, pd, llm_full_pass_key(&pass, l, 0));
 		matmul_backward(a->dbtc, g->qkvw + l * C * C3, g->qkvb + l * C3, a->dqkv,
 						a->ln1 + l * BTC, p->qkvw + l * C * C3, BT, C, 3 * C, accumulate);
 		layernorm_backward(a->dresidual, g->ln1w + l * C, g->ln1b + l * C, a->dbtc, residual,
 						   p->ln1w + l * C, a->ln1_mean + l * BT, a->ln1_rstd + l * BT, BT, C, accumulate);
 	}
-	dropout_forward(a->dresidual, BTC, pd, site_key(s, -1, 0));
+	dropout_forward(a->dresidual, BTC, pd, llm_full_pass_key(&pass, -1, 0));
 	if (!accumulate)
 		memset(g->wpe, 0, model->layout.size[LLM_WPE] * sizeof(float));
 	encoder_backward(g->wte, g->wpe, a->dresidual, tr->inputs, B, T, C);
