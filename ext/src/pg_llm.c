@@ -3,10 +3,9 @@
  * hooks; everything else lives in the folders of src/ (src/README.md).
  */
 #include "base/base.h"
-#include "generate/batch.h"
+#include "generate/generate.h"
 #include "runner/runner.h"
-#include "weights/cache.h"
-#include "weights/served.h"
+#include "weights/weights.h"
 
 #include "utils/guc.h"
 

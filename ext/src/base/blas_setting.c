@@ -3,7 +3,7 @@
  * and pg_llm_blas_info(). The loading itself is the compute layer's (compute/blas.c).
  */
 #include "base/base.h"
-#include "compute/blas.h"
+#include "compute/compute.h"
 
 #include "fmgr.h"
 #include "utils/builtins.h"

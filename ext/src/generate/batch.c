@@ -21,10 +21,8 @@
  */
 #include "base/base.h"
 #include "weights/weights.h"
-#include "generate/batch.h"
 #include "generate/generate.h"
 #include "infer/infer.h"
-#include "infer/sample.h"
 
 #include "catalog/pg_type.h"
 #include "funcapi.h"

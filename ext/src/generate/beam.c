@@ -12,7 +12,6 @@
 #include "weights/weights.h"
 #include "generate/generate.h"
 #include "infer/infer.h"
-#include "infer/sample.h"
 
 #include <math.h>
 

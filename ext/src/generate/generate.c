@@ -14,11 +14,10 @@
  */
 #include "base/base.h"
 #include "weights/weights.h"
-#include "tokenizer/bpe.h"
+#include "tokenizer/tokenizer.h"
 #include "generate/generate.h"
 #include "infer/infer.h"
 #include "runner/runner.h"
-#include "infer/sample.h"
 #include "tokenizer/utf8.h"
 
 #include <math.h>

@@ -54,4 +54,8 @@ extern int32 *llm_encode_prompt(const char *model, text *prompt, int *n, int32 *
 /* Generated ids as text, without the end-of-text token that stopped generation. */
 extern text *llm_decode_generated(const char *model, const int32 *ids, int n, int32 eos);
 
+/* generate/batch.c: llm_generate_batch; pg_llm.batch_rows, defined by _PG_init. */
+extern int	llm_batch_rows;
+extern void llm_batch_init(void);
+
 #endif							/* PG_LLM_GENERATE_H */

@@ -18,9 +18,9 @@
  * - The token embedding reads wte's rows back from the packed head (llm_weights_column).
  */
 #include "base/base.h"
-#include "compute/blas.h"
+#include "compute/compute.h"
 #include "infer/infer.h"
-#include "weights/served.h"
+#include "weights/weights.h"
 
 #include <math.h>
 

@@ -20,6 +20,7 @@
 #ifndef PG_LLM_INFER_H
 #define PG_LLM_INFER_H
 
+#include "infer/sample.h"
 #include "model/model.h"
 
 typedef struct LlmInfer

@@ -12,8 +12,8 @@
 
 #include "postgres.h"
 
-#include "compute/gemv.h"
-#include "base/limits.h"
+#include "compute/compute.h"
+#include "base/base.h"
 
 typedef struct LlmConfig
 {

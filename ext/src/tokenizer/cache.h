@@ -7,7 +7,7 @@
 
 #include "postgres.h"
 
-#include "base/limits.h"
+#include "base/base.h"
 
 /* The special token, split out of the text before anything else. */
 #define BPE_EOT_TOKEN "<|endoftext|>"

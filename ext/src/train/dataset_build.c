@@ -10,8 +10,7 @@
  * documents and one insert's worth of tokens, whatever the size of the table.
  */
 #include "base/base.h"
-#include "tokenizer/bpe.h"
-#include "tokenizer/cache.h"
+#include "tokenizer/tokenizer.h"
 #include "model/model.h"
 
 #include "catalog/pg_type.h"

@@ -7,9 +7,8 @@
  */
 #include "base/base.h"
 #include "weights/weights.h"
-#include "compute/blas.h"
-#include "tokenizer/bpe.h"
-#include "tokenizer/cache.h"
+#include "compute/compute.h"
+#include "tokenizer/tokenizer.h"
 #include "train/eval.h"
 
 #include <math.h>

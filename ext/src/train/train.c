@@ -17,7 +17,7 @@
  */
 #include "base/base.h"
 #include "weights/weights.h"
-#include "compute/blas.h"
+#include "compute/compute.h"
 #include "train/dataset.h"
 #include "train/eval.h"
 #include "model/model.h"

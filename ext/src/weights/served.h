@@ -10,7 +10,7 @@
 #ifndef PG_LLM_SERVED_H
 #define PG_LLM_SERVED_H
 
-#include "compute/gemv.h"
+#include "compute/compute.h"
 #include "model/model.h"
 #include "weights/cache.h"
 
