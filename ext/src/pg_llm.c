@@ -6,6 +6,7 @@
 #include "access.h"
 #include "served.h"
 #include "batch.h"
+#include "dataset.h"
 #include "runner.h"
 #include "weights_cache.h"
 
@@ -54,6 +55,7 @@ _PG_init(void)
 	llm_served_init();
 	llm_batch_init();
 	llm_runner_init();
+	llm_dataset_init();
 	MarkGUCPrefixReserved("pg_llm");
 }
 
