@@ -133,7 +133,7 @@ def _register() -> None:
     app.command("train")(train.train)
     app.command("log")(log.log)
     app.command("eval")(eval.eval_)
-    app.command("models")(models.models)
+    app.add_typer(models.app, name="models")
     app.command("generate")(generate.generate)
     app.command("grant")(grant.grant)
     app.command("revoke")(grant.revoke)

@@ -287,14 +287,18 @@ class Cluster:
             pidfile.unlink()
 
     def start(self, port: int | None = None) -> bool:
-        """Start the server if it is not running; returns True if it was started now."""
+        """Start the server if it is not running; returns True if it was started now. With a port,
+        it listens on localhost:port too (or the call fails: a running server is not restarted)."""
         self.init()
-        if port is not None and port != self.port:
+        if port is not None and (port != self.port or not self.tcp_enabled()):
             if self.running():
-                raise PgllmError(f"the server is running on port {self.port}",
-                                 hint="run `pgllm server stop` first to change the port")
+                where = f"localhost:{self.port}" if self.tcp_enabled() else f"its socket only (port {self.port})"
+                raise PgllmError(f"the server is running, listening on {where}; --port {port} takes a restart",
+                                 hint="run `pgllm server stop`, then `pgllm server start --port N`")
             self.set_port(port)
         if self.running():
+            if self.tcp_enabled():
+                self.serve_tcp_clients()  # ~/.pgpass stays true for this server
             return False
         self._clear_stale_pid()
         if self.settings().get("listen_addresses", "''") != "''":
@@ -320,30 +324,30 @@ class Cluster:
         """With TCP on (start --port), postgresql://ROLE@localhost:PORT/postgres works as written.
 
         The database `postgres` gets pg_llm once it is installed, and the server's role a password
-        that the .pgpass of the user running pgllm holds (written here, mode 0600; an entry there
-        already is kept): libpq finds it, so nobody is prompted, while loopback TCP still asks
-        every other local user for the password (scram-sha-256, initdb's --auth-host here).
+        that the .pgpass of the user running pgllm holds (mode 0600): libpq finds it, so nobody is
+        prompted, while loopback TCP still asks every other local user for the password
+        (scram-sha-256, initdb's --auth-host here). The file's lines for this port and role are
+        pgllm's: at every start the server's password is set to theirs (a new one when there are
+        none), so that they stay true for a new server in a new PGLLM_HOME; they go first, before
+        any wildcard line that would match too.
         """
         import secrets
 
         import psycopg
         from psycopg import sql
 
-        hosts = ("localhost", "127.0.0.1")
+        mine = [f"{h}:{self.port}:*:{self.role}:" for h in ("localhost", "127.0.0.1")]
         path = self.pgpass_file()
         lines = path.read_text().splitlines() if path.exists() else []
-        password = next((line.rsplit(":", 1)[1] for line in lines
-                         if line.startswith(f"localhost:{self.port}:*:{self.role}:")), None)
+        password = next((line[len(mine[0]):] for line in lines if line.startswith(mine[0])), "")
+        if not password or "\\" in password or ":" in password:
+            password = secrets.token_urlsafe(18)
         with psycopg.connect(self.dsn("postgres"), autocommit=True) as conn:
-            if password is None:
-                password = secrets.token_urlsafe(18)
-                conn.execute(sql.SQL("ALTER ROLE {} PASSWORD {}").format(sql.Identifier(self.role),
-                                                                        sql.Literal(password)))
-                keep = [line for line in lines if not any(line.startswith(f"{h}:{self.port}:*:{self.role}:")
-                                                          for h in hosts)]
-                path.write_text("".join(f"{line}\n" for line in keep)
-                                + "".join(f"{h}:{self.port}:*:{self.role}:{password}\n" for h in hosts))
-                path.chmod(0o600)
+            conn.execute(sql.SQL("ALTER ROLE {} PASSWORD {}").format(sql.Identifier(self.role),
+                                                                    sql.Literal(password)))
+            keep = [line for line in lines if not any(line.startswith(m) for m in mine)]
+            path.write_text("".join(f"{m}{password}\n" for m in mine) + "".join(f"{line}\n" for line in keep))
+            path.chmod(0o600)
             if conn.execute("SELECT 1 FROM pg_available_extensions WHERE name = 'pg_llm'").fetchone():
                 from .extension import create_or_update
                 create_or_update(conn)
