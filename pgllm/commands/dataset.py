@@ -127,7 +127,7 @@ class HFTokenizer:
                 raise PgllmError(f'cannot load the tokenizer in "{name}": {str(e).splitlines()[0]}') from None
             self.description = f"{name} (transformers)"
         self.tok = tok
-        self.label = self.description
+        self.label = f"{name} (transformers)"
         backend = getattr(tok, "backend_tokenizer", None)
         self.fingerprint = None if backend is None else tokenizer_files.fingerprint(
             *tokenizer_files.from_tokenizer_json(json.loads(backend.to_str()), name))
