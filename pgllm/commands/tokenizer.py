@@ -122,6 +122,10 @@ def tokenizer(
             conn.commit()
         typer.echo(f"trained and loaded the tokenizer of {model}: {n_tokens} tokens, {n_merges} merges "
                    f"({time.monotonic() - started:.1f} s)")
+        if n_tokens < vocab_size:
+            typer.echo(f"note: the documents gave {n_tokens} tokens, not --vocab-size {vocab_size}: a model of "
+                       f"vocabulary {vocab_size} has ids its tokenizer cannot decode (pgllm init {model} --vocab "
+                       f"{n_tokens} --replace fits it)", err=True)
         return
     if vocab is None:
         vocab, merges = gpt2_tokenizer_files()
