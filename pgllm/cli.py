@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import sys
 
-import click
 import psycopg
 import psycopg.sql
 import typer
@@ -14,6 +13,12 @@ from typer.core import TyperGroup
 from . import __version__, db, interrupt
 from .errors import PgllmError, database_error_line
 from .extension import control_version
+
+
+# click's exception classes, found through typer: typer 0.16 uses click, later versions carry a copy
+# of their own (typer._click) and no longer install click.
+_CLICK = {cls.__name__: cls for cls in typer.BadParameter.__mro__}
+USAGE_ERROR, CLICK_EXCEPTION = _CLICK["UsageError"], _CLICK["ClickException"]
 
 
 def fail(message: str, exit_code: int) -> typer.Exit:
@@ -48,16 +53,16 @@ class ErrorBoundary(TyperGroup):
         try:
             rv = super().main(args=args, prog_name=prog_name, complete_var=complete_var, standalone_mode=False,
                               **extra)
-        except click.UsageError as e:
+        except USAGE_ERROR as e:
             if type(e).__name__ == "NoArgsIsHelpError":  # click >= 8.2: `pgllm server` alone
                 typer.echo(e.ctx.get_help())
                 rv = 2
             else:
                 where = e.ctx.command_path if e.ctx is not None else "pgllm"
                 rv = fail(f"{e.format_message()} (see {where} --help)", e.exit_code).exit_code
-        except click.ClickException as e:
+        except CLICK_EXCEPTION as e:
             rv = fail(e.format_message(), e.exit_code).exit_code
-        except click.Abort:
+        except typer.Abort:
             rv = fail("interrupted", 130).exit_code
         if not standalone_mode:
             return rv
