@@ -88,6 +88,14 @@ def choose_schedule(ctx: typer.Context, pg: db.Pgllm, model: str, how: str, star
     return {k: recorded[k] for k in ("start", "total_steps", "warmup", "lr_max", "lr_min")}
 
 
+def bar_columns(end: int) -> list:
+    """The progress bar: step, a short bar, loss, validation loss, learning rate, tokens/s and time,
+    all of it within 80 columns."""
+    return [TextColumn("step {task.fields[step]}/" + str(end)), BarColumn(bar_width=12),
+            TextColumn("loss {task.fields[loss]}{task.fields[val]} lr {task.fields[lr]} {task.fields[tps]} tok/s"),
+            TimeElapsedColumn()]
+
+
 def train(
     ctx: typer.Context,
     model: str = MODEL,
@@ -165,10 +173,7 @@ def train(
         committed = 0
         commits = 0
         started = time.monotonic()
-        bar = progress_bar(TextColumn("step {task.fields[step]}/" + str(end)), BarColumn(bar_width=12),
-                           TextColumn("loss {task.fields[loss]}{task.fields[val]} lr {task.fields[lr]} "
-                                      "{task.fields[tps]} tok/s"), TimeElapsedColumn())
-        with bar as progress:
+        with progress_bar(*bar_columns(end)) as progress:
             task = progress.add_task("train", total=steps, step=start_step, loss="-",
                                      val="" if val_before is None else f" val {val_before:.3f}", lr="-", tps="-")
 
