@@ -716,3 +716,45 @@ def test_loss_falls_on_real_text(cli, conn, db):
     assert len(losses) == 40
     assert losses[0] == pytest.approx(math.log(50257), abs=0.3)     # uniform at the start
     assert np.mean(losses[-5:]) < losses[0] - 2.5, losses
+
+
+@pytest.mark.parametrize("command", ["train", "generate", "eval", "dataset"])
+def test_ctrl_c_stops_each_long_command(conn, db, command):
+    """Ctrl-C while the command's statement waits in the server (for a lock this test holds, a
+    state, not a clock): the statement is cancelled and the command ends with one line, exit 130."""
+    medium_setup(conn)
+    conn.execute("CREATE TABLE docs (body text)")
+    conn.execute("INSERT INTO docs VALUES ('Hello there, general.')")
+    write_gpt2_tokenizer_for(conn, "med")
+    args, table, query = {
+        "train": (["train", "--model", "med", "--steps", "5", "--any-tokenizer"], "llm_dataset", "%llm_train%"),
+        "generate": (["generate", "a", "--model", "med", "--stream"], "llm_param", "%llm_generate_stream%"),
+        "eval": (["eval", "med", "--dataset", "train", "--any-tokenizer"], "llm_dataset", "%llm_eval%"),
+        "dataset": (["dataset", "--model", "med", "--query", "SELECT body FROM docs", "--dataset", "d"], "docs",
+                    "%llm_dataset_build%"),
+    }[command]
+    with psycopg.connect(db) as blocker:
+        blocker.execute(f"LOCK TABLE {table} IN ACCESS EXCLUSIVE MODE")
+        proc = subprocess.Popen([str(PGLLM_BIN), "--dsn", db, *args], stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True)
+        try:
+            deadline = time.monotonic() + 120
+            while time.monotonic() < deadline and not conn.execute(
+                    "SELECT 1 FROM pg_stat_activity WHERE query LIKE %s AND wait_event_type = 'Lock' "
+                    "AND pid <> pg_backend_pid()", (query,)).fetchone():
+                time.sleep(0.1)
+            proc.send_signal(signal.SIGINT)
+            out, err = proc.communicate(timeout=60)
+        finally:
+            proc.kill()
+        blocker.rollback()
+    assert proc.returncode == 130, err
+    assert len(err.splitlines()) == 1 and err.startswith("Error: interrupted"), err
+    if command == "generate":
+        assert out == "\n"  # the error is on a line of its own
+
+
+def write_gpt2_tokenizer_for(conn, model):
+    from .weights import write_gpt2_tokenizer
+
+    write_gpt2_tokenizer(conn, model)
