@@ -89,6 +89,16 @@ def pg_config_values(pg_config: Path) -> dict[str, str]:
     return dict(zip(keys, out))
 
 
+def runuser() -> str:
+    """util-linux's runuser, also where PATH lacks /usr/sbin (root runs the server as postgres with it)."""
+    found = shutil.which("runuser") or next((p for p in ("/usr/sbin/runuser", "/sbin/runuser") if os.access(p, os.X_OK)),
+                                            None)
+    if found is None:
+        raise PgllmError("runuser not found: as root, pgllm runs the server as the postgres OS user with it",
+                         hint="install util-linux, or run pgllm as an ordinary user")
+    return found
+
+
 def _user(name: str) -> pwd.struct_passwd:
     try:
         return pwd.getpwnam(name)
@@ -180,7 +190,7 @@ class Cluster:
             for d in (self.run_dir, self.log_file.parent):
                 d.mkdir(exist_ok=True)
                 os.chown(d, user.pw_uid, user.pw_gid)
-            if subprocess.run(["runuser", "-u", user.pw_name, "--", "test", "-x", str(self.home)]).returncode:
+            if subprocess.run([runuser(), "-u", user.pw_name, "--", "test", "-x", str(self.home)]).returncode:
                 raise PgllmError(f"the {user.pw_name} OS user cannot reach {self.home}",
                                  hint="set PGLLM_HOME to a directory every user can traverse, e.g. /var/lib/pgllm")
         else:
@@ -189,7 +199,7 @@ class Cluster:
 
     # ---- running commands as the server's OS user ---------------------------------------------
     def _as_server_user(self, argv: list[str]) -> list[str]:
-        return ["runuser", "-u", self.server_user.pw_name, "--"] + argv if is_root() else argv
+        return [runuser(), "-u", self.server_user.pw_name, "--"] + argv if is_root() else argv
 
     def _run(self, argv: list[str], what: str) -> subprocess.CompletedProcess:
         proc = subprocess.run(self._as_server_user(argv), capture_output=True, text=True)

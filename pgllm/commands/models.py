@@ -8,6 +8,7 @@ from rich.console import Console
 from rich.table import Table
 
 from .. import db
+from ..progress import spinner
 
 app = typer.Typer(help="List, delete, copy and rename models (pgllm models alone lists them).",
                   invoke_without_command=True)
@@ -72,7 +73,8 @@ def cp(ctx: typer.Context, source: str = typer.Argument(..., help="The model to 
        checkpoints: bool = typer.Option(False, "--checkpoints", help="Copy its snapshots too.")) -> None:
     """Copy a model: shape, weights, optimizer and training state, training log, tokenizer
     (llm_model_copy)."""
-    with db.session(ctx.obj["dsn"]) as pg:
+    with db.session(ctx.obj["dsn"]) as pg, spinner() as progress:
+        progress.add_task(f"copying {source} to {target}")
         pg.execute("SELECT {llm_model_copy}(%s, %s, %s)", (source, target, checkpoints))
     typer.echo(f"copied model {source!r} to {target!r}" + (" with its checkpoints" if checkpoints else ""))
 

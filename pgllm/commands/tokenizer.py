@@ -23,6 +23,7 @@ from ..bundled import gpt2_tokenizer_files
 from ..errors import PgllmError
 from ..optional import need
 from ..options import MODEL
+from ..progress import spinner
 
 EOT = "<|endoftext|>"
 
@@ -117,9 +118,11 @@ def tokenizer(
         with db.connect(ctx.obj["dsn"]) as conn:
             db.Pgllm(conn).require_model(model, hint="create it first (pgllm init or pgllm import)")
             typer.echo(f"training a byte-level BPE of {vocab_size} tokens on: {train}")
-            vocab_bytes, merges_bytes = train_bpe(conn, train, vocab_size)
-            n_tokens, n_merges = load(conn, model, vocab_bytes, merges_bytes, replace=truncate)
-            conn.commit()
+            with spinner() as progress:
+                progress.add_task(f"training the tokenizer of {model}")
+                vocab_bytes, merges_bytes = train_bpe(conn, train, vocab_size)
+                n_tokens, n_merges = load(conn, model, vocab_bytes, merges_bytes, replace=truncate)
+                conn.commit()
         typer.echo(f"trained and loaded the tokenizer of {model}: {n_tokens} tokens, {n_merges} merges "
                    f"({time.monotonic() - started:.1f} s)")
         if n_tokens < vocab_size:
@@ -139,9 +142,11 @@ def tokenizer(
     with db.connect(ctx.obj["dsn"]) as conn:
         db.Pgllm(conn).require_model(model, hint="create it first (pgllm init or pgllm import)")
         typer.echo(f"loading the tokenizer of {model} in the server")
-        n_tokens, n_merges = load(conn, model, vocab_bytes, merges_bytes, replace=truncate,
-                                  vocab_name=str(vocab), merges_name=str(merges))
-        conn.commit()
+        with spinner() as progress:
+            progress.add_task(f"loading the tokenizer of {model}")
+            n_tokens, n_merges = load(conn, model, vocab_bytes, merges_bytes, replace=truncate,
+                                      vocab_name=str(vocab), merges_name=str(merges))
+            conn.commit()
     typer.echo(f"loaded the tokenizer of {model}: {n_tokens} tokens, {n_merges} merges "
                f"({time.monotonic() - started:.1f} s)")
 
