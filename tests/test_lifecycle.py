@@ -108,6 +108,8 @@ def test_a_model_in_training_is_neither_dropped_nor_renamed(conn, db, notes):
         for call in ("llm_model_drop('m')", "llm_model_rename('m', 'x')"):
             with pytest.raises(psycopg.errors.LockNotAvailable, match='model "m" is being trained'):
                 conn.execute(f"SELECT {call}")
+        # released now (a closed session's backend may still hold it for a moment)
+        trainer.execute("SELECT pg_advisory_unlock_all()")
     conn.execute("SELECT llm_model_rename('m', 'x')")
     conn.execute("SELECT llm_model_drop('x')")
 
