@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import json
+import uuid
 
 import psycopg
 import pytest
@@ -279,3 +280,32 @@ def test_hugging_face_round_trip(conn, db, notes, tmp_path, tokenizer):
     ok(run_pgllm("--dsn", db, "export", "m", "--output", str(tmp_path / "m.npz")))
     ok(run_pgllm("--dsn", db, "import", str(tmp_path / "m.npz"), "--model", "again", "--via", "client"))
     assert conn.execute("SELECT llm_tokenizer_fingerprint('again')").fetchone()[0] == fps[0]
+
+
+def test_lifecycle_with_a_training_roles_rights_only(conn, db):
+    """The functions run with the caller's rights: a role with `pgllm grant --train` may copy,
+    rename and drop; a role without rights gets PostgreSQL's permission error and holds no lock."""
+    ok(run_pgllm("--dsn", db, "init", "m", *SHAPE, "--vocab", "64"))
+    write_gpt2_tokenizer(conn, "m")
+    role = f"trainer_{uuid.uuid4().hex[:8]}"
+    conn.execute(f'CREATE ROLE "{role}"')
+    conn.execute(f'CREATE ROLE "{role}_none"')
+    try:
+        conn.execute(f"SELECT llm_grant('\"{role}\"', train => true)")
+        conn.execute(f'SET ROLE "{role}_none"')
+        with pytest.raises(psycopg.errors.InsufficientPrivilege):
+            conn.execute("SELECT llm_model_drop('m')")
+        conn.execute("RESET ROLE")
+        conn.execute(f'SET ROLE "{role}"')
+        conn.execute("SELECT llm_model_copy('m', 'c')")
+        conn.execute("SELECT llm_model_rename('c', 'd')")
+        conn.execute("SELECT llm_tokenizer_copy('m', 'd', replace => true)")
+        conn.execute("SELECT llm_model_drop('d')")
+        conn.execute("RESET ROLE")
+        assert model_rows(conn, "d") == dict.fromkeys(model_rows(conn, "d"), 0)
+        assert model_rows(conn, "m")["llm_param"] > 0
+    finally:
+        conn.execute("RESET ROLE")
+        for r in (role, f"{role}_none"):
+            conn.execute(f'DROP OWNED BY "{r}"')
+            conn.execute(f'DROP ROLE "{r}"')
