@@ -7,6 +7,7 @@
 #include "privileges.h"
 #include "served.h"
 #include "batch.h"
+#include "dataset.h"
 #include "runner.h"
 #include "weights_cache.h"
 
@@ -56,6 +57,7 @@ _PG_init(void)
 	llm_served_init();
 	llm_batch_init();
 	llm_runner_init();
+	llm_dataset_init();
 	MarkGUCPrefixReserved("pg_llm");
 }
 
