@@ -12,6 +12,7 @@ from pathlib import Path
 
 import psycopg
 
+from . import DISTRIBUTION
 from .cluster import pg_config_values
 from .errors import PgllmError
 from .wheels import system_has_openblas, wheel_blas_library
@@ -27,7 +28,7 @@ def source_dir() -> Path:
         if (ext / "Makefile").is_file() and (ext / f"{EXTENSION}.control").is_file():
             return ext
     raise PgllmError(f"the extension sources are missing from {here / 'ext'}",
-                     hint="reinstall pgllm: pip install --force-reinstall pgllm")
+                     hint=f"reinstall pgllm: pip install --force-reinstall {DISTRIBUTION}")
 
 
 def control_version(ext: Path | None = None) -> str:
@@ -123,12 +124,29 @@ def build_and_install(pg_config: Path, ext: Path | None = None) -> dict[str, str
     with open(build / ".lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         for target in (["-j", str(os.cpu_count() or 1)], ["install"]):
-            proc = subprocess.run(make + target, capture_output=True, text=True)
-            if proc.returncode != 0:
-                output = (proc.stderr + proc.stdout).strip().splitlines()
+            returncode, output = run_make(make + target, sources=len(list((ext / "src").glob("*.c"))))
+            if returncode != 0:
                 errors = [line for line in output if "error:" in line or "cannot" in line] or output[-1:]
-                raise PgllmError(f"building the extension failed: {errors[0] if errors else 'make exited ' + str(proc.returncode)}")
+                raise PgllmError(f"building the extension failed: {errors[0] if errors else 'make exited ' + str(returncode)}")
     return cfg
+
+
+def run_make(argv: list[str], sources: int) -> tuple[int, list[str]]:
+    """make, with a bar of the C files compiled (a first build takes a minute); returns the exit
+    code and make's output lines."""
+    from .progress import count_progress
+
+    output = []
+    with count_progress() as progress:
+        task = progress.add_task(f"building pg_llm ({argv[-1] if argv[-1] == 'install' else 'compiling'})",
+                                 total=sources if argv[-1] != "install" else None)
+        proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        for line in proc.stdout:
+            output.append(line.rstrip("\n"))
+            if " -c -o " in line and line.rstrip().endswith(".c"):
+                progress.advance(task)
+        returncode = proc.wait()
+    return returncode, output
 
 
 def create_or_update(conn: psycopg.Connection) -> tuple[str | None, str]:

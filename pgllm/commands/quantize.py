@@ -13,16 +13,18 @@ import time
 import typer
 
 from .. import db
-from ..options import MODEL_ARGUMENT
+from ..options import MODEL, MODEL_POSITIONAL
 from ..progress import spinner
 
 
 def quantize(
     ctx: typer.Context,
-    model: str = MODEL_ARGUMENT,
+    model_arg: str = MODEL_POSITIONAL,
+    model: str = MODEL,
     precision: str = typer.Option("int8", "--precision", "-p", help="int8, bfloat16 or float32 (the server checks it)."),
 ) -> None:
     """Build the server's shared copy of MODEL's weights in --precision (used where pg_llm.inference_precision names it)."""
+    model = model_arg or model
     start = time.perf_counter()
     warnings = []
     with db.session(ctx.obj["dsn"]) as pg, spinner() as progress:

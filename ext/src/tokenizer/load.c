@@ -16,6 +16,7 @@
  * The vocabulary goes first: merges are checked against what the tables hold.
  */
 #include "base/base.h"
+#include "tokenizer/bpe.h"
 #include "tokenizer/cache.h"
 #include "model/model.h"
 #include "tokenizer/strmap.h"
@@ -607,8 +608,8 @@ lock_and_check(const char *model, bool replace, bool merges_only)
 				 errhint("Pass replace => true to replace it, or use pgllm tokenizer --truncate.")));
 }
 
-static int64
-load_vocab(const char *file, char *data, size_t len, const char *model, bool replace)
+int64
+llm_bpe_load_vocab(const char *file, char *data, size_t len, const char *model, bool replace)
 {
 	Vocab		v;
 	Oid			types[3] = {TEXTOID, INT4ARRAYOID, TEXTARRAYOID};
@@ -638,8 +639,8 @@ load_vocab(const char *file, char *data, size_t len, const char *model, bool rep
 	return v.n;
 }
 
-static int64
-load_merges(const char *file, char *data, size_t len, const char *model, bool replace)
+int64
+llm_bpe_load_merges(const char *file, char *data, size_t len, const char *model, bool replace)
 {
 	Merges		m;
 	Oid			types[3] = {TEXTOID, TEXTARRAYOID, TEXTARRAYOID};
@@ -702,26 +703,26 @@ PG_FUNCTION_INFO_V1(pg_llm_load_bpe_vocab);
 Datum
 pg_llm_load_bpe_vocab(PG_FUNCTION_ARGS)
 {
-	return load_sql(fcinfo, load_vocab, "vocabulary", true);
+	return load_sql(fcinfo, llm_bpe_load_vocab, "vocabulary", true);
 }
 
 PG_FUNCTION_INFO_V1(pg_llm_load_bpe_merges);
 Datum
 pg_llm_load_bpe_merges(PG_FUNCTION_ARGS)
 {
-	return load_sql(fcinfo, load_merges, "merges", true);
+	return load_sql(fcinfo, llm_bpe_load_merges, "merges", true);
 }
 
 PG_FUNCTION_INFO_V1(pg_llm_load_bpe_vocab_bytes);
 Datum
 pg_llm_load_bpe_vocab_bytes(PG_FUNCTION_ARGS)
 {
-	return load_sql(fcinfo, load_vocab, "vocabulary", false);
+	return load_sql(fcinfo, llm_bpe_load_vocab, "vocabulary", false);
 }
 
 PG_FUNCTION_INFO_V1(pg_llm_load_bpe_merges_bytes);
 Datum
 pg_llm_load_bpe_merges_bytes(PG_FUNCTION_ARGS)
 {
-	return load_sql(fcinfo, load_merges, "merges", false);
+	return load_sql(fcinfo, llm_bpe_load_merges, "merges", false);
 }

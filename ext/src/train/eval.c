@@ -162,6 +162,11 @@ llm_eval_dataset(const LlmModel *model, LlmDataset *ds, int batch_size, int64 *t
 			forward_losses(&f, model, rows, ds->T);
 			for (int i = 0; i < rows * ds->T; i++)
 				sum += f.losses[i];
+			/* progress, as llm_train's steps: a JSON detail at debug1 (pgllm eval draws a bar) */
+			ereport(DEBUG1,
+					(errmsg_internal("llm_eval: %lld of %lld rows", (long long) (pos + rows), (long long) ds->n),
+					 errdetail_internal("{\"event\": \"llm_eval.rows\", \"done\": %lld, \"rows\": %lld}",
+										(long long) (pos + rows), (long long) ds->n)));
 		}
 	}
 	PG_FINALLY();
