@@ -3,7 +3,7 @@
 META.json (ext/, the PGXN distribution: its Makefile is the PGXS one) is checked against the PGXN
 Meta Spec 1.0 (https://pgxn.org/spec/): the required keys and the form of each value, and its
 versions equal the control file's default_version. (The pg_regress suite that pins the SQL
-contract runs in test_foundation.py; the -Wall -Wextra -Werror build is every build of `make test`:
+contract runs in test_install.py; the -Wall -Wextra -Werror build is every build of `make test`:
 its Makefile passes COPT; the harnesses under the sanitizers are in test_sanitizers.py.)
 """
 

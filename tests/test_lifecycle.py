@@ -1,9 +1,9 @@
-"""Models, datasets and tokenizers a user can manage (issue 25), and the Hugging Face round trip.
+"""Models, datasets and tokenizers a user can manage, and the Hugging Face round trip.
 
 - models: drop, copy, rename (SQL and `pgllm models rm|cp|mv`), with their shared copies, runners,
   snapshots, training logs and tokenizer following; `init --replace` that changes the shape;
 - datasets: listed and dropped with their counts, block size and tokenizer; a model with another
-  tokenizer is refused for training and evaluation (issue 22), unless overridden;
+  tokenizer is refused for training and evaluation, unless overridden;
 - tokenizers: refused for an unknown model, copied between models, written out as files;
 - export to a Hugging Face directory, loaded by transformers with the same ids and greedy text as
   the server, and back with `pgllm convert DIR` + `pgllm import`, tokenizer included.

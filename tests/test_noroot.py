@@ -27,7 +27,7 @@ import pytest
 from pgllm.cluster import is_root
 
 from .conftest import EXT_VERSION, REPO
-from .test_foundation import _unprivileged_user
+from .test_install import _unprivileged_user
 
 pytestmark = pytest.mark.skipif(not is_root() or shutil.which("unshare") is None,
                                 reason="root sets up the mount namespace that hides the system's PostgreSQL")

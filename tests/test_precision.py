@@ -4,7 +4,7 @@ Quality is judged on a model trained in this file until its next-token distribut
 (random weights give near-uniform distributions, which hide errors): a tiny GPT-2 (2 layers, 4
 heads, d_model 80 and vocab 203, neither a multiple of 32) learns a synthetic language, a Markov
 chain in which each token has one likely successor (p = 0.9), trained with torch and stored as
-`pgllm import` stores weights. The bounds are issue 13's, over 48 held-out sequences of 64 tokens
+`pgllm import` stores weights. The bounds (docs/sql.md), over 48 held-out sequences of 64 tokens
 (3024 predicted positions) and 16 greedy continuations of 32 tokens:
 
     precision   mean KL(float32 || it)   perplexity / float32's   greedy tokens equal to float32's

@@ -27,7 +27,7 @@ from pgllm.errors import PgllmError
 from pgllm.extension import check_version_supported, control_version, pg_config_version_num
 
 from .conftest import EXT_VERSION, REPO, run_pgllm
-from .test_foundation import _unprivileged_user
+from .test_install import _unprivileged_user
 from .weights import write_gpt2_tokenizer
 
 # What `pgllm install` needs from the package: everything PGXS builds and installs.

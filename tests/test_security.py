@@ -1,4 +1,4 @@
-"""Security (issue 22): no role escalates, crashes the server, reads what it may not, or loses
+"""Security: no role escalates, crashes the server, reads what it may not, or loses
 another's training, tested as an attacker with a login role would try it.
 
 Each defect of the review has a test here that fails on the code before its fix: the privilege
@@ -23,7 +23,7 @@ import pytest
 
 from .conftest import REPO
 from .test_batch import cancel_until_ended
-from .test_harden import make_model, wait_for
+from .test_entry_points import make_model, wait_for
 from .weights import write_gpt2_tokenizer
 
 PRECISIONS = ("float32", "bfloat16", "int8")

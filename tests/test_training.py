@@ -670,7 +670,7 @@ SIGINT_IN_NOTICE_HANDLER = textwrap.dedent("""
 
 @pytest.mark.parametrize("handler", ["python", "pgllm"])
 def test_ctrl_c_inside_the_progress_handler(conn, db, handler):
-    """Why Ctrl-C was lost on a busy machine (issue 22), and that pgllm's handler stops training
+    """Why Ctrl-C was lost on a busy machine, and that pgllm's handler stops training
     wherever the signal lands."""
     medium_setup(conn)
     proc = subprocess.run([sys.executable, "-c", SIGINT_IN_NOTICE_HANDLER, db, handler],

@@ -9,7 +9,7 @@ import pytest
 
 from pgllm.bundled import gpt2_hf_tokenizer
 
-from .test_dataset import dataset_rows, expected_rows
+from .test_dataset_cli import dataset_rows, expected_rows
 from .test_training import fill_dataset, make_hf_model
 from .weights import store_hf_model, write_gpt2_tokenizer
 

@@ -1,4 +1,5 @@
-"""Hardening (issue 11): one trainer per model, non-finite weights, roles, entry-point consistency.
+"""Every entry point alike: one trainer per model, non-finite weights and logits, NULL prompts,
+every entry point per role, the CLI's rough edges.
 
 Concurrency is tested with real sessions, each step waiting for a state that pg_stat_activity
 shows (a backend waiting on a lock), never for a time.

@@ -1,4 +1,4 @@
-"""The foundation: the pgllm command, the embedded server, `pgllm install`, the schema."""
+"""Installing: the pgllm command, the embedded server, `pgllm install`, the schema."""
 
 from __future__ import annotations
 
