@@ -404,7 +404,7 @@ def test_decode_refuses_invalid_ids(g):
         with pytest.raises(psycopg.errors.InvalidParameterValue) as e:
             g.execute("SELECT llm_decode(%s::int[], %s)", ([15496, bad], MODEL))
         assert f"token id {bad} is not in the vocabulary of model \"{MODEL}\"" in str(e.value)
-    with pytest.raises(psycopg.Error, match="NULL"):
+    with pytest.raises(psycopg.Error, match="token ids must not be null"):
         g.execute("SELECT llm_decode(ARRAY[15496, NULL]::int[], %s)", (MODEL,))
     with pytest.raises(psycopg.errors.InvalidParameterValue, match="token id -5"):
         g.execute("SELECT llm_token_bytes(-5, %s)", (MODEL,))

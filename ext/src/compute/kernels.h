@@ -245,4 +245,27 @@ extern void classifier_forward_backward(float *losses, float *dinp, float *dwte,
 										int BT, int C, int V, int chunk_rows, float dloss,
 										bool accumulate);
 
+/*
+ * Inference's attention (infer.c) and a scan, at the level in use like every kernel here.
+ *
+ * llm_attention_prompt_head: a head's causal attention over a prompt of T rows, for the query rows
+ * [r0, T): out(T, ld_out) at the head's hs columns <- softmax(q k^T * scale) v, with q(T, ld_q),
+ * k and v (T, ld_kv) pointing at the head's columns; in blocks of `block` query rows, each two
+ * sgemms (on the calling thread's BLAS), S (block, T) scratch.
+ *
+ * llm_attention_step_row: one query row's attention over n cached positions for heads [h0, h1)
+ * of hs channels: keys[t], values[t] are position t's key and value rows (all heads); scores at
+ * p[h * stride + t]. Each head's arithmetic is one head's alone: its scores in position order,
+ * its softmax, its weighted sum of values in position order.
+ *
+ * llm_first_nonfinite: the index of the first NaN or infinite value of x (n), or n.
+ */
+extern void llm_attention_prompt_head(float *out, size_t ld_out, const float *q, size_t ld_q, const float *k,
+									  const float *v, size_t ld_kv, size_t T, size_t r0, size_t hs, size_t block,
+									  float scale, float *S);
+extern void llm_attention_step_row(float *out, float *p, size_t stride, const float *q, const float *const *keys,
+								   const float *const *values, size_t n, size_t h0, size_t h1, size_t hs,
+								   float scale);
+extern size_t llm_first_nonfinite(const float *x, size_t n);
+
 #endif							/* PG_LLM_KERNELS_H */

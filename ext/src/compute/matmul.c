@@ -1,54 +1,9 @@
 /*
- * matmul.c: the matrix products of training (see kernels.h): each one sgemm on BLAS's own threads.
- * Inference's products are gemv.c's, over packed weights.
+ * matmul.c: the matrix products of training (see kernels.h): each one sgemm on BLAS's own threads,
+ * the bias tasks at the level in use (kernels.c). Inference's products are gemv.c's, over packed
+ * weights.
  */
-#include "compute/blas.h"
-#include "compute/kernels.h"
-#include "compute/pool.h"
-
-#include <math.h>
-#include <stdbool.h>
-#include <stdlib.h>
-#include <string.h>
-
-#define Min(x, y) ((x) < (y) ? (x) : (y))
-
-
-typedef struct
-{
-	float	   *out;
-	const float *bias;
-	const float *dout;
-	int			BT,
-				OC;
-	bool		accumulate;
-}			BiasArgs;
-
-static void
-bias_fill_task(void *arg, size_t start, size_t end)
-{
-	BiasArgs   *a = arg;
-
-	for (size_t r = start; r < end; r++)
-		memcpy(a->out + r * a->OC, a->bias, a->OC * sizeof(float));
-}
-
-/* out(OC) = column sums of dout(BT,OC), by column ranges. */
-LLM_SIMD static void
-bias_backward_task(void *arg, size_t start, size_t end)
-{
-	BiasArgs   *a = arg;
-
-	if (!a->accumulate)
-		memset(a->out + start, 0, (end - start) * sizeof(float));
-	for (size_t r = 0; r < (size_t) a->BT; r++)
-	{
-		const float *d = a->dout + r * a->OC;
-
-		for (size_t i = start; i < end; i++)
-			a->out[i] += d[i];
-	}
-}
+#include "compute/kernels_args.h"
 
 void
 matmul_forward(float *out, const float *inp, const float *weight, const float *bias, int BT, int C, int OC)
@@ -57,7 +12,7 @@ matmul_forward(float *out, const float *inp, const float *weight, const float *b
 	{
 		BiasArgs	a = {.out = out, .bias = bias, .BT = BT, .OC = OC};
 
-		llm_parallel_for(BT, bias_fill_task, &a);
+		llm_parallel_for(BT, llm_kernel_tasks()->bias_fill_task, &a);
 	}
 	llm_cblas_sgemm(LlmCblasRowMajor, LlmCblasNoTrans, LlmCblasNoTrans, BT, OC, C,
 					1.0f, inp, C, weight, OC, bias != NULL ? 1.0f : 0.0f, out, OC);
@@ -76,7 +31,7 @@ matmul_backward(float *dinp, float *dweight, float *dbias, const float *dout, co
 	{
 		BiasArgs	a = {.out = dbias, .dout = dout, .BT = BT, .OC = OC, .accumulate = accumulate};
 
-		llm_parallel_for(OC, bias_backward_task, &a);
+		llm_parallel_for(OC, llm_kernel_tasks()->bias_backward_task, &a);
 	}
 }
 

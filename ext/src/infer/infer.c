@@ -60,44 +60,21 @@ prompt_cache(const LlmInfer *s, float *cache, size_t l, size_t p)
 	return cache + (l * s->prompts + p) * s->ctx * s->C;
 }
 
-LLM_SIMD static void
+static void
 attention_prompt_task(void *arg, size_t start, size_t end)
 {
 	const PromptAttTask *t = arg;
 	const LlmInfer *s = t->s;
 	size_t		C = s->C,
-				hs = s->hs,
-				T = t->T;
+				hs = s->hs;
 	const float *kc = prompt_cache(s, s->k_prompt, t->l, t->p);
 	const float *vc = prompt_cache(s, s->v_prompt, t->l, t->p);
 	float		scale = 1.0f / sqrtf((float) hs);
 
 	for (size_t h = start; h < end; h++)
-	{
-		float	   *S = s->scores + h * (size_t) Min(s->max_prompt, ATT_ROW_BLOCK) * s->ctx;
-
-		for (size_t b0 = t->r0; b0 < T; b0 += ATT_ROW_BLOCK)
-		{
-			size_t		b1 = Min(b0 + ATT_ROW_BLOCK, T);
-			size_t		M = b1 - b0;
-			size_t		N = b1;		/* keys 0 .. b1-1 */
-
-			llm_cblas_sgemm(LlmCblasRowMajor, LlmCblasNoTrans, LlmCblasTrans, (int) M, (int) N, (int) hs,
-							scale, s->qkv + (t->off + b0) * 3 * C + h * hs, (int) (3 * C), kc + h * hs, (int) C,
-							0.0f, S, (int) N);
-			for (size_t i = 0; i < M; i++)
-			{
-				float	   *row = S + i * N;
-				size_t		n = b0 + i + 1;	/* causal: keys 0 .. b0+i */
-
-				softmax_inplace(row, n);
-				memset(row + n, 0, (N - n) * sizeof(float));
-			}
-			llm_cblas_sgemm(LlmCblasRowMajor, LlmCblasNoTrans, LlmCblasNoTrans, (int) M, (int) hs, (int) N,
-							1.0f, S, (int) N, vc + h * hs, (int) C,
-							0.0f, s->att + (t->off + b0) * C + h * hs, (int) C);
-		}
-	}
+		llm_attention_prompt_head(s->att + t->off * C + h * hs, C, s->qkv + t->off * 3 * C + h * hs, 3 * C,
+								  kc + h * hs, vc + h * hs, C, t->T, t->r0, hs, ATT_ROW_BLOCK, scale,
+								  s->scores + h * (size_t) Min(s->max_prompt, ATT_ROW_BLOCK) * s->ctx);
 }
 
 typedef struct StepAttTask
@@ -109,13 +86,14 @@ typedef struct StepAttTask
 /*
  * One generation step's attention for the (row, head) pairs [start, end), ih = i * NH + h; row i
  * of the step is slot b = step_rows[i], which sees its prompt slot's Tp positions and its own G
- * generated ones. The pairs of one row are taken together, position by position, so that each
+ * generated ones (kv_rows: where each of them is). The pairs of one row are taken together,
+ * position by position (llm_attention_step_row), so that each
  * cached key and value is read as one contiguous stretch of its heads (reading one head's 64
  * floats per position, a cache line apart from the next position's, left the reads waiting on
  * memory); each head's arithmetic is the same as one head alone: its scores in position order,
  * its softmax, then its weighted sum of values in position order.
  */
-LLM_SIMD static void
+static void
 attention_step_task(void *arg, size_t start, size_t end)
 {
 	const StepAttTask *t = arg;
@@ -123,56 +101,18 @@ attention_step_task(void *arg, size_t start, size_t end)
 	size_t		C = s->C,
 				hs = s->hs,
 				NH = s->NH,
-				B = s->beams,
-				stride = s->ctx + s->max_new;	/* scores per (row, head) */
-	size_t		l = t->l;
-	const float *kn = s->k_new + l * s->max_new * B * C;
-	const float *vn = s->v_new + l * s->max_new * B * C;
-	bool		own = s->batch;	/* each slot's generated positions follow its prompt */
+				span = s->ctx + s->max_new; /* positions a row may see; scores per (row, head) */
 	float		scale = 1.0f / sqrtf((float) hs);
 
 	for (size_t ih0 = start, ih1; ih0 < end; ih0 = ih1)
 	{
 		size_t		i = ih0 / NH,
-					h0 = ih0 % NH,
-					h1,
-					b = s->step_rows[i],
-					pr = s->prompts == 1 ? 0 : b,
-					Tp = s->prompt_len[pr],
-					G = s->n_new[b] + 1;	/* including this step's position */
-		const float *kp = prompt_cache(s, s->k_prompt, l, pr);
-		const float *vp = prompt_cache(s, s->v_prompt, l, pr);
-		const float *q = s->qkv + i * 3 * C;
-		const int  *path = s->path + b * s->max_new;
-		float	   *p = s->scores + i * NH * stride;	/* head h's scores at p + h * stride */
-		float	   *out = s->att + i * C;
+					h0 = ih0 % NH;
+		const float *const *keys = s->kv_rows + i * 2 * span;
 
 		ih1 = Min(end, (i + 1) * NH);
-		h1 = ih1 - i * NH;
-		for (size_t t2 = 0; t2 < Tp + G; t2++)
-		{
-			const float *k = t2 < Tp || own ? kp + t2 * C : kn + ((size_t) path[t2 - Tp] * s->max_new + t2 - Tp) * C;
-
-			for (size_t h = h0; h < h1; h++)
-				p[h * stride + t2] = llm_dot(q + h * hs, k + h * hs, hs) * scale;
-		}
-		for (size_t h = h0; h < h1; h++)
-		{
-			softmax_inplace(p + h * stride, Tp + G);
-			memset(out + h * hs, 0, hs * sizeof(float));
-		}
-		for (size_t t2 = 0; t2 < Tp + G; t2++)
-		{
-			const float *v = t2 < Tp || own ? vp + t2 * C : vn + ((size_t) path[t2 - Tp] * s->max_new + t2 - Tp) * C;
-
-			for (size_t h = h0; h < h1; h++)
-			{
-				float		pt = p[h * stride + t2];
-
-				for (size_t k = 0; k < hs; k++)
-					out[h * hs + k] += pt * v[h * hs + k];
-			}
-		}
+		llm_attention_step_row(s->att + i * C, s->scores + i * NH * span, span, s->qkv + i * 3 * C, keys,
+							   keys + span, (size_t) s->kv_n[i], h0, ih1 - i * NH, hs, scale);
 	}
 }
 
@@ -245,6 +185,8 @@ infer_create(const LlmModel *m, bool batch, int beams, int prompts, int max_prom
 	scores = Max((size_t) s->NH * Min(max_prompt, ATT_ROW_BLOCK) * max_positions,
 				 (size_t) beams * s->NH * (max_positions + max_new));
 	s->scores = alloc_floats(scores);
+	s->kv_rows = MemoryContextAllocHuge(CurrentMemoryContext, sizeof(float *) * 2 * beams * (max_positions + max_new));
+	s->kv_n = palloc(sizeof(int) * beams);
 	s->logits = alloc_floats((size_t) beams * V);
 	s->gemv_scratch = (void *) TYPEALIGN(64, MemoryContextAllocHuge(CurrentMemoryContext, gemv_scratch_size(R, 4 * C) + 64));
 	return s;
@@ -489,7 +431,8 @@ step_attention(void *ctx, int l, float *out, const float *qkv, size_t B)
 {
 	const StepPass *sp = ctx;
 	LlmInfer   *s = sp->s;
-	size_t		C = s->C;
+	size_t		C = s->C,
+				span = s->ctx + s->max_new;
 	float	   *kn = s->k_new + (size_t) l * s->max_new * s->beams * C;
 	float	   *vn = s->v_new + (size_t) l * s->max_new * s->beams * C;
 	StepAttTask att = {s, l};
@@ -503,6 +446,33 @@ step_attention(void *ctx, int l, float *out, const float *qkv, size_t B)
 
 		memcpy(k, qkv + i * 3 * C + C, C * sizeof(float));
 		memcpy(v, qkv + i * 3 * C + 2 * C, C * sizeof(float));
+	}
+
+	/*
+	 * Where each row's positions are: its prompt slot's Tp, then its own generated ones: after the
+	 * prompt in a batch's slot, else (beams) along the path of slots that hold its history.
+	 */
+	for (size_t i = 0; i < B; i++)
+	{
+		size_t		b = sp->rows[i],
+					pr = s->prompts == 1 ? 0 : b,
+					Tp = s->prompt_len[pr],
+					n = Tp + s->n_new[b] + 1;	/* including this step's position */
+		const float **keys = s->kv_rows + i * 2 * span,
+				  **values = keys + span;
+		const float *kp = prompt_cache(s, s->k_prompt, l, pr);
+		const float *vp = prompt_cache(s, s->v_prompt, l, pr);
+		const int  *path = s->path + b * s->max_new;
+
+		for (size_t t = 0; t < n; t++)
+		{
+			bool		cached = t < Tp || s->batch;
+			size_t		g = cached ? 0 : ((size_t) path[t - Tp] * s->max_new + t - Tp) * C;
+
+			keys[t] = cached ? kp + t * C : kn + g;
+			values[t] = cached ? vp + t * C : vn + g;
+		}
+		s->kv_n[i] = (int) n;
 	}
 	llm_parallel_for(B * s->NH, attention_step_task, &att);
 	return B;

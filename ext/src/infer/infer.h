@@ -50,6 +50,8 @@ typedef struct LlmInfer
 	int		   *path;			/* (B, max_new): slot that holds row b's position g */
 	int		   *path_tmp;		/* (B, max_new) */
 	int		   *step_rows;		/* (B) the row slots of the step in progress */
+	const float **kv_rows;		/* (B, 2, ctx + max_new) where each position's key and value row is */
+	int		   *kv_n;			/* (B) positions each row of the step sees */
 
 	/* activations, R rows: max(max_prompt, B), for a batch at least min(P x max_prompt, 96) */
 	float	   *x;				/* (R, C) residual stream */

@@ -523,28 +523,6 @@ read_config_record(NpzReader *r, const NpyHeader *h, const char *model, LlmConfi
 	cfg->vocab = (int) v[4];
 }
 
-/* Index of the first value that is NaN or infinite (all exponent bits set), or n. */
-LLM_SIMD
-static size_t
-first_nonfinite(const float *x, size_t n)
-{
-	const uint32 *u = (const uint32 *) x;
-
-	for (size_t start = 0; start < n; start += 4096)
-	{
-		size_t		end = Min(start + 4096, n);
-		uint32		bad = 0;
-
-		for (size_t i = start; i < end; i++)
-			bad |= ((u[i] & 0x7f800000u) == 0x7f800000u);
-		if (bad)
-			for (size_t i = start; i < end; i++)
-				if ((u[i] & 0x7f800000u) == 0x7f800000u)
-					return i;
-	}
-	return n;
-}
-
 /* ---- import ------------------------------------------------------------------------------------ */
 
 /* Read every record from `in` into llm_param for `model`; the caller is connected to SPI. */
@@ -650,7 +628,7 @@ npz_import(NpzInput *in, const char *model, bool replace)
 
 		data = llm_weights_buffer(&w, index);
 		npz_read_exact(&r, VARDATA(data), info.numel * sizeof(float));
-		bad = first_nonfinite((const float *) VARDATA(data), info.numel);
+		bad = llm_first_nonfinite((const float *) VARDATA(data), info.numel);
 		if (bad < info.numel)
 		{
 			float		v = ((const float *) VARDATA(data))[bad];
