@@ -84,8 +84,19 @@ def hf_beams(model, ids: list[int], k: int, max_new: int, eos: int | None) -> li
 
 # ---- logits -------------------------------------------------------------------------------------
 
+@pytest.mark.parametrize("simd", ["auto", "portable"])
 @pytest.mark.parametrize("shape", list(SHAPES))
-def test_logits_match_transformers_for_every_prompt_length(pg, models, shape):
+def test_logits_match_transformers_for_every_prompt_length(pg, models, shape, simd):
+    """At every prompt length (so both the decode kernels' rows and the prompt pass run), at the
+    best level of this CPU and on the plain-C kernels (pg_llm.simd caps every kernel)."""
+    pg.execute(f"SET pg_llm.simd = {simd}")
+    try:
+        check_logits(pg, models, shape)
+    finally:
+        pg.execute("RESET pg_llm.simd")
+
+
+def check_logits(pg, models, shape):
     name, m = models[shape]
     rng = np.random.default_rng(1)
     for T in range(1, m.config.n_positions + 1):

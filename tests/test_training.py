@@ -128,6 +128,19 @@ PARAM_RTOL = 1e-4
 
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "L{}H{}C{}V{}B{}T{}A{}".format(*s[:3], *s[4:8]))
 def test_three_steps_match_pytorch(conn, shape):
+    check_three_steps(conn, shape)
+
+
+def test_three_steps_match_pytorch_on_the_portable_kernels(conn):
+    """pg_llm.simd caps every kernel (one dispatch): the plain-C level trains as PyTorch does too."""
+    conn.execute("SET pg_llm.simd = portable")
+    try:
+        check_three_steps(conn, SHAPES[1])
+    finally:
+        conn.execute("RESET pg_llm.simd")
+
+
+def check_three_steps(conn, shape):
     n_layer, n_head, n_embd, n_pos, vocab, B, T, A, N = shape
     hf = make_hf_model(7, n_layer, n_head, n_embd, n_pos, vocab)
     store_hf_model(conn, "tiny", hf)
