@@ -3,7 +3,9 @@
  *
  * All of them run the training forward pass (kernels.h) without dropout and without keeping
  * activations for a backward: one set of per-layer buffers, reused by every layer, malloc'd per
- * call and freed on success and on error. They write nothing, so they run on a hot standby.
+ * call and freed on success and on error. They write nothing, so they run on a hot standby, and
+ * in parallel workers: they read the server's shared float32 block (llm_model_get_block), and their
+ * products give the same bits on any number of threads (llm_sgemm_repeatable).
  */
 #include "pg_llm.h"
 #include "blas.h"
@@ -100,6 +102,18 @@ forward_alloc(Forward *f, const LlmConfig *cfg, int B, int T)
 	}
 }
 
+/*
+ * out(BT,OC) = inp(BT,C) @ weight(C,OC) + bias, as matmul_forward but the same to the last bit on any
+ * number of threads: a parallel worker, which gets fewer threads, returns what the serial plan does.
+ */
+static void
+linear_forward(float *out, const float *inp, const float *weight, const float *bias, int BT, int C, int OC)
+{
+	for (int r = 0; r < BT; r++)
+		memcpy(out + (size_t) r * OC, bias, OC * sizeof(float));
+	llm_sgemm_repeatable(LlmCblasNoTrans, BT, OC, C, inp, C, weight, OC, 1.0f, out, OC);
+}
+
 /* f->ln(B,T,C) = the final hidden states (after ln_f) of f->inputs(B,T), B <= f->B, T <= f->T. */
 static void
 forward_hidden(Forward *f, const LlmModel *m, int B, int T)
@@ -116,14 +130,14 @@ forward_hidden(Forward *f, const LlmModel *m, int B, int T)
 	{
 		CHECK_FOR_INTERRUPTS();
 		layernorm_forward(f->ln, NULL, NULL, f->resid, p->ln1w + l * C, p->ln1b + l * C, BT, (int) C);
-		matmul_forward(f->qkv, f->ln, p->qkvw + l * C * C3, p->qkvb + l * C3, BT, (int) C, (int) C3);
+		linear_forward(f->qkv, f->ln, p->qkvw + l * C * C3, p->qkvb + l * C3, BT, (int) C, (int) C3);
 		attention_forward(f->atty, f->att, f->scratch, f->qkv, B, T, (int) C, f->NH, 0.0f, 0);
-		matmul_forward(f->proj, f->atty, p->attprojw + l * C * C, p->attprojb + l * C, BT, (int) C, (int) C);
+		linear_forward(f->proj, f->atty, p->attprojw + l * C * C, p->attprojb + l * C, BT, (int) C, (int) C);
 		residual_forward(f->resid, f->resid, f->proj, BTC);
 		layernorm_forward(f->ln, NULL, NULL, f->resid, p->ln2w + l * C, p->ln2b + l * C, BT, (int) C);
-		matmul_forward(f->fch, f->ln, p->fcw + l * C * C4, p->fcb + l * C4, BT, (int) C, (int) C4);
+		linear_forward(f->fch, f->ln, p->fcw + l * C * C4, p->fcb + l * C4, BT, (int) C, (int) C4);
 		gelu_forward(f->fch, f->fch, C4 * BT);
-		matmul_forward(f->proj, f->fch, p->fcprojw + l * C4 * C, p->fcprojb + l * C, BT, (int) C4, (int) C);
+		linear_forward(f->proj, f->fch, p->fcprojw + l * C4 * C, p->fcprojb + l * C, BT, (int) C4, (int) C);
 		residual_forward(f->resid, f->resid, f->proj, BTC);
 	}
 	layernorm_forward(f->ln, NULL, NULL, f->resid, p->lnfw, p->lnfb, BT, (int) C);
@@ -142,8 +156,8 @@ forward_losses(Forward *f, const LlmModel *m, int B, int T)
 		int			rows = Min(f->chunk_rows, BT - r0);
 
 		/* logits(rows,V) = ln_f(rows,C) @ wte^T, the tied head */
-		llm_cblas_sgemm(LlmCblasRowMajor, LlmCblasNoTrans, LlmCblasTrans, rows, f->V, f->C,
-						1.0f, f->ln + (size_t) r0 * f->C, f->C, m->p.wte, f->C, 0.0f, f->logits, f->V);
+		llm_sgemm_repeatable(LlmCblasTrans, rows, f->V, f->C, f->ln + (size_t) r0 * f->C, f->C, m->p.wte, f->C,
+							 0.0f, f->logits, f->V);
 		crossentropy_softmax_forward_backward(f->losses + r0, f->logits, f->targets + r0, rows, f->V, 0.0f);
 	}
 }
@@ -238,8 +252,8 @@ llm_eval(PG_FUNCTION_ARGS)
 		elog(ERROR, "llm_eval must return a row");
 
 	SPI_connect();
-	/* the training forward pass reads float32 tensors: the private block, never a served copy */
-	model = llm_model_get_private(model_name);
+	/* the training forward pass reads float32 tensors: the block, never a served copy */
+	model = llm_model_get_block(model_name);
 	llm_dataset_open(&ds, &model->cfg, dataset, max_rows);
 	/* llm_dataset_open may have read other tables: the model is still valid (no llm_model_get since) */
 	loss = llm_eval_dataset(model, &ds, batch_size, &tokens);
@@ -266,7 +280,7 @@ model_and_ids(FunctionCallInfo fcinfo, int32 **ids, int *n)
 	input = bpe_datum_to_utf8(PG_GETARG_DATUM(0), &len);
 	llm_check_model_name(model_name);
 	*ids = llm_bpe_encode(model_name, input, len, n);
-	model = llm_model_get_private(model_name);	/* float32 tensors, as llm_eval */
+	model = llm_model_get_block(model_name);	/* float32 tensors, as llm_eval */
 	for (int i = 0; i < *n; i++)
 		if ((*ids)[i] >= model->cfg.vocab)
 			ereport(ERROR,
