@@ -7,7 +7,8 @@ PYTHON ?= $(shell test -x /usr/bin/python3 && echo /usr/bin/python3 || echo pyth
 VENV := .venv
 BIN := $(VENV)/bin
 PG_MAJOR ?= 15
-APT_PACKAGES := python3-venv postgresql-$(PG_MAJOR) postgresql-server-dev-$(PG_MAJOR) libopenblas-dev gcc make fortunes pgbouncer
+APT_PACKAGES := python3-venv postgresql-$(PG_MAJOR) postgresql-server-dev-$(PG_MAJOR) libopenblas-dev gcc make fortunes pgbouncer \
+                pgpool2 postgresql-$(PG_MAJOR)-plproxy
 STAMP := $(VENV)/.installed
 
 .PHONY: setup system-packages venv ext test demo bench clean

@@ -18,6 +18,7 @@ and that every path returns exactly what one server returns.
 
 from __future__ import annotations
 
+import os
 import re
 import threading
 import uuid
@@ -30,7 +31,7 @@ from pg_llm_client import PGLLMClient
 from pgllm.cli import app
 
 from .conftest import REPO
-from .topology import Node, Topology, wait_for
+from .topology import PGBOUNCER, PGPOOL, Node, Topology, wait_for
 from .weights import write_gpt2_tokenizer
 
 MODEL = "scale"
@@ -66,18 +67,27 @@ def topo():
             conn.execute("INSERT INTO llm_dataset (dataset, tokens, target) SELECT %s, array_agg((g * 31 + i) %% 50000 "
                          "ORDER BY i), array_agg((g * 31 + i + 1) %% 50000 ORDER BY i) FROM generate_series(1, 8) g, "
                          "generate_series(1, 16) i GROUP BY g", (MODEL,))
-            # PL/Proxy: the two standbys are the cluster's partitions
-            conn.execute("CREATE EXTENSION plproxy")
-            nodes = [t.nodes[n].libpq(options="-c client_connection_check_interval=1s").replace("'", "''")
-                     for n in STANDBYS]
-            conn.execute(f"CREATE SERVER pg_llm_nodes FOREIGN DATA WRAPPER plproxy OPTIONS (p0 '{nodes[0]}', "
-                         f"p1 '{nodes[1]}')")
-            conn.execute("CREATE USER MAPPING FOR PUBLIC SERVER pg_llm_nodes")
-            conn.execute(PLPROXY.read_text())
         t.wait_for_replay(*standbys(t))
         yield t
     finally:
         t.stop()
+
+
+@pytest.fixture(scope="module")
+def plproxy(topo):
+    """PL/Proxy on the primary, the two standbys its cluster's partitions, the recipe loaded."""
+    with topo.primary.connect() as conn:
+        if not conn.execute("SELECT 1 FROM pg_available_extensions WHERE name = 'plproxy'").fetchone():
+            pytest.skip("PL/Proxy is not installed (apt-get install postgresql-15-plproxy)")
+        conn.execute("CREATE EXTENSION plproxy")
+        nodes = [topo.nodes[n].libpq(options="-c client_connection_check_interval=1s").replace("'", "''")
+                 for n in STANDBYS]
+        conn.execute(f"CREATE SERVER pg_llm_nodes FOREIGN DATA WRAPPER plproxy OPTIONS (p0 '{nodes[0]}', "
+                     f"p1 '{nodes[1]}')")
+        conn.execute("CREATE USER MAPPING FOR PUBLIC SERVER pg_llm_nodes")
+        conn.execute(PLPROXY.read_text())
+    topo.wait_for_replay(*standbys(topo))
+    return topo
 
 
 def standbys(t: Topology) -> list[Node]:
@@ -94,9 +104,13 @@ def pgpool_setting(name: str) -> str:
 def pgpool(topo):
     """pgpool-II as docs/scale-out.md configures it; a session whose application_name is
     to_standby1 (to_standby2) has its reads sent to that standby."""
+    if not os.path.exists(PGPOOL):
+        pytest.skip("pgpool-II is not installed (apt-get install pgpool2)")
     nodes = [topo.primary, *standbys(topo)]
     return topo.start_pgpool(nodes, [0, 1, 1], {
         "read_only_function_list": pgpool_setting("read_only_function_list"),
+        # a client's backends end with it, and so flush their statistics at once
+        "connection_cache": "off",
         "app_name_redirect_preference_list": "'" + ",".join(f"to_{n}:{i + 1}(1.0)" for i, n in enumerate(STANDBYS)) + "'",
     })
 
@@ -221,6 +235,7 @@ def test_each_standby_serves_through_its_own_batch_runner_and_shared_copy(topo):
 
 # ---- PgBouncer, libpq --------------------------------------------------------------------------------
 
+@pytest.mark.skipif(not os.path.exists(PGBOUNCER), reason="pgbouncer is not installed (apt-get install pgbouncer)")
 def test_pgbouncer_in_front_of_each_node(topo):
     nodes = ["primary", *STANDBYS]
     bouncer = topo.start_pgbouncer({name: topo.nodes[name] for name in nodes})
@@ -284,12 +299,12 @@ def test_multi_host_connection_strings(topo):
 # ---- PL/Proxy ------------------------------------------------------------------------------------------
 
 @pytest.fixture
-def fresh_model(topo):
+def fresh_model(plproxy):
     """A model that no server has served yet (so each node's shared copy shows that it computed)."""
     name = f"spread-{uuid.uuid4().hex[:6]}"
-    with topo.primary.connect() as conn:
+    with plproxy.primary.connect() as conn:
         new_model(conn, name, 5)
-    topo.wait_for_replay(*standbys(topo))
+    plproxy.wait_for_replay(*standbys(plproxy))
     return name
 
 
@@ -298,7 +313,8 @@ def copies_on(node: Node, model: str) -> int:
         return conn.execute("SELECT count(*) FROM pg_llm_weight_cache() WHERE model = %s", (model,)).fetchone()[0]
 
 
-def test_plproxy_spreads_a_batch_and_rows_over_the_nodes_in_order(topo, fresh_model):
+def test_plproxy_spreads_a_batch_and_rows_over_the_nodes_in_order(plproxy, fresh_model):
+    topo = plproxy
     prompts = [f"Prompt number {i} of the batch" for i in range(1, 12)] + [None]
     ids = [3, 10, 11, 4, 7, 100]
     bodies = [f"Row {i} of a table" for i in ids]
@@ -350,9 +366,10 @@ def node_statements(node: Node, waiting: bool = False) -> int:
             "AND pid <> pg_backend_pid()" + (" AND wait_event_type = 'Lock'" if waiting else "")).fetchone()[0]
 
 
-def test_plproxy_an_error_on_one_node_ends_the_whole_call(topo, fresh_model):
+def test_plproxy_an_error_on_one_node_ends_the_whole_call(plproxy, fresh_model):
     """Prompt 1 (partition 1, standby2) is too long for the model: standby2 fails at once, while
     standby1 waits for the weights; the call fails with standby2's error and standby1's part ends."""
+    topo = plproxy
     prompts = ["word " * 300, "A prompt that fits"]
     with LockedWeights(topo):
         with topo.primary.connect() as conn, pytest.raises(psycopg.errors.ProgramLimitExceeded) as failed:
@@ -364,7 +381,8 @@ def test_plproxy_an_error_on_one_node_ends_the_whole_call(topo, fresh_model):
                                 (prompts[1:] * 2, fresh_model)).fetchall()) == 2
 
 
-def test_plproxy_cancel_ends_every_node(topo, fresh_model):
+def test_plproxy_cancel_ends_every_node(plproxy, fresh_model):
+    topo = plproxy
     prompts = ["First prompt", "Second prompt", "Third", "Fourth"]
     with LockedWeights(topo):
         with topo.primary.connect() as conn:

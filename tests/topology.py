@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import tempfile
@@ -93,6 +94,7 @@ class Proxy:
     port: int
     log: Path
     role: str
+    stop_signal: int = signal.SIGTERM
 
     def dsn(self, dbname: str = "pgllm", **params) -> str:
         extra = "".join(f"&{k}={v}" for k, v in params.items())
@@ -100,7 +102,7 @@ class Proxy:
 
     def stop(self) -> None:
         if self.process.poll() is None:
-            self.process.terminate()
+            self.process.send_signal(self.stop_signal)
             try:
                 self.process.wait(timeout=60)
             except subprocess.TimeoutExpired:
@@ -210,6 +212,7 @@ class Topology:
         self._chown(conf, d / "pcp.conf", d / "pool_hba.conf")
         proxy = self._spawn([PGPOOL, "-n", "-f", str(conf), "-F", str(d / "pcp.conf"), "-a", str(d / "pool_hba.conf")],
                             d / "pgpool.log", port)
+        proxy.stop_signal = signal.SIGINT  # fast shutdown (SIGTERM waits for every client to leave)
         return proxy
 
     def start_pgbouncer(self, databases: dict[str, Node]) -> Proxy:
@@ -234,7 +237,7 @@ ignore_startup_parameters = extra_float_digits,options
 server_reset_query =
 """)
         self._chown(ini)
-        return self._spawn([PGBOUNCER, str(ini)], d / "pgbouncer.log", port)
+        return self._spawn([PGBOUNCER, str(ini)], d / "pgbouncer.log", port)  # SIGTERM: immediate shutdown
 
     # ---- the end ------------------------------------------------------------------------------
     def stop(self) -> None:
@@ -290,7 +293,10 @@ server_reset_query =
 
     def _spawn(self, argv: list[str], log_path: Path, port: int) -> Proxy:
         log = open(log_path, "w+")
-        proc = subprocess.Popen(self._as_server(argv), stdout=log, stderr=subprocess.STDOUT)
+        # as the server's OS user without runuser in between, so that a signal reaches the proxy itself
+        user = self.cluster.server_user if is_root() else None
+        proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT,
+                                **({"user": user.pw_uid, "group": user.pw_gid, "extra_groups": []} if user else {}))
         proxy = Proxy(proc, port, log_path, self.primary.role)
         self.proxies.append(proxy)
 
