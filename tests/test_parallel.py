@@ -224,7 +224,8 @@ def test_workers_leave_the_thread_budget_when_their_part_ends(pdb):
 def test_the_same_numbers_on_any_number_of_threads(pdb):
     """What a worker computes with its share of the threads equals what a session computes with all
     of them: measuring's products are cut the same way whatever the thread count."""
-    query = f"SELECT array_agg(llm_perplexity(body, '{MODEL}') ORDER BY id), array_agg(llm_embed(body, '{MODEL}') ORDER BY id), " \
+    query = f"SELECT array_agg(llm_perplexity(body, '{MODEL}') ORDER BY id), " \
+            f"array_agg(llm_embed(body, '{MODEL}') ORDER BY id), " \
             f"(SELECT loss FROM llm_eval('{MODEL}', 'probe')) FROM docs WHERE id <= 4"
     with psycopg.connect(pdb, autocommit=True) as conn:
         serial(conn)
@@ -251,3 +252,38 @@ def test_a_stable_embedding_is_an_index_condition(pdb):
         root = plan(conn, query)
         assert any("llm_embed(" in n.get("Index Cond", "") for n in nodes(root)), root
         assert conn.execute(query).fetchall() == [(3,)]
+
+
+def test_a_worker_checks_the_callers_rights_as_the_leader_does(pdb):
+    """Serving checks the caller's rights on llm_param on every call (row-level security
+    included, through SPI): in a worker, as the leader's role, with the same outcome."""
+    role = f"par_{uuid.uuid4().hex[:6]}"
+    hidden = "parallel-hidden"
+    query = "SELECT id, llm_embed(body, %s) FROM docs"
+    with psycopg.connect(pdb, autocommit=True) as conn:
+        conn.execute(f"CREATE ROLE {role}")
+        try:
+            conn.execute("SELECT llm_init(%s, 1, 2, 32, 64, 50257, seed => 4)", (hidden,))
+            conn.execute("INSERT INTO llm_bpe_vocab SELECT %s, token_id, token FROM llm_bpe_vocab WHERE model = %s",
+                         (hidden, MODEL))
+            conn.execute("INSERT INTO llm_bpe_merges SELECT %s, rank, \"left\", \"right\" FROM llm_bpe_merges "
+                         "WHERE model = %s", (hidden, MODEL))
+            conn.execute("SELECT llm_grant(%s)", (role,))
+            conn.execute(f"GRANT SELECT ON docs TO {role}")
+            conn.execute("ALTER TABLE llm_param ENABLE ROW LEVEL SECURITY")
+            conn.execute(f"CREATE POLICY shown ON llm_param FOR SELECT TO {role} USING (model = '{MODEL}')")
+            serial(conn)
+            expected = sorted(conn.execute(query, (MODEL,)).fetchall())
+            forced(conn)
+            conn.execute(f"SET ROLE {role}")
+            root = plan(conn, query, (MODEL,))
+            assert next(n for n in nodes(root) if n["Node Type"] == "Gather")["Workers Launched"] >= 1
+            assert sorted(conn.execute(query, (MODEL,)).fetchall()) == expected
+            with pytest.raises(psycopg.errors.InsufficientPrivilege, match=f'weights of model "{hidden}"'):
+                conn.execute(query, (hidden,))
+        finally:
+            conn.execute("RESET ROLE")
+            conn.execute("DROP POLICY IF EXISTS shown ON llm_param")
+            conn.execute("ALTER TABLE llm_param DISABLE ROW LEVEL SECURITY")
+            conn.execute(f"DROP OWNED BY {role}")
+            conn.execute(f"DROP ROLE {role}")

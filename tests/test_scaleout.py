@@ -222,8 +222,10 @@ def test_training_through_pgpool_reaches_every_standby_at_its_commit(topo, pgpoo
 
 
 def test_each_standby_serves_through_its_own_batch_runner_and_shared_copy(topo):
+    # the runner of the current weights (an earlier version's may still be idling out)
     query = ("SELECT llm_generate('Runner', 8, 0, model => %s), "
-             "(SELECT count(*) FROM pg_llm_batch_runners() WHERE model = %s AND sequences > 0), "
+             "(SELECT count(*) FROM pg_llm_batch_runners() r JOIN llm_model_config c USING (model, weights_version) "
+             " WHERE model = %s AND r.sequences > 0), "
              "(SELECT count(*) FROM pg_llm_weight_cache() w JOIN llm_model_config c USING (model, weights_version) "
              " WHERE model = %s AND w.format = 'float32' AND w.database = current_database())")
     with topo.primary.connect() as direct:
