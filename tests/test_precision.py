@@ -248,20 +248,23 @@ def test_bad_precision_is_a_clear_error(conn):
     assert e.value.diag.message_hint == "Use float32, bfloat16, int8 or int4."
 
 
-def test_copies_follow_weights_version_in_every_precision_and_int8_is_a_quarter(db):
+def test_copies_follow_weights_version_in_every_precision_and_their_sizes(db):
     with psycopg.connect(db, autocommit=True) as conn:
         name = "wide"
         conn.execute("SELECT llm_init(%s, 2, 4, 256, 64, 50257)", (name,))
         built = {p: conn.execute("SELECT * FROM pg_llm_weight_cache_build(%s, %s)", (name, p)).fetchone()
-                 for p in ("float32", "int8", "bfloat16")}
+                 for p in ("float32", "int8", "bfloat16", "int4")}
         version = conn.execute("SELECT weights_version FROM llm_model_config WHERE model = %s", (name,)).fetchone()[0]
         assert all(b[0] == p and b[1] == version and b[3] for p, b in built.items())
         header = 2 << 20  # a copy's header page, then its data on a 2 MB boundary
         ratio = (built["int8"][2] - header) / (built["float32"][2] - header)
         assert 0.26 < ratio < 0.28, ratio  # 34 bytes per 32 weights, float32 vectors
         assert 0.49 < (built["bfloat16"][2] - header) / (built["float32"][2] - header) < 0.51
+        # int4: 18 bytes per 32 weights in the layers, but the head (most of this model: 50257 x 256
+        # beside 2 layers of 12 x 256^2) stays int8
+        assert 0.24 < (built["int4"][2] - header) / (built["float32"][2] - header) < 0.26
         assert {f for f, in conn.execute("SELECT format FROM pg_llm_weight_cache() WHERE model = %s", (name,))} \
-            == {"float32", "int8", "bfloat16"}
+            == {"float32", "int8", "bfloat16", "int4"}
 
         # new weights: the next copy (any precision) replaces every copy of the old version
         conn.execute("SELECT llm_init(%s, seed => 1, replace => true)", (name,))

@@ -68,13 +68,28 @@ f32_tile(const Gemv *g, const float *w, size_t i0, size_t n, size_t r0, float (*
 			_mm256_store_ps(acc[r] + 8 * (v0 + v), a[r][v]);
 }
 
-/* Runs f32_tile over nr rows (nr > 1) for inputs [i0, i0 + n): tiles of 6 rows x 2 vectors. */
+/*
+ * Rows of the next tile when `left` rows remain for tiles of at most `most`: as many tiles as
+ * needed, of rows as even as can be (8 rows: 4 + 4, not 6 + 2, whose 4 accumulators would leave
+ * the fused multiply-adds waiting on each other's latency).
+ */
+static inline int
+tile_rows(int left, int most)
+{
+	int			tiles = (left + most - 1) / most;
+
+	return (left + tiles - 1) / tiles;
+}
+
+/* Runs f32_tile over nr rows (nr > 1) for inputs [i0, i0 + n): tiles of up to 6 rows x 2 vectors. */
 static T_AVX2 __attribute__((noinline)) void
 f32_rows(const Gemv *g, const float *w, size_t i0, size_t n, size_t r0, int nr, float (*acc)[NR])
 {
-	for (int i = 0; i < nr; i += 6)
+	for (int i = 0, rows; i < nr; i += rows)
+	{
+		rows = tile_rows(nr - i, 6);
 		for (int v0 = 0; v0 < 4; v0 += 2)
-			switch (Min(nr - i, 6))
+			switch (rows)
 			{
 				case 1:
 					f32_tile(g, w, i0, n, r0 + i, acc + i, v0, i0 == 0, 1, 2);
@@ -95,6 +110,7 @@ f32_rows(const Gemv *g, const float *w, size_t i0, size_t n, size_t r0, int nr, 
 					f32_tile(g, w, i0, n, r0 + i, acc + i, v0, i0 == 0, 6, 2);
 					break;
 			}
+	}
 }
 
 /* Inputs of a panel that several rows take at a time: 16 KB of float32 weights, which stay in L1
@@ -331,9 +347,11 @@ q4_avx2(const Gemv *g, const uint8_t *panel, size_t r0, int nr, float (*acc)[NR]
 		q4_tile(g, panel, r0, acc, 0, 1, 4);
 		return;
 	}
-	for (int i = 0; i < nr; i += 5)
+	for (int i = 0, rows; i < nr; i += rows)
+	{
+		rows = Min(nr - i, 5);	/* balanced tiles measured slower here (the int16 sums have no latency to hide) */
 		for (int v0 = 0; v0 < 4; v0 += 2)
-			switch (Min(nr - i, 5))
+			switch (rows)
 			{
 				case 1:
 					q4_tile(g, panel, r0 + i, acc + i, v0, 1, 2);
@@ -351,6 +369,7 @@ q4_avx2(const Gemv *g, const uint8_t *panel, size_t r0, int nr, float (*acc)[NR]
 					q4_tile(g, panel, r0 + i, acc + i, v0, 5, 2);
 					break;
 			}
+	}
 }
 
 void
