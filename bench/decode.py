@@ -1,7 +1,7 @@
 """Decode and prompt speed per inference precision and SIMD level, beside llama.cpp, in one run.
 
     .venv/bin/python -m bench.decode [--shape small|medium|large|xl] [--threads 2] [--repeat 3]
-                                     [--rounds 2] [--levels auto] [--builds native,avx2]
+                                     [--rounds 2] [--levels auto] [--builds native,avx2] [--poll 0]
                                      [--dsn DSN] [--no-llamacpp] [--no-pytorch]
 
 The same random GPT-2 weights (torch.manual_seed(0); --shape picks GPT-2 small, medium, large or
@@ -21,8 +21,9 @@ may be shared. Printed as ours / llama.cpp for the matching format (float32 / f3
 int8 / Q8_0, int4 / Q4_0), and each precision / our float32 at the same level. PyTorch
 (transformers, float32) is bench.inference's measurement on the same weights.
 
-llama.cpp's threads wait for each other by spinning: on a loaded machine its figures collapse (the
-load average is printed; compare runs taken when it is low).
+llama.cpp's threads wait for each other by spinning (llama-bench --poll, 50 by default): on a
+loaded machine its figures collapse, so this benchmark passes --poll 0 unless told otherwise, as
+bench.concurrent does (the load average is printed; compare runs taken when it is low).
 """
 
 from __future__ import annotations
@@ -119,6 +120,7 @@ def main() -> None:
     parser.add_argument("--levels", default="auto", help="pg_llm.simd levels, comma-separated (auto: all but portable)")
     parser.add_argument("--precisions", default=",".join(PRECISIONS))
     parser.add_argument("--builds", default="native,avx2", help="llama.cpp builds (bench.llamacpp --build)")
+    parser.add_argument("--poll", type=int, default=0, help="llama-bench --poll (its own default is 50)")
     parser.add_argument("--dsn", help="an existing server with pg_llm (default: a private temporary one)")
     parser.add_argument("--no-llamacpp", action="store_true")
     parser.add_argument("--no-pytorch", action="store_true")
@@ -149,7 +151,8 @@ def main() -> None:
                     us[level, p] = best(us.get((level, p)), ours(conn, p, level, args.repeat))
             for b in builds:
                 for p in precisions:
-                    llama[b, p] = best(llama.get((b, p)), bench_gguf(gguf[PRECISIONS[p]], args.threads, args.repeat, b))
+                    llama[b, p] = best(llama.get((b, p)),
+                                       bench_gguf(gguf[PRECISIONS[p]], args.threads, args.repeat, b, args.poll))
             loads.append(os.getloadavg()[0])
         sizes = dict(conn.execute("SELECT format, bytes FROM pg_llm_weight_cache() WHERE model = %s "
                                   "AND database = current_database()", (MODEL,)).fetchall())
@@ -163,7 +166,8 @@ def main() -> None:
         loads.append(os.getloadavg()[0])
 
     print(f"\nGPT-2 {args.shape} shape ({sum(p.numel() for p in model.parameters()) / 1e6:.0f}M parameters), "
-          f"{args.threads} threads, best of {args.rounds} rounds x {args.repeat}; {cpu_description()}; "
+          f"{args.threads} threads, best of {args.rounds} rounds x {args.repeat}, llama-bench --poll {args.poll}; "
+          f"{cpu_description()}; "
           f"load average {', '.join(f'{x:.2f}' for x in loads)} (start, after each round)\n")
     head = f"{'level':10}{'precision':10}{'copy MB':>8}{'decode':>9}{'prompt':>9}{'/ fp32':>14}"
     for b in builds:

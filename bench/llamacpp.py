@@ -133,11 +133,14 @@ def convert(model_dir: Path, out_dir: Path, formats=FORMATS) -> dict[str, Path]:
     return files
 
 
-def bench_gguf(path: Path, threads: int = 2, repeat: int = 3, build: str = "native") -> dict[str, float]:
-    """llama-bench on one file: {'tg64': tokens/s, 'pp128': tokens/s}, best of `repeat` runs."""
+def bench_gguf(path: Path, threads: int = 2, repeat: int = 3, build: str = "native",
+               poll: int | None = None) -> dict[str, float]:
+    """llama-bench on one file: {'tg64': tokens/s, 'pp128': tokens/s}, best of `repeat` runs. poll:
+    llama-bench --poll (how much its threads spin waiting for work; None: its default, 50)."""
     ensure_built(build)
     out = subprocess.run([str(tool("llama-bench", build)), "-m", str(path), "-t", str(threads), "-p", "128",
-                          "-n", "64", "-r", str(repeat), "-o", "json"],
+                          "-n", "64", "-r", str(repeat), "-o", "json",
+                          *(["--poll", str(poll)] if poll is not None else [])],
                          check=True, capture_output=True, text=True).stdout
     result = {}
     for row in json.loads(out):

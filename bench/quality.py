@@ -11,7 +11,7 @@ and the held-out token sequences, held.npy):
               held out: the first sequences of its validation set (every tenth speech).
   gpt2-small  GPT-2 small's shape (12 layers, 12 heads, d_model 768, vocabulary 50257), trained
               with torch until its next-token distributions are peaked: a Markov language over
-              256 of the tokens, each with one likely successor (p 0.9), as tests/test_precision.py
+              64 of the tokens, each with one likely successor (p 0.9), as tests/test_precision.py
               uses on a tiny model; held out: fresh sequences of the language.
 Per model and precision, against float32 through pg_llm (llm_logits after every proper prefix of
 --sequences held-out sequences of 64 tokens, greedy continuations of 32 tokens after 16 prompts):
@@ -91,13 +91,13 @@ def gpt2_small_model(into: Path, steps: int = 400) -> None:
     from transformers import GPT2Config, GPT2LMHeadModel
 
     torch.manual_seed(0)
-    tokens = np.sort(np.random.default_rng(1).choice(50257, 256, replace=False))
+    tokens = np.sort(np.random.default_rng(1).choice(50257, 64, replace=False))
     model = GPT2LMHeadModel(GPT2Config(n_positions=256, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0))
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.0)
+    opt = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=0.0)
     losses = []
     for step in range(steps):
         for group in opt.param_groups:
-            group["lr"] = 1e-3 * min(1.0, (step + 1) / 10)
+            group["lr"] = 2e-3 * min(1.0, (step + 1) / 10)
         batch = torch.from_numpy(markov(8, LENGTH, seed=1000 + step, tokens=tokens))
         loss = model(batch, labels=batch).loss
         opt.zero_grad()
