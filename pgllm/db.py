@@ -15,6 +15,7 @@ from contextlib import contextmanager
 import psycopg
 from psycopg import sql
 
+from . import interrupt
 from .cluster import Cluster
 from .errors import PgllmError
 from .npz import Config
@@ -47,7 +48,7 @@ def connect(dsn: str | None, *, autocommit: bool = False, start: bool = True) ->
     if cluster is not None and start:
         cluster.start()
     try:
-        return psycopg.connect(target, autocommit=autocommit)
+        return interrupt.watch(psycopg.connect(target, autocommit=autocommit))
     except psycopg.OperationalError as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         first = re.sub(r'^connection to server at .*? failed: ', '', first)

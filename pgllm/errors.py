@@ -1,4 +1,6 @@
-"""The one exception type that the CLI turns into a single `Error: ...` line."""
+"""The one exception type that the CLI turns into a single `Error: ...` line, and a server error as one line."""
+
+import psycopg
 
 
 class PgllmError(Exception):
@@ -15,3 +17,14 @@ class PgllmError(Exception):
 
     def __str__(self) -> str:
         return f"{self.message} ({self.hint})" if self.hint else self.message
+
+
+def database_error_line(e: psycopg.Error) -> str:
+    """A server error as one line: the message, then the hint or detail when there is one."""
+    diag = getattr(e, "diag", None)
+    message = diag.message_primary if diag is not None and diag.message_primary else ""
+    if not message:
+        text = str(e).strip()
+        message = text.splitlines()[0] if text else type(e).__name__
+    extra = diag.message_hint or diag.message_detail if diag is not None else None
+    return f"{message} ({extra})" if extra else message

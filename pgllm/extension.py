@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import ctypes.util
 import fcntl
 import hashlib
 import os
@@ -13,8 +12,10 @@ from pathlib import Path
 
 import psycopg
 
+from . import DISTRIBUTION
 from .cluster import pg_config_values
 from .errors import PgllmError
+from .wheels import system_has_openblas, wheel_blas_library
 
 EXTENSION = "pg_llm"
 
@@ -27,7 +28,7 @@ def source_dir() -> Path:
         if (ext / "Makefile").is_file() and (ext / f"{EXTENSION}.control").is_file():
             return ext
     raise PgllmError(f"the extension sources are missing from {here / 'ext'}",
-                     hint="reinstall pgllm: pip install --force-reinstall pgllm")
+                     hint=f"reinstall pgllm: pip install --force-reinstall {DISTRIBUTION}")
 
 
 def control_version(ext: Path | None = None) -> str:
@@ -75,8 +76,13 @@ def check_prerequisites(pg_config: Path) -> dict[str, str]:
     for tool, package in (("make", "make"), ("gcc", "gcc")):
         if shutil.which(tool) is None:
             raise PgllmError(f"{tool} not found", hint=f"install it: apt-get install {package}")
-    if ctypes.util.find_library("openblas") is None:
-        raise PgllmError("OpenBLAS not found", hint="install it: apt-get install libopenblas-dev")
+    if subprocess.run(["gcc", "-E", "-x", "c", "-o", os.devnull, "-"], input="#include <zlib.h>\n",
+                      capture_output=True, text=True).returncode != 0:
+        raise PgllmError("zlib's header zlib.h not found (checkpoint files are gzip streams)",
+                         hint="install it: apt-get install zlib1g-dev")
+    if not system_has_openblas() and wheel_blas_library() is None:
+        raise PgllmError("OpenBLAS not found",
+                         hint="install it: apt-get install libopenblas-dev, or without root: pip install scipy-openblas32")
     for key in ("pkglibdir", "sharedir"):
         target = Path(cfg[key]) / ("extension" if key == "sharedir" else "")
         if not os.access(target, os.W_OK):
@@ -101,7 +107,8 @@ def build_dir(ext: Path, cfg: dict[str, str]) -> Path:
     headers, so that installing into another tree of the same PostgreSQL reuses the objects."""
     cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
     headers = os.path.realpath(cfg["includedir-server"])
-    key = hashlib.sha1(f"{ext}|{headers}|{cfg['version']}".encode()).hexdigest()[:12]
+    # COPT (extra compiler options, as PGXS reads them: make test's warnings as errors) is part of the key
+    key = hashlib.sha1(f"{ext}|{headers}|{cfg['version']}|{os.environ.get('COPT', '')}".encode()).hexdigest()[:12]
     return cache / "pgllm" / f"build-{key}"
 
 
@@ -117,12 +124,29 @@ def build_and_install(pg_config: Path, ext: Path | None = None) -> dict[str, str
     with open(build / ".lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         for target in (["-j", str(os.cpu_count() or 1)], ["install"]):
-            proc = subprocess.run(make + target, capture_output=True, text=True)
-            if proc.returncode != 0:
-                output = (proc.stderr + proc.stdout).strip().splitlines()
+            returncode, output = run_make(make + target, sources=len(list((ext / "src").glob("*.c"))))
+            if returncode != 0:
                 errors = [line for line in output if "error:" in line or "cannot" in line] or output[-1:]
-                raise PgllmError(f"building the extension failed: {errors[0] if errors else 'make exited ' + str(proc.returncode)}")
+                raise PgllmError(f"building the extension failed: {errors[0] if errors else 'make exited ' + str(returncode)}")
     return cfg
+
+
+def run_make(argv: list[str], sources: int) -> tuple[int, list[str]]:
+    """make, with a bar of the C files compiled (a first build takes a minute); returns the exit
+    code and make's output lines."""
+    from .progress import count_progress
+
+    output = []
+    with count_progress() as progress:
+        task = progress.add_task(f"building pg_llm ({argv[-1] if argv[-1] == 'install' else 'compiling'})",
+                                 total=sources if argv[-1] != "install" else None)
+        proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        for line in proc.stdout:
+            output.append(line.rstrip("\n"))
+            if " -c -o " in line and line.rstrip().endswith(".c"):
+                progress.advance(task)
+        returncode = proc.wait()
+    return returncode, output
 
 
 def create_or_update(conn: psycopg.Connection) -> tuple[str | None, str]:

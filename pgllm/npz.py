@@ -50,6 +50,8 @@ _NPZ = _definitions()
 FORMAT_NAME: str = _NPZ["NPZ_FORMAT_NAME"]
 FORMAT_VERSION: int = _NPZ["NPZ_FORMAT_VERSION"]
 CONFIG_NAME: str = _NPZ["NPZ_CONFIG_NAME"]
+VOCAB_NAME: str = _NPZ["NPZ_VOCAB_NAME"]
+MERGES_NAME: str = _NPZ["NPZ_MERGES_NAME"]
 BLOCK: int = _NPZ["NPZ_GZIP_BLOCK"]
 CONFIG_FIELDS = ("n_layer", "n_head", "d_model", "n_positions", "vocab")
 
@@ -178,15 +180,20 @@ class ParallelGzipWriter:
 
 
 class Writer:
-    """Writes a checkpoint file: the format and configuration records, then tensors (float32, C order)."""
+    """Writes a checkpoint file: the format and configuration records, the tokenizer's when given
+    (vocab.json and merges.txt bytes), then tensors (float32, C order)."""
 
-    def __init__(self, raw: BinaryIO, config: Config, compress: bool = False, threads: int | None = None):
+    def __init__(self, raw: BinaryIO, config: Config, compress: bool = False, threads: int | None = None,
+                 tokenizer: tuple[bytes, bytes] | None = None):
         self.gz = ParallelGzipWriter(raw, compress, threads)
         self.config = config
         self.gz.write(record_header(FORMAT_NAME, "<i8", (1,)))
         self.gz.write(np.array([FORMAT_VERSION], dtype="<i8").tobytes())
         self.gz.write(record_header(CONFIG_NAME, "<i8", (5,)))
         self.gz.write(config.as_array().tobytes())
+        for name, data in zip((VOCAB_NAME, MERGES_NAME), tokenizer or ()):
+            self.gz.write(record_header(name, "|u1", (len(data),)))
+            self.gz.write(data)
 
     def write_tensor(self, name: str, array: np.ndarray) -> None:
         array = np.ascontiguousarray(array, dtype="<f4")
@@ -273,7 +280,7 @@ def iter_records(raw: io.BufferedReader, label: str = "the file") -> Iterator[tu
 
 def read_file(path: str | os.PathLike) -> tuple[Config | None, dict[str, np.ndarray]]:
     """The configuration (None when the file has none) and every tensor of a checkpoint file
-    of any format (see npz.h)."""
+    of any format (see npz.h); read_tokenizer has the tokenizer records."""
     config, tensors = None, {}
     with open(path, "rb") as raw:
         for i, (name, array) in enumerate(iter_records(io.BufferedReader(raw), str(path))):
@@ -285,7 +292,19 @@ def read_file(path: str | os.PathLike) -> tuple[Config | None, dict[str, np.ndar
                                       f"this pgllm reads ({FORMAT_VERSION})", hint="upgrade pgllm")
             elif name == CONFIG_NAME:
                 config = Config(*(int(v) for v in array))
-            else:
+            elif name not in (VOCAB_NAME, MERGES_NAME):
                 tensors[name] = array
     return config, tensors
+
+
+def read_tokenizer(path: str | os.PathLike) -> tuple[bytes, bytes] | None:
+    """The bytes of vocab.json and merges.txt that a checkpoint file carries, or None."""
+    found = {}
+    with open(path, "rb") as raw:
+        for name, array in iter_records(io.BufferedReader(raw), str(path)):
+            if name in (VOCAB_NAME, MERGES_NAME):
+                found[name] = array.tobytes()
+            elif name not in (FORMAT_NAME, CONFIG_NAME):
+                break  # tensors come after the tokenizer
+    return (found[VOCAB_NAME], found[MERGES_NAME]) if len(found) == 2 else None
 

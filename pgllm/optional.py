@@ -8,17 +8,19 @@ from __future__ import annotations
 
 import importlib.util
 
+from . import DISTRIBUTION
 from .errors import PgllmError
 
-# module -> the pgllm extra that installs it (pyproject.toml: [project.optional-dependencies])
-EXTRA = {"transformers": "convert", "torch": "convert", "safetensors": "convert", "tokenizers": "convert",
+# module -> the extra that installs it (pyproject.toml: [project.optional-dependencies])
+EXTRA = {"transformers": "convert", "torch": "convert", "safetensors": "convert", "tokenizers": "tokenizer",
          "matplotlib": "plot"}
 
 
 def need(what: str, *modules: str, alternative: str | None = None) -> None:
     """Raise one clear error when any of `modules` is not installed, e.g.
-    `pgllm convert gpt2 needs transformers and torch: pip install 'pgllm[convert]'`."""
+    `pgllm convert gpt2 needs transformers and torch: pip install 'pgllm-gpt2[convert]'`."""
     missing = [m for m in modules if importlib.util.find_spec(m) is None]
     if missing:
         extras = ",".join(sorted({EXTRA[m] for m in missing}))
-        raise PgllmError(f"{what} needs {' and '.join(missing)}: pip install 'pgllm[{extras}]'", hint=alternative)
+        raise PgllmError(f"{what} needs {' and '.join(missing)}: pip install '{DISTRIBUTION}[{extras}]'",
+                         hint=alternative)

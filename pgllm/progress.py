@@ -10,22 +10,23 @@ from rich.progress import (BarColumn, DownloadColumn, MofNCompleteColumn, Progre
                            TimeElapsedColumn, TransferSpeedColumn)
 
 
-def _progress(*columns) -> Progress:
+def progress_bar(*columns) -> Progress:
+    """A progress display of these columns (rich's), shown on stderr while it is a terminal."""
     console = Console(stderr=True)
     return Progress(*columns, console=console, transient=True, disable=not console.is_terminal)
 
 
 def bytes_progress() -> Progress:
     """A bar for work measured in bytes."""
-    return _progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
+    return progress_bar(TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
                      TimeElapsedColumn())
 
 
 def count_progress() -> Progress:
     """A bar for work measured in items (prompts, rows)."""
-    return _progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    return progress_bar(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
 
 
 def spinner() -> Progress:
     """For work whose size is unknown (e.g. the server's part of an import)."""
-    return _progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn())
+    return progress_bar(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn())

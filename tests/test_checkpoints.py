@@ -251,13 +251,22 @@ def test_replace_is_explicit_and_starts_afresh(cli, conn, db, tmp_path):
     assert_same_tensors(db_state(conn, "m"), want)
     for table in ("llm_optim_state", "llm_train_state", "llm_train_log"):
         assert conn.execute(f"SELECT count(*) FROM {table} WHERE model = 'm'").fetchone() == (0,), table
-    # another architecture under the same name is refused, even with --replace
+    # another architecture under the same name: refused without replace, the model replaced with it
+    # (its snapshots of the old shape too, which could not be loaded any more)
+    conn.execute("SELECT llm_checkpoint_save('m', 'old shape')")
     other = npz.Config(2, 2, 16, 16, 10)
     path.write_bytes(records_file(valid_records(other), config=list(other.as_array())))
     with pytest.raises(psycopg.errors.DataException, match='do not fit model "m"') as e:
-        conn.execute("SELECT pg_llm_import_npz_bytes(%s, 'm', true)", (path.read_bytes(),))
+        conn.execute("SELECT pg_llm_import_npz_bytes(%s, 'm', false)", (path.read_bytes(),))
     assert "d_model=8" in e.value.diag.message_detail and "d_model=16" in e.value.diag.message_detail
+    assert "replace => true" in e.value.diag.message_hint
     assert_same_tensors(db_state(conn, "m"), want)
+    conn.execute("SELECT pg_llm_import_npz_bytes(%s, 'm', true)", (path.read_bytes(),))
+    assert conn.execute("SELECT n_layer, n_head, d_model, n_positions, vocab FROM llm_model_config "
+                        "WHERE model = 'm'").fetchone() == (2, 2, 16, 16, 10)
+    assert_same_tensors(db_state(conn, "m"), {name: np.frombuffer(data, "<f4").reshape(shape)
+                                              for name, _, shape, data in valid_records(other)})
+    assert conn.execute("SELECT count(*) FROM llm_checkpoint WHERE model = 'm'").fetchone() == (0,)
 
 
 # ---- bad input ---------------------------------------------------------------------------------
@@ -572,7 +581,7 @@ def test_export_refuses_incomplete_models(cli, conn, db, tmp_path):
         conn.execute("SELECT pg_llm_export_npz('/tmp/pgllm-never-written.npz', 'm')")
     assert not Path("/tmp/pgllm-never-written.npz").exists()
     proc = run_pgllm("--dsn", db, "export", "nobody", "-o", str(tmp_path / "x.npz"))
-    assert proc.returncode == 1 and "model 'nobody' does not exist" in proc.stderr
+    assert proc.returncode == 1 and 'model "nobody" does not exist' in proc.stderr
 
 
 def test_compressed_files_import_too(conn):

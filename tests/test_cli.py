@@ -16,7 +16,7 @@ from pgllm.cli import app
 from pgllm.client import DEFAULT_MODEL, MODEL_ENV
 from pgllm.options import MODEL_HELP
 
-from .conftest import make_home
+from .conftest import make_home, run_pgllm
 from .test_tokenizer import HELLO_MERGES, one_error_line, write_tokenizer
 
 # Each is an object of pg_llm's schema; the decoys raise this when they are used.
@@ -180,3 +180,38 @@ def test_every_help_shows_its_defaults():
                 assert f"[env var: {MODEL_ENV}] [default: {DEFAULT_MODEL}]" in text, path
     assert {(("train",), "beta1"), (("train",), "warmup"), (("generate",), "model"), ((), "dsn"),
             (("checkpoint", "load"), "model"), (("server", "start"), "port")} <= checked
+
+
+def test_usage_errors_are_one_line_and_nothing_wraps_at_80_columns(cluster, dsn):
+    """Piped, at 80 columns: a usage error is one `Error:` line (exit 2), no usage panel; a long
+    error is one line however long; progress is off the pipe."""
+    env = {"COLUMNS": "80"}
+    proc = run_pgllm("train", "--steps", "1", "--no-such-option", env=env)
+    assert proc.returncode == 2 and proc.stdout == ""
+    assert proc.stderr == "Error: No such option: --no-such-option (see pgllm train --help)\n"
+    proc = run_pgllm("models", "rm", env=env)
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "Missing argument 'model'" in proc.stderr
+    long = "m" * 150
+    proc = run_pgllm("--dsn", dsn, "train", "--model", long, "--steps", "1", env=env)
+    assert proc.returncode == 1 and proc.stdout == ""
+    assert proc.stderr == f'Error: model "{long}" does not exist (pgllm import or pgllm init creates it)\n'
+    proc = run_pgllm("--dsn", dsn, "dataset", "--list", env=env)
+    assert proc.returncode == 0 and proc.stderr == ""
+
+
+def test_training_bar_fits_80_columns():
+    import io
+
+    from rich.console import Console
+    from rich.progress import Progress
+
+    from pgllm.commands.train import bar_columns
+
+    out = io.StringIO()
+    console = Console(file=out, width=80, force_terminal=True, color_system=None)
+    with Progress(*bar_columns(123456), console=console, transient=False) as progress:
+        progress.add_task("train", total=1000, step=123400, loss="10.123", val=" val 10.456", lr="2.5e-04",
+                          tps="12345")
+    line = [line for line in out.getvalue().splitlines() if "step" in line][-1]
+    for field in ("step 123400/123456", "loss 10.123 val 10.456 lr 2.5e-04 12345 tok/s", "0:00:00"):
+        assert field in line, line

@@ -61,7 +61,9 @@ def test_regression_suite(cluster, tmp_path):
     pg_regress = pgxs.parent.parent / "test" / "regress" / "pg_regress"
     tests = sorted(p.stem for p in (REPO / "ext" / "test" / "sql").glob("*.sql"))
     os.chmod(tmp_path, 0o777)
-    proc = subprocess.run([str(pg_regress), f"--inputdir={REPO / 'ext' / 'test'}", f"--outputdir={tmp_path}",
+    # --bindir: the psql beside the server (as PGXS passes it), not the one pg_regress was built with
+    proc = subprocess.run([str(pg_regress), f"--bindir={cluster.bindir}", f"--inputdir={REPO / 'ext' / 'test'}",
+                           f"--outputdir={tmp_path}",
                            f"--host={cluster.run_dir}", f"--port={cluster.port}", f"--user={cluster.role}",
                            "--dbname=contrib_regression", *tests], capture_output=True, text=True)
     diffs = tmp_path / "regression.diffs"
@@ -162,7 +164,9 @@ def test_install_without_server_headers(cluster, tmp_path):
     home = make_home()
     bare = Cluster(home)
     bare.ensure_tree()
-    include = next(p for p in (home / "pg").glob("include/*") if p.is_symlink())
+    # the link to the headers: pg/include/postgresql (Debian), pg/.../pginstall/include (PyPI's)
+    include = next(Path(root) / d for root, dirs, _ in os.walk(home / "pg") for d in dirs
+                   if (Path(root) / d).is_symlink() and "include" in (Path(root) / d).relative_to(home).parts)
     include.unlink()
     proc = run_pgllm("--dsn", cluster.dsn(), "install", "--pg-config", str(bare.pg_config))
     _assert_one_line_error(proc, "server headers not found", "apt-get install postgresql-server-dev-")

@@ -332,3 +332,62 @@ def test_tcp_clients_of_the_embedded_server_connect_as_the_seed_does(tmp_path):
     finally:
         run_pgllm("server", "stop", env=env)
         shutil.rmtree(home, ignore_errors=True)
+
+
+def test_server_start_port_takes_effect_or_fails_and_pgpass_stays_true(tmp_path):
+    """`server start --port N` turns TCP on even where N is already the socket's port (as 5432 is
+    on a fresh home); on a running server that does not listen there it fails in one line; and a
+    new server in a new PGLLM_HOME on the same port makes the .pgpass line true again."""
+    import shutil
+    import socket
+
+    from pgllm.cluster import Cluster
+
+    from .conftest import make_home
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    homes = [make_home(), make_home()]
+    passfile = tmp_path / "pgpass"
+    passfile.write_text(f"*:*:*:nobody:x\n")
+    envs = [{"PGLLM_HOME": str(h), "PGPASSFILE": str(passfile)} for h in homes]
+    role = Cluster(homes[0]).role
+    url = f"postgresql://{role}@localhost:{port}/postgres"
+    try:
+        # socket only, on port N, then --port N: the same port, now over TCP too
+        assert run_pgllm("server", "start", env=envs[0]).returncode == 0
+        conf = homes[0] / "data" / "pgllm.conf"
+        conf.write_text(conf.read_text().replace("port = 5432", f"port = {port}"))
+        assert run_pgllm("server", "stop", env=envs[0]).returncode == 0
+        assert run_pgllm("server", "start", env=envs[0]).returncode == 0
+        running = run_pgllm("server", "start", "--port", str(port), env=envs[0])
+        assert running.returncode == 1 and running.stderr.strip() == (
+            f"Error: the server is running, listening on its socket only (port {port}); --port {port} takes a "
+            "restart (run `pgllm server stop`, then `pgllm server start --port N`)")
+        assert run_pgllm("server", "stop", env=envs[0]).returncode == 0
+        started = run_pgllm("server", "start", "--port", str(port), env=envs[0])
+        assert started.returncode == 0, started.stderr
+        assert f"listening on localhost:{port} too: {url}" in started.stdout
+        with psycopg.connect(url, passfile=str(passfile)) as conn:
+            assert conn.execute("SHOW listen_addresses").fetchone()[0] == "localhost"
+        # the same --port on the running server: nothing to change
+        again = run_pgllm("server", "start", "--port", str(port), env=envs[0])
+        assert again.returncode == 0 and again.stdout.startswith("already running")
+        # another home, the same port: pgllm's line of the .pgpass is the new server's password
+        assert run_pgllm("server", "stop", env=envs[0]).returncode == 0
+        shutil.rmtree(homes[0], ignore_errors=True)
+        started = run_pgllm("server", "start", "--port", str(port), env=envs[1])
+        assert started.returncode == 0, started.stderr
+        with psycopg.connect(url, passfile=str(passfile)) as conn:
+            conn.execute("SELECT 1")
+        lines = passfile.read_text().splitlines()
+        assert [line.rsplit(":", 1)[0] for line in lines[:2]] == [f"localhost:{port}:*:{role}",
+                                                                  f"127.0.0.1:{port}:*:{role}"]
+        assert lines[2:] == ["*:*:*:nobody:x"]
+        status = run_pgllm("server", "status", env=envs[0])
+        assert "unknown (the server is not running)" in status.stdout
+    finally:
+        for env, home in zip(envs, homes):
+            run_pgllm("server", "stop", env=env)
+            shutil.rmtree(home, ignore_errors=True)

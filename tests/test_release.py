@@ -14,9 +14,11 @@ import subprocess
 import sys
 import tarfile
 import tempfile
+import tomllib
 import zipfile
 from pathlib import Path
 
+import psycopg
 import pytest
 
 import pgllm
@@ -37,8 +39,16 @@ PROMPT = "Hello from Postgres"
 
 def test_one_version_each():
     """pgllm's version lives in pgllm/__init__.py (pyproject reads it); the extension's in its control file."""
-    assert importlib.metadata.version("pgllm") == pgllm.__version__
+    assert importlib.metadata.version(pgllm.DISTRIBUTION) == pgllm.__version__
     assert control_version() == EXT_VERSION
+
+
+def test_the_distribution_name_is_ours():
+    """pyproject's name is DISTRIBUTION (what hints tell users to install), not PyPI's other pgllm."""
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    assert project["name"] == pgllm.DISTRIBUTION == "pgllm-gpt2"
+    assert project["scripts"] == {"pgllm": "pgllm.cli:main"}
+    assert (REPO / "LICENSE").read_text().startswith("MIT License") and project["license"] == "MIT"
 
 
 def test_servers_older_than_15_are_refused():
@@ -73,7 +83,7 @@ def wheel_venv():
         dist = work / "dist"
         subprocess.run([sys.executable, "-c", "import sys; from setuptools.build_meta import build_sdist; "
                         "build_sdist(sys.argv[1])", str(dist)], cwd=REPO, check=True, capture_output=True)
-        sdist = next(dist.glob("pgllm-*.tar.gz"))
+        sdist = next(dist.glob("pgllm_gpt2-*.tar.gz"))
         with tarfile.open(sdist) as t:
             names = {n.split("/", 1)[1] for n in t.getnames() if "/" in n}
         assert {f"ext/{f}" for f in EXT_FILES} <= names
@@ -81,7 +91,7 @@ def wheel_venv():
         proc = subprocess.run(pip + ["wheel", "--no-deps", "--no-build-isolation", "-w", str(dist), str(sdist)],
                               capture_output=True, text=True)
         assert proc.returncode == 0, proc.stderr
-        wheel = next(dist.glob("pgllm-*.whl"))
+        wheel = next(dist.glob("pgllm_gpt2-*.whl"))
         with zipfile.ZipFile(wheel) as z:
             assert {f"pgllm/ext/{f}" for f in EXT_FILES} <= set(z.namelist())
         # a plain venv on the system's interpreter (every OS user can run it), filled by our pip
@@ -151,11 +161,14 @@ def test_wheel_installs_anywhere(wheel_venv, conn):
         (home / "corpus.txt").write_text("Some text.\n")
         (home / "model.safetensors").write_bytes(b"")
         for args, needle in [
-            (["convert", "gpt2"], "pgllm convert gpt2 needs transformers and torch: pip install 'pgllm[convert]'"),
-            (["convert", "model.safetensors"], "needs safetensors: pip install 'pgllm[convert]'"),
-            (["dataset", "--input", "corpus.txt", "--model", "tiny"],
-             "pgllm dataset --tokenizer gpt2|DIR needs transformers: pip install 'pgllm[convert]'"),
-            (["log", "--model", "tiny", "--png", "loss.png"], "pgllm log --png needs matplotlib: pip install 'pgllm[plot]'"),
+            (["convert", "gpt2"], "pgllm convert gpt2 needs transformers and torch: pip install 'pgllm-gpt2[convert]'"),
+            (["convert", "model.safetensors"], "needs safetensors: pip install 'pgllm-gpt2[convert]'"),
+            (["dataset", "--input", "corpus.txt", "--model", "tiny", "--tokenizer", "gpt2"],
+             "pgllm dataset --tokenizer gpt2|DIR needs transformers: pip install 'pgllm-gpt2[convert]'"),
+            (["tokenizer", "--model", "tiny", "--train", "SELECT 'x'", "--truncate"],
+             "pgllm tokenizer --train needs tokenizers: pip install 'pgllm-gpt2[tokenizer]'"),
+            (["log", "--model", "tiny", "--png", "loss.png"],
+             "pgllm log --png needs matplotlib: pip install 'pgllm-gpt2[plot]'"),
         ]:
             assert needle in one_error_line(run(venv, *args, cwd=home, env=env, user=name)), args
 
@@ -171,3 +184,63 @@ def test_wheel_installs_anywhere(wheel_venv, conn):
     finally:
         run(venv, "server", "stop", cwd=home, env=env, user=name)
         shutil.rmtree(home, ignore_errors=True)
+
+
+def lowest_declared(requirements: list[str]) -> list[str]:
+    """Each `name>=X` of pyproject's dependencies as `name==X` (pins stay as they are)."""
+    return [r.replace(">=", "==") if ">=" in r else r for r in requirements]
+
+
+@pytest.mark.slow
+def test_lowest_declared_versions(wheel_venv, cluster, tmp_path):
+    """pyproject's lower bounds are versions that work: a fresh venv with exactly them (from PyPI),
+    the wheel beside them, every command's --help, a usage error, and a model's whole round of
+    init, tokenizer, dataset, train (progress notices), eval, generate and models rm."""
+    pins = lowest_declared(tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"])
+    assert "typer==0.16" in pins and "psycopg[binary]==3.1.4" in pins
+    venv = tmp_path / "venv"
+    base = "/usr/bin/python3" if os.path.exists("/usr/bin/python3") else sys._base_executable
+    subprocess.run([base, "-m", "venv", "--without-pip", str(venv)], check=True)
+    pip = [str(Path(sys.executable).parent / "pip"), "--disable-pip-version-check", "-q",
+           "--python", str(venv / "bin" / "python"), "install"]
+    proc = subprocess.run(pip + pins, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    wheel = next(wheel_venv.parent.glob("dist/pgllm_gpt2-*.whl"))
+    proc = subprocess.run(pip + ["--no-deps", str(wheel)], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    freeze = subprocess.run([str(venv / "bin" / "python"), "-m", "pip", "freeze"], capture_output=True, text=True)
+    installed = dict(line.split("==") for line in freeze.stdout.split() if "==" in line) if freeze.returncode == 0 \
+        else {}
+    for pin in pins:
+        name, _, version = pin.partition("==")
+        name = name.split("[")[0]
+        if installed:
+            assert installed.get(name) == version, (name, installed.get(name))
+
+    def pgllm(*args):
+        return subprocess.run([str(venv / "bin" / "pgllm"), *args], capture_output=True, text=True, timeout=600,
+                              cwd=tmp_path, env={**os.environ, "HOME": str(tmp_path)})
+
+    for command in ([], ["install"], ["server", "start"], ["convert"], ["init"], ["import"], ["export"],
+                    ["checkpoint", "load"], ["tokenizer"], ["dataset"], ["train"], ["log"], ["eval"], ["models"],
+                    ["models", "rm"], ["generate"], ["grant"], ["quantize"]):
+        proc = pgllm(*command, "--help")
+        assert proc.returncode == 0 and "Traceback" not in proc.stderr, (command, proc.stderr)
+    proc = pgllm("train", "--steps", "x")
+    assert proc.returncode == 2 and proc.stderr.startswith("Error: ") and proc.stderr.count("\n") == 1
+    dsn = cluster.dsn()
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute("SELECT llm_model_drop(model) FROM llm_model_config WHERE model = 'low'")
+    steps = [["init", "low", "--n-layer", "1", "--n-head", "2", "--d-model", "32", "--n-positions", "32",
+              "--vocab", "50257"],
+             ["tokenizer", "--model", "low"],
+             ["dataset", "--model", "low", "--query", "SELECT repeat('Hello from Postgres. ', 40)", "--dataset", "low",
+              "--truncate"],
+             ["train", "--model", "low", "--steps", "2", "--batch-size", "1", "--dataset", "low"],
+             ["eval", "low", "--dataset", "low"],
+             ["generate", "Hello", "--model", "low", "-n", "4", "-t", "0"],
+             ["dataset", "--drop", "low"],
+             ["models", "rm", "low"]]
+    for args in steps:
+        proc = pgllm("--dsn", dsn, *args)
+        assert proc.returncode == 0, (args, proc.stderr)

@@ -353,6 +353,7 @@ def serving_calls(model: str) -> list[str]:
         f"SELECT count(*) FROM llm_generate_batch(ARRAY['Hello', 'World'], 4, 0, model => '{model}')",
         f"SELECT count(*) FROM llm_beam_search('Hello', 2, 3, '{model}')",
         f"SELECT llm_embed('Hello there', '{model}')",
+        f"SELECT count(*) FROM llm_embed_batch(ARRAY['Hello there', 'Hi'], '{model}')",
         f"SELECT llm_perplexity('Hello there friend', '{model}')",
         f"SELECT loss FROM llm_eval('{model}', 'val')",
         f"SELECT format FROM pg_llm_weight_cache_build('{model}')",
@@ -568,7 +569,8 @@ def test_a_cancel_while_a_runner_starts_leaves_nothing_mapped(cluster, conn, db)
         os.kill(postmaster, signal.SIGSTOP)
         try:
             call.start()
-            wait_for(conn, "SELECT 1 FROM pg_stat_activity WHERE pid = %s AND wait_event = 'BgWorkerStartup'",
+            # BgWorkerStartup until PostgreSQL 16, BgworkerStartup from 17
+            wait_for(conn, "SELECT 1 FROM pg_stat_activity WHERE pid = %s AND lower(wait_event) = 'bgworkerstartup'",
                      (pid,), what="the session to wait for its runner")
             cancel_until_ended(conn, pid, call)
             assert errors and isinstance(errors[0], psycopg.errors.QueryCanceled), errors

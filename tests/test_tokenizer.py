@@ -55,11 +55,30 @@ def _new_database(cluster) -> str:
     return name
 
 
+# A tokenizer belongs to a registered model (a foreign key since 0.3.0): the models these tests
+# load tokenizers for, registered without weights in each test's database.
+MODELS = ("gpt2", "r", "x", "c", "tiny", "cli", "bad", "sql", "nb", "m", "m1", "m2", "bard", "other", "v", "w")
+
+
+def register(url: str, *names: str) -> None:
+    with psycopg.connect(url, autocommit=True) as conn:
+        for name in names:
+            conn.execute("INSERT INTO llm_model_config (model, n_layer, n_head, d_model, n_positions, vocab) "
+                         "VALUES (%s, 1, 1, 8, 8, 50257) ON CONFLICT DO NOTHING", (name,))
+
+
+@pytest.fixture(autouse=True)
+def registered_models(request):
+    if "db" in request.fixturenames:
+        register(request.getfixturevalue("db"), *MODELS)
+
+
 @pytest.fixture(scope="module")
 def gpt2_db(cluster):
     """One database for the module with the bundled GPT-2 tokenizer loaded by `pgllm tokenizer`."""
     name = _new_database(cluster)
     url = cluster.dsn(name)
+    register(url, MODEL)
     result = CliRunner().invoke(app, ["--dsn", url, "tokenizer", "--model", MODEL], catch_exceptions=False)
     assert result.exit_code == 0, result.output
     assert f"loaded the tokenizer of {MODEL}: 50257 tokens, 50000 merges" in result.output
@@ -664,6 +683,7 @@ def test_bundled_tokenizer_in_a_sql_ascii_database(cluster, cli, hf):
     try:
         with psycopg.connect(cluster.dsn(name), autocommit=True) as c:
             c.execute("CREATE EXTENSION pg_llm")
+        register(cluster.dsn(name), MODEL)
         result = cli("--dsn", cluster.dsn(name), "tokenizer", "--model", MODEL)
         assert result.exit_code == 0, result.output
         with psycopg.connect(cluster.dsn(name), autocommit=True) as c:
@@ -749,6 +769,7 @@ def test_cache_survives_extension_recreation(db, conn, files, cli):
     assert encode(conn, ["hello"], "r") == [[259]]
     conn.execute("DROP EXTENSION pg_llm CASCADE")
     conn.execute("CREATE EXTENSION pg_llm")
+    register(db, "r")
     vocab, merges = write_tokenizer(files / "b", ["h e"])
     assert cli("--dsn", db, "tokenizer", "--model", "r", "--vocab", str(vocab), "--merges", str(merges)).exit_code == 0
     assert encode(conn, ["hello"], "r") == [[256, ord("l"), ord("l"), ord("o")]]

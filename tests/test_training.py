@@ -10,6 +10,8 @@ from __future__ import annotations
 import math
 import signal
 import subprocess
+import sys
+import textwrap
 import threading
 import time
 from pathlib import Path
@@ -552,18 +554,53 @@ def test_pgllm_train_in_chunks_equals_one_call(cli, conn, db):
     assert "(3 commits)" in result.output
     train_sql(conn, "sql", 7, batch_size=2, warmup=2, lr_max=1e-3, lr_min=1e-4, wd=0.1, total_steps=7)
     assert_same_state(snapshot(conn, "cli"), snapshot(conn, "sql"))
-    # a second run continues the counter and the data position
+    # a second run continues the counter and the data position, on a new schedule from step 7 (it says so)
     result = cli("--dsn", db, "train", "--model", "cli", "--steps", "2", "--batch-size", "2", "--warmup", "1")
     assert result.exit_code == 0, result.output
-    assert "steps 8..9 of a 9-step schedule" in result.output
+    assert "new schedule, warmup 1 to lr 0.00025, cosine to 0 at step 9 (from step 7)" in result.output
+    assert "steps 8..9 of a 2-step schedule (new, from step 7)" in result.output
     assert conn.execute("SELECT step, data_pos FROM llm_train_state WHERE model = 'cli'").fetchone() == (9, 18)
+    train_sql(conn, "sql", 2, batch_size=2, warmup=1, total_steps=9, schedule_start=7)
+    assert_same_state(snapshot(conn, "cli"), snapshot(conn, "sql"))
+    assert conn.execute("SELECT lr FROM llm_train_log WHERE model = 'cli' AND step = 8").fetchone()[0] == \
+        pytest.approx(2.5e-4)
+
+
+def test_pgllm_train_schedule_is_new_or_continued(cli, conn, db):
+    """A trained model does not silently run at the end of its old schedule: --schedule continue
+    follows the recorded one (refusing one that has ended), --schedule new starts again."""
+    small_setup(conn, "m")
+    small_setup(conn, "ref")
+    base = ["--dsn", db, "train", "--model", "m", "--batch-size", "2", "--commit-every", "2"]
+    result = cli(*base, "--steps", "3", "--total-steps", "6", "--warmup", "2", "--lr-max", "1e-3")
+    assert result.exit_code == 0, result.output
+    assert "steps 1..3 of a 6-step schedule (new, from step 0)" in result.output
+    result = cli(*base, "--steps", "3", "--schedule", "continue")
+    assert result.exit_code == 0, result.output
+    assert "continued schedule, warmup 2 to lr 0.001, cosine to 0 at step 6 (from step 0)" in result.output
+    assert "steps 4..6 of a 6-step schedule (continued, from step 0)" in result.output
+    # bit for bit the six steps of one schedule
+    train_sql(conn, "ref", 6, batch_size=2, warmup=2, lr_max=1e-3, total_steps=6)
+    assert_same_state(snapshot(conn, "m"), snapshot(conn, "ref"))
+    result = cli(*base, "--steps", "3", "--schedule", "continue")
+    assert result.exit_code == 1
+    assert 'the schedule of model "m" ended at step 6 (it is at step 6)' in result.output
+    assert "--schedule new" in result.output
+    result = cli(*base, "--steps", "3", "--schedule", "continue", "--lr-max", "1")
+    assert result.exit_code == 1 and "--lr-max would change it" in result.output
+    result = cli(*base, "--steps", "2", "--lr-max", "1e-3", "--warmup", "1")
+    assert result.exit_code == 0, result.output
+    lrs = [r[0] for r in conn.execute("SELECT lr FROM llm_train_log WHERE model = 'm' AND step > 6 ORDER BY step")]
+    assert lrs == [pytest.approx(1e-3), pytest.approx(1e-3)]  # warmup 1, then the cosine from its top
+    result = cli("--dsn", db, "train", "--model", "ref", "--steps", "1", "--schedule", "continue")
+    assert result.exit_code == 1 and 'model "ref" has no schedule of pgllm train to continue' in result.output
 
 
 def test_pgllm_train_bad_input(cli, conn, db):
     small_setup(conn, "m")
     # a warmup longer than the schedule is legal: the rate never reaches its peak (a note says so)
     result = cli("--dsn", db, "train", "--model", "m", "--steps", "2", "--warmup", "10", "--batch-size", "2")
-    assert result.exit_code == 0 and "--warmup 10 is longer than the schedule (2 steps)" in result.output
+    assert result.exit_code == 0 and "the warmup (10 steps) is longer than the schedule (2 steps)" in result.output
     assert "never reaches --lr-max" in result.output
     with conn.cursor() as cur:
         notices = []
@@ -604,6 +641,48 @@ def test_ctrl_c_loses_at_most_the_chunk_in_progress(conn, db):
     assert len(load_optim_state(conn, "med")) == len(load_params(conn, "med"))
 
 
+# A SIGINT that Python delivers while the notice handler drawing pgllm train's progress runs:
+# the handler raises KeyboardInterrupt there, psycopg calls it from libpq's callback, which drops
+# it, and the statement runs on. `python` is Python's own handler, `pgllm` the command's
+# (pgllm/interrupt.py), which cancels the statement instead of raising.
+SIGINT_IN_NOTICE_HANDLER = textwrap.dedent("""
+    import signal, sys
+    import psycopg
+    from pgllm import db, interrupt
+    if sys.argv[2] == "pgllm":
+        interrupt.install()
+    conn = db.connect(sys.argv[1], autocommit=True)
+    conn.execute("SET client_min_messages = debug1")
+    sent = []
+    def on_notice(diag):
+        if not sent and "llm_train.step" in (diag.message_detail or ""):
+            sent.append(1)
+            signal.raise_signal(signal.SIGINT)
+            sum(range(1000))  # a call: Python runs its signal handler here, inside this one
+    conn.add_notice_handler(on_notice)
+    try:
+        conn.execute("SELECT llm_train('med', 12, batch_size => 2, warmup => 1)")
+        print("completed", flush=True)
+    except psycopg.errors.QueryCanceled:
+        print("cancelled", interrupt.requested(), flush=True)
+""")
+
+
+@pytest.mark.parametrize("handler", ["python", "pgllm"])
+def test_ctrl_c_inside_the_progress_handler(conn, db, handler):
+    """Why Ctrl-C was lost on a busy machine (issue 22), and that pgllm's handler stops training
+    wherever the signal lands."""
+    medium_setup(conn)
+    proc = subprocess.run([sys.executable, "-c", SIGINT_IN_NOTICE_HANDLER, db, handler],
+                          capture_output=True, text=True, timeout=600)
+    step = conn.execute("SELECT coalesce((SELECT step FROM llm_train_state WHERE model = 'med'), 0)").fetchone()[0]
+    if handler == "python":
+        assert proc.stdout.split() == ["completed"] and step == 12, proc.stderr  # the interrupt was lost
+    else:
+        assert proc.returncode == 0 and proc.stdout.split() == ["cancelled", "True"], proc.stderr
+        assert step == 0  # rolled back
+
+
 def test_pgllm_log_draws_the_curve(cli, conn, db, tmp_path):
     small_setup(conn, "m")
     result = cli("--dsn", db, "log", "--model", "m")
@@ -637,3 +716,45 @@ def test_loss_falls_on_real_text(cli, conn, db):
     assert len(losses) == 40
     assert losses[0] == pytest.approx(math.log(50257), abs=0.3)     # uniform at the start
     assert np.mean(losses[-5:]) < losses[0] - 2.5, losses
+
+
+@pytest.mark.parametrize("command", ["train", "generate", "eval", "dataset"])
+def test_ctrl_c_stops_each_long_command(conn, db, command):
+    """Ctrl-C while the command's statement waits in the server (for a lock this test holds, a
+    state, not a clock): the statement is cancelled and the command ends with one line, exit 130."""
+    medium_setup(conn)
+    conn.execute("CREATE TABLE docs (body text)")
+    conn.execute("INSERT INTO docs VALUES ('Hello there, general.')")
+    write_gpt2_tokenizer_for(conn, "med")
+    args, table, query = {
+        "train": (["train", "--model", "med", "--steps", "5", "--any-tokenizer"], "llm_dataset", "%llm_train%"),
+        "generate": (["generate", "a", "--model", "med", "--stream"], "llm_param", "%llm_generate_stream%"),
+        "eval": (["eval", "med", "--dataset", "train", "--any-tokenizer"], "llm_dataset", "%llm_eval%"),
+        "dataset": (["dataset", "--model", "med", "--query", "SELECT body FROM docs", "--dataset", "d"], "docs",
+                    "%llm_dataset_build%"),
+    }[command]
+    with psycopg.connect(db) as blocker:
+        blocker.execute(f"LOCK TABLE {table} IN ACCESS EXCLUSIVE MODE")
+        proc = subprocess.Popen([str(PGLLM_BIN), "--dsn", db, *args], stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True)
+        try:
+            deadline = time.monotonic() + 120
+            while time.monotonic() < deadline and not conn.execute(
+                    "SELECT 1 FROM pg_stat_activity WHERE query LIKE %s AND wait_event_type = 'Lock' "
+                    "AND pid <> pg_backend_pid()", (query,)).fetchone():
+                time.sleep(0.1)
+            proc.send_signal(signal.SIGINT)
+            out, err = proc.communicate(timeout=60)
+        finally:
+            proc.kill()
+        blocker.rollback()
+    assert proc.returncode == 130, err
+    assert len(err.splitlines()) == 1 and err.startswith("Error: interrupted"), err
+    if command == "generate":
+        assert out == "\n"  # the error is on a line of its own
+
+
+def write_gpt2_tokenizer_for(conn, model):
+    from .weights import write_gpt2_tokenizer
+
+    write_gpt2_tokenizer(conn, model)

@@ -16,8 +16,13 @@
 
 #include "fmgr.h"
 #include "utils/builtins.h"
+#include "utils/guc.h"
+#include "utils/memutils.h"
 
 llm_sgemm_fn llm_cblas_sgemm = NULL;
+
+/* pg_llm.blas_library: a BLAS of the administrator's choice, tried alone ("" = the list below). */
+static char *blas_library = NULL;
 
 typedef void (*set_threads_fn) (int);
 typedef int (*get_threads_fn) (void);
@@ -38,6 +43,44 @@ static const char *const blas_candidates[] = {
 	"libopenblas.so.0", "libopenblas.so", "libcblas.so.3", "libblas.so.3",
 };
 
+/*
+ * Prefixes of the symbols: none, or scipy_ (PyPI's scipy-openblas32 wheel, which a server installed
+ * without root uses: its libscipy_openblas.so exports scipy_cblas_sgemm).
+ */
+static const char *const blas_prefixes[] = {"", "scipy_"};
+
+void
+llm_blas_define_settings(void)
+{
+	/* sighup: only an administrator may make the server load a library */
+	DefineCustomStringVariable("pg_llm.blas_library",
+							   "BLAS library to load: a path, or a name the dynamic linker finds.",
+							   "Empty: the system's OpenBLAS (libopenblas.so.0), else the reference CBLAS.",
+							   &blas_library, "", PGC_SIGHUP, 0, NULL, NULL, NULL);
+}
+
+/* dlopen's handle with cblas_sgemm under one of blas_prefixes, or NULL. */
+static void *
+open_blas(const char *name)
+{
+	void	   *h = dlopen(name, RTLD_NOW | RTLD_LOCAL);
+
+	if (h == NULL)
+		return NULL;
+	for (size_t p = 0; p < lengthof(blas_prefixes); p++)
+	{
+		blas_sgemm = (llm_sgemm_fn) dlsym(h, psprintf("%scblas_sgemm", blas_prefixes[p]));
+		if (blas_sgemm != NULL)
+		{
+			blas_set_threads = (set_threads_fn) dlsym(h, psprintf("%sopenblas_set_num_threads",
+																	blas_prefixes[p]));
+			return h;
+		}
+	}
+	dlclose(h);
+	return NULL;
+}
+
 void
 llm_blas_init(void)
 {
@@ -45,6 +88,7 @@ llm_blas_init(void)
 	{
 		sigset_t	all,
 					old;
+		bool		chosen = blas_library != NULL && blas_library[0] != '\0';
 
 		sigfillset(&all);
 		pthread_sigmask(SIG_SETMASK, &all, &old);
@@ -56,21 +100,15 @@ llm_blas_init(void)
 		 * microseconds per product). A value set by the server's environment wins.
 		 */
 		setenv("OPENBLAS_THREAD_TIMEOUT", "4", 0);
-		for (size_t i = 0; i < lengthof(blas_candidates) && blas_handle == NULL; i++)
+		if (chosen)
 		{
-			void	   *h = dlopen(blas_candidates[i], RTLD_NOW | RTLD_LOCAL);
-
-			if (h == NULL)
-				continue;
-			blas_sgemm = (llm_sgemm_fn) dlsym(h, "cblas_sgemm");
-			if (blas_sgemm == NULL)
-			{
-				dlclose(h);
-				continue;
-			}
-			blas_handle = h;
+			blas_handle = open_blas(blas_library);
+			blas_name = MemoryContextStrdup(TopMemoryContext, blas_library);
+		}
+		for (size_t i = 0; !chosen && i < lengthof(blas_candidates) && blas_handle == NULL; i++)
+		{
+			blas_handle = open_blas(blas_candidates[i]);
 			blas_name = blas_candidates[i];
-			blas_set_threads = (set_threads_fn) dlsym(h, "openblas_set_num_threads");
 		}
 		if (blas_handle != NULL)
 		{
@@ -85,12 +123,19 @@ llm_blas_init(void)
 		}
 		pthread_sigmask(SIG_SETMASK, &old, NULL);
 
+		if (blas_handle == NULL && chosen)
+			ereport(ERROR,
+					(errcode(ERRCODE_FEATURE_NOT_SUPPORTED),
+					 errmsg("pg_llm could not load the BLAS library \"%s\"", blas_library),
+					 errdetail("It does not open, or has no cblas_sgemm (nor scipy_cblas_sgemm)."),
+					 errhint("Set pg_llm.blas_library to an OpenBLAS, or empty for the system's.")));
 		if (blas_handle == NULL)
 			ereport(ERROR,
 					(errcode(ERRCODE_FEATURE_NOT_SUPPORTED),
 					 errmsg("pg_llm could not load a BLAS library"),
 					 errdetail("Tried libopenblas.so.0, libopenblas.so, libcblas.so.3 and libblas.so.3."),
-					 errhint("Install OpenBLAS on the database server, e.g. apt-get install libopenblas0.")));
+					 errhint("Install OpenBLAS on the database server, e.g. apt-get install libopenblas0, "
+							 "or set pg_llm.blas_library to the library of pip's scipy-openblas32.")));
 	}
 
 	blas_threads(llm_num_threads());

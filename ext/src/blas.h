@@ -7,6 +7,9 @@
 #ifndef PG_LLM_BLAS_H
 #define PG_LLM_BLAS_H
 
+/* _PG_init: the setting pg_llm.blas_library. */
+extern void llm_blas_define_settings(void);
+
 /* Opens the library on first use (ERROR when there is none) and sets its threads to llm_num_threads(). */
 extern void llm_blas_init(void);
 

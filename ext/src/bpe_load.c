@@ -16,6 +16,7 @@
  * The vocabulary goes first: merges are checked against what the tables hold.
  */
 #include "pg_llm.h"
+#include "bpe.h"
 #include "bpe_tokenizer.h"
 #include "model.h"
 #include "strmap.h"
@@ -165,23 +166,25 @@ bad_id(const VocabParse *p)
 }
 
 /* An object or array where an id belongs (the document itself is an object: checked before). */
-static void
+static LLM_JSON_ACTION
 vocab_nested(void *state)
 {
 	bad_id((VocabParse *) state);
+	LLM_JSON_ACTION_DONE;
 }
 
-static void
+static LLM_JSON_ACTION
 vocab_object_start(void *state)
 {
 	VocabParse *p = state;
 
 	if (p->lex->lex_level > 0)
 		bad_id(p);
+	LLM_JSON_ACTION_DONE;
 }
 
 /* A token: the lexer has read its value's first token, so lex->line_number is the entry's line. */
-static void
+static LLM_JSON_ACTION
 vocab_field_start(void *state, char *fname, bool isnull)
 {
 	VocabParse *p = state;
@@ -190,10 +193,11 @@ vocab_field_start(void *state, char *fname, bool isnull)
 	p->line = p->lex->line_number;
 	if (fname[0] == '\0')
 		vocab_error(p->file, p->line, NULL, "empty token");
+	LLM_JSON_ACTION_DONE;
 }
 
 /* An id: a JSON number without sign, fraction or exponent, at most LLM_TOKEN_ID_MAX. */
-static void
+static LLM_JSON_ACTION
 vocab_scalar(void *state, char *token, JsonTokenType type)
 {
 	VocabParse *p = state;
@@ -225,6 +229,7 @@ vocab_scalar(void *state, char *token, JsonTokenType type)
 	v->n++;
 	if ((v->n & 4095) == 0)
 		CHECK_FOR_INTERRUPTS();
+	LLM_JSON_ACTION_DONE;
 }
 
 /*
@@ -383,7 +388,7 @@ parse_vocab(const char *file, char *data, size_t len, Vocab *v)
 	v->lens = palloc_array(int, v->cap);
 	v->ids = palloc_array(int32, v->cap);
 	v->lines = palloc_array(int, v->cap);
-	p.lex = makeJsonLexContextCstringLen(data, (int) len, PG_UTF8, true);
+	p.lex = llm_json_lexer(data, (int) len);
 	p.file = file;
 	p.vocab = v;
 	sem.semstate = &p;
@@ -603,8 +608,8 @@ lock_and_check(const char *model, bool replace, bool merges_only)
 				 errhint("Pass replace => true to replace it, or use pgllm tokenizer --truncate.")));
 }
 
-static int64
-load_vocab(const char *file, char *data, size_t len, const char *model, bool replace)
+int64
+llm_bpe_load_vocab(const char *file, char *data, size_t len, const char *model, bool replace)
 {
 	Vocab		v;
 	Oid			types[3] = {TEXTOID, INT4ARRAYOID, TEXTARRAYOID};
@@ -634,8 +639,8 @@ load_vocab(const char *file, char *data, size_t len, const char *model, bool rep
 	return v.n;
 }
 
-static int64
-load_merges(const char *file, char *data, size_t len, const char *model, bool replace)
+int64
+llm_bpe_load_merges(const char *file, char *data, size_t len, const char *model, bool replace)
 {
 	Merges		m;
 	Oid			types[3] = {TEXTOID, TEXTARRAYOID, TEXTARRAYOID};
@@ -698,26 +703,26 @@ PG_FUNCTION_INFO_V1(pg_llm_load_bpe_vocab);
 Datum
 pg_llm_load_bpe_vocab(PG_FUNCTION_ARGS)
 {
-	return load_sql(fcinfo, load_vocab, "vocabulary", true);
+	return load_sql(fcinfo, llm_bpe_load_vocab, "vocabulary", true);
 }
 
 PG_FUNCTION_INFO_V1(pg_llm_load_bpe_merges);
 Datum
 pg_llm_load_bpe_merges(PG_FUNCTION_ARGS)
 {
-	return load_sql(fcinfo, load_merges, "merges", true);
+	return load_sql(fcinfo, llm_bpe_load_merges, "merges", true);
 }
 
 PG_FUNCTION_INFO_V1(pg_llm_load_bpe_vocab_bytes);
 Datum
 pg_llm_load_bpe_vocab_bytes(PG_FUNCTION_ARGS)
 {
-	return load_sql(fcinfo, load_vocab, "vocabulary", false);
+	return load_sql(fcinfo, llm_bpe_load_vocab, "vocabulary", false);
 }
 
 PG_FUNCTION_INFO_V1(pg_llm_load_bpe_merges_bytes);
 Datum
 pg_llm_load_bpe_merges_bytes(PG_FUNCTION_ARGS)
 {
-	return load_sql(fcinfo, load_merges, "merges", false);
+	return load_sql(fcinfo, llm_bpe_load_merges, "merges", false);
 }

@@ -73,6 +73,47 @@ exec_model_statement(const char *sql, const char *model, int expect)
 		elog(ERROR, "\"%s\" failed: %s", sql, SPI_result_code_string(ret));
 }
 
+/*
+ * New weights of another shape replace the model's registration: with replace, or when the model
+ * has neither weights nor snapshots, so that nothing is lost (the built-in gpt2-small row, a row
+ * inserted by hand). Its snapshots are of the old shape and could never be loaded again: they go
+ * too. On return *have is the new registration.
+ */
+static void
+reshape(const char *model, LlmConfig *have, const LlmConfig *arch, bool replace)
+{
+	Oid			types[6] = {TEXTOID, INT4OID, INT4OID, INT4OID, INT4OID, INT4OID};
+	Datum		values[6] = {CStringGetTextDatum(model), Int32GetDatum(arch->n_layer), Int32GetDatum(arch->n_head),
+							 Int32GetDatum(arch->d_model), Int32GetDatum(arch->n_positions), Int32GetDatum(arch->vocab)};
+	LlmConfig	next = *arch;
+	bool		isnull;
+
+	strlcpy(next.model, model, sizeof(next.model));
+	check_architecture(&next);
+	if (!replace)
+	{
+		llm_spi_run("looking for the model's weights and snapshots",
+					psprintf("SELECT EXISTS (SELECT 1 FROM %s WHERE model = $1) OR EXISTS (SELECT 1 FROM %s WHERE model = $1)",
+							 llm_table("llm_param"), llm_table("llm_checkpoint")),
+					1, types, values, true, 1, SPI_OK_SELECT);
+		if (DatumGetBool(SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1, &isnull)))
+			ereport(ERROR,
+					(errcode(ERRCODE_DATA_EXCEPTION),
+					 errmsg("the weights do not fit model \"%s\"", model),
+					 errdetail("The model has %s; the weights have %s.",
+							   llm_describe_architecture(have), llm_describe_architecture(arch)),
+					 errhint("Pass replace => true to replace the model, its shape included (pgllm init --replace, "
+							 "pgllm import --replace), or use another model name.")));
+	}
+	llm_spi_run("changing the model's shape",
+				psprintf("UPDATE %s SET n_layer = $2, n_head = $3, d_model = $4, n_positions = $5, vocab = $6 "
+						 "WHERE model = $1", llm_table("llm_model_config")),
+				6, types, values, false, 0, SPI_OK_UPDATE);
+	exec_model_statement(psprintf("DELETE FROM %s WHERE model = $1", llm_table("llm_checkpoint")), model, SPI_OK_DELETE);
+	if (!llm_config_lookup(model, have, true))
+		elog(ERROR, "model \"%s\" disappeared while changing its shape", model);
+}
+
 /* ---- the weight writer ------------------------------------------------------------------------ */
 
 void
@@ -116,12 +157,7 @@ llm_weights_begin(LlmWeightWriter *w, const char *model, const LlmConfig *arch, 
 	else
 	{
 		if (arch != NULL && !same_architecture(arch, &have))
-			ereport(ERROR,
-					(errcode(ERRCODE_DATA_EXCEPTION),
-					 errmsg("the weights do not fit model \"%s\"", model),
-					 errdetail("The model has %s; the weights have %s.",
-							   llm_describe_architecture(&have), llm_describe_architecture(arch)),
-					 errhint("Use another model name, or delete the model first (DELETE FROM llm_model_config WHERE model = ...).")));
+			reshape(model, &have, arch, replace);
 		w->cfg = have;
 	}
 	llm_layout_init(&w->cfg, &w->layout);

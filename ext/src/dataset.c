@@ -11,6 +11,38 @@
 #include "miscadmin.h"
 #include "utils/array.h"
 #include "utils/builtins.h"
+#include "utils/guc.h"
+
+bool		llm_check_dataset_tokenizer = true;
+
+void
+llm_dataset_init(void)
+{
+	DefineCustomBoolVariable("pg_llm.check_dataset_tokenizer",
+							 "Refuse to train or evaluate a model on a dataset tokenized with another tokenizer.",
+							 "Off: use the dataset's token ids with any model (an explicit override).",
+							 &llm_check_dataset_tokenizer,
+							 true,
+							 PGC_USERSET, 0,
+							 NULL, NULL, NULL);
+}
+
+/*
+ * The rule lives in SQL, llm_dataset_check_tokenizer (the upgrade script): datasets record the
+ * tokenizer their rows were made with, and a model with another one is refused. Every reader and
+ * writer of llm_dataset in the server comes through here (caller connected to SPI).
+ */
+void
+llm_dataset_check_tokenizer(const char *dataset, const char *model, bool for_training)
+{
+	if (for_training && !llm_check_dataset_tokenizer)
+		return;
+	llm_spi_run("checking the dataset's tokenizer",
+				psprintf("SELECT %s($1, $2, $3)", llm_table("llm_dataset_check_tokenizer")),
+				3, (Oid[]) {TEXTOID, TEXTOID, BOOLOID},
+				(Datum[]) {CStringGetTextDatum(dataset), CStringGetTextDatum(model), BoolGetDatum(for_training)},
+				false, 0, SPI_OK_SELECT);
+}
 
 static void
 row_disappeared(int64 id)
@@ -33,6 +65,7 @@ llm_dataset_open(LlmDataset *ds, const LlmConfig *cfg, const char *dataset, int6
 	ds->ids = palloc(cap * sizeof(int64));
 	ds->n = 0;
 	ds->name = pstrdup(dataset);
+	llm_dataset_check_tokenizer(dataset, cfg->model, true);
 	portal = SPI_cursor_open_with_args(NULL, psprintf("SELECT id FROM %s WHERE dataset = $1 ORDER BY id",
 													  llm_table("llm_dataset")),
 									   1, name_type, name, NULL, true, CURSOR_OPT_NO_SCROLL);

@@ -21,6 +21,17 @@ typedef struct LlmDataset
 	SPIPlanPtr	fetch;			/* SELECT tokens, target ... WHERE id = $1 */
 } LlmDataset;
 
+/* Defines pg_llm.check_dataset_tokenizer (from _PG_init). */
+extern void llm_dataset_init(void);
+
+/*
+ * Refuses, with the rule of the SQL function llm_dataset_check_tokenizer, a model whose tokenizer
+ * is not the one the dataset's rows were made with: for training and evaluating (unless
+ * pg_llm.check_dataset_tokenizer is off), or for adding rows made with the model's tokenizer
+ * (caller connected to SPI).
+ */
+extern void llm_dataset_check_tokenizer(const char *dataset, const char *model, bool for_training);
+
 /*
  * The row ids of one dataset (the first max_rows of them; all when max_rows <= 0) and its block
  * size, checked against the model's positions (caller connected to SPI; reads only).

@@ -12,6 +12,7 @@
 #include "pg_llm.h"
 #include "bpe.h"
 #include "bpe_tokenizer.h"
+#include "dataset.h"
 #include "model.h"
 
 #include "catalog/pg_type.h"
@@ -19,6 +20,7 @@
 #include "miscadmin.h"
 #include "utils/array.h"
 #include "utils/builtins.h"
+#include "utils/datum.h"
 #include "nodes/parsenodes.h"
 #include "utils/memutils.h"
 #include "utils/plancache.h"
@@ -40,6 +42,8 @@ typedef struct Builder
 	int64		n;
 	int64		cap;
 	int64		rows;			/* written so far */
+	Datum		tokenizer;		/* text: what every row records it was tokenized with */
+	Datum		fingerprint;	/* text: llm_tokenizer_fingerprint(model) */
 	SPIPlanPtr	insert;
 } Builder;
 
@@ -52,7 +56,7 @@ write_rows(Builder *b, bool all)
 		int64		rows = Min((b->n - 1) / b->T, b->rows_per_insert);
 		int64		used = rows * b->T;
 		ArrayType  *arr;
-		Datum		values[4];
+		Datum		values[6];
 
 		/* ids of the tokenizer beyond the model's vocabulary would fail training later: refuse now */
 		for (int64 i = 0; i <= used; i++)
@@ -76,6 +80,8 @@ write_rows(Builder *b, bool all)
 		values[1] = PointerGetDatum(arr);
 		values[2] = Int32GetDatum(b->T);
 		values[3] = Int32GetDatum((int32) rows);
+		values[4] = b->tokenizer;
+		values[5] = b->fingerprint;
 		llm_spi_run_plan("writing llm_dataset", b->insert, values, false, 0, SPI_OK_INSERT);
 		pfree(arr);
 		b->rows += rows;
@@ -167,14 +173,28 @@ llm_dataset_build(PG_FUNCTION_ARGS)
 	b.cap = Max(1024, 2 * b.rows_per_insert * b.T + 1);
 	b.stream = palloc_extended(b.cap * sizeof(int32), MCXT_ALLOC_HUGE);
 	b.insert = llm_spi_prepare("preparing the llm_dataset insert",
-							   psprintf("INSERT INTO %s (dataset, tokens, target) "
-										"SELECT $1, $2[i * $3 + 1 : (i + 1) * $3], $2[i * $3 + 2 : (i + 1) * $3 + 1] "
+							   psprintf("INSERT INTO %s (dataset, tokens, target, tokenizer, tokenizer_fingerprint) "
+										"SELECT $1, $2[i * $3 + 1 : (i + 1) * $3], $2[i * $3 + 2 : (i + 1) * $3 + 1], $5, $6 "
 										"FROM pg_catalog.generate_series(0, $4 - 1) AS i ORDER BY i",
 										llm_table("llm_dataset")),
-							   4, (Oid[]) {TEXTOID, INT4ARRAYOID, INT4OID, INT4OID});
+							   6, (Oid[]) {TEXTOID, INT4ARRAYOID, INT4OID, INT4OID, TEXTOID, TEXTOID});
 	if (replace)
 		llm_spi_run("emptying the dataset", psprintf("DELETE FROM %s WHERE dataset = $1", llm_table("llm_dataset")),
 					1, (Oid[]) {TEXTOID}, &b.dataset, false, 0, SPI_OK_DELETE);
+	/* the rows record the tokenizer they are made with, which must be the dataset's */
+	llm_dataset_check_tokenizer(TextDatumGetCString(b.dataset), model, false);
+	{
+		bool		isnull;
+
+		llm_spi_run("reading the tokenizer's fingerprint",
+					psprintf("SELECT %s($1)", llm_table("llm_tokenizer_fingerprint")),
+					1, (Oid[]) {TEXTOID}, (Datum[]) {CStringGetTextDatum(model)}, true, 1, SPI_OK_SELECT);
+		b.fingerprint = SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1, &isnull);
+		if (isnull)
+			elog(ERROR, "model \"%s\" has no tokenizer fingerprint", model);
+		b.fingerprint = datumCopy(b.fingerprint, false, -1);
+		b.tokenizer = CStringGetTextDatum(psprintf("model %s", model));
+	}
 
 	/* the caller's query, with the caller's rights, read-only (no data-modifying WITH either) */
 	plan = SPI_prepare_cursor(query, 0, NULL, CURSOR_OPT_NO_SCROLL);

@@ -21,6 +21,8 @@
 #include "miscadmin.h"
 #include "utils/array.h"
 #include "utils/builtins.h"
+#include "utils/memutils.h"
+#include "utils/tuplestore.h"
 
 /* At most this many logits (rows x V) exist at once; the head runs in chunks of rows. */
 #define LOGITS_MAX_FLOATS ((size_t) 8 << 20)
@@ -166,7 +168,7 @@ double
 llm_eval_dataset(const LlmModel *model, LlmDataset *ds, int batch_size, int64 *tokens)
 {
 	Forward		f;
-	double		sum = 0.0;
+	volatile double sum = 0.0;	/* set in PG_TRY, read after it */
 	int			B = (int) Min(batch_size, ds->n);
 
 	llm_blas_init();
@@ -181,6 +183,11 @@ llm_eval_dataset(const LlmModel *model, LlmDataset *ds, int batch_size, int64 *t
 			forward_losses(&f, model, rows, ds->T);
 			for (int i = 0; i < rows * ds->T; i++)
 				sum += f.losses[i];
+			/* progress, as llm_train's steps: a JSON detail at debug1 (pgllm eval draws a bar) */
+			ereport(DEBUG1,
+					(errmsg_internal("llm_eval: %lld of %lld rows", (long long) (pos + rows), (long long) ds->n),
+					 errdetail_internal("{\"event\": \"llm_eval.rows\", \"done\": %lld, \"rows\": %lld}",
+										(long long) (pos + rows), (long long) ds->n)));
 		}
 	}
 	PG_FINALLY();
@@ -196,7 +203,7 @@ double
 llm_eval_rows(const LlmModel *model, const int32 *inputs, const int32 *targets, int B, int T)
 {
 	Forward		f;
-	double		sum = 0.0;
+	volatile double sum = 0.0;	/* set in PG_TRY, read after it */
 
 	llm_blas_init();
 	forward_alloc(&f, &model->cfg, B, T);
@@ -308,8 +315,8 @@ llm_perplexity(PG_FUNCTION_ARGS)
 				stride;
 	LlmModel   *model;
 	Forward		f;
-	double		nll_sum = 0.0;
-	int64		n_tokens = 0;
+	volatile double nll_sum = 0.0;	/* set in PG_TRY, read after it */
+	volatile int64 n_tokens = 0;
 
 	SPI_connect();
 	model = model_and_ids(fcinfo, &ids, &n);
@@ -368,7 +375,44 @@ llm_perplexity(PG_FUNCTION_ARGS)
 	PG_RETURN_FLOAT8(exp(nll_sum / n_tokens));
 }
 
-/* The mean over the text's tokens of the final hidden state (after ln_f): GPT2Model's last_hidden_state.mean(1). */
+/*
+ * An embedding: the mean over a text's n tokens of the final hidden states ln(n, C) (after ln_f),
+ * GPT2Model's last_hidden_state.mean(1), as real[] in memory context `cxt` (the caller's: SPI's
+ * own is freed by SPI_finish).
+ */
+static ArrayType *
+embedding_of(const float *ln, int n, int C, MemoryContext cxt)
+{
+	MemoryContext old = MemoryContextSwitchTo(cxt);
+	Datum	   *out = palloc(C * sizeof(Datum));
+	ArrayType  *result;
+
+	for (int c = 0; c < C; c++)
+	{
+		double		s = 0.0;
+
+		for (int t = 0; t < n; t++)
+			s += ln[(size_t) t * C + c];
+		out[c] = Float4GetDatum((float) (s / n));
+	}
+	result = construct_array(out, C, FLOAT4OID, sizeof(float4), true, TYPALIGN_INT);
+	MemoryContextSwitchTo(old);
+	return result;
+}
+
+static void
+check_embed_length(const LlmModel *model, int n, int ord)
+{
+	if (n > model->cfg.n_positions)
+		ereport(ERROR,
+				(errcode(ERRCODE_PROGRAM_LIMIT_EXCEEDED),
+				 ord > 0 ? errmsg("input %d has %d tokens, more than model \"%s\"'s n_positions %d",
+								  ord, n, model->cfg.model, model->cfg.n_positions)
+				 : errmsg("the text has %d tokens, more than model \"%s\"'s n_positions %d",
+						  n, model->cfg.model, model->cfg.n_positions),
+				 errhint("Embed shorter pieces, e.g. paragraphs.")));
+}
+
 PG_FUNCTION_INFO_V1(llm_embed);
 Datum
 llm_embed(PG_FUNCTION_ARGS)
@@ -377,37 +421,139 @@ llm_embed(PG_FUNCTION_ARGS)
 	int			n;
 	LlmModel   *model;
 	Forward		f;
-	Datum	   *out;
-	int			C;
+	ArrayType  *result = NULL;
+	MemoryContext cxt = CurrentMemoryContext;
 
 	SPI_connect();
 	model = model_and_ids(fcinfo, &ids, &n);
-	C = model->cfg.d_model;
 	if (n == 0)
 	{
 		SPI_finish();
 		PG_RETURN_NULL();
 	}
-	if (n > model->cfg.n_positions)
-		ereport(ERROR,
-				(errcode(ERRCODE_PROGRAM_LIMIT_EXCEEDED),
-				 errmsg("the text has %d tokens, more than model \"%s\"'s n_positions %d",
-						n, model->cfg.model, model->cfg.n_positions),
-				 errhint("Embed shorter pieces, e.g. paragraphs.")));
-	out = palloc(C * sizeof(Datum));
+	check_embed_length(model, n, 0);
 	llm_blas_init();
 	forward_alloc(&f, &model->cfg, 1, n);
 	PG_TRY();
 	{
 		memcpy(f.inputs, ids, n * sizeof(int32));
 		forward_hidden(&f, model, 1, n);
-		for (int c = 0; c < C; c++)
-		{
-			double		s = 0.0;
+		result = embedding_of(f.ln, n, model->cfg.d_model, cxt);
+	}
+	PG_FINALLY();
+	{
+		forward_free(&f);
+	}
+	PG_END_TRY();
+	SPI_finish();
+	PG_RETURN_ARRAYTYPE_P(result);
+}
 
-			for (int t = 0; t < n; t++)
-				s += f.ln[(size_t) t * C + c];
-			out[c] = Float4GetDatum((float) (s / n));
+/*
+ * Texts of up to this many tokens in all (padding included) share one forward pass of
+ * llm_embed_batch: each weight matrix is read once for all of them (sgemm over their rows).
+ */
+#define EMBED_TOKENS_PER_PASS 2048
+
+typedef struct EmbedInput
+{
+	int			ord;			/* 1-based position in the array */
+	int			n;				/* tokens */
+	int32	   *ids;
+} EmbedInput;
+
+/* Longest first, then in array order: a pass's rows have similar lengths, so little padding. */
+static int
+embed_input_cmp(const void *a, const void *b)
+{
+	const EmbedInput *x = a,
+			   *y = b;
+
+	if (x->n != y->n)
+		return x->n > y->n ? -1 : 1;
+	return x->ord - y->ord;
+}
+
+/*
+ * llm_embed_batch(inputs text[], model) -> rows (ord, embedding): row i is llm_embed(inputs[i],
+ * model) (NULL for a NULL text or one without tokens), in array order. The texts go through the
+ * model together, as many per forward pass as EMBED_TOKENS_PER_PASS allows: each is padded at its
+ * end to the longest of its pass, and attention is causal, so its own positions see nothing of
+ * the padding and its embedding is the one it gets alone.
+ */
+PG_FUNCTION_INFO_V1(llm_embed_batch);
+Datum
+llm_embed_batch(PG_FUNCTION_ARGS)
+{
+	ReturnSetInfo *rsinfo = (ReturnSetInfo *) fcinfo->resultinfo;
+	char	   *model_name = text_arg(fcinfo, 1, "model");
+	LlmModel   *model;
+	Datum	   *texts;
+	bool	   *text_nulls;
+	int			count = 0,
+				n_inputs = 0;
+	EmbedInput *inputs;
+	ArrayType **results;
+	Forward		f = {0};
+	MemoryContext cxt = CurrentMemoryContext;
+
+	InitMaterializedSRF(fcinfo, 0);
+	if (PG_ARGISNULL(0))
+		PG_RETURN_NULL();
+	llm_check_model_name(model_name);
+	deconstruct_array_builtin(PG_GETARG_ARRAYTYPE_P(0), TEXTOID, &texts, &text_nulls, &count);
+
+	results = palloc0_array(ArrayType *, Max(count, 1));
+	SPI_connect();
+	model = llm_model_get_private(model_name);
+	inputs = palloc_array(EmbedInput, Max(count, 1));
+	for (int i = 0; i < count; i++)
+	{
+		int			len,
+					n;
+		char	   *input;
+		int32	   *ids;
+
+		if (text_nulls[i])
+			continue;
+		input = bpe_datum_to_utf8(texts[i], &len);
+		ids = llm_bpe_encode(model_name, input, len, &n);
+		if (n == 0)
+			continue;
+		check_embed_length(model, n, i + 1);
+		for (int t = 0; t < n; t++)
+			if (ids[t] >= model->cfg.vocab)
+				ereport(ERROR,
+						(errcode(ERRCODE_DATA_EXCEPTION),
+						 errmsg("token id %d is outside model \"%s\"'s vocabulary (0 .. %d)",
+								ids[t], model_name, model->cfg.vocab - 1),
+						 errhint("Load the tokenizer that belongs to the model.")));
+		inputs[n_inputs++] = (EmbedInput) {i + 1, n, ids};
+	}
+	qsort(inputs, n_inputs, sizeof(EmbedInput), embed_input_cmp);
+
+	llm_blas_init();
+	PG_TRY();
+	{
+		for (int first = 0; first < n_inputs;)
+		{
+			int			T = inputs[first].n;	/* the longest of the pass */
+			int			B = Min(Max(1, EMBED_TOKENS_PER_PASS / T), n_inputs - first);
+
+			forward_alloc(&f, &model->cfg, B, T);
+			for (int b = 0; b < B; b++)
+			{
+				const EmbedInput *in = &inputs[first + b];
+
+				memcpy(f.inputs + (size_t) b * T, in->ids, in->n * sizeof(int32));
+				memset(f.inputs + (size_t) b * T + in->n, 0, (T - in->n) * sizeof(int32));
+			}
+			forward_hidden(&f, model, B, T);
+			for (int b = 0; b < B; b++)
+				results[inputs[first + b].ord - 1] =
+					embedding_of(f.ln + (size_t) b * T * f.C, inputs[first + b].n, f.C, cxt);
+			forward_free(&f);
+			first += B;
 		}
 	}
 	PG_FINALLY();
@@ -416,5 +562,13 @@ llm_embed(PG_FUNCTION_ARGS)
 	}
 	PG_END_TRY();
 	SPI_finish();
-	PG_RETURN_ARRAYTYPE_P(construct_array(out, C, FLOAT4OID, sizeof(float4), true, TYPALIGN_INT));
+
+	for (int i = 0; i < count; i++)
+	{
+		Datum		values[2] = {Int32GetDatum(i + 1), PointerGetDatum(results[i])};
+		bool		nulls[2] = {false, results[i] == NULL};
+
+		tuplestore_putvalues(rsinfo->setResult, rsinfo->setDesc, values, nulls);
+	}
+	return (Datum) 0;
 }

@@ -195,7 +195,10 @@ llm_check_model_name(const char *model)
 					 errmsg("model name must not contain control characters")));
 }
 
-/* The model's row of llm_model_config (locked when for_update); false when there is none.
+/* The model's row of llm_model_config (locked when for_update, against a drop, a rename or a
+ * change of shape; FOR NO KEY UPDATE: a FOR UPDATE lock would wait for every open transaction
+ * that inserted a row referencing the model, such as an uncommitted llm_train_log row); false
+ * when there is none.
  * The caller is connected to SPI. */
 bool
 llm_config_lookup(const char *model, LlmConfig *cfg, bool for_update)
@@ -211,7 +214,7 @@ llm_config_lookup(const char *model, LlmConfig *cfg, bool for_update)
 	if (llm_spi_run("reading llm_model_config",
 					psprintf("SELECT n_layer, n_head, d_model, n_positions, vocab, weights_version, tableoid "
 							 "FROM %s WHERE model = $1%s", llm_table("llm_model_config"),
-							 for_update ? " FOR UPDATE" : ""),
+							 for_update ? " FOR NO KEY UPDATE" : ""),
 					1, argtypes, values, !for_update, 1, SPI_OK_SELECT) == 0)
 		return false;
 	desc = SPI_tuptable->tupdesc;

@@ -11,6 +11,7 @@
  * stored blocks made in parallel (float32 weights barely compress, and stored blocks import fastest).
  */
 #include "pg_llm.h"
+#include "bpe.h"
 #include "model.h"
 #include "checkpoint.h"
 #include "npz.h"
@@ -32,6 +33,7 @@
 #include "utils/array.h"
 #include "utils/builtins.h"
 #include "utils/lsyscache.h"
+#include "utils/memutils.h"
 #include "utils/resowner.h"
 #include "utils/wait_event.h"
 
@@ -555,6 +557,8 @@ npz_import(NpzInput *in, const char *model, bool replace)
 	bool		begun = false;
 	int			records = 0;
 	int			ret;
+	char	   *tokenizer[2] = {NULL, NULL};	/* vocab.json, merges.txt */
+	size_t		tokenizer_len[2] = {0, 0};
 
 	llm_check_model_name(model);
 	memset(&r, 0, sizeof(r));
@@ -597,6 +601,22 @@ npz_import(NpzInput *in, const char *model, bool replace)
 			read_config_record(&r, &h, model, &arch);
 			llm_weights_begin(&w, model, &arch, replace);
 			begun = true;
+			continue;
+		}
+		if (strcmp(name, NPZ_VOCAB_NAME) == 0 || strcmp(name, NPZ_MERGES_NAME) == 0)
+		{
+			int			k = strcmp(name, NPZ_VOCAB_NAME) == 0 ? 0 : 1;
+
+			if (strcmp(h.descr, "|u1") != 0 || h.ndim != 1 || h.shape[0] < 1 || h.shape[0] > MaxAllocSize - 1 ||
+				tokenizer[k] != NULL)
+				ereport(ERROR,
+						(errcode(ERRCODE_DATA_CORRUPTED),
+						 errmsg("the tokenizer record \"%s\" must be one array of bytes ('|u1'), once", name),
+						 errdetail("It has dtype '%s' and shape %s.", h.descr, shape_string(h.shape, h.ndim))));
+			tokenizer_len[k] = (size_t) h.shape[0];
+			tokenizer[k] = palloc(tokenizer_len[k] + 1);
+			npz_read_exact(&r, tokenizer[k], tokenizer_len[k]);
+			tokenizer[k][tokenizer_len[k]] = '\0';
 			continue;
 		}
 		if (!begun)
@@ -648,6 +668,17 @@ npz_import(NpzInput *in, const char *model, bool replace)
 				 errmsg("%s contains no tensors", in->label)));
 	llm_weights_finish(&w);
 	inflateEnd(&r.zs);
+	if ((tokenizer[0] == NULL) != (tokenizer[1] == NULL))
+		ereport(ERROR,
+				(errcode(ERRCODE_DATA_CORRUPTED),
+				 errmsg("%s has a tokenizer record \"%s\" without \"%s\"", in->label,
+						tokenizer[0] ? NPZ_VOCAB_NAME : NPZ_MERGES_NAME, tokenizer[0] ? NPZ_MERGES_NAME : NPZ_VOCAB_NAME)));
+	if (tokenizer[0] != NULL)
+	{
+		/* the weights' own tokenizer replaces whatever the model had */
+		(void) llm_bpe_load_vocab(NPZ_VOCAB_NAME, tokenizer[0], tokenizer_len[0], model, true);
+		(void) llm_bpe_load_merges(NPZ_MERGES_NAME, tokenizer[1], tokenizer_len[1], model, true);
+	}
 	return w.n_written;
 }
 

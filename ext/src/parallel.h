@@ -16,4 +16,11 @@ typedef void (*llm_task_fn) (void *arg, size_t start, size_t end);
 /* Runs fn(arg, start, end) over shares of [0, n) on llm_num_threads() threads; n < 2 runs inline. */
 extern void llm_parallel_for(size_t n, llm_task_fn fn, void *arg);
 
+/*
+ * The same with `per_thread` shares per thread (at most n in all): smaller shares, so that when
+ * the OS preempts a thread in the middle of its share (a busy server), the others take over more
+ * of the job. Only for tasks whose results do not depend on where the shares begin and end.
+ */
+extern void llm_parallel_for_shares(size_t n, int per_thread, llm_task_fn fn, void *arg);
+
 #endif							/* PG_LLM_PARALLEL_H */

@@ -3,9 +3,11 @@
  * the extension's tables (their qualified names, the SPI helpers).
  */
 #include "pg_llm.h"
+#include "blas.h"
 #include "privileges.h"
 #include "served.h"
 #include "batch.h"
+#include "dataset.h"
 #include "runner.h"
 #include "weights_cache.h"
 
@@ -49,11 +51,13 @@ _PG_init(void)
 							0, 0, 4096,
 							PGC_SUSET, 0,
 							NULL, NULL, NULL);
+	llm_blas_define_settings();
 	llm_wc_init();
 	llm_privileges_init();
 	llm_served_init();
 	llm_batch_init();
 	llm_runner_init();
+	llm_dataset_init();
 	MarkGUCPrefixReserved("pg_llm");
 }
 

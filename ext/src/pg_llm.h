@@ -30,11 +30,35 @@
 #error "pg_llm needs PostgreSQL 15 or newer"
 #endif
 
-/* Where the server's C API differs between those versions. */
+/*
+ * Where the server's C API differs between those versions: the only place that tests
+ * PG_VERSION_NUM (make test builds and runs pg_llm on 15 and on 18).
+ */
 #if PG_VERSION_NUM >= 170000
 #define LLM_MY_LXID (MyProc->vxid.lxid)	/* this backend's local transaction id */
 #else
 #define LLM_MY_LXID (MyProc->lxid)
+#endif
+#if PG_VERSION_NUM >= 170000
+#define LLM_MY_PROCNO ((int) GetNumberFromPGProc(MyProc))	/* this backend's PGPROC slot */
+#else
+#define LLM_MY_PROCNO (MyProc->pgprocno)
+#endif
+#if PG_VERSION_NUM < 180000
+#define pg_noreturn _Noreturn	/* 18 replaced the trailing pg_attribute_noreturn() with it */
+#endif
+/* common/jsonapi.h: semantic actions return a status since 16; 17 lets the caller own the lexer. */
+#if PG_VERSION_NUM >= 160000
+#define LLM_JSON_ACTION JsonParseErrorType
+#define LLM_JSON_ACTION_DONE return JSON_SUCCESS
+#else
+#define LLM_JSON_ACTION void
+#define LLM_JSON_ACTION_DONE return
+#endif
+#if PG_VERSION_NUM >= 170000
+#define llm_json_lexer(json, len) makeJsonLexContextCstringLen(NULL, (json), (len), PG_UTF8, true)
+#else
+#define llm_json_lexer(json, len) makeJsonLexContextCstringLen((json), (len), PG_UTF8, true)
 #endif
 
 /* GUCs (see pg_llm.c) */
@@ -68,6 +92,6 @@ extern uint64 llm_spi_run_plan(const char *purpose, SPIPlanPtr plan, Datum *valu
 extern SPIPlanPtr llm_spi_prepare(const char *purpose, const char *sql, int nargs, Oid *types);
 
 /* ERROR invalid_parameter_value with msg (and hint, unless NULL): a bad argument of a SQL function. */
-extern void llm_bad_argument(const char *msg, const char *hint) pg_attribute_noreturn();
+extern pg_noreturn void llm_bad_argument(const char *msg, const char *hint);
 
 #endif							/* PG_LLM_H */

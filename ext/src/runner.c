@@ -303,7 +303,7 @@ create_file(const char *path, const LlmModel *m, int n_slots)
 	h->max_positions = m->cfg.n_positions;	/* a prompt and what follows it fit the context */
 	h->slot_bytes = per_slot;
 	pg_atomic_init_u32(&h->state, RUNNER_STARTING);
-	h->starter_procno = MyProc->pgprocno;
+	h->starter_procno = LLM_MY_PROCNO;
 	h->pid = 0;
 	h->procno = -1;
 	pg_atomic_init_u64(&h->sequences, 0);
@@ -509,7 +509,7 @@ llm_runner_begin(const LlmModel *m)
 		if (pg_atomic_read_u32(&slot->state) != SLOT_FREE ||
 			!pg_atomic_compare_exchange_u32(&slot->state, &state, SLOT_OWNED))
 			continue;
-		slot->owner_procno = MyProc->pgprocno;
+		slot->owner_procno = LLM_MY_PROCNO;
 		slot->owner_pid = MyProcPid;
 		if (!callback_registered)
 		{
@@ -881,7 +881,7 @@ llm_runner_main(Datum arg)
 	inf = llm_infer_create_rows(m, h->n_slots, h->max_prompt, h->max_positions);
 	h->cache_bytes = llm_infer_cache_bytes(inf);
 	h->pid = MyProcPid;
-	h->procno = MyProc->pgprocno;
+	h->procno = LLM_MY_PROCNO;
 	pg_write_barrier();
 	pg_atomic_write_u32(&h->state, RUNNER_READY);
 	wake(h->starter_procno);

@@ -61,6 +61,7 @@ typedef struct TrainArgs
 	char	   *eval_dataset;	/* validation rows, or NULL */
 	int			eval_every;		/* steps between validation losses; 0 = after the last step only */
 	int			eval_rows;		/* validation rows used; 0 = all */
+	int			schedule_start; /* the step the schedule's warmup starts at (0: the model's first) */
 } TrainArgs;
 
 /* Activations of one micro-batch (llm.c's ActivationTensors), plus per-layer scratch. */
@@ -176,7 +177,8 @@ enum
 {
 	A_MODEL, A_STEPS, A_BETA1, A_BETA2, A_EPS, A_WD, A_LR_MAX, A_WARMUP,
 	A_N_LAYER, A_N_HEAD, A_D, A_VOCAB, A_BATCH_SIZE, A_GRAD_ACCUM, A_GRAD_CLIP, A_LR_MIN,
-	A_TOTAL_STEPS, A_DROPOUT, A_SEED, A_D_LOWER, A_DATASET, A_EVAL_DATASET, A_EVAL_EVERY, A_EVAL_ROWS
+	A_TOTAL_STEPS, A_DROPOUT, A_SEED, A_D_LOWER, A_DATASET, A_EVAL_DATASET, A_EVAL_EVERY, A_EVAL_ROWS,
+	A_SCHEDULE_START
 };
 
 static double
@@ -245,6 +247,8 @@ parse_args(FunctionCallInfo fcinfo, TrainArgs *a)
 		bad_argument("dataset must not be NULL", "The seed's rows are in dataset 'train'.");
 	a->dataset = PG_NARGS() > A_DATASET ? text_to_cstring(PG_GETARG_TEXT_PP(A_DATASET)) : "train";
 	parse_eval_args(fcinfo, a);
+	a->schedule_start = PG_NARGS() > A_SCHEDULE_START && !PG_ARGISNULL(A_SCHEDULE_START) ?
+		PG_GETARG_INT32(A_SCHEDULE_START) : 0;
 
 	if (a->steps <= 0)
 		bad_argument(psprintf("steps must be positive, got %d", a->steps), NULL);
@@ -688,12 +692,17 @@ forward_backward(Trainer *tr, const LlmModel *model, const StepShape *s, float d
 	return loss;
 }
 
-/* Linear warmup to lr_max over `warmup` steps, then cosine to lr_min at total_steps. */
+/*
+ * Linear warmup to lr_max over `warmup` steps from schedule_start, then cosine to lr_min at
+ * total_steps (a step number, as it).
+ */
 static double
 schedule(const TrainArgs *a, int total_steps, int64 it)
 {
 	double		ratio;
 
+	it -= a->schedule_start;
+	total_steps -= a->schedule_start;
 	if (it < a->warmup)
 		return a->lr_max * (double) (it + 1) / a->warmup;
 	if (it >= total_steps)
@@ -811,12 +820,20 @@ train_setup(TrainRun *run, FunctionCallInfo fcinfo)
 	 * calls follow one schedule); otherwise it ends with this call, but never before the warmup
 	 * does, so that a call inside a longer warmup (the seed's 1000 steps with warmup 2000) works.
 	 */
-	run->total_steps = a->total_steps > 0 ? a->total_steps : (int) Max(run->step0 + a->steps, a->warmup);
-	if (a->warmup > run->total_steps)
+	if (a->schedule_start < 0 || a->schedule_start > run->step0)
+		bad_argument(psprintf("schedule_start must be between 0 and model \"%s\"'s step %lld, got %d",
+							  a->model, (long long) run->step0, a->schedule_start),
+					 "A schedule starts at a step the model has reached (its step counter for a new one).");
+	run->total_steps = a->total_steps > 0 ? a->total_steps :
+		(int) Max(run->step0 + a->steps, a->schedule_start + a->warmup);
+	if (run->total_steps <= a->schedule_start)
+		bad_argument(psprintf("total_steps (%d) must be after schedule_start (%d)", run->total_steps, a->schedule_start),
+					 NULL);
+	if (a->warmup > run->total_steps - a->schedule_start)
 		ereport(NOTICE,
 				(errmsg("warmup (%d steps) is longer than the schedule (total_steps = %d): the learning "
-						"rate rises to %g and never reaches lr_max", a->warmup, run->total_steps,
-						a->lr_max * run->total_steps / a->warmup)));
+						"rate rises to %g and never reaches lr_max", a->warmup, run->total_steps - a->schedule_start,
+						a->lr_max * (run->total_steps - a->schedule_start) / a->warmup)));
 
 	llm_dataset_open(&run->ds, &run->cfg, a->dataset, 0);
 	if ((int64) a->batch_size * run->ds.T > PG_INT32_MAX / 4)

@@ -1132,3 +1132,51 @@ pg_llm_weight_cache(PG_FUNCTION_ARGS)
 	}
 	PG_RETURN_VOID();
 }
+
+/* ---- SQL: pg_llm_weight_cache_discard(model) ----------------------------------------------- */
+
+PG_FUNCTION_INFO_V1(pg_llm_weight_cache_discard);
+
+/*
+ * pg_llm_weight_cache_discard(model text) -> int: unlinks every shared copy of the model in this
+ * database, whatever its version and format, and returns how many. llm_model_drop and
+ * llm_model_rename call it: the copies of a name that no longer has weights would otherwise stay
+ * until evicted. Backends that map one keep its pages until their next call (as when a new version
+ * replaces it), and the model's batch runner retires, as it does for a new version. A copy is only
+ * a cache, so a drop that rolls back afterwards costs a rebuild, nothing more. Allowed to whoever
+ * may delete the model's weights (DELETE on llm_param).
+ */
+Datum
+pg_llm_weight_cache_discard(PG_FUNCTION_ARGS)
+{
+	char	   *model = text_to_cstring(PG_GETARG_TEXT_PP(0));
+	uint64		hash = hash_bytes_extended((const unsigned char *) model, strlen(model), 0);
+	Oid			param = DatumGetObjectId(DirectFunctionCall1(regclassin, CStringGetDatum(llm_table("llm_param"))));
+	struct stat st;
+	WcFds		fds = {.lock = -1, .dir = -1, .file = -1};
+	List	   *entries;
+	ListCell   *lc;
+	int			n = 0;
+
+	if (pg_class_aclcheck(param, GetUserId(), ACL_DELETE) != ACLCHECK_OK)
+		ereport(ERROR,
+				(errcode(ERRCODE_INSUFFICIENT_PRIVILEGE),
+				 errmsg("permission denied to discard the shared copies of model \"%s\"", model),
+				 errdetail("Discarding them is for roles that may delete the model's weights (DELETE on llm_param).")));
+	if (stat(WC_DIR, &st) != 0)
+		PG_RETURN_INT32(0);
+	lock_dir(&fds);
+	entries = scan_dir();
+	foreach(lc, entries)
+	{
+		WcEntry    *e = lfirst(lc);
+		char		path[MAXPGPATH];
+
+		snprintf(path, sizeof(path), "%s/%s", WC_DIR, e->name);
+		if (e->database == MyDatabaseId && e->model_hash == hash && unlink(path) == 0)
+			n++;
+	}
+	unlock_dir(&fds);
+	list_free_deep(entries);
+	PG_RETURN_INT32(n);
+}

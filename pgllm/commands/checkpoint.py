@@ -9,7 +9,6 @@ from __future__ import annotations
 import typer
 
 from .. import db
-from ..client import MODEL_ENV
 from ..errors import PgllmError
 from ..options import MODEL
 from ..progress import spinner
@@ -31,16 +30,19 @@ def save(ctx: typer.Context, model: str = MODEL,
 
 @app.command("load")
 def load(ctx: typer.Context, id: int = typer.Argument(..., help="The checkpoint (see pgllm checkpoint list)."),
-         model: str = typer.Option(None, "--model", "-m", envvar=MODEL_ENV, help="The model to load it into.",
-                                   show_default="the checkpoint's own")) -> None:
+         model: str = typer.Option(None, "--model", "-m", help="The checkpoint's model, as a check (a checkpoint "
+                                   "loads into its own model only).", show_default="the checkpoint's own")) -> None:
     """Put a model back exactly as it was when the snapshot was taken."""
     with db.session(ctx.obj["dsn"]) as pg, spinner() as progress:
         progress.add_task(f"loading checkpoint {id}")
-        if model is None:
-            row = pg.execute("SELECT model FROM {llm_checkpoint} WHERE id = %s", (id,)).fetchone()
-            if row is None:
-                raise PgllmError(f"checkpoint {id} does not exist", hint="pgllm checkpoint list shows them")
-            model = row[0]
+        row = pg.execute("SELECT model FROM {llm_checkpoint} WHERE id = %s", (id,)).fetchone()
+        if row is None:
+            raise PgllmError(f"checkpoint {id} does not exist", hint="pgllm checkpoint list shows them")
+        if model is not None and model != row[0]:
+            raise PgllmError(f"checkpoint {id} is of model {row[0]!r}, not {model!r}",
+                             hint=f"load it into {row[0]!r} (pgllm checkpoint load {id}), then copy that model "
+                                  f"if you want another one (pgllm models cp {row[0]} {model})")
+        model = row[0]
         step = pg.execute("SELECT {llm_checkpoint_load}(%s, %s)", (model, id)).fetchone()[0]
     typer.echo(f"loaded checkpoint {id} into model {model!r}: step {step}")
 

@@ -1,4 +1,6 @@
-"""`pgllm convert`: a Hugging Face GPT-2 checkpoint -> pgllm's checkpoint file (float32)."""
+"""`pgllm convert`: a Hugging Face GPT-2 checkpoint -> pgllm's checkpoint file (float32), with the
+checkpoint's tokenizer (its vocab.json and merges.txt, or tokenizer.json) when it has one, which
+`pgllm import` then loads as the model's tokenizer."""
 
 from __future__ import annotations
 
@@ -13,7 +15,8 @@ from urllib.parse import urlsplit
 
 import typer
 
-from .. import npz
+from .. import npz, tokenizer_files
+from ..bundled import gpt2_tokenizer_files
 from ..errors import PgllmError
 from ..optional import need
 from ..progress import bytes_progress
@@ -121,6 +124,30 @@ def check_hub(source: str, timeout: float = 5.0) -> None:
     except OSError as e:
         raise PgllmError(f"cannot download {source!r}: the Hugging Face Hub ({url.hostname}:{port}) is unreachable: "
                          f"{e.strerror or e}", hint=OFFLINE_HINT) from None
+
+
+def find_tokenizer(source: str, cfg: npz.Config) -> tuple[tuple[bytes, bytes] | None, str]:
+    """The tokenizer to write beside the weights (vocab.json and merges.txt bytes), and where it
+    came from: the directory's own, a model id's in the Hugging Face cache, or for a model id of
+    GPT-2's vocabulary size without one there, GPT-2's (bundled with pgllm)."""
+    path = Path(source).expanduser()
+    folder = path if path.is_dir() else path.parent if path.is_file() else None
+    hub_id = folder is None
+    if hub_id:
+        try:
+            from huggingface_hub import try_to_load_from_cache
+            cached = try_to_load_from_cache(source, "config.json")
+        except (ImportError, ValueError):
+            cached = None
+        folder = Path(cached).parent if isinstance(cached, str) else None
+    found = tokenizer_files.from_directory(folder) if folder is not None else None
+    if found is not None:
+        return (tokenizer_files.vocab_bytes(found[0]), tokenizer_files.merges_bytes(found[1])), \
+            f"its tokenizer ({len(found[0])} tokens)"
+    if hub_id and cfg.vocab == 50257:
+        vocab, merges = gpt2_tokenizer_files()
+        return (vocab.read_bytes(), merges.read_bytes()), "GPT-2's tokenizer (bundled with pgllm)"
+    return None, "no tokenizer (none beside the weights)"
 
 
 def read_pretrained(source: str) -> tuple[dict, dict]:
@@ -247,8 +274,11 @@ def default_output(source: str) -> Path:
 
 
 def convert(
-    source: str = typer.Argument(..., help="Hugging Face model id (gpt2, distilgpt2, gpt2-medium, ...; "
-                                 "from the local cache), a save_pretrained directory, a .safetensors or a .bin file."),
+    source_arg: str = typer.Argument(None, metavar="SOURCE", help="Hugging Face model id (gpt2, distilgpt2, "
+                                     "gpt2-medium, ...; from the local cache), a save_pretrained directory, a "
+                                     ".safetensors or a .bin file.", show_default="none: --source"),
+    source: str = typer.Option(None, "--source", help="The same as SOURCE (the seed's "
+                               "convert_gpt2_checkpoint.py --source gpt2).", show_default="none: SOURCE"),
     output: Path = typer.Option(None, "--output", "-o", help="File to write.",
                                 show_default="NAME.npz in the current directory; gpt2 -> gpt2-small.npz"),
     n_head: int = typer.Option(None, "--n-head", help="Attention heads, for a bare weights file without "
@@ -257,15 +287,19 @@ def convert(
                                   "slower to write and to import."),
 ) -> None:
     """Convert a Hugging Face GPT-2 checkpoint into pgllm's checkpoint file (float32, gzip records)."""
+    if (source_arg is None) == (source is None):
+        raise PgllmError("give the checkpoint to convert once: SOURCE or --source SOURCE")
+    source = source or source_arg
     start = time.perf_counter()
     output = (output or default_output(source)).expanduser()
     cfg, state = load_source(source, n_head)
+    tokenizer, tokenizer_from = find_tokenizer(source, cfg)
     total = 4 * cfg.num_params()
     part = output.with_name(output.name + ".part")
     try:
         with open(part, "wb") as f, bytes_progress() as progress:
             task = progress.add_task(f"writing {output.name}", total=total)
-            writer = npz.Writer(f, cfg, compress=compress)
+            writer = npz.Writer(f, cfg, compress=compress, tokenizer=tokenizer)
             for name, array in tensors_in_order(cfg, state, source):
                 writer.write_tensor(name, array)
                 progress.update(task, advance=array.nbytes)
@@ -276,5 +310,5 @@ def convert(
     finally:
         part.unlink(missing_ok=True)
     typer.echo(f"wrote {output}: {cfg.num_params():,} parameters (n_layer={cfg.n_layer}, n_head={cfg.n_head}, "
-               f"d_model={cfg.d_model}, n_positions={cfg.n_positions}, vocab={cfg.vocab}), "
+               f"d_model={cfg.d_model}, n_positions={cfg.n_positions}, vocab={cfg.vocab}) and {tokenizer_from}, "
                f"{size / 1e6:.1f} MB in {time.perf_counter() - start:.1f} s")

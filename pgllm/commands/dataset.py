@@ -15,16 +15,18 @@ import socket
 import time
 from pathlib import Path
 
+import json
+
 import numpy as np
 import typer
-from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn
 
-from .. import db
+from .. import db, interrupt, tokenizer_files
 from ..bundled import gpt2_hf_tokenizer
 from ..errors import PgllmError
 from ..optional import need
 from ..options import MODEL
+from ..progress import progress_bar
 
 EOT = "<|endoftext|>"
 
@@ -125,6 +127,10 @@ class HFTokenizer:
                 raise PgllmError(f'cannot load the tokenizer in "{name}": {str(e).splitlines()[0]}') from None
             self.description = f"{name} (transformers)"
         self.tok = tok
+        self.label = f"{name} (transformers)"
+        backend = getattr(tok, "backend_tokenizer", None)
+        self.fingerprint = None if backend is None else tokenizer_files.fingerprint(
+            *tokenizer_files.from_tokenizer_json(json.loads(backend.to_str()), name))
         self.eot = tok.convert_tokens_to_ids(EOT) if EOT in tok.get_vocab() else tok.eos_token_id
         if self.eot is None:
             raise PgllmError(f"the tokenizer has no {EOT} (or end-of-sequence) token to separate documents")
@@ -145,6 +151,8 @@ class DBTokenizer:
                              hint=f"load one with pgllm tokenizer --model {model}")
         self.eot = row[0]
         self.description = f'llm_encode (model "{model}")'
+        self.label = f"model {model}"
+        self.fingerprint = pg.execute("SELECT {llm_tokenizer_fingerprint}(%s)", (model,)).fetchone()[0]
 
     def encode(self, docs: list[str]) -> list[list[int]]:
         return [self.pg.execute("SELECT {llm_encode}(%s, %s)", (d, self.model)).fetchone()[0] for d in docs]
@@ -179,9 +187,10 @@ def clear(pg: db.Pgllm, dataset: str) -> None:
 class RowWriter:
     """Cuts the token stream into rows and COPYs them, batch_size rows at a time."""
 
-    def __init__(self, pg: db.Pgllm, block_size: int, batch_size: int, vocab: int, model: str, dataset: str):
+    def __init__(self, pg: db.Pgllm, block_size: int, batch_size: int, vocab: int, model: str, dataset: str,
+                 tokenizer, hint: str):
         self.pg, self.T, self.batch_size, self.vocab, self.model = pg, block_size, batch_size, vocab, model
-        self.dataset = dataset
+        self.dataset, self.tokenizer, self.hint = dataset, tokenizer, hint
         self.buffer = np.zeros(0, dtype=np.int64)
         self.pending: list[np.ndarray] = []
         self.rows = 0
@@ -192,7 +201,7 @@ class RowWriter:
         if a.size and (a.min() < 0 or a.max() >= self.vocab):
             bad = int(a[(a < 0) | (a >= self.vocab)][0])
             raise PgllmError(f"{where}: token id {bad} is outside model \"{self.model}\"'s vocabulary "
-                             f"(0 .. {self.vocab - 1})", hint="use the model's tokenizer; nothing was written")
+                             f"(0 .. {self.vocab - 1})", hint=f"{self.hint}; nothing was written")
         self.tokens += a.size
         self.buffer = np.concatenate([self.buffer, a])
         # a row needs T + 1 tokens (its target reaches one further); rows overlap by that one token
@@ -209,14 +218,55 @@ class RowWriter:
             return
         batch, self.pending = self.pending[:n], self.pending[n:]
         with self.pg.conn.cursor() as cur:
-            with self.pg.copy(cur, "COPY {llm_dataset} (dataset, tokens, target) FROM STDIN") as copy:
+            with self.pg.copy(cur, "COPY {llm_dataset} (dataset, tokens, target, tokenizer, tokenizer_fingerprint) "
+                                   "FROM STDIN") as copy:
                 for r in batch:
-                    copy.write_row((self.dataset, r[:-1].tolist(), r[1:].tolist()))
+                    copy.write_row((self.dataset, r[:-1].tolist(), r[1:].tolist(), self.tokenizer.label,
+                                    self.tokenizer.fingerprint))
         self.rows += n
 
     @property
     def leftover(self) -> int:
         return max(0, self.buffer.size - 1)
+
+
+def list_datasets(dsn: str | None) -> None:
+    """--list: the llm_datasets view."""
+    with db.session(dsn) as pg:
+        rows = pg.execute("SELECT dataset, rows, block_size, tokens, tokenizer FROM {llm_datasets} "
+                          "ORDER BY dataset").fetchall()
+    if not rows:
+        typer.echo("no datasets (make one with pgllm dataset --input FILES or --query SQL)")
+        return
+    table = [("dataset", "rows", "block size", "tokens", "tokenizer")] + [
+        (d, str(r), str(b), str(t), tok or "unknown (rows written by hand)") for d, r, b, t, tok in rows]
+    widths = [max(len(r[c]) for r in table) for c in range(5)]
+    for r in table:
+        typer.echo("  ".join(v.ljust(w) for v, w in zip(r, widths)).rstrip())
+
+
+def drop_dataset(dsn: str | None, name: str) -> None:
+    """--drop NAME: llm_dataset_drop."""
+    with db.session(dsn) as pg:
+        n = pg.execute("SELECT {llm_dataset_drop}(%s)", (name,)).fetchone()[0]
+    if n == 0:
+        raise PgllmError(f'dataset "{name}" does not exist', hint="pgllm dataset --list lists them")
+    typer.echo(f'dropped dataset "{name}": {n} rows')
+
+
+def model_defaults(pg: db.Pgllm, model: str, block_size: int | None, tokenizer: str | None, hint: str):
+    """The model's configuration, and --block-size and --tokenizer defaulting to what fits it: its
+    n_positions, and its own tokenizer when it has one in the database (else GPT-2's)."""
+    cfg = pg.require_model(model, hint=hint)
+    if block_size is None:
+        block_size = cfg.n_positions
+    if block_size > cfg.n_positions:
+        raise PgllmError(f'--block-size {block_size} is larger than model "{model}"\'s n_positions '
+                         f'{cfg.n_positions}', hint=f"leave it out for {cfg.n_positions}")
+    has_own = pg.execute("SELECT EXISTS (SELECT 1 FROM {llm_bpe_vocab} WHERE model = %s)", (model,)).fetchone()[0]
+    if tokenizer is None:
+        tokenizer = "db" if has_own else "gpt2"
+    return cfg, block_size, tokenizer, has_own
 
 
 def dataset(
@@ -232,25 +282,38 @@ def dataset(
     val_dataset: str = typer.Option("val", "--val-dataset", help="The dataset of --val-fraction."),
     more: list[str] = typer.Argument(None, metavar="[FILES]...", help="More input files (what a shell glob "
                                      "after --input expands to).", show_default=False),
-    tokenizer: str = typer.Option("gpt2", "--tokenizer", help="gpt2 (transformers; the bundled GPT-2 files "
-                                  "when the Hub is out of reach), DIR (a saved Hugging Face tokenizer) or db "
-                                  "(llm_encode in the database, with --model's tokenizer)."),
+    tokenizer: str = typer.Option(None, "--tokenizer", help="db (llm_encode in the database, with --model's "
+                                  "tokenizer), gpt2 (transformers; the bundled GPT-2 files when the Hub is out of "
+                                  "reach) or DIR (a saved Hugging Face tokenizer).",
+                                  show_default="db when --model has a tokenizer, else gpt2"),
     model: str = MODEL,
-    block_size: int = typer.Option(1024, "--block-size", min=1, help="Tokens per row."),
+    block_size: int = typer.Option(None, "--block-size", min=1, help="Tokens per row.",
+                                   show_default="--model's n_positions"),
     batch_size: int = typer.Option(512, "--batch-size", min=1, help="Rows per COPY."),
     dataset_name: str = typer.Option("train", "--dataset", "-d", help="The dataset the rows go to (llm_dataset.dataset)."),
     truncate: bool = typer.Option(False, "--truncate", help="Empty the dataset first (in the same transaction); "
                                   "other datasets are kept."),
     split_on: str = typer.Option(None, "--split-on", help="A line that separates documents inside a file, "
                                  "e.g. % for fortune files.", show_default="none: one document per file"),
+    list_: bool = typer.Option(False, "--list", help="List the datasets (rows, block size, tokens, tokenizer) "
+                               "and do nothing else."),
+    drop: str = typer.Option(None, "--drop", metavar="NAME", help="Delete dataset NAME and do nothing else.",
+                             show_default="none"),
 ) -> None:
     """Tokenize text files (or the rows of a query) into fixed-length (tokens, target) rows of llm_dataset.
 
     The rows must fit --model: token ids within its vocabulary, --block-size within its n_positions.
+    Each row records the tokenizer it was made with; --list and --drop manage datasets.
     """
+    if list_ or drop is not None:
+        if input or more or query is not None or (list_ and drop is not None):
+            raise PgllmError("--list and --drop do nothing else: give one alone")
+        return list_datasets(ctx.obj["dsn"]) if list_ else drop_dataset(ctx.obj["dsn"], drop)
     if query is not None:
         if input or more:
             raise PgllmError("give either --input files or --query, not both")
+        if tokenizer not in (None, "db"):
+            raise PgllmError("--query tokenizes in the server, with --model's tokenizer", hint="drop --tokenizer")
         return from_query(ctx.obj["dsn"], query, model, block_size, dataset_name, truncate, val_fraction,
                           val_dataset)
     if not input:
@@ -258,27 +321,28 @@ def dataset(
     if val_fraction and val_dataset == dataset_name:
         raise PgllmError(f'--val-dataset must differ from --dataset ("{dataset_name}")')
     files = expand_inputs(list(input) + list(more or []))
-    if tokenizer != "db":  # before connecting: a missing package is the first thing to hear about
+    if tokenizer not in (None, "db"):  # before connecting: a missing package is the first thing to hear about
         need("pgllm dataset --tokenizer gpt2|DIR", "transformers", alternative="or use --tokenizer db")
-    console = Console(stderr=True)
     start = time.monotonic()
     with db.session(ctx.obj["dsn"]) as pg:
-        cfg = pg.require_model(model, hint="the rows are checked against its vocabulary: register it first "
-                                           "(pgllm import or pgllm init), or pass --model")
-        if block_size > cfg.n_positions:
-            raise PgllmError(f'--block-size {block_size} is larger than model "{model}"\'s n_positions '
-                             f'{cfg.n_positions}')
+        cfg, block_size, tokenizer, has_own = model_defaults(
+            pg, model, block_size, tokenizer, hint="the rows are checked against its vocabulary: register it first "
+                                                   "(pgllm import or pgllm init), or pass --model")
+        if tokenizer != "db":
+            need("pgllm dataset --tokenizer gpt2|DIR", "transformers", alternative="or use --tokenizer db")
         tok = DBTokenizer(pg, model) if tokenizer == "db" else HFTokenizer(tokenizer)
+        hint = ("use the model's tokenizer: --tokenizer db" if has_own and tokenizer != "db"
+                else "use the model's tokenizer")
         names = [dataset_name, val_dataset] if val_fraction else [dataset_name]
-        if truncate:
-            for name in names:
+        for name in names:
+            if truncate:
                 clear(pg, name)
-        writers = [RowWriter(pg, block_size, batch_size, cfg.vocab, model, name) for name in names]
+            pg.execute("SELECT {llm_dataset_check_tokenizer}(%s, NULL, false, %s)", (name, tok.fingerprint))
+        writers = [RowWriter(pg, block_size, batch_size, cfg.vocab, model, name, tok, hint) for name in names]
         n_docs = 0
         total_bytes = sum(f.stat().st_size for f in files)
-        with Progress(TextColumn("[bold]tokenizing"), BarColumn(), MofNCompleteColumn(),
-                      TextColumn("{task.fields[rows]} rows"), TimeElapsedColumn(),
-                      console=console, transient=True) as progress:
+        with progress_bar(TextColumn("[bold]tokenizing"), BarColumn(), MofNCompleteColumn(),
+                          TextColumn("{task.fields[rows]} rows"), TimeElapsedColumn()) as progress:
             task = progress.add_task("files", total=len(files), rows=0)
             for f in files:
                 docs = read_documents(f, split_on)
@@ -286,6 +350,7 @@ def dataset(
                     writers[val].add(list(ids) + [tok.eot], str(f))
                     n_docs += 1
                 progress.update(task, advance=1, rows=sum(w.rows + len(w.pending) for w in writers))
+                interrupt.check()
             for w in writers:
                 w.flush()
         if writers[0].rows == 0:
@@ -302,19 +367,21 @@ def dataset(
                f"with {tok.description} -> {into}; in {elapsed:.1f} s")
 
 
-def from_query(dsn: str | None, query: str, model: str, block_size: int, name: str, truncate: bool,
+def from_query(dsn: str | None, query: str, model: str, block_size: int | None, name: str, truncate: bool,
                val_fraction: float, val_dataset: str) -> None:
     """--query: llm_dataset_build in one transaction; with --val-fraction two calls over the same
     query, each keeping the documents of its side of a hash of the document's text."""
     if val_fraction and val_dataset == name:
         raise PgllmError(f'--val-dataset must differ from --dataset ("{name}")')
     start = time.monotonic()
-    with db.session(dsn) as pg:
-        cfg = pg.require_model(model, hint="its tokenizer and vocabulary are used: register it first "
-                                           "(pgllm import or pgllm init), or pass --model")
-        if block_size > cfg.n_positions:
-            raise PgllmError(f'--block-size {block_size} is larger than model "{model}"\'s n_positions '
-                             f'{cfg.n_positions}')
+    with db.session(dsn) as pg, progress_bar(TextColumn("tokenizing in the server"), TimeElapsedColumn()) as bar:
+        cfg, block_size, _, has_own = model_defaults(
+            pg, model, block_size, None, hint="its tokenizer and vocabulary are used: register it first "
+                                              "(pgllm import or pgllm init), or pass --model")
+        if not has_own:
+            raise PgllmError(f'model "{model}" has no tokenizer in the database, which --query uses',
+                             hint=f"load one with pgllm tokenizer --model {model}")
+        bar.add_task("query")
         parts = [(name, query)]
         if val_fraction:
             # the document's hash in [0, 1): deterministic, independent of the rows' order

@@ -1,7 +1,9 @@
 """`pgllm export`: a model's weights from the database into a file on this machine.
 
-npz: pgllm's checkpoint file (what `pgllm import` reads); safetensors: a directory with
-config.json and model.safetensors that `GPT2LMHeadModel.from_pretrained` loads.
+npz: pgllm's checkpoint file (what `pgllm import` reads), with the model's tokenizer when it has
+one; safetensors: a Hugging Face model directory (config.json, generation_config.json,
+model.safetensors and the tokenizer's files) that `AutoModelForCausalLM.from_pretrained` and
+`AutoTokenizer.from_pretrained` load, and that `pgllm convert DIR` turns back into a checkpoint file.
 """
 
 from __future__ import annotations
@@ -15,10 +17,11 @@ from pathlib import Path
 import numpy as np
 import typer
 
-from .. import db, npz
+from .. import db, npz, tokenizer_files
 from ..errors import PgllmError
-from ..options import MODEL_ARGUMENT
+from ..options import MODEL, MODEL_POSITIONAL
 from ..progress import bytes_progress
+from .tokenizer import write_files
 
 FORMATS = ("npz", "safetensors")
 
@@ -28,8 +31,9 @@ def hf_key(name: str) -> str:
     return f"transformer.{name}.weight" if name in ("wte", "wpe") else f"transformer.{name}"
 
 
-def hf_config(cfg: npz.Config) -> dict:
-    """config.json for GPT2LMHeadModel: the architecture, and GPT-2's settings that pg_llm computes."""
+def hf_config(cfg: npz.Config, eos: int) -> dict:
+    """config.json for GPT2LMHeadModel: the architecture, GPT-2's settings that pg_llm computes, and
+    the tokenizer's <|endoftext|> id as the beginning and end of text."""
     return {
         "architectures": ["GPT2LMHeadModel"],
         "model_type": "gpt2",
@@ -48,9 +52,8 @@ def hf_config(cfg: npz.Config) -> dict:
         "scale_attn_weights": True,
         "scale_attn_by_inverse_layer_idx": False,
         "reorder_and_upcast_attn": False,
-        # GPT-2's <|endoftext|> is the last token of its vocabulary
-        "bos_token_id": cfg.vocab - 1,
-        "eos_token_id": cfg.vocab - 1,
+        "bos_token_id": eos,
+        "eos_token_id": eos,
         "tie_word_embeddings": True,
         "use_cache": True,
         "dtype": "float32",
@@ -99,27 +102,29 @@ def write_atomically(target: Path, write) -> None:
 
 def export(
     ctx: typer.Context,
-    model: str = MODEL_ARGUMENT,
+    model_arg: str = MODEL_POSITIONAL,
+    model: str = MODEL,
     output: Path = typer.Option(..., "--output", "-o", help="npz: the file to write; safetensors: the directory."),
     format: str = typer.Option("npz", "--format", help="npz (pgllm's checkpoint file) or safetensors "
-                               "(a Hugging Face directory: config.json + model.safetensors)."),
+                               "(a Hugging Face directory: config.json, model.safetensors, the tokenizer)."),
     compress: bool = typer.Option(False, "--compress", help="npz: Huffman-code the data (about 7% smaller)."),
 ) -> None:
-    """Export a model's weights to a checkpoint file or a Hugging Face directory."""
+    """Export a model's weights (and tokenizer) to a checkpoint file or a Hugging Face directory."""
     if format not in FORMATS:
         raise PgllmError(f"--format must be npz or safetensors, not {format!r}")
+    model = model_arg or model
     start = time.perf_counter()
     output = output.expanduser()
     with db.session(ctx.obj["dsn"]) as pg:
-        cfg = pg.model_config(model)
-        if cfg is None:
-            raise PgllmError(f"model {model!r} does not exist")
+        cfg = pg.require_model(model, hint="pgllm models lists them")
+        tok = tokenizer_files.from_database(pg, model)
         total = 4 * cfg.num_params()
         with bytes_progress() as progress:
             task = progress.add_task(f"exporting {model}", total=total)
             if format == "npz":
                 def write(f):
-                    writer = npz.Writer(f, cfg, compress=compress)
+                    writer = npz.Writer(f, cfg, compress=compress, tokenizer=tok and (
+                        tokenizer_files.vocab_bytes(tok[0]), tokenizer_files.merges_bytes(tok[1])))
                     for name, shape, data in read_tensors(pg, model, cfg):
                         writer.write_raw(name, shape, data)
                         progress.update(task, advance=len(data))
@@ -136,7 +141,13 @@ def export(
                         f.write(data)
                         progress.update(task, advance=len(data))
                 write_atomically(output / "model.safetensors", write)
-                write_atomically(output / "config.json",
-                                 lambda f: f.write(json.dumps(hf_config(cfg), indent=2).encode() + b"\n"))
-    typer.echo(f"exported model {model!r} ({cfg.num_params():,} parameters) to {output} "
-               f"as {format} in {time.perf_counter() - start:.1f} s")
+                # <|endoftext|> of the model's tokenizer; without one, GPT-2's place for it
+                eos = tok[0].get(tokenizer_files.EOT, cfg.vocab - 1) if tok else cfg.vocab - 1
+                files = {"config.json": hf_config(cfg, eos),
+                         "generation_config.json": {"bos_token_id": eos, "eos_token_id": eos}}
+                write_files(output, {name: json.dumps(v, indent=2).encode() + b"\n" for name, v in files.items()})
+                if tok:
+                    write_files(output, tokenizer_files.hf_files(*tok, n_positions=cfg.n_positions))
+    typer.echo(f"exported model {model!r} ({cfg.num_params():,} parameters) to {output} as {format}"
+               + (", with its tokenizer" if tok else ", without a tokenizer (the model has none)")
+               + f" in {time.perf_counter() - start:.1f} s")

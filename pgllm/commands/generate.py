@@ -15,17 +15,16 @@ import sys
 from pathlib import Path
 
 import typer
-from rich.console import Console
 
 from .. import db
 from ..client import PGLLMClient
 from ..errors import PgllmError
 from ..options import MODEL
-from ..progress import count_progress
+from ..progress import count_progress, spinner
 
 # Prompts per llm_generate_batch call: the server decodes pg_llm.batch_rows of them at once.
 CHUNK = 64
-ESCAPE = str.maketrans({"\\": "\\\\", "\n": "\\n", "\r": "\\r"})
+ESCAPE = str.maketrans({"\\": "\\\\", "\n": "\\n", "\r": "\\r", "\t": "\\t"})
 
 
 def read_prompts(path: Path, jsonl: bool) -> list[str]:
@@ -100,25 +99,29 @@ def generate(
         if given:
             raise PgllmError(f"--beam-width does not sample: {', '.join(given)} would be ignored",
                              hint="leave them out, or drop --beam-width to sample")
-    err = Console(stderr=True)
     with db.connect(ctx.obj["dsn"]) as conn:
         client = PGLLMClient(conn, model)
         if input is not None:
             generate_file(client, input, jsonl, max_tokens=max_tokens, temperature=temperature, top_k=top_k,
                           top_p=top_p, seed=seed)
         elif beam_width is not None:
-            with err.status(f"beam search with {beam_width} beams ({model})"):
+            with spinner() as progress:
+                progress.add_task(f"beam search with {beam_width} beams ({model})")
                 candidates = client.beam_search(prompt, beam_width=beam_width, max_tokens=max_tokens)
-            for c in candidates:
-                typer.echo(f"{c.rank}\t{c.score:.4f}\t{c.text}")
+            for c in candidates:  # tab-separated: a text's own tabs and newlines escaped, as COPY's text format
+                typer.echo(f"{c.rank}\t{c.score:.4f}\t{c.text.translate(ESCAPE)}")
         elif stream:
-            for event in client.stream(prompt, max_tokens=max_tokens, temperature=temperature, top_k=top_k,
-                                       top_p=top_p, seed=seed):
-                sys.stdout.write(event.token)
+            try:
+                for event in client.stream(prompt, max_tokens=max_tokens, temperature=temperature, top_k=top_k,
+                                           top_p=top_p, seed=seed):
+                    sys.stdout.write(event.token)
+                    sys.stdout.flush()
+            finally:
+                sys.stdout.write("\n")  # an error after part of the text goes on a line of its own
                 sys.stdout.flush()
-            sys.stdout.write("\n")
         else:
-            with err.status(f"generating with {model}"):
+            with spinner() as progress:
+                progress.add_task(f"generating with {model}")
                 text = client.generate(prompt, temperature=temperature, max_tokens=max_tokens, top_k=top_k,
                                        top_p=top_p, seed=seed)
             typer.echo(text)

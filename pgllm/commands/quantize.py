@@ -1,7 +1,7 @@
 """`pgllm quantize`: build a model's copy of the weights in a reduced precision ahead of time.
 
 Inference computes in the precision of the server setting `pg_llm.inference_precision`
-(float32, bfloat16, int8); each precision is a copy derived from the float32 weights and shared
+(float32, bfloat16, int8, int4); each precision is a copy derived from the float32 weights and shared
 by the server's backends. The first session that needs a copy builds it; this builds it now, so
 that no session waits (run it again after the weights change: the copy follows weights_version).
 """
@@ -13,16 +13,18 @@ import time
 import typer
 
 from .. import db
-from ..options import MODEL_ARGUMENT
+from ..options import MODEL, MODEL_POSITIONAL
 from ..progress import spinner
 
 
 def quantize(
     ctx: typer.Context,
-    model: str = MODEL_ARGUMENT,
-    precision: str = typer.Option("int8", "--precision", "-p", help="int8, bfloat16 or float32 (the server checks it)."),
+    model_arg: str = MODEL_POSITIONAL,
+    model: str = MODEL,
+    precision: str = typer.Option("int8", "--precision", "-p", help="int8, int4, bfloat16 or float32 (the server checks it)."),
 ) -> None:
     """Build the server's shared copy of MODEL's weights in --precision (used where pg_llm.inference_precision names it)."""
+    model = model_arg or model
     start = time.perf_counter()
     warnings = []
     with db.session(ctx.obj["dsn"]) as pg, spinner() as progress:

@@ -19,6 +19,9 @@ def start(port: int = typer.Option(None, "--port", min=1, max=65535,
     cluster = Cluster.default()
     started = cluster.start(port=port)
     typer.echo(f"{'started' if started else 'already running'}: {cluster.dsn()}")
+    if cluster.tcp_enabled():
+        typer.echo(f"listening on localhost:{cluster.port} too: postgresql://{cluster.role}@localhost:{cluster.port}/postgres "
+                   f"(password in {cluster.pgpass_file()})")
 
 
 @app.command()
@@ -41,7 +44,8 @@ def status(as_json: bool = typer.Option(False, "--json", help="Print the status 
         ("connection", info["dsn"]),
         ("data directory", info["data_directory"]),
         ("log file", info["log_file"]),
-        ("pg_llm installed", info["extension_version"] or "no"),
+        ("pg_llm installed", info["extension_version"] or "no" if info["running"]
+         else "unknown (the server is not running)"),
         ("pg_llm available", info["extension_available"] or "no (run `pgllm install`)"),
     ]
     cache = info.get("weight_cache")

@@ -31,10 +31,18 @@ SELECT count(*) FROM llm_param a JOIN llm_param b USING (name)
 WHERE a.model = 'tiny' AND b.model = 'tiny copy' AND a.data = b.data AND a.shape = b.shape;
 SELECT pg_llm_import_npz('pg_llm_regress.npz', 'tiny copy');
 SELECT pg_llm_import_npz('pg_llm_regress.npz', 'tiny copy', replace => true);
--- a model of another architecture is refused
+-- weights of another architecture: refused for a model that has weights (unless replace), and
+-- they replace a bare registration, which loses nothing
+SELECT pg_llm_import_npz('pg_llm_regress.npz', 'tiny copy 2');
 INSERT INTO llm_model_config (model, n_layer, n_head, d_model, n_positions, vocab) VALUES ('wide', 2, 2, 16, 16, 10);
+SELECT llm_init('wide', seed => 1) > 0 AS initialised;
 SELECT pg_llm_import_npz('pg_llm_regress.npz', 'wide');
-SELECT count(*) FROM llm_param WHERE model = 'wide';
+SELECT n_layer, d_model FROM llm_model_config WHERE model = 'wide';
+INSERT INTO llm_model_config (model, n_layer, n_head, d_model, n_positions, vocab) VALUES ('bare', 2, 2, 16, 16, 10);
+SELECT pg_llm_import_npz('pg_llm_regress.npz', 'bare');
+SELECT (SELECT n_layer FROM llm_model_config WHERE model = 'bare') = (SELECT n_layer FROM llm_model_config WHERE model = 'tiny') AS reshaped;
+SELECT llm_model_drop('bare');
+SELECT llm_model_drop('tiny copy 2');
 
 -- bad input is refused with the cause, and nothing is written
 SELECT pg_llm_import_npz('no such file.npz', 'x');
@@ -82,7 +90,8 @@ SELECT count(*) FROM llm_optim_state WHERE model = 'tiny copy';
 -- refusals
 SELECT llm_checkpoint_load('tiny copy', :snapshot);
 SELECT llm_checkpoint_load('tiny', 999999);
-SELECT llm_checkpoint_save('wide', NULL);
+INSERT INTO llm_model_config (model, n_layer, n_head, d_model, n_positions, vocab) VALUES ('empty', 2, 2, 16, 16, 10);
+SELECT llm_checkpoint_save('empty', NULL);
 SELECT llm_checkpoint_save('nobody', NULL);
 UPDATE llm_optim_state SET v = v || v WHERE model = 'tiny' AND name = 'wpe';
 SELECT llm_checkpoint_save('tiny', NULL);

@@ -1,6 +1,9 @@
 -- The tokenizer (bpe.c) on a tiny hand-written byte-level vocabulary.
 CREATE EXTENSION IF NOT EXISTS pg_llm;
 
+-- A tokenizer belongs to a registered model.
+INSERT INTO llm_model_config (model, n_layer, n_head, d_model, n_positions, vocab) VALUES ('regress', 1, 1, 8, 8, 263);
+
 -- One token per byte, id = byte value, spelled with GPT-2's byte-to-unicode map
 -- (printable bytes stand for themselves, the 68 others for U+0100 onwards in byte order).
 INSERT INTO llm_bpe_vocab (model, token_id, token)
@@ -56,6 +59,8 @@ DROP ROLE llm_regress_reader;
 SELECT pg_llm_load_bpe_vocab('/nonexistent/vocab.json', 'other');
 
 -- the same loader on the files' bytes (what pgllm tokenizer sends); file names them in messages
+INSERT INTO llm_model_config (model, n_layer, n_head, d_model, n_positions, vocab)
+VALUES ('regress2', 1, 1, 8, 8, 3), ('regress3', 1, 1, 8, 8, 3);
 SELECT pg_llm_load_bpe_vocab_bytes(convert_to('{"a": 0, "b": 1, "ab": 2}', 'UTF8'), 'regress2');
 SELECT pg_llm_load_bpe_merges_bytes(convert_to(E'#version: 0.2\na b\n', 'UTF8'), 'regress2');
 SELECT llm_encode('abba', 'regress2');
