@@ -7,7 +7,8 @@ PYTHON ?= $(shell test -x /usr/bin/python3 && echo /usr/bin/python3 || echo pyth
 VENV := .venv
 BIN := $(VENV)/bin
 PG_MAJOR ?= 15
-APT_PACKAGES := python3-venv postgresql-$(PG_MAJOR) postgresql-server-dev-$(PG_MAJOR) libopenblas-dev gcc make fortunes pgbouncer
+APT_PACKAGES := python3-venv postgresql-$(PG_MAJOR) postgresql-server-dev-$(PG_MAJOR) libopenblas-dev gcc make fortunes pgbouncer \
+                pgpool2 postgresql-$(PG_MAJOR)-plproxy
 STAMP := $(VENV)/.installed
 
 .PHONY: setup system-packages venv ext test test-15 test-18 demo bench clean
@@ -45,7 +46,8 @@ STRICT_WARNINGS := -Wall -Wextra -Werror -Wno-unused-parameter -Wno-sign-compare
 PG18_PG_CONFIG = $(shell $(BIN)/python -c 'from pgllm.wheels import wheel_pg_config; print(wheel_pg_config() or "")')
 # On 18: install and upgrade, the pg_regress contract of every SQL function (test_install),
 # pgvector and batched embeddings, the shared copy, the batch runner, training (against PyTorch,
-# and resumed), every entry point per role and the whole security suite, a standby. What stays on 15 only depends on no server
+# and resumed), every entry point per role and the whole security suite, a standby, the guide as
+# written (its pgvector section runs where pgvector is). What stays on 15 only depends on no server
 # API that differs (tokenizer, file formats, CLI, numerics of each kernel, sanitizers, docs).
 PG18_TESTS := tests/test_install.py tests/test_upgrade.py tests/test_conventions.py tests/test_embeddings.py tests/test_standby.py \
 	tests/test_weight_cache.py::test_backends_map_one_copy_and_a_private_copy_when_off \
@@ -54,7 +56,7 @@ PG18_TESTS := tests/test_install.py tests/test_upgrade.py tests/test_conventions
 	tests/test_runner.py::test_a_stream_is_unchanged_and_gives_its_slot_back \
 	tests/test_training.py::test_three_steps_match_pytorch \
 	tests/test_training.py::test_six_steps_in_one_call_equal_three_plus_three \
-	tests/test_entry_points.py::test_every_entry_point_per_role tests/test_security.py
+	tests/test_entry_points.py::test_every_entry_point_per_role tests/test_security.py tests/test_docs_run.py::test_guide
 
 test: test-15 test-18
 

@@ -14,7 +14,8 @@ from pathlib import Path
 from pgllm.cluster import find_system_pg_config
 from pgllm.extension import source_dir
 
-KERNEL_OBJECTS = ("src/compute/gemv.o", "src/compute/pool.o")
+KERNEL_OBJECTS = ("src/compute/gemv.o", "src/compute/gemv_portable.o", "src/compute/gemv_avx2.o",
+                  "src/compute/gemv_avx512.o", "src/compute/pool.o")
 
 
 def build(main: Path, build_dir: Path, libs: tuple[str, ...] = ()) -> Path:

@@ -44,19 +44,20 @@ def reference_model():
     return GPT2LMHeadModel(GPT2Config()).float().eval()
 
 
-def write_weights(conn, model) -> None:
+def write_weights(conn, model, name: str = MODEL) -> None:
+    """The weights of a transformers GPT2LMHeadModel as model `name` (replacing any)."""
     cfg = model.config
-    conn.execute("DELETE FROM llm_model_config WHERE model = %s", (MODEL,))
+    conn.execute("DELETE FROM llm_model_config WHERE model = %s", (name,))
     conn.execute("INSERT INTO llm_model_config (model, n_layer, n_head, d_model, n_positions, vocab) "
                  "VALUES (%s, %s, %s, %s, %s, %s)",
-                 (MODEL, cfg.n_layer, cfg.n_head, cfg.n_embd, cfg.n_positions, cfg.vocab_size))
+                 (name, cfg.n_layer, cfg.n_head, cfg.n_embd, cfg.n_positions, cfg.vocab_size))
     with conn.cursor().copy("COPY llm_param (model, name, shape, data) FROM STDIN (FORMAT BINARY)") as copy:
         copy.set_types(["text", "text", "int4[]", "bytea"])
         for key, t in model.transformer.state_dict().items():
             if key.endswith((".attn.bias", ".attn.masked_bias")):
                 continue
-            name = key.removesuffix(".weight") if key in ("wte.weight", "wpe.weight") else key
-            copy.write_row((MODEL, name, list(t.shape), t.detach().numpy().astype("<f4").tobytes()))
+            param = key.removesuffix(".weight") if key in ("wte.weight", "wpe.weight") else key
+            copy.write_row((name, param, list(t.shape), t.detach().numpy().astype("<f4").tobytes()))
 
 
 def best_of(repeat: int, fn) -> float:

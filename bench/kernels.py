@@ -1,4 +1,4 @@
-"""Decode kernels (ext/src/gemv.c) on one GPT-2-small step, beside llama.cpp and our engine, one run.
+"""Decode kernels (ext/src/compute/gemv.c) on one GPT-2-small step, beside llama.cpp and our engine, one run.
 
     .venv/bin/python -m bench.kernels [--threads 2] [--rows 1,4,8,16] [--pages huge|4k|file]
                                       [--seconds 2] [--no-llamacpp] [--no-engine] [--dsn DSN]

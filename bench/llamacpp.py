@@ -1,16 +1,21 @@
 """llama.cpp, the anchor for CPU inference: its decode and prompt speed on a GPT-2 model.
 
-    .venv/bin/python -m bench.llamacpp [--model-dir DIR] [--threads 2] [--repeat 3] [--formats f32,F16,Q8_0]
+    .venv/bin/python -m bench.llamacpp [--model-dir DIR] [--threads 2] [--repeat 3]
+                                       [--formats f32,F16,Q8_0,Q4_0] [--build native|avx2]
 
 llama.cpp comes from the PyPI source distribution of llama-cpp-python (pinned below), which
 carries it in vendor/llama.cpp together with its converter (convert_hf_to_gguf.py, and gguf-py,
 the `gguf` package the converter imports). The first call builds its tools with CMake, as a user
-would (Release, GGML_NATIVE, CPU only, no network features), into build/llamacpp/ (ignored by git;
-kept and reused: it takes 10 minutes or more on two busy cores). Never part of `make test`.
+would (Release, CPU only, no network features), into build/llamacpp/ (ignored by git; kept and
+reused: it takes 10 minutes or more on two busy cores). Never part of `make test`. Two builds
+(--build): `native` (GGML_NATIVE: every instruction set of the build machine, what a user building
+it there gets) and `avx2` (GGML_NATIVE off: AVX2, FMA, F16C, BMI2 and no AVX-512 whatever the
+machine, to compare with pg_llm.simd = avx2 on an AVX-512 machine; llama-bench only).
 
 A Hugging Face GPT-2 directory (`save_pretrained`, or `pgllm export MODEL --format safetensors
 --output DIR` for a model in our tables) is converted to GGUF f32, then quantised by
-llama-quantize to F16 and Q8_0; `llama-bench` times decode (tg64: 64 tokens, one at a time) and
+llama-quantize to F16, Q8_0 and Q4_0 (whose tied embedding, also the output head, llama-quantize
+keeps in Q6_K); `llama-bench` times decode (tg64: 64 tokens, one at a time) and
 prompt (pp128: one batch of 128) on --threads threads, best of --repeat runs. Without
 --model-dir, a GPT-2-small-shaped model with random weights (torch.manual_seed(0), as
 bench.inference uses) is measured. llama.cpp's threads synchronise at every operation by
@@ -35,14 +40,18 @@ VERSION = "0.3.36"  # llama-cpp-python; its vendor/llama.cpp is build 0c1e570
 ROOT = Path(__file__).resolve().parent.parent
 CACHE = ROOT / "build" / "llamacpp"
 SOURCE = CACHE / "llama.cpp"          # vendor/llama.cpp of the sdist
-BUILD = CACHE / "cmake"               # CMake build tree; binaries in BUILD/bin
+BUILD = CACHE / "cmake"               # CMake build tree of the native build; binaries in BUILD/bin
 TOOLS = ("llama-bench", "llama-perplexity", "llama-quantize", "llama-server")
-FORMATS = ("f32", "F16", "Q8_0")       # as llama-quantize names them
+FORMATS = ("f32", "F16", "Q8_0", "Q4_0")  # as llama-quantize names them
+BUILDS = {  # name: (build tree, CMake flags, tools)
+    "native": (BUILD, ["-DGGML_NATIVE=ON"], TOOLS),
+    "avx2": (CACHE / "cmake-avx2", ["-DGGML_NATIVE=OFF", "-DGGML_AVX512=OFF"], ("llama-bench",)),
+}
 
 
-def tool(name: str) -> Path:
+def tool(name: str, build: str = "native") -> Path:
     """Path of a built llama.cpp binary (build first with ensure_built)."""
-    return BUILD / "bin" / name
+    return BUILDS[build][0] / "bin" / name
 
 
 def _run(cmd: list, quiet: bool = False, **kw) -> None:
@@ -73,19 +82,19 @@ def ensure_source() -> Path:
     return SOURCE
 
 
-def ensure_built() -> None:
-    """Build llama-bench, -perplexity, -quantize and -server unless they are there already."""
-    if all(tool(t).is_file() for t in TOOLS):
+def ensure_built(build: str = "native") -> None:
+    """Build the tools of a build (native: llama-bench, -perplexity, -quantize and -server) unless there."""
+    tree, flags, tools = BUILDS[build]
+    if all(tool(t, build).is_file() for t in tools):
         return
     src = ensure_source()
-    print(f"building llama.cpp tools into {BUILD} (10+ minutes on two cores; done once) ...", flush=True)
-    _run(["cmake", "-S", src, "-B", BUILD, "-DCMAKE_BUILD_TYPE=Release",
-          "-DGGML_NATIVE=ON",                          # what a user building it on this machine gets
+    print(f"building llama.cpp tools into {tree} (10+ minutes on two cores; done once) ...", flush=True)
+    _run(["cmake", "-S", src, "-B", tree, "-DCMAKE_BUILD_TYPE=Release", *flags,
           "-DBUILD_SHARED_LIBS=OFF",                   # binaries that need no LD_LIBRARY_PATH
           "-DLLAMA_OPENSSL=OFF", "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_EXAMPLES=OFF",
           "-DLLAMA_BUILD_UI=OFF", "-DLLAMA_USE_PREBUILT_UI=OFF"])   # no downloads at build time
-    _run(["cmake", "--build", BUILD, "--config", "Release", "-j", str(os.cpu_count() or 2),
-          "--target", *TOOLS])
+    _run(["cmake", "--build", tree, "--config", "Release", "-j", str(os.cpu_count() or 2),
+          "--target", *tools])
 
 
 def _staged(model_dir: Path, into: Path) -> Path:
@@ -124,10 +133,14 @@ def convert(model_dir: Path, out_dir: Path, formats=FORMATS) -> dict[str, Path]:
     return files
 
 
-def bench_gguf(path: Path, threads: int = 2, repeat: int = 3) -> dict[str, float]:
-    """llama-bench on one file: {'tg64': tokens/s, 'pp128': tokens/s}, best of `repeat` runs."""
-    out = subprocess.run([str(tool("llama-bench")), "-m", str(path), "-t", str(threads), "-p", "128",
-                          "-n", "64", "-r", str(repeat), "-o", "json"],
+def bench_gguf(path: Path, threads: int = 2, repeat: int = 3, build: str = "native",
+               poll: int | None = None) -> dict[str, float]:
+    """llama-bench on one file: {'tg64': tokens/s, 'pp128': tokens/s}, best of `repeat` runs. poll:
+    llama-bench --poll (how much its threads spin waiting for work; None: its default, 50)."""
+    ensure_built(build)
+    out = subprocess.run([str(tool("llama-bench", build)), "-m", str(path), "-t", str(threads), "-p", "128",
+                          "-n", "64", "-r", str(repeat), "-o", "json",
+                          *(["--poll", str(poll)] if poll is not None else [])],
                          check=True, capture_output=True, text=True).stdout
     result = {}
     for row in json.loads(out):
@@ -136,12 +149,13 @@ def bench_gguf(path: Path, threads: int = 2, repeat: int = 3) -> dict[str, float
     return result
 
 
-def speeds(model_dir: Path, threads: int = 2, repeat: int = 3, formats=FORMATS) -> dict[str, dict[str, float]]:
+def speeds(model_dir: Path, threads: int = 2, repeat: int = 3, formats=FORMATS,
+           build: str = "native") -> dict[str, dict[str, float]]:
     """llama.cpp's speed on a HF GPT-2 directory: {format: {'tg64': tok/s, 'pp128': tok/s}}."""
     CACHE.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="gguf-", dir=CACHE) as out:  # on disk: up to 1 GB
         files = convert(Path(model_dir), Path(out), formats)
-        return {fmt: bench_gguf(path, threads, repeat) for fmt, path in files.items()}
+        return {fmt: bench_gguf(path, threads, repeat, build) for fmt, path in files.items()}
 
 
 def random_gpt2_small(into: Path) -> Path:
@@ -158,13 +172,15 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--formats", default=",".join(FORMATS))
+    parser.add_argument("--build", default="native", choices=list(BUILDS))
     args = parser.parse_args()
 
     formats = tuple(args.formats.split(","))
     with tempfile.TemporaryDirectory(prefix="pgllm-hf-") as tmp:
         model_dir = args.model_dir or random_gpt2_small(Path(tmp) / "gpt2-small")
-        result = speeds(model_dir, args.threads, args.repeat, formats)
-    print(f"\nllama.cpp {VERSION} (sdist), {args.threads} threads, best of {args.repeat} runs, load {os.getloadavg()[0]:.2f}\n")
+        result = speeds(model_dir, args.threads, args.repeat, formats, args.build)
+    print(f"\nllama.cpp {VERSION} (sdist, {args.build} build), {args.threads} threads, best of {args.repeat} runs, "
+          f"load {os.getloadavg()[0]:.2f}\n")
     print(f"{'format':8}{'tg64 tok/s':>12}{'pp128 tok/s':>13}")
     for fmt, r in result.items():
         print(f"{fmt:8}{r['tg64']:12.1f}{r['pp128']:13.1f}")

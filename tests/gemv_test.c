@@ -1,21 +1,26 @@
 /*
- * gemv_test.c: checks ext/src/gemv.c against plain references, every format at every SIMD level
- * this CPU runs (run by tests/test_gemv.py, linked with the extension's own gemv.o and
+ * gemv_test.c: checks ext/src/compute/gemv.c against plain references, every format at every SIMD level
+ * this CPU runs (run by tests/test_gemv.py, linked with the extension's own gemv*.o and
  * parallel.o). Prints one line per level and "ok"; exits 1 at the first failure, saying where.
  *
  * What is checked, on odd shapes (IC, OC not multiples of 32 nor of the vector width) and
  * R = 1, 3, 8, 17, 64, 200:
  *  - the packed weights read back (llm_weights_column): float32 exactly, bfloat16 exactly the
  *    round-to-nearest-even of the weights, int8 within half a block scale of them, the scale at
- *    most 2^-10 above max|w| / 127 of its block (normal range: fp16 rounded up);
+ *    most 2^-10 above max|w| / 127 of its block (normal range: fp16 rounded up); int4 as d * q,
+ *    q an integer in [-8, 7], each block's squared error at most that of llama.cpp's Q4_0 scale
+ *    (fp16 of the signed max|w| / -8);
  *  - llm_gemv against a double-precision reference over those read-back weights, with the
- *    activations as the level's kernel takes them (float32; bf16-rounded, or quantised per
- *    block of 32 at the avx512dot level): |error| <= 1e-5 * sum |x w| (+ bias, + out);
+ *    activations as the level's kernel takes them (llm_gemv_input: float32, bf16-rounded, or
+ *    quantised per block of 32): |error| <= 1e-5 * sum |x w| (+ bias, + out);
  *  - against the exact float32 product: the reduced formats within the bound their rounding
  *    allows (bf16, unit roundoff 2^-8 per rounded operand: 2^-8 sum |x w| for the weights alone,
- *    (2^-7 + 2^-16) sum |x w| with rounded activations; int8: sum of |x| dw/2 + |w| dx/2 + dw dx/4);
+ *    (2^-7 + 2^-16) sum |x w| with rounded activations; int8, int4: sum of |x| ew + |w| dx/2 +
+ *    ew dx/2, ew the weight's own rounding error (at most dw/2 for int8));
  *  - bias, accumulate, a head packed from wte (V, C), rows independent of R (each row alone
- *    gives bitwise the same result) and of the thread count (1, 2, 3 threads: bitwise equal).
+ *    gives bitwise the same result) and of the thread count (1, 2, 3 threads: bitwise equal);
+ *  - a level that takes a format's activations in the same form as the portable level gives
+ *    bitwise the portable level's results (int8 and int4: exact integer sums per block).
  */
 #include "compute/compute.h"
 
@@ -36,7 +41,7 @@ thread_count(void)
 #define FAIL(...) do { fprintf(stderr, "FAIL %s %s IC=%zu OC=%zu R=%zu: ", llm_simd_name(llm_simd_level()), \
 	fmt_name[fmt], IC, OC, R); fprintf(stderr, __VA_ARGS__); fprintf(stderr, "\n"); exit(1); } while (0)
 
-static const char *const fmt_name[] = {"f32", "bf16", "q8"};
+static const char *const fmt_name[] = {"f32", "bf16", "q8", "q4"};
 
 static uint64_t rng = 88172645463325252ULL;
 
@@ -74,6 +79,21 @@ bf16(float f)
 	return f;
 }
 
+/* fp16 nearest to f (the reference's; F16C's _cvtss_sh would do) in the normal range, as float. */
+static float
+fp16(float f)
+{
+	int			e;
+	float		m;
+
+	if (f == 0.0f)
+		return 0.0f;
+	m = frexpf(f, &e);			/* |m| in [0.5, 1): 11 significant bits */
+	if (e < -13)				/* subnormal fp16: multiples of 2^-24 */
+		return nearbyintf(f * 0x1p24f) * 0x1p-24f;
+	return ldexpf(nearbyintf(m * 2048.0f), e - 11);
+}
+
 /* The reference's activation quantisation: per block of 32, q = round(x / d), d = max|x| / 127. */
 static void
 quantise(float *xq, float *dx, const float *x, size_t IC)
@@ -96,6 +116,43 @@ quantise(float *xq, float *dx, const float *x, size_t IC)
 }
 
 /*
+ * An int4 column block read back (col: the column's IC values): at most 16 distinct values, and a
+ * squared error at most that of llama.cpp's Q4_0 scale, fp16(m / -8), m the weight of largest
+ * magnitude (q = round(w / d) within [-8, 7]).
+ */
+static void
+check_q4_block(const float *w, const float *col, bool head, size_t IC, size_t OC, size_t o, size_t b, size_t n, float m)
+{
+	LlmWeightFormat fmt = LLM_WEIGHTS_Q4;
+	size_t		R = 0;
+	double		err = 0.0,
+				err0 = 0.0,
+				values = 0.0;
+	float		d0 = fp16(m / -8.0f);
+
+	for (size_t k = 0; k < n; k++)
+	{
+		float		src = head ? w[o * IC + b + k] : w[(b + k) * OC + o];
+		float		q0 = d0 != 0.0f ? fminf(fmaxf(nearbyintf(src / d0), -8.0f), 7.0f) : 0.0f;
+
+		err += ((double) col[b + k] - src) * ((double) col[b + k] - src);
+		err0 += ((double) d0 * q0 - src) * ((double) d0 * q0 - src);
+	}
+	if (!(err <= err0 * (1.0 + 1e-6) + 1e-30))
+		FAIL("column %zu block %zu: squared error %g, Q4_0's %g", o, b / 32, err, err0);
+	for (size_t k = 0; k < n; k++)
+	{
+		size_t		distinct = 0;
+
+		for (size_t j = 0; j < n; j++)
+			distinct += col[b + j] == col[b + k];
+		values += 1.0 / (double) distinct;	/* each value counted once in all */
+	}
+	if (!(values <= 16.0 + 1e-9))
+		FAIL("column %zu block %zu: %.0f values, more than 4 bits hold", o, b / 32, values);
+}
+
+/*
  * One shape: w is (IC, OC) (head: wte (OC, IC) packed with llm_weights_pack_head), every R, every
  * format at the current level.
  */
@@ -115,7 +172,7 @@ check_shape(size_t IC, size_t OC, bool head)
 			   *col = alloc(IC * 4),
 			   *xa = alloc(IC * 4),
 			   *dx = alloc(IC * 4);
-	bool		dot = llm_simd_level() == LLM_SIMD_AVX512_DOT;
+	LlmSimdLevel level = llm_simd_level();
 
 	for (size_t k = 0; k < IC * OC; k++)
 		w[k] = uniform() * (k % 7 == 0 ? 3.0f : 0.5f);	/* a few larger weights per block */
@@ -126,16 +183,21 @@ check_shape(size_t IC, size_t OC, bool head)
 	for (size_t k = 0; k < Rmax * OC; k++)
 		prev[k] = uniform();
 
-	for (LlmWeightFormat fmt = LLM_WEIGHTS_F32; fmt <= LLM_WEIGHTS_Q8; fmt++)
+	for (LlmWeightFormat fmt = LLM_WEIGHTS_F32; fmt <= LLM_WEIGHTS_Q4; fmt++)
 	{
 		size_t		R = 0;
 		size_t		bytes = llm_weights_packed_size(fmt, IC, OC);
 		void	   *packed = alloc(bytes);
 		void	   *scratch = alloc(llm_gemv_scratch_size(fmt, Rmax, IC));
+		LlmGemvInput input = llm_gemv_input(fmt);
+		bool		round_x = input == LLM_GEMV_INPUT_BF16;
+		bool		quant_x = input == LLM_GEMV_INPUT_Q8;
+		bool		same_as_portable;
 
-		/* the kernels take the activations as float32, except bf16/int8 at the dot level */
-		bool		round_x = dot && fmt == LLM_WEIGHTS_BF16;
-		bool		quant_x = dot && fmt == LLM_WEIGHTS_Q8;
+		llm_simd_set_level(LLM_SIMD_PORTABLE);
+		same_as_portable = level != LLM_SIMD_PORTABLE && llm_gemv_input(fmt) == input &&
+			(fmt == LLM_WEIGHTS_Q8 || fmt == LLM_WEIGHTS_Q4);
+		llm_simd_set_level(level);
 
 		memset(packed, 0xA5, bytes);	/* padding must be written, not left over */
 		if (head)
@@ -150,10 +212,18 @@ check_shape(size_t IC, size_t OC, bool head)
 			for (size_t b = 0; b < IC; b += 32)
 			{
 				size_t		n = IC - b < 32 ? IC - b : 32;
-				float		amax = 0.0f;
+				float		amax = 0.0f,
+							m = 0.0f;
 
 				for (size_t k = 0; k < n; k++)
-					amax = fmaxf(amax, fabsf(head ? w[o * IC + b + k] : w[(b + k) * OC + o]));
+				{
+					float		v = head ? w[o * IC + b + k] : w[(b + k) * OC + o];
+
+					if (fabsf(v) > amax)
+						amax = fabsf(v), m = v;
+				}
+				if (fmt == LLM_WEIGHTS_Q4)
+					check_q4_block(w, col, head, IC, OC, o, b, n, m);
 				for (size_t k = 0; k < n; k++)
 				{
 					size_t		i = b + k;
@@ -175,6 +245,8 @@ check_shape(size_t IC, size_t OC, bool head)
 						if (!(fabsf(got - src) <= d / 2 * (1.0f + 1e-6f)))
 							FAIL("column %zu input %zu: %g, from %g (block max %g)", o, i, got, src, amax);
 					}
+					if (fmt == LLM_WEIGHTS_Q4)
+						dw[i * OC + o] = fabsf(got - src);
 				}
 			}
 		}
@@ -189,6 +261,15 @@ check_shape(size_t IC, size_t OC, bool head)
 
 				memcpy(out, prev, R * OC * 4);
 				llm_gemv(fmt, out, x, packed, b, R, IC, OC, acc, scratch);
+				if (same_as_portable)
+				{
+					memcpy(alone, prev, OC * 4);	/* row 0 suffices: rows are independent (below) */
+					llm_simd_set_level(LLM_SIMD_PORTABLE);
+					llm_gemv(fmt, alone, x, packed, b, 1, IC, OC, acc, scratch);
+					llm_simd_set_level(level);
+					if (memcmp(alone, out, OC * 4) != 0)
+						FAIL("mode %d: row 0 differs from the portable level's", mode);
+				}
 				for (size_t r = 0; r < R; r++)
 				{
 					const float *xr = x + r * IC;
@@ -218,6 +299,10 @@ check_shape(size_t IC, size_t OC, bool head)
 							exact += (double) xr[i] * ws;
 							scale += fabs((double) xr[i] * ws);
 							bound += fabs(xr[i]) * dw[i * OC + o] + fabs(ws) * dx[i] / 2 + dw[i * OC + o] * dx[i] / 2;
+							/* int4's ew is the rounding error itself, not half a step: the read-back
+							 * weight may be off by up to ew as the activation's step is */
+							if (fmt == LLM_WEIGHTS_Q4)
+								bound += dw[i * OC + o] * dx[i] / 2;
 						}
 						ref += add;
 						exact += add;

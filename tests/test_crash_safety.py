@@ -96,7 +96,7 @@ def test_kill_9_during_training_keeps_committed_chunks(own_cluster):
     assert "Traceback" not in err and err.strip().splitlines()[-1].startswith("Error: ")
 
     # The server recovers by itself; committed chunks and their log rows are intact.
-    steps = _wait_for(lambda: _logged_steps(dsn, "tiny"), 60, "the server to recover")
+    steps = _wait_for(lambda: _logged_steps(dsn, "tiny"), 600, "the server to recover")
     assert steps == list(range(1, 11))
     with psycopg.connect(dsn) as conn:
         state = conn.execute("SELECT step FROM llm_train_state WHERE model = 'tiny'").fetchone()[0]
@@ -277,7 +277,7 @@ def test_a_batch_runner_killed_with_sigkill_leaves_no_session_hanging(own_cluste
         victim.close()
     except psycopg.Error:
         pass
-    again = _wait_for(lambda: _generate(dsn, generate), 120, "the server to recover")
+    again = _wait_for(lambda: _generate(dsn, generate), 600, "the server to recover")
     assert again == expected
 
 

@@ -418,8 +418,9 @@ def test_pgllm_train_eval_log_and_models(cli, conn, db, tmp_path):
     assert row[1] >= 4 * row[0] * 0.99 and row[2:] == (6, last[0], last[1], True, 0)
     conn.execute("SELECT llm_generate('Hi', max_tokens => 1, model => 'c')")  # serving maps a shared copy
     cached = conn.execute("SELECT cached FROM llm_models WHERE model = 'c'").fetchone()[0]
-    assert cached == conn.execute("SELECT string_agg(format, ', ') FROM pg_llm_weight_cache() "
-                                  "WHERE model = 'c' AND database = current_database()").fetchone()[0]
+    # llm_eval's float32 block is a shared copy too
+    assert cached == conn.execute("SELECT string_agg(format, ', ' ORDER BY format) FROM pg_llm_weight_cache() "
+                                  "WHERE model = 'c' AND database = current_database()").fetchone()[0] == "block, float32"
     r = cli("--dsn", db, "models")
     assert r.exit_code == 0, r.output
     assert "c" in r.output and "2 x 2 x 16" in r.output and f"{last[1]:.4f}" in r.output

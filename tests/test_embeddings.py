@@ -102,9 +102,9 @@ def corpus(dsn):
     vocab, merges, model, untrained, loss = trained_model([t for _, t in rows] + training)
     name = "embed-trained"
     with psycopg.connect(dsn, autocommit=True) as conn:
+        store_hf_model(conn, name, model)  # first: a tokenizer belongs to a registered model
         with conn.transaction():
             load(conn, name, vocab, merges, replace=True)
-        store_hf_model(conn, name, model)
         yield conn, name, rows, questions, model, untrained, loss
         conn.execute("DELETE FROM llm_model_config WHERE model = %s", (name,))
         conn.execute("DELETE FROM llm_bpe_vocab WHERE model = %s", (name,))

@@ -1,7 +1,7 @@
 """The decode kernels (ext/src/gemv.c) against plain references, at every SIMD level this CPU runs.
 
 tests/gemv_test.c does the checking (shapes, formats, tolerances: see its header); it is linked
-with the extension's own gemv.o and parallel.o, compiled by the extension's Makefile.
+with the extension's own gemv*.o and parallel.o, compiled by the extension's Makefile.
 """
 
 from __future__ import annotations

@@ -31,7 +31,7 @@ from .test_install import _unprivileged_user
 from .weights import write_gpt2_tokenizer
 
 # What `pgllm install` needs from the package: everything PGXS builds and installs.
-EXT_FILES = ["Makefile", "pg_llm.control", "sql/pg_llm--0.1.0.sql", "src/model/npz.h", "src/model/tensors.def",
+EXT_FILES = ["Makefile", "pg_llm.control", "sql/pg_llm--0.1.0.sql", "sql/contrib/pg_llm_plproxy.sql", "src/model/npz.h", "src/model/tensors.def",
              "src/pg_llm.c"]
 TINY = ["--n-layer", "2", "--n-head", "2", "--d-model", "32", "--n-positions", "64", "--vocab", "50257", "--seed", "11"]
 PROMPT = "Hello from Postgres"

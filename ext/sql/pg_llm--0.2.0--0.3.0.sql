@@ -282,7 +282,7 @@ ALTER TABLE llm_dataset ADD COLUMN tokenizer text, ADD COLUMN tokenizer_fingerpr
 -- reads llm_dataset and the tokenizer tables with the caller's rights.
 CREATE FUNCTION llm_dataset_check_tokenizer(dataset text, model text, for_training boolean DEFAULT true,
                                             fingerprint text DEFAULT NULL) RETURNS void
-LANGUAGE plpgsql STABLE SET search_path = pg_catalog, pg_temp AS $$
+LANGUAGE plpgsql STABLE PARALLEL SAFE SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
     have record;
     fp text := llm_dataset_check_tokenizer.fingerprint;
@@ -514,6 +514,52 @@ END $$;
 -- ==== precision ====
 
 -- ==== scale-out: volatility and parallel safety ====
+-- Every function says what it really does (docs/scale-out.md has the table; tests/test_parallel.py
+-- compares it with pg_proc), so that the planner may run the model in parallel workers, use an
+-- index for a comparison with llm_embed(...), and so that pgpool-II, which sends a VOLATILE call to
+-- the primary, needs to be told only about generation.
+--
+-- STABLE: same arguments, same result within a statement, nothing written. Measuring, logits and
+-- beam search compute the same numbers from the same weights (the weights a statement sees do not
+-- change under it: their SPI reads use the statement's snapshot). Generation stays VOLATILE:
+-- without a seed each call samples anew, and a STABLE label would let the planner call it once
+-- for several rows (an index condition, a hoisted subquery).
+--
+-- PARALLEL SAFE: each runs in a parallel worker and returns there exactly what it returns in the
+-- leader: the worker maps the server's shared copy of the weights (the float32 block for
+-- measuring, weights/models.c), takes its share of the server's threads like any session
+-- (base/thread_budget.c), checks the caller's rights on every call with read-only SPI
+-- (weights/rights.c; a worker runs as the leader's user, with its snapshot), and products give the
+-- same bits on any number of threads (compute/blas.c).
+-- Seeded sampling is the same stream in any process; unseeded sampling is random in any process.
+-- llm_generate_stream stays PARALLEL RESTRICTED: a worker's rows reach the leader in batches of
+-- kilobytes (shm_mq), so a stream computed there would arrive all at once at its end.
+-- pg_llm_blas_info is RESTRICTED: it describes the threads of the backend that runs it.
+-- Writing functions (training, imports, checkpoints, datasets, tokenizer loads, grants, the
+-- training lock, the staged import file, files written on the server) stay VOLATILE PARALLEL UNSAFE.
+--
+-- COST, in units of cpu_operator_cost: a forward pass over a short text costs about what reading
+-- a few hundred pages does (GPT-2 small, 32 tokens: ~30 ms), a generation or a dataset's
+-- evaluation ten times that. With the default cost of 1 the planner judged a table's worth of
+-- forward passes cheaper than starting one worker (parallel_setup_cost 1000) and never used any.
+ALTER FUNCTION llm_logits(int[], text) STABLE PARALLEL SAFE COST 100000;
+ALTER FUNCTION llm_embed(text, text) STABLE PARALLEL SAFE COST 100000;
+ALTER FUNCTION llm_perplexity(text, text, int) STABLE PARALLEL SAFE COST 100000;
+ALTER FUNCTION llm_eval(text, text, int, int) STABLE PARALLEL SAFE COST 1000000;
+ALTER FUNCTION llm_beam_search(text, int, int, text, double precision) STABLE PARALLEL SAFE COST 1000000;
+ALTER FUNCTION llm_beam_search_tokens(int[], int, int, text, int, double precision) STABLE PARALLEL SAFE COST 1000000;
+ALTER FUNCTION llm_generate(text, int, double precision, int, double precision, text, bigint)
+    VOLATILE PARALLEL SAFE COST 1000000;
+ALTER FUNCTION llm_generate_tokens(int[], int, double precision, int, double precision, text, bigint, int)
+    VOLATILE PARALLEL SAFE COST 1000000;
+ALTER FUNCTION llm_generate_batch(text[], int, double precision, int, double precision, text, bigint)
+    VOLATILE PARALLEL SAFE COST 1000000;
+ALTER FUNCTION llm_generate_stream(text, int, double precision, int, double precision, text, bigint)
+    VOLATILE PARALLEL RESTRICTED COST 1000000;
+ALTER FUNCTION pg_llm_blas_info() VOLATILE PARALLEL RESTRICTED;
+-- what the server holds (files of the data directory, read the same from any process)
+ALTER FUNCTION pg_llm_weight_cache() VOLATILE PARALLEL SAFE;
+ALTER FUNCTION pg_llm_batch_runners() VOLATILE PARALLEL SAFE;
 
 -- ==== embeddings: batched, pgvector ====
 
@@ -521,6 +567,8 @@ END $$;
 -- for up to 2048 tokens of texts), one row per element in array order; embedding is NULL for a
 -- NULL text or one without tokens. For a table: see docs/guide.md ("Semantic search with pgvector").
 -- Privileges: PUBLIC, as llm_embed: it reads the model's tables with the caller's rights.
+-- Labels as llm_embed's (docs/scale-out.md): the same numbers from the weights the statement sees,
+-- in any process.
 CREATE FUNCTION llm_embed_batch(inputs text[], model text DEFAULT 'gpt2-small')
 RETURNS TABLE (ord integer, embedding real[])
-AS 'MODULE_PATHNAME', 'llm_embed_batch' LANGUAGE C VOLATILE PARALLEL UNSAFE;
+AS 'MODULE_PATHNAME', 'llm_embed_batch' LANGUAGE C STABLE PARALLEL SAFE COST 1000000;

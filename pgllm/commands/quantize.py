@@ -1,7 +1,7 @@
 """`pgllm quantize`: build a model's copy of the weights in a reduced precision ahead of time.
 
 Inference computes in the precision of the server setting `pg_llm.inference_precision`
-(float32, bfloat16, int8); each precision is a copy derived from the float32 weights and shared
+(float32, bfloat16, int8, int4); each precision is a copy derived from the float32 weights and shared
 by the server's backends. The first session that needs a copy builds it; this builds it now, so
 that no session waits (run it again after the weights change: the copy follows weights_version).
 """
@@ -21,7 +21,7 @@ def quantize(
     ctx: typer.Context,
     model_arg: str = MODEL_POSITIONAL,
     model: str = MODEL,
-    precision: str = typer.Option("int8", "--precision", "-p", help="int8, bfloat16 or float32 (the server checks it)."),
+    precision: str = typer.Option("int8", "--precision", "-p", help="int8, int4, bfloat16 or float32 (the server checks it)."),
 ) -> None:
     """Build the server's shared copy of MODEL's weights in --precision (used where pg_llm.inference_precision names it)."""
     model = model_arg or model

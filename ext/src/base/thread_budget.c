@@ -120,11 +120,17 @@ llm_threads_idle(void)
 	}
 }
 
-/* The transaction ended: this session stops counting as computing until it asks again. */
+/*
+ * The transaction ended: this session stops counting as computing until it asks again. A parallel
+ * worker (its own slot, sharing the budget like any session) ends its part of the query with the
+ * PARALLEL events, before the leader's query returns: else the leader's next statement would count
+ * the workers of its last one for ACTIVE_NS and get a fraction of the threads.
+ */
 static void
 budget_xact_callback(XactEvent event, void *arg)
 {
-	if (event == XACT_EVENT_COMMIT || event == XACT_EVENT_ABORT || event == XACT_EVENT_PREPARE)
+	if (event == XACT_EVENT_COMMIT || event == XACT_EVENT_ABORT || event == XACT_EVENT_PREPARE ||
+		event == XACT_EVENT_PARALLEL_COMMIT || event == XACT_EVENT_PARALLEL_ABORT)
 		llm_threads_idle();
 }
 

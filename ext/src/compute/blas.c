@@ -15,6 +15,9 @@
 #include <stdlib.h>
 #include <string.h>
 
+#define Min(x, y) ((x) < (y) ? (x) : (y))
+#define Max(x, y) ((x) > (y) ? (x) : (y))
+
 llm_sgemm_fn llm_cblas_sgemm = NULL;
 
 typedef void (*set_threads_fn) (int);
@@ -161,4 +164,64 @@ sgemm_in_share(int order, int transa, int transb, int m, int n, int k, float alp
 	if (blas_follow_share)
 		blas_threads(llm_compute_threads());
 	blas_sgemm(order, transa, transb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
+}
+
+/*
+ * llm_sgemm_repeatable: BLAS's own threads make a product depend on their number (OpenBLAS with one
+ * thread cuts K otherwise than with several: the sums differ in the last bits), so the columns are
+ * cut into tasks whose widths depend on N alone, each a single-threaded sgemm on a thread of the
+ * pool. Every task is the same call whatever the thread count, and so is every result.
+ */
+#define REPEATABLE_TASKS 24		/* tasks per product: even shares for 1, 2, 3, 4, 6, 8, 12 and 24 threads */
+#define REPEATABLE_MIN_COLUMNS 32
+
+typedef struct
+{
+	int			transb,
+				M,
+				N,
+				K,
+				lda,
+				ldb,
+				ldc,
+				width;
+	const float *A,
+			   *B;
+	float		beta;
+	float	   *C;
+}			RepeatableArgs;
+
+static void
+repeatable_task(void *arg, size_t start, size_t end)
+{
+	RepeatableArgs *a = arg;
+
+	for (size_t t = start; t < end; t++)
+	{
+		size_t		j0 = t * (size_t) a->width;
+		int			n = (int) Min((size_t) a->width, (size_t) a->N - j0);
+		const float *b = a->transb == LlmCblasTrans ? a->B + j0 * a->ldb : a->B + j0;
+
+		blas_sgemm(LlmCblasRowMajor, LlmCblasNoTrans, a->transb, a->M, n, a->K, 1.0f, a->A, a->lda, b, a->ldb,
+				   a->beta, a->C + j0, a->ldc);
+	}
+}
+
+void
+llm_sgemm_repeatable(int transb, int M, int N, int K, const float *A, int lda, const float *B, int ldb,
+					 float beta, float *C, int ldc)
+{
+	RepeatableArgs a = {.transb = transb, .M = M, .N = N, .K = K, .lda = lda, .ldb = ldb, .ldc = ldc,
+	.A = A, .B = B, .beta = beta, .C = C};
+	bool		follow = blas_follow_share;
+	int			before = blas_threads_set;
+
+	/* a multiple of 16 columns: each task's B and C start on a 64-byte boundary when the whole does */
+	a.width = Max(REPEATABLE_MIN_COLUMNS, (N + REPEATABLE_TASKS - 1) / REPEATABLE_TASKS);
+	a.width = (a.width + 15) & ~15;
+	blas_threads(1);
+	llm_parallel_for(((size_t) N + a.width - 1) / a.width, repeatable_task, &a);
+	blas_follow_share = follow;
+	if (!follow)
+		blas_threads(before);
 }

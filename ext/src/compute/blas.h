@@ -39,4 +39,13 @@ typedef void (*llm_sgemm_fn) (int order, int transa, int transb, int m, int n, i
 /* Set by llm_blas_open. */
 extern llm_sgemm_fn llm_cblas_sgemm;
 
+/*
+ * C(M,N) = A(M,K) op(B) + beta C, row-major, op(B) = B(K,N) or, with transb = LlmCblasTrans, the
+ * transpose of B(N,K): the same to the last bit on any number of threads (llm_parallel_for's
+ * threads, BLAS single-threaded on each), so that a parallel worker with fewer threads computes
+ * what a serial plan does. After llm_blas_init.
+ */
+extern void llm_sgemm_repeatable(int transb, int M, int N, int K, const float *A, int lda, const float *B,
+								 int ldb, float beta, float *C, int ldc);
+
 #endif							/* PG_LLM_BLAS_H */

@@ -1,6 +1,6 @@
 /*
  * gemv.h: matrix-vector products for decode, over weights packed once into a read-only layout
- * made for them (see gemv.c), in three formats: float32, bfloat16 and int8 (Q8).
+ * made for them (see gemv.c), in four formats: float32, bfloat16, int8 (Q8) and int4 (Q4).
  *
  * Decode is bound by memory bandwidth: every step streams every weight once. These kernels read
  * each packed weight once per call for all R rows (R = 1..96 at once: the sequences of a batch,
@@ -35,8 +35,11 @@ typedef enum LlmWeightFormat
 {
 	LLM_WEIGHTS_F32,			/* float32: 4 bytes per weight */
 	LLM_WEIGHTS_BF16,			/* bfloat16, rounded to nearest even: 2 bytes */
-	LLM_WEIGHTS_Q8				/* int8 in blocks of 32 inputs with an fp16 scale each: 1.0625 bytes */
+	LLM_WEIGHTS_Q8,				/* int8 in blocks of 32 inputs with an fp16 scale each: 1.0625 bytes */
+	LLM_WEIGHTS_Q4				/* 4 bits in blocks of 32 inputs with an fp16 scale each: 0.5625 bytes */
 } LlmWeightFormat;
+
+#define LLM_WEIGHTS_FORMATS (LLM_WEIGHTS_Q4 + 1)
 
 /* Bytes of a packed (IC, OC) matrix, a multiple of 64; place packed matrices 64-byte aligned. */
 extern size_t llm_weights_packed_size(LlmWeightFormat fmt, size_t IC, size_t OC);
@@ -55,8 +58,18 @@ extern void llm_weights_pack_head(LlmWeightFormat fmt, void *dst, const float *w
 extern void llm_weights_column(LlmWeightFormat fmt, float *dst, const void *packed,
 							   size_t IC, size_t OC, size_t col);
 
-/* Bytes of scratch llm_gemv needs for R rows of IC inputs (0 for float32). */
+/* Bytes of scratch llm_gemv needs for R rows of IC inputs, at any level (0 for float32). */
 extern size_t llm_gemv_scratch_size(LlmWeightFormat fmt, size_t R, size_t IC);
+
+/* How the activations enter a format's products at the level in use (see the levels below). */
+typedef enum LlmGemvInput
+{
+	LLM_GEMV_INPUT_F32,			/* as they are, float32 */
+	LLM_GEMV_INPUT_BF16,		/* rounded to bfloat16 (nearest even) */
+	LLM_GEMV_INPUT_Q8			/* per row and block of 32: q = round(x / d), d = max|x| / 127 */
+} LlmGemvInput;
+
+extern LlmGemvInput llm_gemv_input(LlmWeightFormat fmt);
 
 /*
  * out (R, OC) (+)= inp (R, IC) @ W + bias, W packed (IC, OC), bias (OC) or NULL; with accumulate
@@ -72,11 +85,14 @@ extern void llm_gemv(LlmWeightFormat fmt, float *out, const float *inp, const vo
  *   LLM_SIMD_AVX512_DOT  AVX-512 with its dot products: vdpbf16ps (bf16, activations rounded to
  *                        bf16 pairs) where the CPU has AVX512_BF16, vpdpbusd (int8, activations
  *                        quantised per block of 32) where it has AVX512_VNNI;
- *   LLM_SIMD_AVX512      AVX-512 F/BW/VL/DQ: weights converted to float32 in registers;
- *   LLM_SIMD_AVX2        AVX2 + FMA + F16C, likewise;
- *   LLM_SIMD_PORTABLE    plain C for any x86-64 (or other) CPU.
- * bf16 and int8 differ only in how activations enter: at AVX512_DOT they are rounded/quantised,
- * below it they stay float32 (weight-only reduced precision).
+ *   LLM_SIMD_AVX512      AVX-512 F/BW/VL/DQ: bf16 and int8 weights converted to float32 in
+ *                        registers (activations float32);
+ *   LLM_SIMD_AVX2        AVX2 + FMA + F16C: bf16 weights converted to float32; int8 and int4 as
+ *                        bytes (vpmaddubsw), activations quantised per block of 32;
+ *   LLM_SIMD_PORTABLE    plain C for any x86-64 (or other) CPU: as AVX2, in plain C.
+ * int4 quantises the activations at every level (the AVX-512 levels run the AVX2 kernel), and so
+ * does int8 everywhere but at LLM_SIMD_AVX512; llm_gemv_input says which form is in use. Levels
+ * that take the activations in the same form give bitwise the same results.
  */
 typedef enum LlmSimdLevel
 {

@@ -26,17 +26,7 @@
 #include <stddef.h>
 #include <stdint.h>
 
-/*
- * The SIMD dispatch of every hot loop: an AVX2+FMA clone chosen at load time (cpuid) beside the
- * default clone, which runs on any x86-64; the library never needs -march=native.
- */
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define LLM_SIMD __attribute__((target_clones("arch=x86-64-v3", "default")))
-#else
-#define LLM_SIMD
-#endif
-
-/* ---- scalar helpers, inlined into the vectorised loops of every clone ---------------------- */
+/* ---- scalar helpers, inlined into the vectorised loops of each level ----------------------- */
 
 /*
  * e^x, branch-free so that loops calling it vectorise (libm's expf does not without

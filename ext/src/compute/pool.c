@@ -261,6 +261,12 @@ llm_compute_threads(void)
 void
 llm_parallel_for(size_t n, llm_task_fn fn, void *arg)
 {
+	llm_parallel_for_shares(n, 1, fn, arg);
+}
+
+void
+llm_parallel_for_shares(size_t n, int per_thread, llm_task_fn fn, void *arg)
+{
 	int			workers = Min(llm_compute_threads() - 1, pool.most_workers);
 	int			parts;
 	uint64		ticket;
@@ -276,7 +282,7 @@ llm_parallel_for(size_t n, llm_task_fn fn, void *arg)
 		return;
 	}
 
-	parts = (int) Min(n, (size_t) workers + 1);
+	parts = (int) Min(Min(n, ((size_t) workers + 1) * (size_t) per_thread), (size_t) 0xFFFF);
 	__atomic_store_n(&pool.fn, fn, __ATOMIC_RELAXED);
 	__atomic_store_n(&pool.arg, arg, __ATOMIC_RELAXED);
 	__atomic_store_n(&pool.n, n, __ATOMIC_RELAXED);

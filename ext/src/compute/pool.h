@@ -17,6 +17,13 @@ typedef void (*llm_task_fn) (void *arg, size_t start, size_t end);
 extern void llm_parallel_for(size_t n, llm_task_fn fn, void *arg);
 
 /*
+ * The same with `per_thread` shares per thread (at most n in all): smaller shares, so that when
+ * the OS preempts a thread in the middle of its share (a busy server), the others take over more
+ * of the job. Only for tasks whose results do not depend on where the shares begin and end.
+ */
+extern void llm_parallel_for_shares(size_t n, int per_thread, llm_task_fn fn, void *arg);
+
+/*
  * How many threads compute may use: the caller's source, asked before each job (a session's share
  * of the server's threads changes as other sessions start and stop: base/thread_budget.c sets it),
  * or, with none set, one per CPU this process may run on.

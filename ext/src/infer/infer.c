@@ -128,7 +128,11 @@ alloc_floats(size_t n)
 static size_t
 gemv_scratch_size(size_t R, size_t IC)
 {
-	return Max(llm_gemv_scratch_size(LLM_WEIGHTS_BF16, R, IC), llm_gemv_scratch_size(LLM_WEIGHTS_Q8, R, IC));
+	size_t		bytes = 0;
+
+	for (int f = 0; f < LLM_WEIGHTS_FORMATS; f++)
+		bytes = Max(bytes, llm_gemv_scratch_size((LlmWeightFormat) f, R, IC));
+	return bytes;
 }
 
 /*
@@ -223,7 +227,7 @@ embed(LlmInfer *s, const int32 *tokens, const int *positions, size_t R)
 		float	   *x = s->x + r * C;
 		const float *pe = m->p.wpe + (size_t) positions[r] * C;
 
-		llm_weights_column(m->packed.fmt, x, m->packed.w[LLM_WTE], C, s->V, (size_t) tokens[r]);
+		llm_weights_column(m->packed.fmt[LLM_WTE], x, m->packed.w[LLM_WTE], C, s->V, (size_t) tokens[r]);
 		for (size_t i = 0; i < C; i++)
 			x[i] += pe[i];
 	}
@@ -237,7 +241,7 @@ linear(void *ctx, LlmParamKind kind, int l, float *out, const float *inp, const 
 	LlmInfer   *s = *(LlmInfer **) ctx;
 	const LlmPacked *w = &s->model->packed;
 
-	llm_gemv(w->fmt, out, inp, w->w[kind] + (size_t) l * w->stride[kind], bias, R, IC, OC, accumulate,
+	llm_gemv(w->fmt[kind], out, inp, w->w[kind] + (size_t) l * w->stride[kind], bias, R, IC, OC, accumulate,
 			 s->gemv_scratch);
 }
 
@@ -248,7 +252,7 @@ head(LlmInfer *s, float *logits, const float *x, size_t R)
 	const LlmModel *m = s->model;
 
 	layernorm_forward(s->ln, NULL, NULL, x, m->p.lnfw, m->p.lnfb, R, s->C);
-	llm_gemv(m->packed.fmt, logits, s->ln, m->packed.w[LLM_WTE], NULL, R, s->C, s->V, false, s->gemv_scratch);
+	llm_gemv(m->packed.fmt[LLM_WTE], logits, s->ln, m->packed.w[LLM_WTE], NULL, R, s->C, s->V, false, s->gemv_scratch);
 }
 
 /*

@@ -81,7 +81,7 @@ typedef struct LlmParams
 /* The linear layers and the tied head of a served model, packed for llm_gemv (see served.h). */
 typedef struct LlmPacked
 {
-	LlmWeightFormat fmt;
+	LlmWeightFormat fmt[LLM_NUM_KINDS];	/* of each packed kind (served.c: the head may differ) */
 	const uint8_t *w[LLM_NUM_KINDS];	/* layer 0's packed matrix of the kinds that are packed
 										 * (LLM_WTE: the head, wte^T), NULL for the others */
 	size_t		stride[LLM_NUM_KINDS];	/* bytes from one layer's packed matrix to the next */

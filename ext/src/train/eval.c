@@ -3,7 +3,9 @@
  *
  * All of them run the training forward pass (kernels.h) without dropout and without keeping
  * activations for a backward: one set of per-layer buffers, reused by every layer, malloc'd per
- * call and freed on success and on error. They write nothing, so they run on a hot standby.
+ * call and freed on success and on error. They write nothing, so they run on a hot standby, and
+ * in parallel workers: they read the server's shared float32 block (llm_model_get_block), and their
+ * products give the same bits on any number of threads (llm_sgemm_repeatable).
  */
 #include "base/base.h"
 #include "weights/weights.h"
@@ -109,7 +111,8 @@ forward_hidden(Forward *f, const LlmModel *m, int B, int T)
 	const LlmParams *p = &m->p;
 	size_t		C = f->C;
 	int			BT = B * T;
-	LlmFullPass pass = {.model = m, .B = B, .T = T, .NH = f->NH, .att = f->att, .scratch = f->scratch};
+	LlmFullPass pass = {.model = m, .B = B, .T = T, .NH = f->NH, .att = f->att, .scratch = f->scratch,
+		.repeatable = true};
 
 	/* one set of activations for every layer, the residual stream updated in place */
 	LlmBlockActs acts = {.x_in = f->resid, .x_mid = f->resid, .x_out = f->resid, .ln1 = f->ln, .qkv = f->qkv,
@@ -137,8 +140,8 @@ forward_losses(Forward *f, const LlmModel *m, int B, int T)
 		int			rows = Min(f->chunk_rows, BT - r0);
 
 		/* logits(rows,V) = ln_f(rows,C) @ wte^T, the tied head */
-		llm_cblas_sgemm(LlmCblasRowMajor, LlmCblasNoTrans, LlmCblasTrans, rows, f->V, f->C,
-						1.0f, f->ln + (size_t) r0 * f->C, f->C, m->p.wte, f->C, 0.0f, f->logits, f->V);
+		llm_sgemm_repeatable(LlmCblasTrans, rows, f->V, f->C, f->ln + (size_t) r0 * f->C, f->C, m->p.wte, f->C,
+							 0.0f, f->logits, f->V);
 		crossentropy_softmax_forward_backward(f->losses + r0, f->logits, f->targets + r0, rows, f->V, 0.0f);
 	}
 }
@@ -230,8 +233,8 @@ llm_eval(PG_FUNCTION_ARGS)
 		elog(ERROR, "llm_eval must return a row");
 
 	SPI_connect();
-	/* the training forward pass reads float32 tensors: the private block, never a served copy */
-	model = llm_model_get_private(model_name);
+	/* the training forward pass reads float32 tensors: the block, never a served copy */
+	model = llm_model_get_block(model_name);
 	llm_dataset_open(&ds, &model->cfg, dataset, max_rows);
 	/* llm_dataset_open may have read other tables: the model is still valid (no llm_model_get since) */
 	loss = llm_eval_dataset(model, &ds, batch_size, &tokens);
@@ -257,7 +260,7 @@ model_and_ids(FunctionCallInfo fcinfo, int32 **ids, int *n)
 	input = bpe_datum_to_utf8(PG_GETARG_DATUM(0), &len);
 	llm_check_model_name(model_name);
 	*ids = llm_bpe_encode(model_name, input, len, n);
-	model = llm_model_get_private(model_name);	/* float32 tensors, as llm_eval */
+	model = llm_model_get_block(model_name);	/* float32 tensors, as llm_eval */
 	for (int i = 0; i < *n; i++)
 		if ((*ids)[i] >= model->cfg.vocab)
 			ereport(ERROR,
@@ -475,7 +478,7 @@ llm_embed_batch(PG_FUNCTION_ARGS)
 
 	results = palloc0_array(ArrayType *, Max(count, 1));
 	SPI_connect();
-	model = llm_model_get_private(model_name);
+	model = llm_model_get_block(model_name);	/* float32 tensors, as llm_embed */
 	inputs = palloc_array(EmbedInput, Max(count, 1));
 	for (int i = 0; i < count; i++)
 	{

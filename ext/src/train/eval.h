@@ -2,8 +2,8 @@
  * eval.h: measuring a model without training it (eval.c): the mean loss over a dataset
  * (llm_eval, and llm_train's validation loss), a text's perplexity, a text's embedding.
  *
- * The forward pass is training's (the kernels of kernels.h, sgemm on BLAS's threads) without
- * dropout, keeping one layer's activations at a time.
+ * The forward pass is training's (the kernels of kernels.h; its products llm_sgemm_repeatable's,
+ * the same on any number of threads) without dropout, keeping one layer's activations at a time.
  */
 #ifndef PG_LLM_EVAL_H
 #define PG_LLM_EVAL_H
@@ -37,6 +37,8 @@ typedef struct LlmFullPass
 	uint64		seed;			/* the masks' keys: seed, global step, micro-batch, site */
 	int64		step;
 	int			micro;
+	bool		repeatable;		/* products the same on any number of threads (llm_sgemm_repeatable):
+								 * measuring, which parallel workers run with fewer threads */
 } LlmFullPass;
 
 extern const LlmBlockOps llm_full_pass_ops;

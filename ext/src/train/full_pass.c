@@ -1,6 +1,7 @@
 /*
  * full_pass.c: the block's operations (model.h) for training and evaluation, on the float32
- * block: every product an sgemm on BLAS's threads (matmul_forward), attention causal over whole
+ * block: every product an sgemm on BLAS's threads (matmul_forward; measuring's the same on any
+ * number of threads, llm_sgemm_repeatable), attention causal over whole
  * sequences of T tokens, dropout from the step's keys (training only).
  */
 #include "base/base.h"
@@ -25,7 +26,15 @@ full_linear(void *ctx, LlmParamKind weight, int l, float *out, const float *inp,
 	const LlmFullPass *f = ctx;
 
 	Assert(!accumulate);
-	matmul_forward(out, inp, weights(f->model, weight, l), bias, (int) R, (int) IC, (int) OC);
+	if (!f->repeatable)
+	{
+		matmul_forward(out, inp, weights(f->model, weight, l), bias, (int) R, (int) IC, (int) OC);
+		return;
+	}
+	for (size_t r = 0; r < R; r++)
+		memcpy(out + r * OC, bias, OC * sizeof(float));
+	llm_sgemm_repeatable(LlmCblasNoTrans, (int) R, (int) OC, (int) IC, inp, (int) IC, weights(f->model, weight, l),
+						 (int) OC, 1.0f, out, (int) OC);
 }
 
 static size_t

@@ -5,7 +5,7 @@
  * built once by the first backend that needs it and mapped read-only by the others (see
  * weights_cache.c for why a file and how it is kept safe). A format names what the file holds: a
  * layout and a precision, written as a list of sections, each aligned to 2 MB. Inference shares
- * one format per precision (served.h: float32, bfloat16, int8, packed for gemv.c); training's
+ * one format per precision (served.h: float32, bfloat16, int8, int4, packed for gemv.c); training's
  * private float32 block (model.h's layout) is one more format, never shared.
  */
 #ifndef PG_LLM_WEIGHTS_CACHE_H
@@ -26,7 +26,8 @@ typedef enum LlmWcPrecision
 {
 	LLM_WC_FLOAT32 = 1,
 	LLM_WC_BFLOAT16 = 2,
-	LLM_WC_INT8 = 3
+	LLM_WC_INT8 = 3,
+	LLM_WC_INT4 = 4
 } LlmWcPrecision;
 
 typedef enum LlmWcSectionId

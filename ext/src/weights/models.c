@@ -25,11 +25,14 @@
 /* ---- the weight cache ---------------------------------------------------------------------- */
 
 /*
- * The backend keeps two models, each a copy from weights_cache.c: the one inference reads (a served
- * copy in the session's precision: the server's shared read-only copy when pg_llm.shared_weights
- * is on, else private memory, for one of the reasons below) and the float32 block training writes
- * into. A backend that trains and then serves has both; building the served copy then packs from
- * the trained block instead of reading the tables again.
+ * The backend keeps three models, each a copy from weights_cache.c: the one inference reads (a
+ * served copy in the session's precision), the float32 block that measuring reads (llm_embed,
+ * llm_perplexity, llm_eval: the training forward pass), both the server's shared read-only copy
+ * when pg_llm.shared_weights is on, else private memory for one of the reasons below, and the
+ * float32 block training writes into. A backend that trains and then serves has two; building the
+ * served copy then packs from the trained block instead of reading the tables again, and measuring
+ * reads the trained block itself. Shared copies are what let a parallel worker, a new process for
+ * every query, compute at once: it maps the copy instead of reading every tensor from the tables.
  */
 typedef enum CopyKind
 {
@@ -42,6 +45,7 @@ typedef enum CopyKind
 
 typedef struct Slot
 {
+	bool		block;			/* the float32 block (model.h's layout), else a served copy */
 	LlmModel   *model;
 	LlmWcCopy  *copy;
 	CopyKind	kind;
@@ -49,7 +53,8 @@ typedef struct Slot
 } Slot;
 
 static Slot serving;
-static Slot training;
+static Slot measuring = {.block = true};
+static Slot training = {.block = true};
 
 static void
 forget(Slot *slot)
@@ -67,6 +72,7 @@ void
 llm_model_forget(void)
 {
 	forget(&serving);
+	forget(&measuring);
 	forget(&training);
 }
 
@@ -141,7 +147,7 @@ load_model(Slot *slot, const LlmConfig *cfg, CopyKind kind, const LlmWcFormat *f
 		PG_RE_THROW();
 	}
 	PG_END_TRY();
-	if (kind == COPY_TRAIN)
+	if (slot->block)
 	{
 		m->memory = (float *) copy->section[0];
 		llm_params_point(m->memory, &m->layout, &m->p);
@@ -159,20 +165,25 @@ load_model(Slot *slot, const LlmConfig *cfg, CopyKind kind, const LlmWcFormat *f
 	return m;
 }
 
-/* The served copy of cfg in this precision, of this kind. */
+/* The slot's copy of cfg (a served one in this precision, or the float32 block), of this kind. */
 static LlmModel *
-load_served(const LlmConfig *cfg, CopyKind kind, LlmPrecision prec)
+load_read_only(Slot *slot, const LlmConfig *cfg, CopyKind kind, LlmPrecision prec)
 {
 	LlmWcFormat fmt;
 
-	/* packed from the block training holds when it is current: faster than the tables */
-	llm_served_format(cfg, prec, is_current(&training, cfg) ? training.model->memory : NULL, &fmt);
-	return load_model(&serving, cfg, kind, &fmt, prec);
+	if (slot->block)
+		llm_block_format(cfg, &fmt);
+	else				/* packed from the block training holds when it is current: faster than the tables */
+		llm_served_format(cfg, prec, is_current(&training, cfg) ? training.model->memory : NULL, &fmt);
+	return load_model(slot, cfg, kind, &fmt, prec);
 }
 
-/* The model for inference in this precision (llm_model_get with another precision). */
+/*
+ * The read-only model of a slot, serving's (in this precision) or measuring's: the shared copy
+ * unless this transaction changed the weights or pg_llm.shared_weights is off.
+ */
 static LlmModel *
-model_get_served(const char *model, LlmPrecision prec)
+model_get_read_only(Slot *slot, const char *model, LlmPrecision prec)
 {
 	LlmConfig	cfg;
 	LlmModel   *m;
@@ -181,9 +192,11 @@ model_get_served(const char *model, LlmPrecision prec)
 
 	llm_config_load(model, &cfg);
 	llm_may_read_weights(&cfg, true);	/* every call: the copy may be another role's */
-	if (is_current(&serving, &cfg) && serving.model->precision == (int) prec)
+	if (slot->block && is_current(&training, &cfg))
+		return training.model;	/* the same float32 weights, already in memory */
+	if (is_current(slot, &cfg) && (slot->block || slot->model->precision == (int) prec))
 	{
-		switch (serving.kind)
+		switch (slot->kind)
 		{
 			case COPY_SHARED:
 				reuse = llm_shared_weights;
@@ -192,7 +205,7 @@ model_get_served(const char *model, LlmPrecision prec)
 				reuse = !llm_shared_weights;
 				break;
 			case COPY_XACT:
-				reuse = TransactionIdIsCurrentTransactionId(serving.xmin);
+				reuse = TransactionIdIsCurrentTransactionId(slot->xmin);
 				break;
 			case COPY_FALLBACK:
 				reuse = true;
@@ -202,17 +215,30 @@ model_get_served(const char *model, LlmPrecision prec)
 		}
 	}
 	if (reuse)
-		return serving.model;
+		return slot->model;
 	if (!llm_shared_weights)
-		return load_served(&cfg, COPY_OFF, prec);
+		return load_read_only(slot, &cfg, COPY_OFF, prec);
 
 	/* weights this transaction wrote are not committed: no other may see them, nor a file */
 	xmin = config_xmin(model);
 	if (!TransactionIdIsCurrentTransactionId(xmin))
-		return load_served(&cfg, COPY_SHARED, prec);
-	m = load_served(&cfg, COPY_XACT, prec);
-	serving.xmin = xmin;
+		return load_read_only(slot, &cfg, COPY_SHARED, prec);
+	m = load_read_only(slot, &cfg, COPY_XACT, prec);
+	slot->xmin = xmin;
 	return m;
+}
+
+/* The model for inference in this precision (llm_model_get with another precision). */
+static LlmModel *
+model_get_served(const char *model, LlmPrecision prec)
+{
+	return model_get_read_only(&serving, model, prec);
+}
+
+LlmModel *
+llm_model_get_block(const char *model)
+{
+	return model_get_read_only(&measuring, model, LLM_PRECISION_FLOAT32);
 }
 
 LlmModel *
@@ -256,6 +282,7 @@ llm_model_get_private(const char *model)
 	llm_config_load(model, &cfg);
 	llm_may_read_weights(&cfg, true);	/* every call: the copy may be another role's */
 	forget(&serving);			/* training needs the memory; serving maps its copy again after */
+	forget(&measuring);
 	if (is_current(&training, &cfg))
 		return training.model;
 	llm_block_format(&cfg, &fmt);

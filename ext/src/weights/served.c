@@ -10,6 +10,12 @@
  * Why packed for the prompt too: the packed kernels run T rows in blocks of 96 as fast as or
  * faster than sgemm on the float32 block (bench.kernels at T = 128; docs/notes/decode.md), so one
  * copy serves both passes and a reduced precision needs no float32 copy beside it.
+ *
+ * int4 packs the linear layers in 4 bits (Q4) but the head in int8 (Q8): the tied head is also the
+ * embedding, a third of GPT-2 small's weights, and the one matrix whose errors reach the logits
+ * directly; in 4 bits it alone took most of int4's loss of quality on the trained models of
+ * bench/quality.py (docs/performance.md). llama.cpp does the same for tied embeddings (its Q4_0
+ * keeps them in Q6_K).
  */
 #include "base/base.h"
 #include "weights/served.h"
@@ -29,6 +35,7 @@ static const struct config_enum_entry precision_options[] = {
 	{"float32", LLM_PRECISION_FLOAT32, false},
 	{"bfloat16", LLM_PRECISION_BFLOAT16, false},
 	{"int8", LLM_PRECISION_INT8, false},
+	{"int4", LLM_PRECISION_INT4, false},
 	{"fp32", LLM_PRECISION_FLOAT32, true},
 	{"bf16", LLM_PRECISION_BFLOAT16, true},
 	{NULL, 0, false}
@@ -66,7 +73,7 @@ void
 llm_served_init(void)
 {
 	DefineCustomEnumVariable("pg_llm.inference_precision",
-							 "Precision of the weights inference computes with: float32, bfloat16 or int8.",
+							 "Precision of the weights inference computes with: float32, bfloat16, int8 or int4.",
 							 "Each precision is a copy derived from the float32 weights in llm_param, "
 							 "shared by the server's backends. Training always uses float32.",
 							 &llm_inference_precision, LLM_PRECISION_FLOAT32, precision_options,
@@ -89,7 +96,7 @@ llm_precision_name(LlmPrecision prec)
 }
 
 LlmWeightFormat
-llm_precision_format(LlmPrecision prec)
+llm_precision_format(LlmPrecision prec, LlmParamKind kind)
 {
 	switch (prec)
 	{
@@ -99,6 +106,26 @@ llm_precision_format(LlmPrecision prec)
 			return LLM_WEIGHTS_BF16;
 		case LLM_PRECISION_INT8:
 			return LLM_WEIGHTS_Q8;
+		case LLM_PRECISION_INT4:
+			return kind == LLM_WTE ? LLM_WEIGHTS_Q8 : LLM_WEIGHTS_Q4;
+	}
+	elog(ERROR, "unknown precision %d", (int) prec);
+}
+
+/* The id of the precision in a copy's header (weights_cache.h: never renumbered). */
+static LlmWcPrecision
+wc_precision(LlmPrecision prec)
+{
+	switch (prec)
+	{
+		case LLM_PRECISION_FLOAT32:
+			return LLM_WC_FLOAT32;
+		case LLM_PRECISION_BFLOAT16:
+			return LLM_WC_BFLOAT16;
+		case LLM_PRECISION_INT8:
+			return LLM_WC_INT8;
+		case LLM_PRECISION_INT4:
+			return LLM_WC_INT4;
 	}
 	elog(ERROR, "unknown precision %d", (int) prec);
 }
@@ -112,7 +139,7 @@ llm_precision_parse(const char *name)
 	ereport(ERROR,
 			(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
 			 errmsg("unknown precision \"%s\"", name),
-			 errhint("Use float32, bfloat16 or int8.")));
+			 errhint("Use float32, bfloat16, int8 or int4.")));
 }
 
 /* ---- the format ---------------------------------------------------------------------------- */
@@ -157,7 +184,7 @@ packed_shape(const LlmConfig *cfg, LlmParamKind kind, size_t *IC, size_t *OC)
  * starts on a 2 MB page, and that padding would take 10 MB of a 130 MB int8 copy of GPT-2 small.
  */
 static size_t
-served_layout(const LlmConfig *cfg, const LlmLayout *lay, LlmWeightFormat fmt, size_t *packed,
+served_layout(const LlmConfig *cfg, const LlmLayout *lay, LlmPrecision prec, size_t *packed,
 			  size_t *vector, size_t *vectors)
 {
 	size_t		bytes = 0,
@@ -172,7 +199,8 @@ served_layout(const LlmConfig *cfg, const LlmLayout *lay, LlmWeightFormat fmt, s
 			continue;
 		packed_shape(cfg, (LlmParamKind) k, &IC, &OC);
 		packed[k] = bytes;
-		bytes += llm_kind_tensors(cfg, (LlmParamKind) k) * llm_weights_packed_size(fmt, IC, OC);
+		bytes += llm_kind_tensors(cfg, (LlmParamKind) k) *
+			llm_weights_packed_size(llm_precision_format(prec, (LlmParamKind) k), IC, OC);
 	}
 	*vectors = bytes;
 	for (int k = 0; k < LLM_NUM_KINDS; k++)
@@ -207,18 +235,18 @@ static void
 fill_served(const LlmConfig *cfg, LlmWcWriter *w, void *arg)
 {
 	const ServedFill *f = arg;
-	LlmWeightFormat fmt = llm_precision_format(f->prec);
 	LlmLayout	lay;
 	size_t		packed[LLM_NUM_KINDS],
 				vector[LLM_NUM_KINDS],
 				vectors;
-	const float *block = f->source;
-	LlmWcCopy  *own = NULL;
+	/* volatile: read after PG_TRY's setjmp */
+	const float *volatile block = f->source;
+	LlmWcCopy  *volatile own = NULL;
 	size_t		buf_bytes = 0;
 	void	   *buf;
 
 	llm_layout_init(cfg, &lay);
-	(void) served_layout(cfg, &lay, fmt, packed, vector, &vectors);
+	(void) served_layout(cfg, &lay, f->prec, packed, vector, &vectors);
 	for (size_t i = 0; i < N_PACKED; i++)
 	{
 		size_t		IC,
@@ -227,7 +255,7 @@ fill_served(const LlmConfig *cfg, LlmWcWriter *w, void *arg)
 		packed_shape(cfg, packed_kinds[i], &IC, &OC);
 		if (packed_kinds[i] == LLM_WTE)
 			OC = Min(OC, HEAD_CHUNK);
-		buf_bytes = Max(buf_bytes, llm_weights_packed_size(fmt, IC, OC));
+		buf_bytes = Max(buf_bytes, llm_weights_packed_size(llm_precision_format(f->prec, packed_kinds[i]), IC, OC));
 	}
 	buf = MemoryContextAllocHuge(CurrentMemoryContext, buf_bytes);
 	if (block == NULL)
@@ -243,6 +271,7 @@ fill_served(const LlmConfig *cfg, LlmWcWriter *w, void *arg)
 		for (size_t i = 0; i < N_PACKED; i++)
 		{
 			LlmParamKind kind = packed_kinds[i];
+			LlmWeightFormat fmt = llm_precision_format(f->prec, kind);
 			size_t		IC,
 						OC,
 						bytes;
@@ -283,11 +312,10 @@ llm_served_format(const LlmConfig *cfg, LlmPrecision prec, const float *source, 
 	memset(fmt, 0, sizeof(*fmt));
 	fmt->name = llm_precision_name(prec);
 	fmt->layout = LLM_WC_LAYOUT_PACKED + LLM_WEIGHTS_LAYOUT;
-	fmt->precision = prec == LLM_PRECISION_FLOAT32 ? LLM_WC_FLOAT32 :
-		prec == LLM_PRECISION_BFLOAT16 ? LLM_WC_BFLOAT16 : LLM_WC_INT8;
+	fmt->precision = wc_precision(prec);
 	fmt->n_sections = 1;
 	fmt->section_id[0] = LLM_WC_SECTION_SERVED;
-	fmt->section_bytes[0] = served_layout(cfg, &lay, llm_precision_format(prec), packed, vector, &vectors);
+	fmt->section_bytes[0] = served_layout(cfg, &lay, prec, packed, vector, &vectors);
 	f->prec = prec;
 	f->source = source;
 	fmt->fill = fill_served;
@@ -298,19 +326,17 @@ void
 llm_served_point(LlmModel *m, const LlmWcCopy *copy, LlmPrecision prec)
 {
 	LlmLayout	vectors = m->layout;
-	LlmWeightFormat fmt = llm_precision_format(prec);
 	size_t		packed[LLM_NUM_KINDS],
 				start;
 	const char *base = copy->section[0];
 
-	(void) served_layout(&m->cfg, &m->layout, fmt, packed, vectors.offset, &start);
+	(void) served_layout(&m->cfg, &m->layout, prec, packed, vectors.offset, &start);
 	m->memory = (float *) (base + start);
 	llm_params_point(m->memory, &vectors, &m->p);
 	m->p.wte = m->p.qkvw = m->p.attprojw = m->p.fcw = m->p.fcprojw = NULL;
 	m->served = true;
 	m->precision = prec;
 	memset(&m->packed, 0, sizeof(m->packed));
-	m->packed.fmt = fmt;
 	for (size_t i = 0; i < N_PACKED; i++)
 	{
 		LlmParamKind kind = packed_kinds[i];
@@ -318,8 +344,9 @@ llm_served_point(LlmModel *m, const LlmWcCopy *copy, LlmPrecision prec)
 					OC;
 
 		packed_shape(&m->cfg, kind, &IC, &OC);
+		m->packed.fmt[kind] = llm_precision_format(prec, kind);
 		m->packed.w[kind] = (const uint8_t *) base + packed[kind];
-		m->packed.stride[kind] = llm_weights_packed_size(fmt, IC, OC);
+		m->packed.stride[kind] = llm_weights_packed_size(m->packed.fmt[kind], IC, OC);
 	}
 }
 

@@ -2,8 +2,9 @@
  * served.h: the weights inference computes on, in the precision of pg_llm.inference_precision.
  *
  * llm_param stays the float32 source of truth. What inference reads is derived from it: a copy
- * per precision (float32, bfloat16, int8) in which every linear layer and the tied head are packed
- * for llm_gemv (gemv.h) and the vectors (biases, LayerNorm, wpe) stay float32. Each copy is one
+ * per precision (float32, bfloat16, int8, int4) in which every linear layer and the tied head are
+ * packed for llm_gemv (gemv.h) and the vectors (biases, LayerNorm, wpe) stay float32. int4's
+ * layers are 4-bit, its head int8 (see served.c). Each copy is one
  * more format of weights_cache.h, so each precision is its own shared copy per server, following
  * weights_version like the others. Training never sees these: it has its own float32 block.
  */
@@ -19,16 +20,17 @@ typedef enum LlmPrecision
 {
 	LLM_PRECISION_FLOAT32,
 	LLM_PRECISION_BFLOAT16,
-	LLM_PRECISION_INT8
+	LLM_PRECISION_INT8,
+	LLM_PRECISION_INT4
 } LlmPrecision;
 
 extern int	llm_inference_precision;
 
 extern void llm_served_init(void);
 
-/* "float32", "bfloat16", "int8"; the packed format of each. */
+/* "float32", "bfloat16", "int8", "int4"; the packed format of a kind (a linear layer, the head) in each. */
 extern const char *llm_precision_name(LlmPrecision prec);
-extern LlmWeightFormat llm_precision_format(LlmPrecision prec);
+extern LlmWeightFormat llm_precision_format(LlmPrecision prec, LlmParamKind kind);
 
 /* A precision by its name (ERROR with the valid names otherwise). */
 extern LlmPrecision llm_precision_parse(const char *name);

@@ -38,6 +38,14 @@ extern const char *llm_model_shared_path(const LlmModel *m);
  */
 extern LlmModel *llm_model_map_shared(Oid database, const LlmConfig *cfg, int precision);
 
+/*
+ * The float32 block (model.h's layout) to compute on without writing into it (llm_embed,
+ * llm_perplexity, llm_eval): the server's shared copy, as llm_model_get's (same rules, format
+ * "block" in pg_llm_weight_cache()), or the training block of this backend when it is current.
+ * Valid until the next llm_model_get* call.
+ */
+extern LlmModel *llm_model_get_block(const char *model);
+
 /* The float32 block in private memory that the caller may write into (training). */
 extern LlmModel *llm_model_get_private(const char *model);
 

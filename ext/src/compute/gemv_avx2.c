@@ -1,0 +1,389 @@
+/*
+ * gemv_avx2.c: the AVX2 + FMA + F16C kernels (gemv_kernels.h), the level of every x86-64 server
+ * since Haswell and Zen 1, and the int4 kernel of the AVX-512 levels too.
+ *
+ * A kernel covers a panel's rows with tiles of ROWS rows x VECS vectors of 8 columns, both
+ * compile-time constants, whose accumulators stay in registers (AVX2 has 16 of them): a tile
+ * loads each weight once and multiplies it into all its rows.
+ *   float32, bfloat16: one float32 accumulator per (row, column) for the whole pass over IC.
+ *     One row takes the whole panel (1 x 4: each 128-byte row of weights read once, in order: what
+ *     decode wants); more rows take half a panel, 6 x 2 (the 6x16 tile of BLIS's Haswell sgemm):
+ *     12 accumulators, 2 loads of weights and 6 broadcasts per 12 fused multiply-adds.
+ *     bfloat16 weights become float32 by a shift or a mask of each 32-bit pair: in registers for
+ *     one row, into a buffer a chunk of inputs at a time for more (see bf16_avx2).
+ *   int8, int4: the activations come quantised per block of 32 (gemv.c), the weights stay bytes:
+ *     vpmaddubsw multiplies unsigned by signed bytes into pairs of int16, vpmaddwd adds the pairs
+ *     into int32. int8 weights are stored q + 128 (the operand of vpdpbusd), so the product
+ *     would not fit int16 (255 x 127 x 2): the xor of 0x80 gives q back, and the signs move onto
+ *     the weights, |x| (unsigned) times q * sign(x) (vpsignb), at most 127 x 127 x 2 = 32258.
+ *     int4 codes u = q + 8 are at most 15: u x needs no such care, and 8 of the int16 pair sums
+ *     (15 x 127 x 2 each) add up in int16 before one vpmaddwd per block; sum u x - 8 sum x is
+ *     the block's sum of q x. A block's exact integer sum is then added into its column's float32
+ *     accumulator (in acc: a tile's integer accumulators take the registers) with one fused
+ *     multiply-add by d_w d_x, the operations of the portable and VNNI kernels.
+ */
+#include "compute/gemv_kernels.h"
+
+#ifdef LLM_GEMV_X86
+
+#include <immintrin.h>
+
+#define T_AVX2 __attribute__((target("avx2,fma,f16c")))
+#define INLINE static inline __attribute__((always_inline))
+
+/* -- float32 and bfloat16: a tile of ROWS x VECS float32 accumulators over the inputs -- */
+
+/*
+ * acc[0..rows) columns [8 v0, 8 (v0 + vecs)) (+)= rows r0.. of inp, inputs [i0, i0 + n), times the
+ * float32 weights w (NR per input, from input i0 on); from zero when `first`, else from acc.
+ */
+INLINE T_AVX2 void
+f32_tile(const Gemv *g, const float *w, size_t i0, size_t n, size_t r0, float (*acc)[NR], int v0,
+		 bool first, const int rows, const int vecs)
+{
+	const float *x = g->inp + r0 * g->IC + i0;
+	size_t		IC = g->IC;
+	__m256		a[6][4];
+
+	for (int r = 0; r < rows; r++)
+		for (int v = 0; v < vecs; v++)
+			a[r][v] = first ? _mm256_setzero_ps() : _mm256_load_ps(acc[r] + 8 * (v0 + v));
+	for (size_t i = 0; i < n; i++)
+	{
+		__m256		wv[4];
+
+		for (int v = 0; v < vecs; v++)
+			wv[v] = _mm256_load_ps(w + i * NR + 8 * (v0 + v));
+		for (int r = 0; r < rows; r++)
+		{
+			__m256		xb = _mm256_broadcast_ss(x + r * IC + i);
+
+			for (int v = 0; v < vecs; v++)
+				a[r][v] = _mm256_fmadd_ps(wv[v], xb, a[r][v]);
+		}
+	}
+	for (int r = 0; r < rows; r++)
+		for (int v = 0; v < vecs; v++)
+			_mm256_store_ps(acc[r] + 8 * (v0 + v), a[r][v]);
+}
+
+/*
+ * Rows of the next tile when `left` rows remain for tiles of at most `most`: as many tiles as
+ * needed, of rows as even as can be (8 rows: 4 + 4, not 6 + 2, whose 4 accumulators would leave
+ * the fused multiply-adds waiting on each other's latency).
+ */
+static inline int
+tile_rows(int left, int most)
+{
+	int			tiles = (left + most - 1) / most;
+
+	return (left + tiles - 1) / tiles;
+}
+
+/* Runs f32_tile over nr rows (nr > 1) for inputs [i0, i0 + n): tiles of up to 6 rows x 2 vectors. */
+static T_AVX2 __attribute__((noinline)) void
+f32_rows(const Gemv *g, const float *w, size_t i0, size_t n, size_t r0, int nr, float (*acc)[NR])
+{
+	for (int i = 0, rows; i < nr; i += rows)
+	{
+		rows = tile_rows(nr - i, 6);
+		for (int v0 = 0; v0 < 4; v0 += 2)
+			switch (rows)
+			{
+				case 1:
+					f32_tile(g, w, i0, n, r0 + i, acc + i, v0, i0 == 0, 1, 2);
+					break;
+				case 2:
+					f32_tile(g, w, i0, n, r0 + i, acc + i, v0, i0 == 0, 2, 2);
+					break;
+				case 3:
+					f32_tile(g, w, i0, n, r0 + i, acc + i, v0, i0 == 0, 3, 2);
+					break;
+				case 4:
+					f32_tile(g, w, i0, n, r0 + i, acc + i, v0, i0 == 0, 4, 2);
+					break;
+				case 5:
+					f32_tile(g, w, i0, n, r0 + i, acc + i, v0, i0 == 0, 5, 2);
+					break;
+				default:
+					f32_tile(g, w, i0, n, r0 + i, acc + i, v0, i0 == 0, 6, 2);
+					break;
+			}
+	}
+}
+
+/* Inputs of a panel that several rows take at a time: 16 KB of float32 weights, which stay in L1
+ * while every group of rows passes over them. */
+#define CHUNK 128
+
+static T_AVX2 void
+f32_avx2(const Gemv *g, const uint8_t *panel, size_t r0, int nr, float (*acc)[NR])
+{
+	const float *w = (const float *) panel;
+
+	if (nr == 1)
+		f32_tile(g, w, 0, g->IC, r0, acc, 0, true, 1, 4);
+	else
+		for (size_t i0 = 0; i0 < g->IC; i0 += CHUNK)
+			f32_rows(g, w + i0 * NR, i0, Min(CHUNK, g->IC - i0), r0, nr, acc);
+}
+
+/* One row: bfloat16 pairs of inputs (2k, 2k+1) per 32-bit word, lo = word << 16, hi = word & 0xFFFF0000. */
+INLINE T_AVX2 void
+bf16_row(const Gemv *g, const uint32_t *w, size_t r0, float (*acc)[NR])
+{
+	const float *x = g->inp + r0 * g->IC;
+	size_t		IC = g->IC;
+	const __m256i hi_mask = _mm256_set1_epi32((int) 0xFFFF0000u);
+	__m256		a[4];
+
+	for (int v = 0; v < 4; v++)
+		a[v] = _mm256_setzero_ps();
+	for (size_t i = 0; i < IC; i += 2)
+		for (int v = 0; v < 4; v++)
+		{
+			__m256i		u = _mm256_load_si256((const __m256i *) (w + (i / 2) * NR + 8 * v));
+
+			a[v] = _mm256_fmadd_ps(_mm256_castsi256_ps(_mm256_slli_epi32(u, 16)), _mm256_broadcast_ss(x + i), a[v]);
+			if (i + 1 < IC)
+				a[v] = _mm256_fmadd_ps(_mm256_castsi256_ps(_mm256_and_si256(u, hi_mask)),
+									   _mm256_broadcast_ss(x + i + 1), a[v]);
+		}
+	for (int v = 0; v < 4; v++)
+		_mm256_store_ps(acc[0] + 8 * v, a[v]);
+}
+
+/*
+ * Several rows: the panel's bfloat16 weights become float32 a chunk of inputs at a time, which
+ * runs through f32_rows (the same fused multiply-adds in the same order as bf16_row: bitwise equal).
+ * Converting in registers instead costs a shift and a mask per 8 weights for each group of rows,
+ * and a 6 x 2 tile then needs more registers than AVX2 has.
+ */
+static T_AVX2 void
+bf16_avx2(const Gemv *g, const uint8_t *panel, size_t r0, int nr, float (*acc)[NR])
+{
+	const uint32_t *w = (const uint32_t *) panel;
+	const __m256i hi_mask = _mm256_set1_epi32((int) 0xFFFF0000u);
+	float		buf[CHUNK * NR] __attribute__((aligned(64)));
+
+	if (nr == 1)
+	{
+		bf16_row(g, w, r0, acc);
+		return;
+	}
+	for (size_t i0 = 0; i0 < g->IC; i0 += CHUNK)
+	{
+		size_t		n = Min(CHUNK, g->IC - i0);
+
+		for (size_t i = 0; i < n; i += 2)
+			for (int v = 0; v < 4; v++)
+			{
+				__m256i		u = _mm256_load_si256((const __m256i *) (w + ((i0 + i) / 2) * NR + 8 * v));
+				__m256		lo = _mm256_castsi256_ps(_mm256_slli_epi32(u, 16)),
+							hi = _mm256_castsi256_ps(_mm256_and_si256(u, hi_mask));
+
+				/* a word is (input i0 + i, input i0 + i + 1) of one column */
+				_mm256_store_ps(buf + i * NR + 8 * v, lo);
+				_mm256_store_ps(buf + (i + 1) * NR + 8 * v, hi);
+			}
+		f32_rows(g, buf, i0, n, r0, nr, acc);
+	}
+}
+
+/* -- int8 and int4: integer sums per block, added into acc's float32 accumulators per block -- */
+
+/* 4 quantised activations (one group of a block) of row r, in every 32-bit lane */
+INLINE T_AVX2 __m256i
+act_group(const Q8Act *a, size_t nb, size_t r, size_t b, int k)
+{
+	int32_t		x;
+
+	memcpy(&x, a->q + (r * nb + b) * QK + k, sizeof(x));
+	return _mm256_set1_epi32(x);
+}
+
+/* acc[r] columns of vector v0 + v += isum[r][v] * d_w * d_x, per row of the tile, for block b */
+INLINE T_AVX2 void
+block_to_float(const Q8Act *a, size_t nb, size_t r0, size_t b, const uint8_t *blk, __m256i (*isum)[4],
+			   float (*acc)[NR], int v0, const int rows, const int vecs)
+{
+	for (int v = 0; v < vecs; v++)
+	{
+		__m256		dw = _mm256_cvtph_ps(_mm_load_si128((const __m128i *) (blk + 16 * (v0 + v))));
+
+		for (int r = 0; r < rows; r++)
+		{
+			float	   *y = acc[r] + 8 * (v0 + v);
+			__m256		d = _mm256_mul_ps(dw, _mm256_set1_ps(a->d[(r0 + r) * nb + b]));
+
+			_mm256_store_ps(y, _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum[r][v]), d, _mm256_load_ps(y)));
+		}
+	}
+}
+
+INLINE T_AVX2 void
+tile_zero(float (*acc)[NR], int v0, const int rows, const int vecs)
+{
+	for (int r = 0; r < rows; r++)
+		for (int v = 0; v < vecs; v++)
+			_mm256_store_ps(acc[r] + 8 * (v0 + v), _mm256_setzero_ps());
+}
+
+INLINE T_AVX2 void
+q8_tile(const Gemv *g, const uint8_t *panel, size_t r0, float (*acc)[NR], int v0, const int rows, const int vecs)
+{
+	const Q8Act *a = g->act;
+	size_t		nb = gemv_blocks(g->IC);
+	const __m256i flip = _mm256_set1_epi8((char) 0x80),
+				ones = _mm256_set1_epi16(1);
+
+	tile_zero(acc, v0, rows, vecs);
+	for (size_t b = 0; b < nb; b++)
+	{
+		const uint8_t *blk = panel + b * Q8_BLOCK;
+		__m256i		isum[5][4];
+
+		for (int r = 0; r < rows; r++)
+			for (int v = 0; v < vecs; v++)
+				isum[r][v] = _mm256_setzero_si256();
+		for (int k = 0; k < QK; k += 4)
+		{
+			__m256i		w[4];
+
+			for (int v = 0; v < vecs; v++)
+				w[v] = _mm256_xor_si256(_mm256_load_si256((const __m256i *) (blk + q8_index(k, 8 * (v0 + v)))), flip);
+			for (int r = 0; r < rows; r++)
+			{
+				__m256i		x = act_group(a, nb, r0 + r, b, k),
+							ax = _mm256_abs_epi8(x);
+
+				for (int v = 0; v < vecs; v++)
+				{
+					__m256i		p = _mm256_maddubs_epi16(ax, _mm256_sign_epi8(w[v], x));
+
+					isum[r][v] = _mm256_add_epi32(isum[r][v], _mm256_madd_epi16(p, ones));
+				}
+			}
+		}
+		block_to_float(a, nb, r0, b, blk, isum, acc, v0, rows, vecs);
+	}
+}
+
+INLINE T_AVX2 void
+q4_tile(const Gemv *g, const uint8_t *panel, size_t r0, float (*acc)[NR], int v0, const int rows, const int vecs)
+{
+	const Q8Act *a = g->act;
+	size_t		nb = gemv_blocks(g->IC);
+	const __m256i low = _mm256_set1_epi8(0x0F),
+				ones = _mm256_set1_epi16(1);
+
+	tile_zero(acc, v0, rows, vecs);
+	for (size_t b = 0; b < nb; b++)
+	{
+		const uint8_t *blk = panel + b * Q4_BLOCK;
+		__m256i		s16[5][4],
+					isum[5][4];
+
+		for (int r = 0; r < rows; r++)
+			for (int v = 0; v < vecs; v++)
+				s16[r][v] = _mm256_setzero_si256();
+		for (int k = 0; k < QK / 2; k += 4)
+		{
+			__m256i		lo[4],
+						hi[4];
+
+			for (int v = 0; v < vecs; v++)
+			{
+				__m256i		u = _mm256_load_si256((const __m256i *) (blk + q4_index(k, 8 * (v0 + v))));
+
+				lo[v] = _mm256_and_si256(u, low);
+				hi[v] = _mm256_and_si256(_mm256_srli_epi16(u, 4), low);
+			}
+			for (int r = 0; r < rows; r++)
+			{
+				__m256i		x0 = act_group(a, nb, r0 + r, b, k),
+							x1 = act_group(a, nb, r0 + r, b, k + 16);
+
+				for (int v = 0; v < vecs; v++)
+					s16[r][v] = _mm256_add_epi16(s16[r][v], _mm256_add_epi16(_mm256_maddubs_epi16(lo[v], x0),
+																			 _mm256_maddubs_epi16(hi[v], x1)));
+			}
+		}
+		for (int r = 0; r < rows; r++)
+		{
+			__m256i		offset = _mm256_set1_epi32(8 * a->sum[(r0 + r) * nb + b]);
+
+			for (int v = 0; v < vecs; v++)
+				isum[r][v] = _mm256_sub_epi32(_mm256_madd_epi16(s16[r][v], ones), offset);
+		}
+		block_to_float(a, nb, r0, b, blk, isum, acc, v0, rows, vecs);
+	}
+}
+
+/*
+ * The tiles for several rows, the best of 1 to 6 rows x 1, 2 or 4 vectors (bench/kernels.c, 96
+ * rows, weights in cache, CPU time of one thread on the Zen 3 machine): int8 2 x 4 (29 ms beside
+ * 33 for 4 x 2, 5 x 2 and 3 x 2), int4 5 x 2 (21 ms beside 24 for 4 x 2 and 26 for 2 x 4). One row
+ * takes the whole panel, 1 x 4.
+ */
+static T_AVX2 void
+q8_avx2(const Gemv *g, const uint8_t *panel, size_t r0, int nr, float (*acc)[NR])
+{
+	for (int i = 0; i < nr; i += 2)
+	{
+		if (nr - i == 1)
+			q8_tile(g, panel, r0 + i, acc + i, 0, 1, 4);
+		else
+			q8_tile(g, panel, r0 + i, acc + i, 0, 2, 4);
+	}
+}
+
+static T_AVX2 void
+q4_avx2(const Gemv *g, const uint8_t *panel, size_t r0, int nr, float (*acc)[NR])
+{
+	if (nr == 1)
+	{
+		q4_tile(g, panel, r0, acc, 0, 1, 4);
+		return;
+	}
+	for (int i = 0, rows; i < nr; i += rows)
+	{
+		rows = Min(nr - i, 5);	/* balanced tiles measured slower here (the int16 sums have no latency to hide) */
+		for (int v0 = 0; v0 < 4; v0 += 2)
+			switch (rows)
+			{
+				case 1:
+					q4_tile(g, panel, r0 + i, acc + i, v0, 1, 2);
+					break;
+				case 2:
+					q4_tile(g, panel, r0 + i, acc + i, v0, 2, 2);
+					break;
+				case 3:
+					q4_tile(g, panel, r0 + i, acc + i, v0, 3, 2);
+					break;
+				case 4:
+					q4_tile(g, panel, r0 + i, acc + i, v0, 4, 2);
+					break;
+				default:
+					q4_tile(g, panel, r0 + i, acc + i, v0, 5, 2);
+					break;
+			}
+	}
+}
+
+static T_AVX2 void
+quantise_avx2(void *scratch, const float *inp, size_t R, size_t IC)
+{
+	gemv_quantise_q8(scratch, inp, R, IC);
+}
+
+void
+llm_gemv_kernels_avx2(Kernel *k)
+{
+	k[LLM_WEIGHTS_F32] = (Kernel) {f32_avx2, LLM_GEMV_INPUT_F32, NULL};
+	k[LLM_WEIGHTS_BF16] = (Kernel) {bf16_avx2, LLM_GEMV_INPUT_F32, NULL};
+	k[LLM_WEIGHTS_Q8] = (Kernel) {q8_avx2, LLM_GEMV_INPUT_Q8, quantise_avx2};
+	k[LLM_WEIGHTS_Q4] = (Kernel) {q4_avx2, LLM_GEMV_INPUT_Q8, quantise_avx2};
+}
+
+#endif							/* LLM_GEMV_X86 */
