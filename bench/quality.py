@@ -137,9 +137,9 @@ def prefix_logits(conn, model: str, seqs: np.ndarray) -> np.ndarray:
     return np.array(out, dtype=np.float32)
 
 
-def greedy(conn, model: str, prompts: np.ndarray) -> np.ndarray:
+def greedy(conn, model: str, prompts: np.ndarray, n: int = GREEDY_TOKENS) -> np.ndarray:
     return np.array([conn.execute("SELECT llm_generate_tokens(%s, %s, 0, model => %s)",
-                                  (p.tolist(), GREEDY_TOKENS, model)).fetchone()[0] for p in prompts])
+                                  (p.tolist(), n, model)).fetchone()[0] for p in prompts])
 
 
 def measure(conn, model: str, prec: str, seqs: np.ndarray, prompts: np.ndarray) -> dict:

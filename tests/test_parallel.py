@@ -164,7 +164,7 @@ def test_every_serving_function_runs_in_a_worker(pdb):
         f"SELECT array_agg(text ORDER BY ord) FROM llm_generate_batch('{{Hello,Batch,a}}', 5, 0.9, 40, 0.9, '{MODEL}', 7)",
         f"SELECT array_agg(score ORDER BY rank) FROM llm_beam_search('Beam me', 3, 4, '{MODEL}')",
         f"SELECT vocab_size, tokens, merges, eot_id FROM llm_tokenizer_info('{MODEL}')",
-        f"SELECT array_agg(embedding ORDER BY ord) FROM llm_embed_batch('{{Hello,NULL,Embed me}}', '{MODEL}')",
+        f"SELECT string_agg(coalesce(embedding::text, '-'), ';' ORDER BY ord) FROM llm_embed_batch('{{Hello,NULL,Embed me}}', '{MODEL}')",
         f"SELECT llm_tokenizer_fingerprint('{MODEL}')",
         f"SELECT llm_token_bytes(50256, '{MODEL}')",
         f"SELECT count(*) FROM pg_llm_weight_cache() WHERE model = '{MODEL}'",

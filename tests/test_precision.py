@@ -32,6 +32,8 @@ import pytest
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
+from bench.quality import greedy, log_softmax, markov, prefix_logits
+
 from .test_batch import cancel_until_ended
 from .test_weight_cache import copies, wait_for
 from .weights import random_gpt2, store_hf_model
@@ -42,18 +44,9 @@ GREEDY_AGREEMENT = 0.95
 LOGITS_RTOL = {"float32": 1e-5, "bfloat16": 0.01, "int8": 0.02, "int4": 0.12}
 
 
-def markov_text(n: int, length: int, seed: int) -> np.ndarray:
-    """n sequences of the chain: successor[t] with p 0.9, second[t] with 0.07, any token with 0.03."""
-    chain = np.random.default_rng(0)
-    successor, second = chain.permutation(V), chain.permutation(V)
-    rng = np.random.default_rng(seed)
-    x = np.empty((n, length), dtype=np.int64)
-    x[:, 0] = rng.integers(0, V, n)
-    for t in range(1, length):
-        u = rng.random(n)
-        x[:, t] = np.where(u < 0.9, successor[x[:, t - 1]],
-                           np.where(u < 0.97, second[x[:, t - 1]], rng.integers(0, V, n)))
-    return x
+def markov_tokens(n: int, length: int, seed: int) -> np.ndarray:
+    """bench.quality's chain over the whole vocabulary: successor with p 0.9, second with 0.07, any with 0.03."""
+    return markov(n, length, seed, np.arange(V))
 
 
 def trained_gpt2(steps: int = 150) -> GPT2LMHeadModel:
@@ -66,7 +59,7 @@ def trained_gpt2(steps: int = 150) -> GPT2LMHeadModel:
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
     try:
         for step in range(steps):
-            batch = torch.from_numpy(markov_text(16, 32, seed=1000 + step))
+            batch = torch.from_numpy(markov_tokens(16, 32, seed=1000 + step))
             loss = model(batch, labels=batch).loss
             opt.zero_grad()
             loss.backward()
@@ -91,27 +84,6 @@ def trained(dsn):
         conn.execute("DELETE FROM llm_model_config WHERE model = %s", (name,))
 
 
-def log_softmax(x: np.ndarray) -> np.ndarray:
-    x = x.astype(np.float64)
-    x = x - x.max(-1, keepdims=True)
-    return x - np.log(np.exp(x).sum(-1, keepdims=True))
-
-
-def prefix_logits(conn, model: str, seqs: np.ndarray) -> np.ndarray:
-    """(n, L - 1, V): the logits after every proper prefix of each sequence."""
-    out = []
-    for seq in seqs:
-        rows = conn.execute("SELECT llm_logits((%s::int[])[1:n], %s) FROM generate_series(1, %s) n ORDER BY n",
-                            (seq.tolist(), model, len(seq) - 1)).fetchall()
-        out.append([r[0] for r in rows])
-    return np.array(out, dtype=np.float32)
-
-
-def greedy(conn, model: str, prompts: np.ndarray, n: int = 32) -> np.ndarray:
-    return np.array([conn.execute("SELECT llm_generate_tokens(%s, %s, 0, model => %s)",
-                                  (p.tolist(), n, model)).fetchone()[0] for p in prompts])
-
-
 def precision(conn, value: str) -> None:
     conn.execute("SELECT set_config('pg_llm.inference_precision', %s, false)", (value,))
 
@@ -132,7 +104,7 @@ def quality(conn, model: str, prec: str, seqs: np.ndarray, prompts: np.ndarray, 
 def reference(trained):
     """float32's log-probabilities, held-out NLL and greedy continuations on the held-out text."""
     name, conn = trained
-    seqs, prompts = markov_text(48, L, seed=7), markov_text(16, 8, seed=8)
+    seqs, prompts = markov_tokens(48, L, seed=7), markov_tokens(16, 8, seed=8)
     precision(conn, "float32")
     lp = log_softmax(prefix_logits(conn, name, seqs))
     nll = -np.take_along_axis(lp, seqs[:, 1:, None], -1).mean()

@@ -510,9 +510,8 @@ def test_each_training_commit_is_served_by_the_subscriber(topo, serving):
 
 
 def test_a_model_reinitialised_with_another_shape_is_served_in_its_new_shape(topo, serving):
-    with topo.primary.connect() as conn, conn.transaction():
-        conn.execute("DELETE FROM llm_model_config WHERE model = 'shipped'")
-        conn.execute("SELECT llm_init('shipped', 3, 2, 32, 64, 50257, seed => 14)")
+    with topo.primary.connect() as conn:
+        conn.execute("SELECT llm_init('shipped', 3, 2, 32, 64, 50257, seed => 14, replace => true)")
     caught_up(topo, serving, "shipped")
     with serving.connect() as conn:
         assert conn.execute("SELECT n_layer, d_model, n_positions FROM llm_model_config WHERE model = 'shipped'"

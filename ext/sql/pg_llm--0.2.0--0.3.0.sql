@@ -61,11 +61,16 @@ BEGIN
             USING ERRCODE = 'triggered_action_exception',
                   DETAIL = format('It fired %s %s ... FOR EACH %s on table %s.', TG_WHEN, TG_OP, TG_LEVEL, TG_RELID::regclass);
     END IF;
-    -- every table that references llm_model_config, so that a table added later counts too
+    -- every table that references llm_model_config, so that a table added later counts too; but
+    -- in a subscription's apply (session_replication_role replica: docs/scale-out.md enables this
+    -- trigger for it) the tokenizer does not: the publication ships the model with its tokenizer,
+    -- whose rows may be copied before the model's row, and the delete below cascades nothing there
     FOR ref IN SELECT c.conrelid::regclass AS tab, a.attname
                  FROM pg_constraint c
                  JOIN pg_attribute a ON a.attrelid = c.conrelid AND a.attnum = c.conkey[1]
                 WHERE c.confrelid = '@extschema@.llm_model_config'::regclass AND c.contype = 'f'
+                  AND NOT (c.conrelid IN ('@extschema@.llm_bpe_vocab'::regclass, '@extschema@.llm_bpe_merges'::regclass)
+                           AND pg_catalog.current_setting('session_replication_role') OPERATOR(pg_catalog.=) 'replica')
     LOOP
         EXECUTE format('SELECT EXISTS (SELECT 1 FROM %s WHERE %I OPERATOR(pg_catalog.=) $1)', ref.tab, ref.attname)
             INTO used USING NEW.model;

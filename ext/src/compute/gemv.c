@@ -48,22 +48,6 @@ bf16_float(uint16_t h)
 	return bits_float((uint32_t) h << 16);
 }
 
-static float
-fp16_float(uint16_t h)
-{
-	uint32_t	e = (h >> 10) & 0x1F,
-				m = h & 0x3FF;
-	float		f;
-
-	if (e == 0)
-		f = ldexpf((float) m, -24);		/* zero or subnormal */
-	else if (e == 31)
-		f = m ? NAN : INFINITY;
-	else
-		f = bits_float(((e + 112) << 23) | (m << 13));
-	return (h & 0x8000) ? -f : f;
-}
-
 /* The smallest fp16 >= x, for 0 <= x (65504, the largest, for anything above it or NaN). */
 static uint16_t
 fp16_ceil(float x)
@@ -87,12 +71,6 @@ fp16_ceil(float x)
 	if (e > 15)
 		return 0x7BFF;
 	return (uint16_t) (((uint32_t) (e + 15) << 10) | q);
-}
-
-float
-llm_fp16_float(uint16_t h)
-{
-	return fp16_float(h);
 }
 
 /* The fp16 nearest to x (ties to even); +-65504 for anything beyond, 0 for NaN. */

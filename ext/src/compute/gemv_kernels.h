@@ -197,7 +197,22 @@ gemv_round_bf16_pairs(void *scratch, const float *inp, size_t R, size_t IC)
 }
 
 /* fp16 -> float32 of the scales, exactly (any level: F16C and the portable code agree) */
-extern float llm_fp16_float(uint16_t h);
+static inline float
+fp16_float(uint16_t h)
+{
+	uint32_t	e = (h >> 10) & 0x1F,
+				m = h & 0x3FF;
+	float		f;
+
+	if (e == 0)
+		f = ldexpf((float) m, -24);		/* zero or subnormal */
+	else if (e == 31)
+		f = m ? NAN : INFINITY;
+	else
+		f = bits_float(((e + 112) << 23) | (m << 13));
+	return (h & 0x8000) ? -f : f;
+}
+
 
 /* The kernels of each level: each fills kernels[fmt] for the formats it has (gemv.c calls them
  * from the lowest level up to the one in use, so a level inherits what it does not replace). */

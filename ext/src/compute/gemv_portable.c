@@ -63,7 +63,7 @@ block_scales(const uint8_t *blk, float *d)
 		uint16_t	h;
 
 		memcpy(&h, blk + c * 2, sizeof(h));
-		d[c] = llm_fp16_float(h);
+		d[c] = fp16_float(h);
 	}
 }
 
