@@ -16,13 +16,12 @@ from pathlib import Path
 
 import pytest
 
+from bench.cprogram import KERNEL_OBJECTS as OBJECTS  # the objects the harnesses link with
 from pgllm.cluster import find_system_pg_config
 from pgllm.extension import source_dir
 
 REPO = Path(__file__).resolve().parent.parent
 SANITIZE = ("-fsanitize=address,undefined", "-fno-sanitize-recover=all", "-fno-omit-frame-pointer", "-g")
-# the objects of ext/src that the harnesses link with
-OBJECTS = ("src/compute/gemv.o", "src/compute/pool.o")
 ENV = {"ASAN_OPTIONS": "detect_leaks=1:abort_on_error=0:exitcode=86",
        "UBSAN_OPTIONS": "print_stacktrace=1:halt_on_error=1:exitcode=87"}
 
