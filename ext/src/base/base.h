@@ -168,6 +168,8 @@ extern bool llm_granted(Oid relid, const char *const *columns, int n_columns, Ac
 
 /* ERROR unless the current user may write models' weights (UPDATE on llm_param), as the write would. */
 extern void llm_check_may_train(const char *model);
+/* The same for training adapters: the right to write llm_adapter_param's tensors and moments. */
+extern void llm_check_may_train_adapter(void);
 
 /*
  * ERROR unless the trigger of fcinfo fires on pg_llm's table `table`: a trigger function of the

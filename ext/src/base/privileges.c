@@ -51,6 +51,15 @@ llm_check_may_train(const char *model)
 }
 
 void
+llm_check_may_train_adapter(void)
+{
+	static const char *const columns[] = {"data", "m", "v"};
+
+	if (!llm_granted(llm_table_oid("llm_adapter_param"), columns, lengthof(columns), ACL_UPDATE))
+		aclcheck_error(ACLCHECK_NO_PRIV, OBJECT_TABLE, "llm_adapter_param");
+}
+
+void
 llm_check_trigger_table(FunctionCallInfo fcinfo, const char *function, const char *table)
 {
 	TriggerData *td = (TriggerData *) fcinfo->context;

@@ -72,7 +72,8 @@ layernorm_backward(float *dinp, float *dweight, float *dbias, const float *dout,
 	.accumulate = accumulate};
 
 	llm_parallel_for(R, llm_kernel_tasks()->layernorm_backward_rows, &a);
-	llm_parallel_for(C, llm_kernel_tasks()->layernorm_backward_cols, &a);
+	if (dweight != NULL)
+		llm_parallel_for(C, llm_kernel_tasks()->layernorm_backward_cols, &a);
 }
 
 void

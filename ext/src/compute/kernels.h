@@ -151,7 +151,7 @@ extern void encoder_backward(float *dwte, float *dwpe, const float *dout, const 
  */
 extern void layernorm_forward(float *out, float *mean, float *rstd, const float *inp,
 							  const float *weight, const float *bias, int R, int C);
-/* dinp(R,C) += ...; dweight, dbias (C) overwritten or accumulated. */
+/* dinp(R,C) += ...; dweight, dbias (C) overwritten or accumulated (both skipped when dweight is NULL: frozen). */
 extern void layernorm_backward(float *dinp, float *dweight, float *dbias, const float *dout,
 							   const float *inp, const float *weight, const float *mean,
 							   const float *rstd, int R, int C, bool accumulate);
@@ -195,6 +195,25 @@ extern uint64_t dropout_key(uint64_t seed, uint64_t a, uint64_t b, uint64_t c);
 extern void crossentropy_softmax_forward_backward(float *losses, float *logits, const int32_t *targets,
 												  int N, int V, float dloss);
 
+/*
+ * LoRA's low-rank update of one product (lora.c), x (R, IC) its input after the adapter's dropout,
+ * A (rank, IC), B (OC, rank), rank <= LORA_RANK_MAX:
+ * lora_forward: out (R, OC) += scale * (x @ A^T) @ B^T, h (R, rank) scratch; by sgemm (training).
+ * lora_backward: given dout (R, OC), dB (+)= scale * dout^T @ h and dA (+)= dh^T @ x with
+ * h = x @ A^T (recomputed) and dh = scale * dout @ B (scratch, R x rank each); dx (R, IC) = dh @ A,
+ * or += with dx_add.
+ * lora_forward_rows: the forward row by row on the pool's threads (inference, evaluation): a row's
+ * result is the same whatever the other rows are and however many threads there are.
+ */
+#define LORA_RANK_MAX 1024
+extern void lora_forward(float *out, float *h, const float *x, const float *A, const float *B, int R, int IC,
+						 int OC, int rank, float scale);
+extern void lora_backward(float *dx, bool dx_add, float *dA, float *dB, float *h, float *dh, const float *dout,
+						  const float *x, const float *A, const float *B, int R, int IC, int OC, int rank,
+						  float scale, bool accumulate);
+extern void lora_forward_rows(float *out, const float *x, const float *A, const float *B, size_t R, size_t IC,
+							  size_t OC, int rank, float scale);
+
 /* Sum of squares of x[0..N), in double, deterministic for any number of threads. */
 extern double sum_of_squares(const float *x, size_t N);
 
@@ -218,7 +237,7 @@ extern void matmul_forward(float *out, const float *inp, const float *weight, co
 						   int BT, int C, int OC);
 /*
  * dinp(BT,C) = dout(BT,OC) @ weight^T (overwritten; skipped when dinp is NULL),
- * dweight(C,OC) = inp^T @ dout, dbias(OC) = column sums of dout (bias skipped when NULL).
+ * dweight(C,OC) = inp^T @ dout, dbias(OC) = column sums of dout (each skipped when NULL: frozen).
  */
 extern void matmul_backward(float *dinp, float *dweight, float *dbias, const float *dout,
 							const float *inp, const float *weight, int BT, int C, int OC,
@@ -228,7 +247,7 @@ extern void matmul_backward(float *dinp, float *dweight, float *dbias, const flo
  * Training's tied output head with its loss, forward and backward in one pass, chunk_rows rows at
  * a time so that at most chunk_rows * V logits exist (scratch holds that many floats):
  * logits = inp(BT,C) @ wte(V,C)^T, losses(BT) as above, dinp(BT,C) = dlogits @ wte (overwritten),
- * dwte(V,C) = dlogits^T @ inp (overwritten or accumulated).
+ * dwte(V,C) = dlogits^T @ inp (overwritten or accumulated; skipped when NULL).
  */
 extern void classifier_forward_backward(float *losses, float *dinp, float *dwte, float *scratch,
 										const float *inp, const float *wte, const int32_t *targets,

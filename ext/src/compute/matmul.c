@@ -25,8 +25,9 @@ matmul_backward(float *dinp, float *dweight, float *dbias, const float *dout, co
 	if (dinp != NULL)
 		llm_cblas_sgemm(LlmCblasRowMajor, LlmCblasNoTrans, LlmCblasTrans, BT, C, OC,
 						1.0f, dout, OC, weight, OC, 0.0f, dinp, C);
-	llm_cblas_sgemm(LlmCblasRowMajor, LlmCblasTrans, LlmCblasNoTrans, C, OC, BT,
-					1.0f, inp, C, dout, OC, accumulate ? 1.0f : 0.0f, dweight, OC);
+	if (dweight != NULL)
+		llm_cblas_sgemm(LlmCblasRowMajor, LlmCblasTrans, LlmCblasNoTrans, C, OC, BT,
+						1.0f, inp, C, dout, OC, accumulate ? 1.0f : 0.0f, dweight, OC);
 	if (dbias != NULL)
 	{
 		BiasArgs	a = {.out = dbias, .dout = dout, .BT = BT, .OC = OC, .accumulate = accumulate};
@@ -53,7 +54,8 @@ classifier_forward_backward(float *losses, float *dinp, float *dwte, float *scra
 		llm_cblas_sgemm(LlmCblasRowMajor, LlmCblasNoTrans, LlmCblasNoTrans, rows, C, V,
 						1.0f, scratch, V, wte, C, 0.0f, dinp + (size_t) r0 * C, C);
 		/* dwte(V,C) (+)= dlogits^T @ x */
-		llm_cblas_sgemm(LlmCblasRowMajor, LlmCblasTrans, LlmCblasNoTrans, V, C, rows,
+		if (dwte != NULL)
+			llm_cblas_sgemm(LlmCblasRowMajor, LlmCblasTrans, LlmCblasNoTrans, V, C, rows,
 						1.0f, scratch, V, x, C, (accumulate || r0 > 0) ? 1.0f : 0.0f, dwte, C);
 	}
 }

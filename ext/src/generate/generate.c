@@ -23,6 +23,7 @@
 #include <math.h>
 
 #include "catalog/pg_type.h"
+#include "executor/spi.h"
 #include "funcapi.h"
 /*
  * libpq.h (for pq_flush) pulls in libpq-be.h, which needs the GSSAPI headers when the server was
@@ -143,6 +144,31 @@ llm_tokens_to_array(const int32 *tokens, int n)
 	return construct_array(d, n, INT4OID, sizeof(int32), true, TYPALIGN_INT);
 }
 
+/* ---- adapters ------------------------------------------------------------------------------ */
+
+char *
+llm_adapter_arg(FunctionCallInfo fcinfo, int argno)
+{
+	if (PG_NARGS() <= argno || PG_ARGISNULL(argno))
+		return NULL;
+	return text_to_cstring(PG_GETARG_TEXT_PP(argno));
+}
+
+const LlmLora *
+llm_adapter_load(const char *adapter, const LlmConfig *cfg)
+{
+	MemoryContext caller = CurrentMemoryContext;
+	const LlmLora *lora;
+
+	if (adapter == NULL)
+		return NULL;
+	SPI_connect();
+	MemoryContextSwitchTo(caller);	/* the adapter outlives SPI (llm_lora_load allocates where it is called) */
+	lora = llm_lora_load(adapter, cfg, true, NULL, NULL);
+	SPI_finish();
+	return lora;
+}
+
 /* ---- generation ---------------------------------------------------------------------------- */
 
 typedef struct Generation
@@ -152,6 +178,7 @@ typedef struct Generation
 	LlmInfer   *inf;			/* computing in this backend */
 	LlmRunnerSeq *seq;			/* else: computing in the model's batch runner */
 	LlmSampler	sampler;
+	const LlmLora *lora;		/* set.adapter's */
 	const float *logits;		/* for the next token */
 	int32	   *out;			/* (max_tokens) generated ids */
 	int			n;
@@ -193,15 +220,18 @@ generation_start(const GenSettings *set, const int32 *prompt, int T)
 
 	m = llm_model_get(set->model);
 	g->cfg = m->cfg;
+	g->lora = llm_adapter_load(set->adapter, &g->cfg);
 	llm_sampler_init(&g->sampler, g->cfg.vocab, set->temperature, set->top_k, set->top_p,
 					 set->has_seed, set->seed);
 	g->out = palloc(sizeof(int32) * set->max_tokens);
-	g->seq = llm_runner_begin(m);
+	/* the batch runner computes with models alone */
+	g->seq = g->lora == NULL ? llm_runner_begin(m) : NULL;
 	if (g->seq != NULL)
 		g->logits = llm_runner_prompt(g->seq, prompt, T);
 	else
 	{
 		g->inf = llm_infer_create(m, 1, T, set->max_tokens);
+		llm_infer_set_adapter(g->inf, -1, g->lora);
 		g->logits = llm_infer_prompt(g->inf, prompt, T);
 	}
 	return g;
@@ -240,26 +270,35 @@ generation_next(Generation *g, bool refresh_model)
 
 /* ---- SQL: token level ---------------------------------------------------------------------- */
 
-/* llm_logits(tokens int[], model text) -> real[]: next-token logits after the last token. */
+/*
+ * llm_logits(tokens int[], model text, adapter text) -> real[]: next-token logits after the last
+ * token. NULL tokens or model: NULL (as 0.3.0's STRICT declaration).
+ */
 PG_FUNCTION_INFO_V1(llm_logits);
 Datum
 llm_logits(PG_FUNCTION_ARGS)
 {
-	ArrayType  *arr = PG_GETARG_ARRAYTYPE_P(0);
-	char	   *model = text_to_cstring(PG_GETARG_TEXT_PP(1));
+	ArrayType  *arr;
+	char	   *model;
 	LlmConfig	cfg;
 	const LlmModel *m;
 	LlmInfer   *inf;
 	const float *logits;
 	int			T;
-	int32	   *tokens = llm_tokens_from_array(arr, &T);
+	int32	   *tokens;
 	Datum	   *d;
 
+	if (PG_ARGISNULL(0) || PG_ARGISNULL(1))
+		PG_RETURN_NULL();
+	arr = PG_GETARG_ARRAYTYPE_P(0);
+	model = text_to_cstring(PG_GETARG_TEXT_PP(1));
+	tokens = llm_tokens_from_array(arr, &T);
 	llm_config_load(model, &cfg);
 	llm_check_token_range(tokens, T, &cfg);
 	llm_check_context(T, 0, &cfg);
 	m = llm_model_get(model);
 	inf = llm_infer_create(m, 1, T, 0);
+	llm_infer_set_adapter(inf, -1, llm_adapter_load(llm_adapter_arg(fcinfo, 2), &m->cfg));
 	logits = llm_infer_prompt(inf, tokens, T);
 	d = palloc(sizeof(Datum) * m->cfg.vocab);
 	for (int i = 0; i < m->cfg.vocab; i++)
@@ -287,6 +326,7 @@ llm_sampling_args(FunctionCallInfo fcinfo, GenSettings *set)
 	set->has_seed = !PG_ARGISNULL(6);
 	set->seed = set->has_seed ? PG_GETARG_INT64(6) : 0;
 	set->eos = -1;
+	set->adapter = NULL;
 	llm_check_max_tokens(set->max_tokens);
 	check_sampling(set->temperature, set->top_k, set->top_p);
 }
@@ -309,6 +349,7 @@ llm_generate_tokens(PG_FUNCTION_ARGS)
 	llm_sampling_args(fcinfo, &set);
 	if (!PG_ARGISNULL(7))
 		set.eos = PG_GETARG_INT32(7);
+	set.adapter = llm_adapter_arg(fcinfo, 8);
 	prompt = llm_tokens_from_array(PG_GETARG_ARRAYTYPE_P(0), &T);
 	g = generation_start(&set, prompt, T);
 	while (!g->done)
@@ -354,11 +395,12 @@ llm_decode_generated(const char *model, const int32 *ids, int n, int32 eos)
 	return cstring_to_text_with_len(s, len);
 }
 
-/* Arguments (prompt, max_tokens, temperature, topk, topp, model, seed): encode, stop at eot. */
+/* Arguments (prompt, max_tokens, temperature, topk, topp, model, seed, adapter): encode, stop at eot. */
 static int32 *
 text_generation_args(FunctionCallInfo fcinfo, GenSettings *set, int *T)
 {
 	llm_sampling_args(fcinfo, set);
+	set->adapter = llm_adapter_arg(fcinfo, 7);
 	return llm_encode_prompt(set->model, PG_GETARG_TEXT_PP(0), T, &set->eos);
 }
 

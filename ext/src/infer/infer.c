@@ -179,6 +179,7 @@ infer_create(const LlmModel *m, bool batch, int beams, int prompts, int max_prom
 	s->path = palloc0(Max(sizeof(int) * beams * max_new, 1));
 	s->path_tmp = palloc0(Max(sizeof(int) * beams * max_new, 1));
 	s->step_rows = palloc(sizeof(int) * beams);
+	s->adapter = palloc0(sizeof(LlmLora *) * beams);
 
 	s->x = alloc_floats(R * C);
 	s->ln = alloc_floats(R * C);
@@ -206,6 +207,15 @@ LlmInfer *
 llm_infer_create_rows(const LlmModel *m, int rows, int max_prompt, int max_positions)
 {
 	return infer_create(m, true, rows, rows, max_prompt, 0, max_positions);
+}
+
+void
+llm_infer_set_adapter(LlmInfer *s, int row, const LlmLora *lora)
+{
+	Assert(row >= -1 && row < s->beams);
+	Assert(lora == NULL || (lora->n_layer == s->L && strcmp(lora->model, s->model->cfg.model) == 0));
+	for (int b = (row < 0 ? 0 : row); b < (row < 0 ? s->beams : row + 1); b++)
+		s->adapter[b] = lora;
 }
 
 void
@@ -243,6 +253,17 @@ linear(void *ctx, LlmParamKind kind, int l, float *out, const float *inp, const 
 
 	llm_gemv(w->fmt[kind], out, inp, w->w[kind] + (size_t) l * w->stride[kind], bias, R, IC, OC, accumulate,
 			 s->gemv_scratch);
+}
+
+/* out (R, OC) += rows [r0, r1)'s update by adapter lora (NULL: none) of layer l's product of this kind */
+static void
+adapt_rows(const LlmLora *lora, LlmParamKind kind, int l, float *out, const float *inp, size_t r0, size_t r1,
+		   size_t IC, size_t OC)
+{
+	if (lora == NULL || !lora->target[kind] || r1 <= r0)
+		return;
+	lora_forward_rows(out + r0 * OC, inp + r0 * IC, llm_lora_a(lora, kind, l), llm_lora_b(lora, kind, l), r1 - r0,
+					  IC, OC, lora->rank, lora->scale);
 }
 
 /* logits (R, V) <- the final LayerNorm of x's rows (R, C) @ wte^T */
@@ -318,7 +339,29 @@ prompt_attention(void *ctx, int l, float *out, const float *qkv_rows, size_t R)
 	return (size_t) pp->n;
 }
 
-static const LlmBlockOps prompt_ops = {linear, prompt_attention, NULL};
+/*
+ * The adapters' update in a prompt pass: prompt i's rows are [off[i], off[i] + T[i]) of the pass,
+ * or row i alone past the last layer's attention (R == n then).
+ */
+static void
+prompt_adapt(void *ctx, LlmParamKind kind, int l, float *out, const float *inp, size_t R, size_t IC, size_t OC)
+{
+	const PromptPass *pp = ctx;
+	const LlmInfer *s = pp->s;
+	bool		moved = R < pp->off[pp->n - 1] + pp->T[pp->n - 1];
+
+	for (int i = 0; i < pp->n; i++)
+	{
+		const LlmLora *lora = s->adapter[s->prompts == 1 ? 0 : pp->ps[i]];
+
+		if (moved)
+			adapt_rows(lora, kind, l, out, inp, i, i + 1, IC, OC);
+		else
+			adapt_rows(lora, kind, l, out, inp, pp->off[i], pp->off[i] + pp->T[i], IC, OC);
+	}
+}
+
+static const LlmBlockOps prompt_ops = {linear, prompt_attention, NULL, prompt_adapt};
 
 /*
  * One prompt pass for n prompts at once: prompt i (T[i] tokens) into prompt slot ps[i]; their rows
@@ -482,7 +525,24 @@ step_attention(void *ctx, int l, float *out, const float *qkv, size_t B)
 	return B;
 }
 
-static const LlmBlockOps step_ops = {linear, step_attention, NULL};
+/* The adapters' update in a step: row i is row slot rows[i]; runs of rows with one adapter together. */
+static void
+step_adapt(void *ctx, LlmParamKind kind, int l, float *out, const float *inp, size_t B, size_t IC, size_t OC)
+{
+	const StepPass *sp = ctx;
+	const LlmInfer *s = sp->s;
+
+	for (size_t i0 = 0, i1; i0 < B; i0 = i1)
+	{
+		const LlmLora *lora = s->adapter[sp->rows[i0]];
+
+		for (i1 = i0 + 1; i1 < B && s->adapter[sp->rows[i1]] == lora; i1++)
+			;
+		adapt_rows(lora, kind, l, out, inp, i0, i1, IC, OC);
+	}
+}
+
+static const LlmBlockOps step_ops = {linear, step_attention, NULL, step_adapt};
 
 /* Row i of a step is slot rows[i]; B below is the number of rows of this step. */
 const float *

@@ -62,6 +62,7 @@ typedef struct LlmInfer
 	float	   *scores;			/* attention probabilities, see infer.c */
 	float	   *logits;			/* (B, V) */
 	void	   *gemv_scratch;	/* llm_gemv's activations in its kernels' form, R rows, 64-byte aligned */
+	const LlmLora **adapter;	/* (B) the adapter of each row slot, or NULL (none) */
 } LlmInfer;
 
 /* Buffers for B beams, a prompt of up to max_prompt tokens and max_new generated tokens (palloc'd). */
@@ -72,6 +73,12 @@ extern LlmInfer *llm_infer_create(const LlmModel *m, int beams, int max_prompt, 
  * positions, max_positions in all (a slot's cache holds no more than one sequence can use).
  */
 extern LlmInfer *llm_infer_create_rows(const LlmModel *m, int rows, int max_prompt, int max_positions);
+
+/*
+ * Row slot `row` computes with this adapter (NULL: none) from its next prompt on; row -1: every
+ * slot. The adapter must outlive its use (the caller's memory).
+ */
+extern void llm_infer_set_adapter(LlmInfer *s, int row, const LlmLora *lora);
 
 /* Use these weights from now on (same architecture; the caller checks they did not change). */
 extern void llm_infer_set_model(LlmInfer *s, const LlmModel *m);

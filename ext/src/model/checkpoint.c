@@ -110,7 +110,7 @@ reshape(const char *model, LlmConfig *have, const LlmConfig *arch, bool replace)
 						 "WHERE model = $1", llm_table("llm_model_config")),
 				6, types, values, false, 0, SPI_OK_UPDATE);
 	exec_model_statement(psprintf("DELETE FROM %s WHERE model = $1", llm_table("llm_checkpoint")), model, SPI_OK_DELETE);
-	if (!llm_config_lookup(model, have, true))
+	if (!llm_config_lookup(model, have, LLM_CONFIG_FOR_CHANGE))
 		elog(ERROR, "model \"%s\" disappeared while changing its shape", model);
 }
 
@@ -127,7 +127,7 @@ llm_weights_begin(LlmWeightWriter *w, const char *model, const LlmConfig *arch, 
 
 	llm_check_model_name(model);
 	memset(w, 0, sizeof(*w));
-	exists = llm_config_lookup(model, &have, true);
+	exists = llm_config_lookup(model, &have, LLM_CONFIG_FOR_CHANGE);
 	if (!exists && arch == NULL)
 		ereport(ERROR,
 				(errcode(ERRCODE_UNDEFINED_OBJECT),
@@ -365,7 +365,7 @@ llm_init(PG_FUNCTION_ARGS)
 	SPI_connect();
 	if (any_null)
 	{
-		if (!llm_config_lookup(model, &have, false))
+		if (!llm_config_lookup(model, &have, LLM_CONFIG_NO_LOCK))
 		{
 			for (int i = 0; i < 5; i++)
 				if (PG_ARGISNULL(i + 1))
@@ -515,7 +515,7 @@ llm_checkpoint_save(PG_FUNCTION_ARGS)
 	values[0] = CStringGetTextDatum(model);
 	values[1] = PG_ARGISNULL(1) ? (Datum) 0 : PG_GETARG_DATUM(1);
 	SPI_connect();
-	if (!llm_config_lookup(model, &cfg, false))
+	if (!llm_config_lookup(model, &cfg, LLM_CONFIG_NO_LOCK))
 		ereport(ERROR,
 				(errcode(ERRCODE_UNDEFINED_OBJECT),
 				 errmsg("model \"%s\" does not exist", model)));
@@ -573,7 +573,7 @@ llm_checkpoint_load(PG_FUNCTION_ARGS)
 	values[0] = CStringGetTextDatum(model);
 	values[1] = Int64GetDatum(id);
 	SPI_connect();
-	if (!llm_config_lookup(model, &cfg, true))
+	if (!llm_config_lookup(model, &cfg, LLM_CONFIG_FOR_CHANGE))
 		ereport(ERROR,
 				(errcode(ERRCODE_UNDEFINED_OBJECT),
 				 errmsg("model \"%s\" does not exist", model)));

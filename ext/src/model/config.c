@@ -8,14 +8,16 @@
 #include "executor/spi.h"
 #include "utils/builtins.h"
 
-/* The model's row of llm_model_config (locked when for_update, against a drop, a rename or a
- * change of shape; FOR NO KEY UPDATE: a FOR UPDATE lock would wait for every open transaction
- * that inserted a row referencing the model, such as an uncommitted llm_train_log row); false
- * when there is none.
+/* The model's row of llm_model_config, locked as `lock` says (model.h); false when there is none.
+ * LLM_CONFIG_FOR_CHANGE is FOR NO KEY UPDATE: a FOR UPDATE lock would wait for every open
+ * transaction that inserted a row referencing the model, such as an uncommitted llm_train_log row.
  * The caller is connected to SPI. */
 bool
-llm_config_lookup(const char *model, LlmConfig *cfg, bool for_update)
+llm_config_lookup(const char *model, LlmConfig *cfg, LlmConfigLock lock)
 {
+	static const char *const clause[] = {
+		[LLM_CONFIG_NO_LOCK] = "", [LLM_CONFIG_FOR_CHANGE] = " FOR NO KEY UPDATE", [LLM_CONFIG_FOR_SHARE] = " FOR SHARE",
+	};
 	Oid			argtypes[1] = {TEXTOID};
 	Datum		values[1];
 	TupleDesc	desc;
@@ -27,8 +29,8 @@ llm_config_lookup(const char *model, LlmConfig *cfg, bool for_update)
 	if (llm_spi_run("reading llm_model_config",
 					psprintf("SELECT n_layer, n_head, d_model, n_positions, vocab, weights_version, tableoid "
 							 "FROM %s WHERE model = $1%s", llm_table("llm_model_config"),
-							 for_update ? " FOR NO KEY UPDATE" : ""),
-					1, argtypes, values, !for_update, 1, SPI_OK_SELECT) == 0)
+							 clause[lock]),
+					1, argtypes, values, lock == LLM_CONFIG_NO_LOCK, 1, SPI_OK_SELECT) == 0)
 		return false;
 	desc = SPI_tuptable->tupdesc;
 	tuple = SPI_tuptable->vals[0];
@@ -50,7 +52,7 @@ llm_config_load(const char *model, LlmConfig *cfg)
 	bool		found;
 
 	SPI_connect();
-	found = llm_config_lookup(model, cfg, false);
+	found = llm_config_lookup(model, cfg, LLM_CONFIG_NO_LOCK);
 	SPI_finish();
 	if (!found)
 		ereport(ERROR,

@@ -32,8 +32,8 @@ kind_is_layered(LlmParamKind kind)
 }
 
 /* The shape of one tensor of this kind (one layer's, for layered kinds), as tensors.def says. */
-static int
-kind_shape(const LlmConfig *cfg, LlmParamKind kind, int shape[2])
+int
+llm_kind_shape(const LlmConfig *cfg, LlmParamKind kind, int shape[2])
 {
 	int			V = cfg->vocab,
 				P = cfg->n_positions,
@@ -58,7 +58,7 @@ llm_layout_init(const LlmConfig *cfg, LlmLayout *layout)
 	for (int k = 0; k < LLM_NUM_KINDS; k++)
 	{
 		int			shape[2];
-		int			ndim = kind_shape(cfg, (LlmParamKind) k, shape);
+		int			ndim = llm_kind_shape(cfg, (LlmParamKind) k, shape);
 		size_t		n = (size_t) shape[0] * (ndim == 2 ? (size_t) shape[1] : 1);
 
 		layout->offset[k] = offset;
@@ -76,7 +76,7 @@ fill_info(const LlmConfig *cfg, const LlmLayout *layout, LlmParamKind kind, int 
 	strlcpy(info->name, name, sizeof(info->name));
 	info->kind = kind;
 	info->layer = layer;
-	info->ndim = kind_shape(cfg, kind, info->shape);
+	info->ndim = llm_kind_shape(cfg, kind, info->shape);
 	info->numel = layout->size[kind];
 	info->offset = layout->offset[kind] + (layer >= 0 ? (size_t) layer * layout->size[kind] : 0);
 	info->decay = (info->ndim == 2);
@@ -160,4 +160,10 @@ size_t
 llm_kind_tensors(const LlmConfig *cfg, LlmParamKind kind)
 {
 	return kind_is_layered(kind) ? (size_t) cfg->n_layer : 1;
+}
+
+const char *
+llm_kind_name(LlmParamKind kind)
+{
+	return kinds[kind].name;
 }

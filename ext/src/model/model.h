@@ -135,6 +135,13 @@ typedef struct LlmBlockOps
 
 	/* x (N) <- dropout at layer l's site (1: after attention, 2: after the MLP); NULL: none. */
 	void		(*dropout) (void *ctx, int l, int site, float *x, size_t N);
+
+	/*
+	 * After each product: out (R, OC) += the low-rank update of the rows' LoRA adapters for this
+	 * kind of layer l, from the product's input inp (R, IC) (model/lora.h); NULL: no adapters.
+	 */
+	void		(*adapt) (void *ctx, LlmParamKind weight, int l, float *out, const float *inp, size_t R,
+						  size_t IC, size_t OC);
 } LlmBlockOps;
 
 /*
@@ -173,6 +180,62 @@ extern void llm_params_point(float *memory, const LlmLayout *layout, LlmParams *
 
 /* Tensors of a kind: n_layer for the kinds of each layer, else 1. */
 extern size_t llm_kind_tensors(const LlmConfig *cfg, LlmParamKind kind);
+/* A kind's name in tensors.def ("attn.c_attn.weight"), and one tensor's shape (returns ndim). */
+extern const char *llm_kind_name(LlmParamKind kind);
+extern int	llm_kind_shape(const LlmConfig *cfg, LlmParamKind kind, int shape[2]);
+
+/*
+ * A LoRA adapter of a model (lora.c), PEFT's LoRA on the block's products: for each target kind
+ * (LLM_QKVW, LLM_ATTPROJW, LLM_FCW, LLM_FCPROJW) and layer l, A (rank, IC) and B (OC, rank) in
+ * PEFT's orientation (h.{l}.attn.c_attn.lora_A, ...lora_B: lora_A.weight and lora_B.weight), and
+ * the product inp (R, IC) @ W gains scale * (dropout(inp) @ A^T) @ B^T, scale = alpha / rank.
+ * One block holds, for each target in kind order, A of every layer, then B of every layer.
+ */
+typedef struct LlmLora
+{
+	char		name[LLM_MODEL_NAME_MAX + 1];
+	char		model[LLM_MODEL_NAME_MAX + 1];	/* its base */
+	int			rank;
+	float		alpha,
+				scale,
+				dropout;		/* on the adapter's input, in training */
+	bool		target[LLM_NUM_KINDS];
+	size_t		a_offset[LLM_NUM_KINDS],	/* layer 0's A and B in the block; layer l's at l * size */
+				b_offset[LLM_NUM_KINDS],
+				a_size[LLM_NUM_KINDS],
+				b_size[LLM_NUM_KINDS];
+	int			in[LLM_NUM_KINDS],	/* IC and OC of each target's product */
+				out[LLM_NUM_KINDS];
+	int			n_layer;
+	int			num_tensors;
+	size_t		numel;
+	float	   *memory;
+	int64		step;			/* optimizer steps taken, and the position in its dataset */
+	int64		data_pos;
+} LlmLora;
+
+static inline const float *
+llm_lora_a(const LlmLora *lora, LlmParamKind kind, int l)
+{
+	return lora->memory + lora->a_offset[kind] + (size_t) l * lora->a_size[kind];
+}
+
+static inline const float *
+llm_lora_b(const LlmLora *lora, LlmParamKind kind, int l)
+{
+	return lora->memory + lora->b_offset[kind] + (size_t) l * lora->b_size[kind];
+}
+
+/*
+ * The adapter's row of llm_adapter and its tensors of llm_adapter_param, read with the caller's
+ * rights (caller connected to SPI; read_only as llm_tensor_rows_scan's). The base must be `cfg`'s
+ * model. Allocated in the memory context current at the call (not SPI's). m and v, when not NULL,
+ * receive a block each (numel) with the AdamW moments (zero where the table has none).
+ */
+extern LlmLora *llm_lora_load(const char *adapter, const LlmConfig *cfg, bool read_only, float **m, float **v);
+
+/* Tensor `index` of the adapter: name, shape, offset, numel (kind and layer of the product). */
+extern void llm_lora_tensor(const LlmLora *lora, int index, LlmTensorInfo *info);
 
 /*
  * A model's tensors as rows (tensor_rows.c): of llm_param, llm_optim_state, llm_checkpoint_tensor or
@@ -210,8 +273,19 @@ typedef void (*LlmTensorRowFn) (void *arg, HeapTuple tuple, TupleDesc desc, cons
 extern void llm_tensor_rows_scan(LlmTensorRows *rows, const char *sql, Oid key_type, Datum key,
 								 bool read_only, LlmTensorRowFn fn, void *arg);
 
-/* Reads the model's row of llm_model_config (caller connected to SPI); false when absent. */
-extern bool llm_config_lookup(const char *model, LlmConfig *cfg, bool for_update);
+/*
+ * Reads the model's row of llm_model_config (caller connected to SPI); false when absent. Locked
+ * until the end of the transaction: FOR_CHANGE against a drop, a rename, a change of shape or of
+ * the weights by another session; FOR_SHARE against those and against any change of the row
+ * (a write of the weights bumps its weights_version): the base of an adapter in training.
+ */
+typedef enum LlmConfigLock
+{
+	LLM_CONFIG_NO_LOCK,
+	LLM_CONFIG_FOR_CHANGE,
+	LLM_CONFIG_FOR_SHARE
+} LlmConfigLock;
+extern bool llm_config_lookup(const char *model, LlmConfig *cfg, LlmConfigLock lock);
 
 /* Reads llm_model_config; ERROR (undefined object) when the model is unknown. Uses SPI. */
 extern void llm_config_load(const char *model, LlmConfig *cfg);

@@ -49,6 +49,7 @@ typedef struct Forward
 	float	   *losses;			/* (B,T) */
 	int32	   *inputs;			/* (B,T) */
 	int32	   *targets;		/* (B,T) */
+	const LlmLora *lora;		/* the adapter the rows run with, or NULL */
 } Forward;
 
 static void
@@ -112,7 +113,7 @@ forward_hidden(Forward *f, const LlmModel *m, int B, int T)
 	size_t		C = f->C;
 	int			BT = B * T;
 	LlmFullPass pass = {.model = m, .B = B, .T = T, .NH = f->NH, .att = f->att, .scratch = f->scratch,
-		.repeatable = true};
+	.repeatable = true, .lora = f->lora};
 
 	/* one set of activations for every layer, the residual stream updated in place */
 	LlmBlockActs acts = {.x_in = f->resid, .x_mid = f->resid, .x_out = f->resid, .ln1 = f->ln, .qkv = f->qkv,
@@ -147,7 +148,7 @@ forward_losses(Forward *f, const LlmModel *m, int B, int T)
 }
 
 double
-llm_eval_dataset(const LlmModel *model, LlmDataset *ds, int batch_size, int64 *tokens)
+llm_eval_dataset(const LlmModel *model, const LlmLora *lora, LlmDataset *ds, int batch_size, int64 *tokens)
 {
 	Forward		f;
 	volatile double sum = 0.0;	/* set in PG_TRY, read after it */
@@ -155,6 +156,7 @@ llm_eval_dataset(const LlmModel *model, LlmDataset *ds, int batch_size, int64 *t
 
 	llm_blas_init();
 	forward_alloc(&f, &model->cfg, B, ds->T);
+	f.lora = lora;
 	PG_TRY();
 	{
 		for (int64 pos = 0; pos < ds->n; pos += B)
@@ -182,13 +184,14 @@ llm_eval_dataset(const LlmModel *model, LlmDataset *ds, int batch_size, int64 *t
 }
 
 double
-llm_eval_rows(const LlmModel *model, const int32 *inputs, const int32 *targets, int B, int T)
+llm_eval_rows(const LlmModel *model, const LlmLora *lora, const int32 *inputs, const int32 *targets, int B, int T)
 {
 	Forward		f;
 	volatile double sum = 0.0;	/* set in PG_TRY, read after it */
 
 	llm_blas_init();
 	forward_alloc(&f, &model->cfg, B, T);
+	f.lora = lora;
 	PG_TRY();
 	{
 		memcpy(f.inputs, inputs, sizeof(int32) * B * T);
@@ -237,7 +240,7 @@ llm_eval(PG_FUNCTION_ARGS)
 	model = llm_model_get_block(model_name);
 	llm_dataset_open(&ds, &model->cfg, dataset, max_rows);
 	/* llm_dataset_open may have read other tables: the model is still valid (no llm_model_get since) */
-	loss = llm_eval_dataset(model, &ds, batch_size, &tokens);
+	loss = llm_eval_dataset(model, NULL, &ds, batch_size, &tokens);
 	SPI_finish();
 
 	values[0] = Float8GetDatum(loss);

@@ -56,10 +56,44 @@ full_dropout(void *ctx, int l, int site, float *x, size_t N)
 	dropout_forward(x, N, f->dropout, llm_full_pass_key(f, l, site));
 }
 
-const LlmBlockOps llm_full_pass_ops = {full_linear, full_attention, full_dropout};
+/* The adapter's update of the product: by sgemm in training, row by row when measuring. */
+static void
+full_adapt(void *ctx, LlmParamKind kind, int l, float *out, const float *inp, size_t R, size_t IC, size_t OC)
+{
+	const LlmFullPass *f = ctx;
+	const LlmLora *lora = f->lora;
+
+	if (lora == NULL || !lora->target[kind])
+		return;
+	if (f->repeatable)
+	{
+		Assert(f->lora_dropout == 0);
+		lora_forward_rows(out, inp, llm_lora_a(lora, kind, l), llm_lora_b(lora, kind, l), R, IC, OC, lora->rank,
+						  lora->scale);
+		return;
+	}
+	if (f->lora_dropout > 0)
+	{
+		memcpy(f->lora_x, inp, R * IC * sizeof(float));
+		dropout_forward(f->lora_x, R * IC, f->lora_dropout, llm_full_pass_lora_key(f, l, kind));
+		inp = f->lora_x;
+	}
+	lora_forward(out, f->lora_h, inp, llm_lora_a(lora, kind, l), llm_lora_b(lora, kind, l), (int) R, (int) IC,
+				 (int) OC, lora->rank, lora->scale);
+}
+
+const LlmBlockOps llm_full_pass_ops = {full_linear, full_attention, full_dropout, full_adapt};
 
 uint64
 llm_full_pass_key(const LlmFullPass *f, int layer, int site)
 {
 	return dropout_key(f->seed, (uint64) f->step, (uint64) f->micro, (uint64) (layer + 1) * 4 + site);
+}
+
+uint64
+llm_full_pass_lora_key(const LlmFullPass *f, int layer, LlmParamKind kind)
+{
+	/* the seed salted ("LoRA"), so that no mask repeats one of the model's sites */
+	return dropout_key(f->seed ^ UINT64CONST(0x4c6f5241), (uint64) f->step, (uint64) f->micro,
+					   (uint64) (layer + 1) * LLM_NUM_KINDS + kind);
 }

@@ -24,6 +24,8 @@
 
 /* "llmt" */
 #define LLM_TRAIN_LOCK_CLASS 0x6C6C6D74
+/* "llma": adapters have names of their own */
+#define LLM_ADAPTER_LOCK_CLASS 0x6C6C6D61
 
 static void
 train_lock_tag(LOCKTAG *tag, const char *model)
@@ -39,6 +41,16 @@ llm_train_lock_xact(const char *model)
 	LOCKTAG		tag;
 
 	train_lock_tag(&tag, model);
+	(void) LockAcquire(&tag, ExclusiveLock, false, false);
+}
+
+void
+llm_train_lock_adapter_xact(const char *adapter)
+{
+	LOCKTAG		tag;
+
+	SET_LOCKTAG_ADVISORY(tag, MyDatabaseId, LLM_ADAPTER_LOCK_CLASS,
+						 hash_bytes((const unsigned char *) adapter, strlen(adapter)), 2);
 	(void) LockAcquire(&tag, ExclusiveLock, false, false);
 }
 

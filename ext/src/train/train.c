@@ -62,6 +62,7 @@ typedef struct TrainArgs
 	int			eval_every;		/* steps between validation losses; 0 = after the last step only */
 	int			eval_rows;		/* validation rows used; 0 = all */
 	int			schedule_start; /* the step the schedule's warmup starts at (0: the model's first) */
+	char	   *adapter;		/* train this adapter of the model (the model frozen), or NULL */
 } TrainArgs;
 
 /* Activations of one micro-batch (llm.c's ActivationTensors), plus per-layer scratch. */
@@ -93,6 +94,10 @@ typedef struct Acts
 	float	   *dfch;			/* (B,T,4C) */
 	float	   *attscratch;		/* (B,T,C+NH) */
 	float	   *logits;			/* (chunk_rows,V) */
+	float	   *lora_h,
+			   *lora_dh;		/* (B,T,rank) an adapter's h and its gradient */
+	float	   *lora_x,
+			   *lora_dx;		/* (B,T,4C) an adapter's input after dropout, and its gradient */
 } Acts;
 
 /* Everything malloc'd for one call; freed on success and on error. */
@@ -107,6 +112,10 @@ typedef struct Trainer
 	LlmParams	grads;
 	Acts		acts;
 	int			chunk_rows;
+	const LlmLora *lora;		/* training an adapter: only its block has gradients and moments */
+	float	   *lora_grads;		/* (lora->numel) */
+	float	   *lora_m,
+			   *lora_v;			/* (lora->numel), palloc'd by llm_lora_load */
 } Trainer;
 
 static void
@@ -118,6 +127,7 @@ trainer_free(Trainer *tr)
 	free(tr->acts_memory);
 	free(tr->inputs);
 	free(tr->targets);
+	free(tr->lora_grads);
 	memset(tr, 0, sizeof(*tr));
 }
 
@@ -169,7 +179,7 @@ enum
 	A_MODEL, A_STEPS, A_BETA1, A_BETA2, A_EPS, A_WD, A_LR_MAX, A_WARMUP,
 	A_N_LAYER, A_N_HEAD, A_D, A_VOCAB, A_BATCH_SIZE, A_GRAD_ACCUM, A_GRAD_CLIP, A_LR_MIN,
 	A_TOTAL_STEPS, A_DROPOUT, A_SEED, A_D_LOWER, A_DATASET, A_EVAL_DATASET, A_EVAL_EVERY, A_EVAL_ROWS,
-	A_SCHEDULE_START
+	A_SCHEDULE_START, A_ADAPTER
 };
 
 static double
@@ -225,6 +235,8 @@ parse_args(FunctionCallInfo fcinfo, TrainArgs *a)
 	parse_eval_args(fcinfo, a);
 	a->schedule_start = PG_NARGS() > A_SCHEDULE_START && !PG_ARGISNULL(A_SCHEDULE_START) ?
 		PG_GETARG_INT32(A_SCHEDULE_START) : 0;
+	a->adapter = PG_NARGS() > A_ADAPTER && !PG_ARGISNULL(A_ADAPTER) ?
+		text_to_cstring(PG_GETARG_TEXT_PP(A_ADAPTER)) : NULL;
 
 	if (a->steps <= 0)
 		llm_bad_argument(psprintf("steps must be positive, got %d", a->steps), NULL);
@@ -307,6 +319,9 @@ alloc_block(size_t n, const char *what)
 static void
 trainer_alloc(Trainer *tr, const LlmModel *model, int B, int T)
 {
+	const LlmLora *lora = tr->lora;
+	size_t		rank = lora != NULL ? lora->rank : 0;
+	size_t		lora_x = lora != NULL && lora->dropout > 0 ? 4 * (size_t) B * T * model->cfg.d_model : 0;
 	size_t		L = model->cfg.n_layer,
 				C = model->cfg.d_model,
 				NH = model->cfg.n_head,
@@ -338,6 +353,8 @@ trainer_alloc(Trainer *tr, const LlmModel *model, int B, int T)
 		{&tr->acts.dqkv, 3 * BTC},
 		{&tr->acts.dfch, 4 * BTC},
 		{&tr->acts.attscratch, BT * (C + NH)},
+		{&tr->acts.lora_h, BT * rank}, {&tr->acts.lora_dh, BT * rank},
+		{&tr->acts.lora_x, lora_x}, {&tr->acts.lora_dx, lora_x},
 		{&tr->acts.logits, 0},
 	};
 	size_t		total = 0;
@@ -349,9 +366,14 @@ trainer_alloc(Trainer *tr, const LlmModel *model, int B, int T)
 	for (int i = 0; i < (int) lengthof(parts); i++)
 		total += (parts[i].size + 15) & ~(size_t) 15;
 
-	tr->grads_memory = alloc_block(n, "the gradients");
-	tr->m_memory = alloc_block(n, "the AdamW moments");
-	tr->v_memory = alloc_block(n, "the AdamW moments");
+	if (lora != NULL)
+		tr->lora_grads = alloc_block(lora->numel, "the adapter's gradients");
+	else
+	{
+		tr->grads_memory = alloc_block(n, "the gradients");
+		tr->m_memory = alloc_block(n, "the AdamW moments");
+		tr->v_memory = alloc_block(n, "the AdamW moments");
+	}
 	tr->acts_memory = alloc_block(total, "the activations");
 	tr->inputs = (int32 *) alloc_block(BT, "the batch");
 	tr->targets = (int32 *) alloc_block(BT, "the batch");
@@ -361,7 +383,8 @@ trainer_alloc(Trainer *tr, const LlmModel *model, int B, int T)
 		*parts[i].slot = p;
 		p += (parts[i].size + 15) & ~(size_t) 15;
 	}
-	llm_params_point(tr->grads_memory, &model->layout, &tr->grads);
+	if (lora == NULL)
+		llm_params_point(tr->grads_memory, &model->layout, &tr->grads);
 }
 
 /* ---- AdamW state in llm_optim_state -------------------------------------------------------- */
@@ -527,8 +550,47 @@ typedef struct StepShape
 } StepShape;
 
 /*
+ * The adapter's part of the backward pass of layer l's product of this kind, whose input was inp
+ * (BT, IC) and whose output's gradient is dout (BT, OC): its A and B gradients (written, or added
+ * when accumulate), and dinp (BT, IC) += the gradient through the adapter.
+ */
+static void
+adapter_backward(Trainer *tr, const LlmFullPass *pass, LlmParamKind kind, int l, float *dinp, const float *dout,
+				 const float *inp, int BT, bool accumulate)
+{
+	const LlmLora *lora = tr->lora;
+	Acts	   *a = &tr->acts;
+	float	   *dA,
+			   *dB;
+	int			IC,
+				OC;
+
+	if (lora == NULL || !lora->target[kind])
+		return;
+	IC = lora->in[kind];
+	OC = lora->out[kind];
+	dA = tr->lora_grads + lora->a_offset[kind] + (size_t) l * lora->a_size[kind];
+	dB = tr->lora_grads + lora->b_offset[kind] + (size_t) l * lora->b_size[kind];
+	if (lora->dropout == 0)
+	{
+		lora_backward(dinp, true, dA, dB, a->lora_h, a->lora_dh, dout, inp, llm_lora_a(lora, kind, l),
+					  llm_lora_b(lora, kind, l), BT, IC, OC, lora->rank, lora->scale, accumulate);
+		return;
+	}
+	/* the input as the forward pass dropped it; the gradient through the same mask */
+	memcpy(a->lora_x, inp, (size_t) BT * IC * sizeof(float));
+	dropout_forward(a->lora_x, (size_t) BT * IC, lora->dropout, llm_full_pass_lora_key(pass, l, kind));
+	lora_backward(a->lora_dx, false, dA, dB, a->lora_h, a->lora_dh, dout, a->lora_x, llm_lora_a(lora, kind, l),
+				  llm_lora_b(lora, kind, l), BT, IC, OC, lora->rank, lora->scale, accumulate);
+	dropout_forward(a->lora_dx, (size_t) BT * IC, lora->dropout, llm_full_pass_lora_key(pass, l, kind));
+	residual_forward(dinp, dinp, a->lora_dx, (size_t) BT * IC);
+}
+
+/*
  * Forward and backward over one micro-batch; the parameter gradients are written (or, when
- * accumulate, added) into tr->grads. Returns the sum of the per-token losses.
+ * accumulate, added) into tr->grads, or, training an adapter, its gradients into tr->lora_grads
+ * (the model frozen: only the gradients of activations flow through its layers). Returns the sum
+ * of the per-token losses.
  */
 static double
 forward_backward(Trainer *tr, const LlmModel *model, const StepShape *s, float dloss, bool accumulate)
@@ -548,8 +610,14 @@ forward_backward(Trainer *tr, const LlmModel *model, const StepShape *s, float d
 				C4 = 4 * (size_t) C;
 	float		pd = s->dropout;
 	double		loss = 0.0;
+	bool		frozen = tr->lora != NULL;
 	LlmFullPass pass = {.model = model, .B = B, .T = T, .NH = NH, .att = a->att, .att_per_layer = true,
-	.scratch = a->attscratch, .dropout = pd, .seed = s->seed, .step = s->step, .micro = s->micro};
+		.scratch = a->attscratch, .dropout = pd, .seed = s->seed, .step = s->step, .micro = s->micro,
+		.lora = tr->lora, .lora_dropout = frozen ? tr->lora->dropout : 0, .lora_h = a->lora_h,
+	.lora_x = a->lora_x};
+
+	/* a parameter's gradient, or NULL when the model is frozen */
+#define GRAD(x) (frozen ? NULL : (x))
 
 	/* forward: every layer's activations kept for the backward pass */
 	encoder_forward(a->encoded, tr->inputs, p->wte, p->wpe, B, T, C);
@@ -571,14 +639,14 @@ forward_backward(Trainer *tr, const LlmModel *model, const StepShape *s, float d
 
 	/* the tied head and the loss, forward and backward together */
 	CHECK_FOR_INTERRUPTS();
-	classifier_forward_backward(a->losses, a->dbtc, g->wte, a->logits, a->lnf, p->wte, tr->targets,
+	classifier_forward_backward(a->losses, a->dbtc, GRAD(g->wte), a->logits, a->lnf, p->wte, tr->targets,
 								BT, C, V, tr->chunk_rows, dloss, accumulate);
 	for (int i = 0; i < BT; i++)
 		loss += a->losses[i];
 
 	/* backward */
 	memset(a->dresidual, 0, BTC * sizeof(float));
-	layernorm_backward(a->dresidual, g->lnfw, g->lnfb, a->dbtc, a->residual3 + (L - 1) * BTC,
+	layernorm_backward(a->dresidual, GRAD(g->lnfw), GRAD(g->lnfb), a->dbtc, a->residual3 + (L - 1) * BTC,
 					   p->lnfw, a->lnf_mean, a->lnf_rstd, BT, C, accumulate);
 	for (int l = L - 1; l >= 0; l--)
 	{
@@ -593,13 +661,16 @@ forward_backward(Trainer *tr, const LlmModel *model, const StepShape *s, float d
 			dropout_forward(a->dproj, BTC, pd, llm_full_pass_key(&pass, l, 2));
 			dproj = a->dproj;
 		}
-		matmul_backward(a->dfch, g->fcprojw + l * C4 * C, g->fcprojb + l * C, dproj,
+		matmul_backward(a->dfch, GRAD(g->fcprojw + l * C4 * C), GRAD(g->fcprojb + l * C), dproj,
 						a->fch_gelu + l * 4 * BTC, p->fcprojw + l * C4 * C, BT, 4 * C, C, accumulate);
+		adapter_backward(tr, &pass, LLM_FCPROJW, l, a->dfch, dproj, a->fch_gelu + l * 4 * BTC, BT, accumulate);
 		gelu_backward(a->dfch, a->fch + l * 4 * BTC, a->dfch, 4 * BTC);
-		matmul_backward(a->dbtc, g->fcw + l * C * C4, g->fcb + l * C4, a->dfch,
+		matmul_backward(a->dbtc, GRAD(g->fcw + l * C * C4), GRAD(g->fcb + l * C4), a->dfch,
 						a->ln2 + l * BTC, p->fcw + l * C * C4, BT, C, 4 * C, accumulate);
-		layernorm_backward(a->dresidual, g->ln2w + l * C, g->ln2b + l * C, a->dbtc, a->residual2 + l * BTC,
-						   p->ln2w + l * C, a->ln2_mean + l * BT, a->ln2_rstd + l * BT, BT, C, accumulate);
+		adapter_backward(tr, &pass, LLM_FCW, l, a->dbtc, a->dfch, a->ln2 + l * BTC, BT, accumulate);
+		layernorm_backward(a->dresidual, GRAD(g->ln2w + l * C), GRAD(g->ln2b + l * C), a->dbtc,
+						   a->residual2 + l * BTC, p->ln2w + l * C, a->ln2_mean + l * BT, a->ln2_rstd + l * BT,
+						   BT, C, accumulate);
 
 		/* attention: residual2 = residual + dropout(atty @ attprojw + b) */
 		dproj = a->dresidual;
@@ -609,15 +680,20 @@ forward_backward(Trainer *tr, const LlmModel *model, const StepShape *s, float d
 			dropout_forward(a->dproj, BTC, pd, llm_full_pass_key(&pass, l, 1));
 			dproj = a->dproj;
 		}
-		matmul_backward(a->dbtc, g->attprojw + l * C * C, g->attprojb + l * C, dproj,
+		matmul_backward(a->dbtc, GRAD(g->attprojw + l * C * C), GRAD(g->attprojb + l * C), dproj,
 						a->atty + l * BTC, p->attprojw + l * C * C, BT, C, C, accumulate);
+		adapter_backward(tr, &pass, LLM_ATTPROJW, l, a->dbtc, dproj, a->atty + l * BTC, BT, accumulate);
 		attention_backward(a->dqkv, a->attscratch, a->dbtc, a->qkv + l * 3 * BTC,
 						   a->att + (size_t) l * B * NH * T * T, B, T, C, NH, pd, llm_full_pass_key(&pass, l, 0));
-		matmul_backward(a->dbtc, g->qkvw + l * C * C3, g->qkvb + l * C3, a->dqkv,
+		matmul_backward(a->dbtc, GRAD(g->qkvw + l * C * C3), GRAD(g->qkvb + l * C3), a->dqkv,
 						a->ln1 + l * BTC, p->qkvw + l * C * C3, BT, C, 3 * C, accumulate);
-		layernorm_backward(a->dresidual, g->ln1w + l * C, g->ln1b + l * C, a->dbtc, residual,
+		adapter_backward(tr, &pass, LLM_QKVW, l, a->dbtc, a->dqkv, a->ln1 + l * BTC, BT, accumulate);
+		layernorm_backward(a->dresidual, GRAD(g->ln1w + l * C), GRAD(g->ln1b + l * C), a->dbtc, residual,
 						   p->ln1w + l * C, a->ln1_mean + l * BT, a->ln1_rstd + l * BT, BT, C, accumulate);
 	}
+#undef GRAD
+	if (frozen)
+		return loss;			/* the embeddings have no gradient to take */
 	dropout_forward(a->dresidual, BTC, pd, llm_full_pass_key(&pass, -1, 0));
 	if (!accumulate)
 		memset(g->wpe, 0, model->layout.size[LLM_WPE] * sizeof(float));
@@ -656,6 +732,13 @@ optimizer_step(Trainer *tr, LlmModel *model, const TrainArgs *a, double lr, floa
 	bool		decay[LLM_NUM_KINDS] = {0};
 	int			k = 0;
 
+	if (tr->lora != NULL)
+	{
+		/* an adapter's tensors are all matrices: all decay (PEFT trains them with the optimizer's wd) */
+		adamw_update(tr->lora->memory, tr->lora_grads, tr->lora_m, tr->lora_v, tr->lora->numel, (float) lr,
+					 (float) a->beta1, (float) a->beta2, (float) a->eps, (float) a->wd, grad_scale, (long) t);
+		return;
+	}
 	for (int i = 0; i < layout->num_tensors; i++)
 	{
 		LlmTensorInfo info;
@@ -691,6 +774,11 @@ typedef struct TrainRun
 	LlmDataset	eval_ds;		/* when args.eval_dataset */
 	SPIPlanPtr	val_log;		/* UPDATE llm_train_log SET val_loss */
 	LlmModel   *model;			/* the backend's cached weights, trained in place */
+	LlmLora    *lora;			/* args.adapter's, trained instead (palloc'd) */
+	float	   *lora_m,
+			   *lora_v;			/* its AdamW moments (palloc'd) */
+	Datum		name_datum;		/* what is trained, as text: the adapter, or the model */
+	const char *what;			/* and in words: adapter "a", model "m" */
 	Trainer    *tr;
 	int64		step0;			/* the model's step counter when the call began */
 	int64		data_pos;		/* and its position in the dataset */
@@ -706,31 +794,12 @@ typedef struct TrainRun
 
 static void eval_setup(TrainRun *run);
 
-/*
- * Arguments, architecture, the model's training state (locked: one trainer per model at a time),
- * the schedule and the dataset, then the weights. Inside SPI; nothing allocated outside palloc.
- */
+/* The model's step counter and data position, from its row of llm_train_state (locked). */
 static void
-train_setup(TrainRun *run, FunctionCallInfo fcinfo)
+model_state_setup(TrainRun *run)
 {
-	TrainArgs  *a = &run->args;
 	Oid			text_type[1] = {TEXTOID};
 	bool		isnull;
-
-	/*
-	 * One trainer per model: wait for its lock first, then read everything under a snapshot taken
-	 * after it. The statement's own snapshot predates the lock, so a call that queued behind another
-	 * run would otherwise load the weights and moments that run replaced, and write over its work.
-	 * Under REPEATABLE READ or SERIALIZABLE the transaction keeps its snapshot: locking the model's
-	 * rows below then fails with a serialization error when that run changed them.
-	 */
-	llm_check_model_name(a->model);
-	llm_check_may_train(a->model);
-	llm_train_lock_xact(a->model);
-	PushActiveSnapshot(GetTransactionSnapshot());	/* popped at the end of llm_train */
-	if (!llm_config_lookup(a->model, &run->cfg, true))
-		llm_config_load(a->model, &run->cfg);	/* the error for a model that does not exist */
-	check_architecture(fcinfo, &run->cfg);
 
 	llm_spi_run("creating the model's row of llm_train_state",
 				psprintf("INSERT INTO %s (model) VALUES ($1) ON CONFLICT (model) DO NOTHING",
@@ -741,10 +810,72 @@ train_setup(TrainRun *run, FunctionCallInfo fcinfo)
 					1, text_type, &run->model_datum, false, 1, SPI_OK_SELECT) != 1)
 		ereport(ERROR,
 				(errcode(ERRCODE_NO_DATA_FOUND),
-				 errmsg("the training state of model \"%s\" disappeared", a->model)));
+				 errmsg("the training state of model \"%s\" disappeared", run->args.model)));
 	run->step0 = DatumGetInt32(SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1, &isnull));
 	run->data_pos = DatumGetInt64(SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 2, &isnull));
 	SPI_freetuptable(SPI_tuptable);
+}
+
+/*
+ * The adapter's row of llm_adapter, locked (FOR NO KEY UPDATE, as the model's row: against a drop
+ * or a rename, and under REPEATABLE READ a serialization error when another run changed it), then
+ * its tensors, moments, step counter and data position.
+ */
+static void
+adapter_setup(TrainRun *run)
+{
+	Oid			text_type[1] = {TEXTOID};
+
+	if (llm_spi_run("locking the adapter",
+					psprintf("SELECT 1 FROM %s WHERE adapter = $1 FOR NO KEY UPDATE", llm_table("llm_adapter")),
+					1, text_type, &run->name_datum, false, 1, SPI_OK_SELECT) != 1)
+		ereport(ERROR,
+				(errcode(ERRCODE_UNDEFINED_OBJECT),
+				 errmsg("adapter \"%s\" does not exist", run->args.adapter),
+				 errhint("Create it with llm_adapter_create('%s', '%s').", run->args.adapter, run->args.model)));
+	run->lora = llm_lora_load(run->args.adapter, &run->cfg, false, &run->lora_m, &run->lora_v);
+	run->step0 = run->lora->step;
+	run->data_pos = run->lora->data_pos;
+}
+
+
+/*
+ * Arguments, architecture, the model's training state (locked: one trainer per model at a time),
+ * the schedule and the dataset, then the weights. Inside SPI; nothing allocated outside palloc.
+ */
+static void
+train_setup(TrainRun *run, FunctionCallInfo fcinfo)
+{
+	TrainArgs  *a = &run->args;
+
+	/*
+	 * One trainer per model: wait for its lock first, then read everything under a snapshot taken
+	 * after it. The statement's own snapshot predates the lock, so a call that queued behind another
+	 * run would otherwise load the weights and moments that run replaced, and write over its work.
+	 * Under REPEATABLE READ or SERIALIZABLE the transaction keeps its snapshot: locking the model's
+	 * rows below then fails with a serialization error when that run changed them.
+	 */
+	llm_check_model_name(a->model);
+	if (a->adapter != NULL)
+	{
+		llm_check_model_name(a->adapter);
+		llm_check_may_train_adapter();
+		llm_train_lock_adapter_xact(a->adapter);
+	}
+	else
+	{
+		llm_check_may_train(a->model);
+		llm_train_lock_xact(a->model);
+	}
+	PushActiveSnapshot(GetTransactionSnapshot());	/* popped at the end of llm_train */
+	/* an adapter's base is frozen while it trains: no session changes its weights meanwhile */
+	if (!llm_config_lookup(a->model, &run->cfg, a->adapter != NULL ? LLM_CONFIG_FOR_SHARE : LLM_CONFIG_FOR_CHANGE))
+		llm_config_load(a->model, &run->cfg);	/* the error for a model that does not exist */
+	check_architecture(fcinfo, &run->cfg);
+	if (a->adapter != NULL)
+		adapter_setup(run);
+	else
+		model_state_setup(run);
 	if (run->step0 + a->steps > PG_INT32_MAX)
 		llm_bad_argument("the step counter would overflow", NULL);
 
@@ -754,8 +885,8 @@ train_setup(TrainRun *run, FunctionCallInfo fcinfo)
 	 * does, so that a call inside a longer warmup (the seed's 1000 steps with warmup 2000) works.
 	 */
 	if (a->schedule_start < 0 || a->schedule_start > run->step0)
-		llm_bad_argument(psprintf("schedule_start must be between 0 and model \"%s\"'s step %lld, got %d",
-							  a->model, (long long) run->step0, a->schedule_start),
+		llm_bad_argument(psprintf("schedule_start must be between 0 and %s's step %lld, got %d",
+							  run->what, (long long) run->step0, a->schedule_start),
 					 "A schedule starts at a step the model has reached (its step counter for a new one).");
 	run->total_steps = a->total_steps > 0 ? a->total_steps :
 		(int) Max(run->step0 + a->steps, a->schedule_start + a->warmup);
@@ -777,6 +908,19 @@ train_setup(TrainRun *run, FunctionCallInfo fcinfo)
 	run->rows_per_step = (int64) a->batch_size * a->grad_accum;
 	run->tokens_per_step = (double) run->rows_per_step * run->ds.T;
 	run->model = llm_model_get_private(a->model);
+}
+
+/* The training log of what is trained, and its key column. */
+static const char *
+log_table(const TrainRun *run)
+{
+	return llm_table(run->lora != NULL ? "llm_adapter_train_log" : "llm_train_log");
+}
+
+static const char *
+log_key(const TrainRun *run)
+{
+	return run->lora != NULL ? "adapter" : "model";
 }
 
 /* A JSON number for the progress details; null when not finite. */
@@ -804,6 +948,11 @@ report_step(const TrainRun *run, int done, int64 step, double loss, double lr, d
 	initStringInfo(&detail);
 	appendStringInfoString(&detail, "{\"event\": \"llm_train.step\", \"model\": ");
 	escape_json(&detail, run->args.model);
+	if (run->args.adapter != NULL)
+	{
+		appendStringInfoString(&detail, ", \"adapter\": ");
+		escape_json(&detail, run->args.adapter);
+	}
 	appendStringInfo(&detail, ", \"step\": %lld, \"done\": %d, \"steps\": %d, \"total_steps\": %d",
 					 (long long) step, done, run->args.steps, run->total_steps);
 	json_number(&detail, "loss", loss);
@@ -835,8 +984,8 @@ report_end(const TrainRun *run, double t_end)
 	json_number(&detail, "writing_s", t_end - run->t_trained);
 	appendStringInfoChar(&detail, '}');
 	ereport(DEBUG1,
-			(errmsg_internal("llm_train: %d steps of model \"%s\" in %.2f s (loading %.2f s, training %.2f s, writing back %.2f s)",
-							 run->args.steps, run->args.model, t_end - run->t_start, run->t_loaded - run->t_start,
+			(errmsg_internal("llm_train: %d steps of %s in %.2f s (loading %.2f s, training %.2f s, writing back %.2f s)",
+							 run->args.steps, run->what, t_end - run->t_start, run->t_loaded - run->t_start,
 							 run->t_trained - run->t_loaded, t_end - run->t_trained),
 			 errdetail_internal("%s", detail.data),
 			 errhidestmt(true)));
@@ -850,15 +999,15 @@ check_finite(const TrainRun *run, int64 step, double loss, double norm)
 	if (!isfinite(loss))
 		ereport(ERROR,
 				(errcode(ERRCODE_NUMERIC_VALUE_OUT_OF_RANGE),
-				 errmsg("the loss is %s at step %lld of model \"%s\"", isnan(loss) ? "NaN" : "infinite",
-						(long long) step, run->args.model),
+				 errmsg("the loss is %s at step %lld of %s", isnan(loss) ? "NaN" : "infinite",
+						(long long) step, run->what),
 				 errdetail("Training stopped; nothing of this call was written."),
 				 errhint("Lower lr_max, or check the weights and the data.")));
 	if (!isfinite(norm))
 		ereport(ERROR,
 				(errcode(ERRCODE_NUMERIC_VALUE_OUT_OF_RANGE),
-				 errmsg("the gradient norm is not finite at step %lld of model \"%s\"",
-						(long long) step, run->args.model),
+				 errmsg("the gradient norm is not finite at step %lld of %s",
+						(long long) step, run->what),
 				 errdetail("Training stopped; nothing of this call was written."),
 				 errhint("Lower lr_max, or check the weights and the data.")));
 }
@@ -869,9 +1018,9 @@ static void
 eval_setup(TrainRun *run)
 {
 	llm_dataset_open(&run->eval_ds, &run->cfg, run->args.eval_dataset, run->args.eval_rows);
-	run->val_log = llm_spi_prepare("preparing the llm_train_log update",
-								   psprintf("UPDATE %s SET val_loss = $3 WHERE model = $1 AND step = $2",
-											llm_table("llm_train_log")),
+	run->val_log = llm_spi_prepare("preparing the training log's update",
+								   psprintf("UPDATE %s SET val_loss = $3 WHERE %s = $1 AND step = $2",
+											log_table(run), log_key(run)),
 								   3, (Oid[]) {TEXTOID, INT4OID, FLOAT4OID});
 }
 
@@ -880,15 +1029,15 @@ static void
 eval_step(TrainRun *run, int64 step)
 {
 	int64		tokens;
-	double		val = llm_eval_dataset(run->model, &run->eval_ds, run->args.batch_size, &tokens);
+	double		val = llm_eval_dataset(run->model, run->lora, &run->eval_ds, run->args.batch_size, &tokens);
 	StringInfoData detail;
 
-	llm_spi_run_plan("writing llm_train_log", run->val_log,
-					 (Datum[]) {run->model_datum, Int32GetDatum((int32) step), Float4GetDatum((float) val)},
+	llm_spi_run_plan("writing the training log", run->val_log,
+					 (Datum[]) {run->name_datum, Int32GetDatum((int32) step), Float4GetDatum((float) val)},
 					 false, 0, SPI_OK_UPDATE);
 	initStringInfo(&detail);
 	appendStringInfoString(&detail, "{\"event\": \"llm_train.eval\", \"model\": ");
-	escape_json(&detail, run->args.model);
+	escape_json(&detail, run->what);
 	appendStringInfo(&detail, ", \"step\": %lld, \"dataset\": ", (long long) step);
 	escape_json(&detail, run->args.eval_dataset);
 	json_number(&detail, "val_loss", val);
@@ -917,10 +1066,10 @@ check_diverged(const TrainRun *run, int64 step, double loss, double lr, bool aft
 		return;
 	ereport(ERROR,
 			(errcode(ERRCODE_NUMERIC_VALUE_OUT_OF_RANGE),
-			 after_update ? errmsg("training of model \"%s\" diverged at step %lld: the loss after its update is %g, up from %g at the call's first step",
-								   run->args.model, (long long) step, loss, run->first_loss)
-			 : errmsg("training of model \"%s\" diverged at step %lld: the loss is %g, up from %g at the call's first step",
-					  run->args.model, (long long) step, loss, run->first_loss),
+			 after_update ? errmsg("training of %s diverged at step %lld: the loss after its update is %g, up from %g at the call's first step",
+								   run->what, (long long) step, loss, run->first_loss)
+			 : errmsg("training of %s diverged at step %lld: the loss is %g, up from %g at the call's first step",
+					  run->what, (long long) step, loss, run->first_loss),
 			 errdetail("A loss above twice the first one and above ln(vocab) = %.2f (guessing uniformly) means the updates are "
 					   "breaking the model; the learning rate of that step was %g. Training stopped; nothing of this call was written.",
 					   log((double) run->cfg.vocab), lr),
@@ -935,12 +1084,13 @@ check_diverged(const TrainRun *run, int64 step, double loss, double lr, bool aft
 static void
 check_params_finite(const TrainRun *run, int64 step, double lr)
 {
-	if (isfinite(sum_of_squares(run->model->memory, run->model->layout.num_params)))
+	if (run->lora != NULL ? isfinite(sum_of_squares(run->lora->memory, run->lora->numel))
+		: isfinite(sum_of_squares(run->model->memory, run->model->layout.num_params)))
 		return;
 	ereport(ERROR,
 			(errcode(ERRCODE_NUMERIC_VALUE_OUT_OF_RANGE),
-			 errmsg("the update of step %lld left parameters of model \"%s\" that are not finite",
-					(long long) step, run->args.model),
+			 errmsg("the update of step %lld left parameters of %s that are not finite",
+					(long long) step, run->what),
 			 errdetail("The learning rate of that step was %g. Training stopped; nothing of this call was written.",
 					   lr),
 			 errhint("Lower lr_max (it is %g).", run->args.lr_max)));
@@ -964,12 +1114,12 @@ train_steps(TrainRun *run)
 		.NH = run->cfg.n_head, .V = run->cfg.vocab, .dropout = (float) a->dropout,
 	.seed = (uint64) a->seed};
 
-	log_plan = llm_spi_prepare("preparing the llm_train_log insert",
-							   psprintf("INSERT INTO %s (model, step, lr, loss, grad_norm, tokens_per_s) "
-										"VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (model, step) DO UPDATE "
+	log_plan = llm_spi_prepare("preparing the training log's insert",
+							   psprintf("INSERT INTO %s (%s, step, lr, loss, grad_norm, tokens_per_s) "
+										"VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (%s, step) DO UPDATE "
 										"SET lr = excluded.lr, loss = excluded.loss, grad_norm = excluded.grad_norm, "
 										"tokens_per_s = excluded.tokens_per_s, val_loss = NULL, created_at = now()",
-										llm_table("llm_train_log")), 6, log_types);
+										log_table(run), log_key(run), log_key(run)), 6, log_types);
 
 	for (int s = 0; s < a->steps; s++)
 	{
@@ -993,7 +1143,8 @@ train_steps(TrainRun *run)
 			loss += forward_backward(tr, model, &shape, (float) (1.0 / run->tokens_per_step), k > 0);
 		}
 		loss /= run->tokens_per_step;
-		norm = sqrt(sum_of_squares(tr->grads_memory, model->layout.num_params));
+		norm = sqrt(tr->lora != NULL ? sum_of_squares(tr->lora_grads, tr->lora->numel)
+					: sum_of_squares(tr->grads_memory, model->layout.num_params));
 		check_finite(run, it + 1, loss, norm);
 		if (s == 0)
 			run->first_loss = loss;
@@ -1005,13 +1156,13 @@ train_steps(TrainRun *run)
 		check_params_finite(run, it + 1, lr);
 
 		tokens_per_s = run->tokens_per_step / (now_seconds() - start);
-		values[0] = run->model_datum;
+		values[0] = run->name_datum;
 		values[1] = Int32GetDatum((int32) (it + 1));
 		values[2] = Float4GetDatum((float) lr);
 		values[3] = Float4GetDatum((float) loss);
 		values[4] = Float4GetDatum((float) norm);
 		values[5] = Float4GetDatum((float) tokens_per_s);
-		llm_spi_run_plan("writing llm_train_log", log_plan, values, false, 0, SPI_OK_INSERT);
+		llm_spi_run_plan("writing the training log", log_plan, values, false, 0, SPI_OK_INSERT);
 		report_step(run, s + 1, it + 1, loss, lr, norm, tokens_per_s);
 		if (a->eval_dataset != NULL && ((a->eval_every > 0 && (it + 1) % a->eval_every == 0) || s + 1 == a->steps))
 			eval_step(run, it + 1);
@@ -1023,13 +1174,60 @@ train_steps(TrainRun *run)
 
 	/* the last update is committed unseen by any step's loss: its own batch once more */
 	check_diverged(run, run->step0 + a->steps,
-				   llm_eval_rows(model, tr->inputs, tr->targets, a->batch_size, run->ds.T),
+				   llm_eval_rows(model, run->lora, tr->inputs, tr->targets, a->batch_size, run->ds.T),
 				   schedule(a, run->total_steps, run->step0 + a->steps - 1), true);
+}
+
+/*
+ * An adapter's write-back: each tensor with its moments into its row of llm_adapter_param, then its
+ * step counter, data position and the weights_version of the base it was trained on.
+ */
+static void
+adapter_write_back(TrainRun *run)
+{
+	const LlmLora *lora = run->lora;
+	SPIPlanPtr	update = llm_spi_prepare("preparing the llm_adapter_param update",
+										 psprintf("UPDATE %s SET data = $1, m = $2, v = $3 WHERE adapter = $4 AND name = $5",
+												  llm_table("llm_adapter_param")),
+										 5, (Oid[]) {BYTEAOID, BYTEAOID, BYTEAOID, TEXTOID, TEXTOID});
+
+	for (int i = 0; i < lora->num_tensors; i++)
+	{
+		LlmTensorInfo info;
+		bytea	   *buf[3];
+		const float *from[3] = {lora->memory, run->lora_m, run->lora_v};
+
+		CHECK_FOR_INTERRUPTS();
+		llm_lora_tensor(lora, i, &info);
+		for (int k = 0; k < 3; k++)
+		{
+			buf[k] = palloc(VARHDRSZ + info.numel * sizeof(float));
+			fill_bytea(buf[k], from[k] + info.offset, info.numel);
+		}
+		if (llm_spi_run_plan("writing llm_adapter_param", update,
+							 (Datum[]) {PointerGetDatum(buf[0]), PointerGetDatum(buf[1]), PointerGetDatum(buf[2]),
+							 run->name_datum, CStringGetTextDatum(info.name)}, false, 0, SPI_OK_UPDATE) != 1)
+			ereport(ERROR,
+					(errcode(ERRCODE_NO_DATA_FOUND),
+					 errmsg("tensor \"%s\" of adapter \"%s\" disappeared from llm_adapter_param during training",
+							info.name, lora->name)));
+		for (int k = 0; k < 3; k++)
+			pfree(buf[k]);
+	}
+	llm_spi_run("writing llm_adapter",
+				psprintf("UPDATE %s SET step = $2, data_pos = $3, base_version = $4, updated_at = now() "
+						 "WHERE adapter = $1", llm_table("llm_adapter")), 4,
+				(Oid[]) {TEXTOID, INT4OID, INT8OID, INT8OID},
+				(Datum[]) {run->name_datum, Int32GetDatum((int32) (run->step0 + run->args.steps)),
+				Int64GetDatum(run->data_pos + run->args.steps * run->rows_per_step),
+				Int64GetDatum(run->cfg.weights_version)},
+				false, 0, SPI_OK_UPDATE);
 }
 
 /*
  * Write back: parameters and AdamW moments (persist), the step counter and data position; then
  * record the weights_version the tables now have, since the cache already holds those weights.
+ * An adapter's: adapter_write_back (the model is as it was).
  */
 static void
 train_write_back(TrainRun *run)
@@ -1041,7 +1239,13 @@ train_write_back(TrainRun *run)
 	/* the gradients and activations are done with: give their memory back before writing */
 	free(tr->grads_memory);
 	free(tr->acts_memory);
-	tr->grads_memory = tr->acts_memory = NULL;
+	free(tr->lora_grads);
+	tr->grads_memory = tr->acts_memory = tr->lora_grads = NULL;
+	if (run->lora != NULL)
+	{
+		adapter_write_back(run);
+		return;
+	}
 	persist(tr, run->model);
 	llm_spi_run("writing llm_train_state",
 				psprintf("UPDATE %s SET step = $2, data_pos = $3, updated_at = now() WHERE model = $1",
@@ -1072,6 +1276,9 @@ llm_train(PG_FUNCTION_ARGS)
 	run.t_start = now_seconds();
 	parse_args(fcinfo, &run.args);
 	run.model_datum = CStringGetTextDatum(run.args.model);
+	run.name_datum = CStringGetTextDatum(run.args.adapter != NULL ? run.args.adapter : run.args.model);
+	run.what = run.args.adapter != NULL ? psprintf("adapter \"%s\"", run.args.adapter)
+		: psprintf("model \"%s\"", run.args.model);
 	llm_blas_init();
 	if (!callbacks_registered)
 	{
@@ -1083,10 +1290,14 @@ llm_train(PG_FUNCTION_ARGS)
 	SPI_connect();
 	train_setup(&run, fcinfo);
 	run.tr = palloc0(sizeof(Trainer));
+	run.tr->lora = run.lora;
+	run.tr->lora_m = run.lora_m;
+	run.tr->lora_v = run.lora_v;
 	PG_TRY();
 	{
 		trainer_alloc(run.tr, run.model, run.args.batch_size, run.ds.T);
-		load_optim_state(run.tr, run.model);
+		if (run.lora == NULL)
+			load_optim_state(run.tr, run.model);
 		run.t_loaded = now_seconds();
 		train_steps(&run);
 		run.t_trained = now_seconds();
@@ -1096,7 +1307,8 @@ llm_train(PG_FUNCTION_ARGS)
 	PG_CATCH();
 	{
 		trainer_free(run.tr);
-		llm_model_forget();
+		if (run.lora == NULL)
+			llm_model_forget(); /* the weights in memory may have changed already */
 		PG_RE_THROW();
 	}
 	PG_END_TRY();

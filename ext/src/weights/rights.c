@@ -105,7 +105,7 @@ llm_may_see_model(const char *model)
 	if (!llm_granted(relid, columns, lengthof(columns), ACL_SELECT) || (rows_filtered(relid, false) && !row_security))
 		return false;
 	SPI_connect();
-	found = llm_config_lookup(model, &cfg, false);
+	found = llm_config_lookup(model, &cfg, LLM_CONFIG_NO_LOCK);
 	SPI_finish();
 	return found && llm_may_read_weights(&cfg, false);
 }

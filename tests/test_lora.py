@@ -1,0 +1,182 @@
+"""LoRA adapters: training equals PEFT's LoRA on transformers' GPT-2, serving equals the merged model.
+
+The reference is peft's LoRA (fan_in_fan_out for GPT-2's Conv1D, lora_dropout 0, bias none) on
+transformers.GPT2LMHeadModel, trained with torch.optim.AdamW over the adapter's tensors, the same
+schedule, clipping and rows as llm_train (tests/test_training.py's TorchTrainer: the base's tensors
+have no gradient, so its optimizer and clipping see the adapter's alone).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import psycopg
+import pytest
+import torch
+from peft import LoraConfig, get_peft_model
+
+from .test_training import LOSS_RTOL, TorchTrainer, fill_dataset, lr_at, make_hf_model
+from .weights import load_params, store_hf_model
+
+PREFIX = "base_model.model.transformer."
+
+# (n_layer, n_head, n_embd, n_positions, vocab, batch_size, T, grad_accum, rows, rank, alpha, targets)
+SHAPES = [
+    (2, 3, 48, 32, 97, 2, 16, 1, 5, 4, 8.0, ["attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"]),
+    (1, 5, 70, 16, 211, 3, 9, 2, 8, 2, 3.0, ["attn.c_attn"]),
+    (3, 4, 64, 64, 512, 4, 32, 1, 12, 8, 16.0, ["mlp.c_fc", "mlp.c_proj"]),
+]
+
+# Tolerances, float32 on both sides in different summation orders. The adapter's tensors move by
+# up to lr_max = 1e-2 per step (Adam's steps are about lr in size whatever the gradient).
+GRAD_NORM_RTOL = 1e-4
+ADAPTER_ATOL, ADAPTER_RTOL = 5e-5, 1e-4
+LOGITS_ATOL = 2e-4    # logits of about +-3 after training; the passes share no product
+
+
+def peft_model(hf, rank: int, alpha: float, targets: list[str], seed: int):
+    """hf with a PEFT LoRA adapter whose B is random too (PEFT starts B at zero, which would leave
+    A's gradient zero and hide it from the comparison)."""
+    cfg = LoraConfig(r=rank, lora_alpha=alpha, target_modules=targets, lora_dropout=0.0, bias="none",
+                     fan_in_fan_out=True, init_lora_weights=True)
+    model = get_peft_model(hf, cfg)
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.copy_(0.05 * torch.randn_like(p))
+    return model
+
+
+def adapter_tensors(model) -> dict[str, np.ndarray]:
+    """The adapter's tensors under pg_llm's names (h.0.attn.c_attn.lora_A), float32."""
+    out = {}
+    for name, p in model.named_parameters():
+        if "lora_" in name:
+            name = name.removeprefix(PREFIX).replace(".default.weight", "")
+            out[name] = p.detach().cpu().numpy().astype("<f4")
+    return out
+
+
+def store_adapter(conn, adapter: str, model: str, peft, rank: int, alpha: float, targets: list[str]) -> None:
+    """llm_adapter_create, then PEFT's values into its rows."""
+    conn.execute("SELECT llm_adapter_create(%s, %s, rank => %s, alpha => %s, targets => %s)",
+                 (adapter, model, rank, alpha, targets))
+    tensors = adapter_tensors(peft)
+    names = {n for (n,) in conn.execute("SELECT name FROM llm_adapter_param WHERE adapter = %s", (adapter,))}
+    assert names == tensors.keys()
+    for name, a in tensors.items():
+        shape = conn.execute("SELECT shape FROM llm_adapter_param WHERE adapter = %s AND name = %s",
+                             (adapter, name)).fetchone()[0]
+        assert tuple(shape) == a.shape, name
+        conn.execute("UPDATE llm_adapter_param SET data = %s WHERE adapter = %s AND name = %s",
+                     (a.tobytes(), adapter, name))
+
+
+def load_adapter(conn, adapter: str) -> dict[str, np.ndarray]:
+    rows = conn.execute("SELECT name, shape, data FROM llm_adapter_param WHERE adapter = %s", (adapter,)).fetchall()
+    return {name: np.frombuffer(data, dtype="<f4").reshape(shape) for name, shape, data in rows}
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "L{}C{}V{}B{}T{}A{}-r{}-{}".format(
+    s[0], s[2], s[4], s[5], s[6], s[7], s[9], len(s[11])))
+def test_three_adapter_steps_match_peft(conn, shape):
+    n_layer, n_head, n_embd, n_pos, vocab, B, T, A, N, rank, alpha, targets = shape
+    hf = make_hf_model(7, n_layer, n_head, n_embd, n_pos, vocab)
+    store_hf_model(conn, "tiny", hf)
+    base_before = load_params(conn, "tiny")
+    ref_model = peft_model(hf, rank, alpha, targets, seed=11)
+    store_adapter(conn, "tenant", "tiny", ref_model, rank, alpha, targets)
+    rows = np.random.default_rng(3).integers(0, vocab, size=(N, T + 1))
+    fill_dataset(conn, rows)
+
+    hp = dict(beta1=0.9, beta2=0.95, eps=1e-8, wd=0.1, lr_max=1e-2, lr_min=1e-3, warmup=2, total_steps=5,
+              grad_clip=1.0)
+    ref = TorchTrainer(ref_model, rows, batch_size=B, grad_accum=A, **hp)
+    ref_log = [ref.step() for _ in range(3)]
+
+    names = ", ".join(f"{k} => %s" for k in hp)
+    last = conn.execute(f"SELECT llm_train('tiny', 3, batch_size => %s, grad_accum => %s, {names}, adapter => 'tenant')",
+                        (B, A, *hp.values())).fetchone()[0]
+    log = conn.execute("SELECT step, lr, loss, grad_norm FROM llm_adapter_train_log WHERE adapter = 'tenant' "
+                       "ORDER BY step").fetchall()
+    assert [r[0] for r in log] == [1, 2, 3]
+    for (step, lr, loss, norm), (ref_loss, ref_norm) in zip(log, ref_log):
+        assert lr == pytest.approx(lr_at(step - 1, 1e-2, 1e-3, 2, 5), rel=1e-6)
+        assert loss == pytest.approx(ref_loss, rel=LOSS_RTOL)
+        assert norm == pytest.approx(ref_norm, rel=GRAD_NORM_RTOL)
+    assert last == pytest.approx(ref_log[-1][0], rel=LOSS_RTOL)
+
+    ours, theirs = load_adapter(conn, "tenant"), adapter_tensors(ref_model)
+    assert ours.keys() == theirs.keys()
+    for name, expected in theirs.items():
+        np.testing.assert_allclose(ours[name], expected, rtol=ADAPTER_RTOL, atol=ADAPTER_ATOL, err_msg=name)
+
+    # the base is frozen: not a bit of it changed, and it has no training state of its own
+    base_after = load_params(conn, "tiny")
+    assert all(np.array_equal(base_before[k], base_after[k]) for k in base_before)
+    assert conn.execute("SELECT count(*) FROM llm_train_log WHERE model = 'tiny'").fetchone()[0] == 0
+    assert conn.execute("SELECT step, data_pos FROM llm_adapter WHERE adapter = 'tenant'").fetchone() == (3, 3 * B * A)
+
+    # serving: the trained adapter's logits equal PEFT's with the same tensors, unmerged and merged
+    with torch.no_grad():
+        for name, p in ref_model.named_parameters():
+            if "lora_" in name:
+                p.copy_(torch.from_numpy(ours[name.removeprefix(PREFIX).replace(".default.weight", "")].copy()))
+    prompt = [int(x) for x in rows[0][: min(T, 12)]]
+    got = np.array(conn.execute("SELECT llm_logits(%s, 'tiny', adapter => 'tenant')", (prompt,)).fetchone()[0])
+    with torch.no_grad():
+        want = ref_model(input_ids=torch.tensor([prompt])).logits[0, -1].numpy()
+        merged = ref_model.merge_and_unload()
+        want_merged = merged(input_ids=torch.tensor([prompt])).logits[0, -1].numpy()
+    np.testing.assert_allclose(got, want, atol=LOGITS_ATOL, rtol=0)
+    np.testing.assert_allclose(got, want_merged, atol=LOGITS_ATOL, rtol=0)
+    base = np.array(conn.execute("SELECT llm_logits(%s, 'tiny')", (prompt,)).fetchone()[0])
+    assert np.abs(base - got).max() > 10 * LOGITS_ATOL, "the adapter changes what the model computes"
+
+
+def test_an_adapter_resumes_exactly(conn):
+    """3 + 3 steps in two calls equal 6 in one (the moments and the position come back from the rows)."""
+    n_layer, n_head, n_embd, n_pos, vocab, B, T, A, N, rank, alpha, targets = SHAPES[0]
+    hf = make_hf_model(7, n_layer, n_head, n_embd, n_pos, vocab)
+    store_hf_model(conn, "tiny", hf)
+    fill_dataset(conn, np.random.default_rng(5).integers(0, vocab, size=(N, T + 1)))
+    hp = "lr_max => 1e-2, warmup => 2, total_steps => 6, batch_size => 2"
+    for name in ("once", "twice"):
+        conn.execute("SELECT llm_adapter_create(%s, 'tiny', rank => 4, targets => %s, seed => 9)", (name, targets))
+    conn.execute(f"SELECT llm_train('tiny', 6, {hp}, adapter => 'once')")
+    conn.execute(f"SELECT llm_train('tiny', 3, {hp}, adapter => 'twice')")
+    conn.execute(f"SELECT llm_train('tiny', 3, {hp}, adapter => 'twice')")
+    once, twice = load_adapter(conn, "once"), load_adapter(conn, "twice")
+    assert all(np.array_equal(once[k], twice[k]) for k in once)
+    losses = conn.execute("SELECT adapter, array_agg(loss ORDER BY step) FROM llm_adapter_train_log "
+                          "GROUP BY adapter ORDER BY adapter").fetchall()
+    assert losses[0][1] == losses[1][1]
+
+
+def test_a_new_adapter_changes_nothing_and_bad_input_is_refused(conn):
+    hf = make_hf_model(7, 2, 3, 48, 32, 97)
+    store_hf_model(conn, "tiny", hf)
+    conn.execute("SELECT llm_adapter_create('fresh', 'tiny', targets => ARRAY['attn.c_attn', 'mlp.c_fc'])")
+    prompt = [1, 5, 9, 2]
+    with_adapter = conn.execute("SELECT llm_logits(%s, 'tiny', adapter => 'fresh')", (prompt,)).fetchone()[0]
+    assert with_adapter == conn.execute("SELECT llm_logits(%s, 'tiny')", (prompt,)).fetchone()[0]
+    shapes = dict(conn.execute("SELECT name, shape FROM llm_adapter_param WHERE adapter = 'fresh'").fetchall())
+    assert shapes["h.1.attn.c_attn.lora_A"] == [8, 48] and shapes["h.1.mlp.c_fc.lora_B"] == [192, 8]
+
+    for sql, message in [
+        ("SELECT llm_adapter_create('x', 'tiny', targets => ARRAY['attn.c_attn', 'lm_head'])",
+         "\"lm_head\" is not a product an adapter can target"),
+        ("SELECT llm_adapter_create('x', 'tiny', rank => 0)", "rank must be between 1 and 1024"),
+        ("SELECT llm_adapter_create('x', 'tiny', alpha => -1)", "alpha must be a positive number"),
+        ("SELECT llm_adapter_create('x', 'nope')", "model \"nope\" does not exist"),
+        ("SELECT llm_adapter_create('fresh', 'tiny')", "duplicate key"),
+        ("SELECT llm_logits(ARRAY[1, 2], 'tiny', adapter => 'nope')", "adapter \"nope\" does not exist"),
+        ("SELECT llm_train('tiny', 1, adapter => 'nope')", "adapter \"nope\" does not exist"),
+    ]:
+        with pytest.raises(psycopg.Error, match=message):
+            conn.execute(sql)
+    store_hf_model(conn, "other", make_hf_model(8, 2, 3, 48, 32, 97))
+    with pytest.raises(psycopg.errors.InvalidParameterValue, match="adapter \"fresh\" belongs to model \"tiny\""):
+        conn.execute("SELECT llm_logits(ARRAY[1, 2], 'other', adapter => 'fresh')")
+    assert conn.execute("SELECT llm_adapter_drop('fresh'), llm_adapter_drop('fresh')").fetchone() == (True, False)
+    assert conn.execute("SELECT count(*) FROM llm_adapter_param").fetchone()[0] == 0
