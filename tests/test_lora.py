@@ -180,3 +180,174 @@ def test_a_new_adapter_changes_nothing_and_bad_input_is_refused(conn):
         conn.execute("SELECT llm_logits(ARRAY[1, 2], 'other', adapter => 'fresh')")
     assert conn.execute("SELECT llm_adapter_drop('fresh'), llm_adapter_drop('fresh')").fetchone() == (True, False)
     assert conn.execute("SELECT count(*) FROM llm_adapter_param").fetchone()[0] == 0
+
+
+# ---- serving: every entry point, from the one base, equals the merged model ----------------------
+
+SERVE_ADAPTERS = {"a": (4, 8.0, ["attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"]), "b": (2, 4.0, ["attn.c_attn"])}
+TEXTS = ["The quick brown fox", "Hello there, general", "In the beginning the database", "SELECT *"]
+MERGED_ATOL = 1e-4    # the adapter beside the weights vs merged into them: other sums, same float32
+
+
+@pytest.fixture(scope="module")
+def served(pg):
+    """A GPT-2-vocabulary model with the GPT-2 tokenizer, adapters a and b (PEFT's, with random B),
+    and the models base_a and base_b that llm_adapter_merge made of them."""
+    import copy
+
+    from .weights import write_gpt2_tokenizer
+
+    hf = make_hf_model(5, 2, 2, 32, 64, 50257)
+    store_hf_model(pg, "lora_base", hf)
+    write_gpt2_tokenizer(pg, "lora_base")
+    refs = {}
+    for name, (rank, alpha, targets) in SERVE_ADAPTERS.items():
+        pg.execute("SELECT llm_adapter_drop(%s)", (name,))
+        pg.execute("SELECT llm_model_drop(%s)", (f"lora_base_{name}",)) if pg.execute(
+            "SELECT 1 FROM llm_model_config WHERE model = %s", (f"lora_base_{name}",)).fetchone() else None
+        refs[name] = peft_model(copy.deepcopy(hf), rank, alpha, targets, seed=21 + rank)
+        store_adapter(pg, name, "lora_base", refs[name], rank, alpha, targets)
+        pg.execute("SELECT llm_adapter_merge(%s, %s)", (name, f"lora_base_{name}"))
+    return refs
+
+
+@pytest.mark.parametrize("adapter", sorted(SERVE_ADAPTERS))
+def test_each_entry_point_with_an_adapter_equals_the_merged_model(pg, served, adapter):
+    merged = f"lora_base_{adapter}"
+    ids = pg.execute("SELECT llm_encode(%s, 'lora_base')", (TEXTS[0],)).fetchone()[0]
+
+    got = np.array(pg.execute("SELECT llm_logits(%s, 'lora_base', adapter => %s)", (ids, adapter)).fetchone()[0])
+    want = np.array(pg.execute("SELECT llm_logits(%s, %s)", (ids, merged)).fetchone()[0])
+    np.testing.assert_allclose(got, want, atol=MERGED_ATOL, rtol=0)
+    with torch.no_grad():
+        ref = served[adapter](input_ids=torch.tensor([ids])).logits[0, -1].numpy()
+    np.testing.assert_allclose(got, ref, atol=LOGITS_ATOL, rtol=0)
+
+    def both(sql, *args):
+        return (pg.execute(sql.format(model="'lora_base'", adapter=", adapter => %s"), (*args, adapter)).fetchall(),
+                pg.execute(sql.format(model=f"'{merged}'", adapter=""), args).fetchall())
+
+    ours, theirs = both("SELECT llm_generate_tokens(%s, 8, 0.0, model => {model}{adapter})", ids)
+    assert ours == theirs
+    ours, theirs = both("SELECT token_ids FROM llm_beam_search_tokens(%s, 3, 5, {model}{adapter})", ids)
+    assert ours == theirs
+    ours, theirs = both("SELECT llm_generate(%s, 6, 0.0, model => {model}{adapter})", TEXTS[1])
+    assert ours == theirs
+    ours, theirs = both("SELECT text FROM llm_beam_search(%s, 2, 4, {model}{adapter})", TEXTS[1])
+    assert ours == theirs
+    ours, theirs = both("SELECT llm_perplexity(%s, {model}{adapter})", TEXTS[2])
+    assert ours[0][0] == pytest.approx(theirs[0][0], rel=1e-5)
+    for sql in ("SELECT llm_embed(%s, {model}{adapter})",
+                "SELECT embedding FROM llm_embed_batch(ARRAY[%s, 'x'], {model}{adapter}) WHERE ord = 1"):
+        ours, theirs = both(sql, TEXTS[2])
+        np.testing.assert_allclose(ours[0][0], theirs[0][0], atol=1e-5)
+    streamed, single = (pg.execute("SELECT string_agg(token, '' ORDER BY step) FROM llm_generate_stream(%s, 6, 1.0, "
+                                   "model => 'lora_base', seed => 3, adapter => %s)", (TEXTS[3], adapter)).fetchone()[0],
+                        pg.execute("SELECT llm_generate(%s, 6, 1.0, model => 'lora_base', seed => 3, adapter => %s)",
+                                   (TEXTS[3], adapter)).fetchone()[0])
+    assert streamed == single
+
+
+def test_rows_with_different_adapters_share_a_batch_and_equal_single_calls(pg, served):
+    """One llm_generate_batch over a, none, b, a: each row is what a call with its adapter alone gives,
+    bit for bit, whatever its neighbours' adapters (greedy and seeded sampling)."""
+    adapters = ["a", None, "b", "a"]
+    for temperature, seed in ((0.0, None), (0.9, 11)):
+        rows = pg.execute("SELECT text FROM llm_generate_batch(%s, 7, %s, model => 'lora_base', seed => %s, "
+                          "adapters => %s) ORDER BY ord", (TEXTS, temperature, seed, adapters)).fetchall()
+        singles = [pg.execute("SELECT llm_generate(%s, 7, %s, model => 'lora_base', seed => %s, adapter => %s)",
+                              (t, temperature, seed, a)).fetchone() for t, a in zip(TEXTS, adapters)]
+        assert rows == singles
+    # one adapter for every prompt
+    rows = pg.execute("SELECT text FROM llm_generate_batch(%s, 5, 0.0, model => 'lora_base', adapters => ARRAY['b']) "
+                      "ORDER BY ord", (TEXTS[:2],)).fetchall()
+    assert rows == [pg.execute("SELECT llm_generate(%s, 5, 0.0, model => 'lora_base', adapter => 'b')", (t,)).fetchone()
+                    for t in TEXTS[:2]]
+    with pytest.raises(psycopg.errors.ArraySubscriptError, match="adapters has 2 elements for 4 prompts"):
+        pg.execute("SELECT * FROM llm_generate_batch(%s, 2, model => 'lora_base', adapters => ARRAY['a', 'b'])", (TEXTS,))
+
+
+@pytest.mark.parametrize("precision", ["bfloat16", "int8", "int4"])
+def test_adapters_serve_at_every_precision(pg, served, precision):
+    """At a reduced precision the base is the served copy's, the adapter float32: what the adapter adds
+    to the logits is what it adds at float32, within the precision's noise."""
+    ids = pg.execute("SELECT llm_encode(%s, 'lora_base')", (TEXTS[0],)).fetchone()[0]
+    q = "SELECT llm_logits(%s, 'lora_base', adapter => %s)"
+    full = {a: np.array(pg.execute(q, (ids, a)).fetchone()[0]) for a in (None, "a")}
+    pg.execute("SELECT set_config('pg_llm.inference_precision', %s, false)", (precision,))
+    try:
+        reduced = {a: np.array(pg.execute(q, (ids, a)).fetchone()[0]) for a in (None, "a")}
+    finally:
+        pg.execute("RESET pg_llm.inference_precision")
+    delta_full, delta_reduced = full["a"] - full[None], reduced["a"] - reduced[None]
+    assert np.abs(delta_full).max() > 1e-2
+    assert np.abs(delta_reduced - delta_full).max() < 0.1 * np.abs(delta_full).max()
+
+
+def test_copy_merge_drop_and_the_base_going(pg, served):
+    pg.execute("SELECT llm_adapter_drop('a2')")
+    pg.execute("SELECT llm_adapter_copy('a', 'a2')")
+    ids = [464, 2068, 7586]
+    assert pg.execute("SELECT llm_logits(%s, 'lora_base', adapter => 'a2') = llm_logits(%s, 'lora_base', adapter => 'a')",
+                      (ids, ids)).fetchone()[0]
+    for sql, error, message in [
+        ("SELECT llm_adapter_copy('a', 'b')", psycopg.errors.DuplicateObject, "adapter \"b\" already exists"),
+        ("SELECT llm_adapter_copy('nope', 'c')", psycopg.errors.UndefinedObject, "adapter \"nope\" does not exist"),
+        ("SELECT llm_adapter_merge('nope', 'm')", psycopg.errors.UndefinedObject, "adapter \"nope\" does not exist"),
+        ("SELECT llm_adapter_merge('a', 'lora_base_b')", psycopg.errors.DuplicateObject, "already exists"),
+    ]:
+        with pytest.raises(error, match=message):
+            pg.execute(sql)
+    listed = dict(pg.execute("SELECT adapter, parameters FROM llm_adapters WHERE model = 'lora_base'").fetchall())
+    assert listed["a2"] == listed["a"] == 2 * (4 * 32 + 96 * 4 + 4 * 32 + 32 * 4 + 4 * 32 + 128 * 4 + 4 * 128 + 32 * 4)
+    # a copy of the base has no adapters; dropping a model drops its adapters
+    pg.execute("SELECT llm_model_copy('lora_base', 'lora_base_copy')")
+    assert pg.execute("SELECT count(*) FROM llm_adapter WHERE model = 'lora_base_copy'").fetchone()[0] == 0
+    pg.execute("SELECT llm_adapter_copy('a2', 'a3')")
+    pg.execute("UPDATE llm_adapter SET model = 'lora_base_copy' WHERE adapter = 'a3'")
+    pg.execute("SELECT llm_model_drop('lora_base_copy')")
+    assert pg.execute("SELECT count(*) FROM llm_adapter_param WHERE adapter = 'a3'").fetchone()[0] == 0
+    assert pg.execute("SELECT llm_adapter_drop('a2')").fetchone()[0]
+
+
+def test_serving_and_training_honour_the_rights_on_each_adapter(pg, served):
+    """A serving role serves with the adapters its rights show it (row-level security per tenant), not
+    with the others, and cannot train one; a role with no grants cannot use any."""
+    import uuid
+
+    suffix = uuid.uuid4().hex[:8]
+    serve, nobody = f"lora_serve_{suffix}", f"lora_none_{suffix}"
+    pg.execute(f"CREATE ROLE {serve}")
+    pg.execute(f"CREATE ROLE {nobody}")
+    pg.execute("SELECT llm_grant(%s)", (serve,))
+    ids = [464, 2068, 7586]
+    owner = pg.execute("SELECT llm_logits(%s, 'lora_base', adapter => 'a')", (ids,)).fetchone()
+    policies = [("tenant_a", "llm_adapter"), ("tenant_a_param", "llm_adapter_param")]
+    for table in ("llm_adapter", "llm_adapter_param"):
+        pg.execute(f"ALTER TABLE {table} ENABLE ROW LEVEL SECURITY")
+    for policy, table in policies:
+        pg.execute(f"CREATE POLICY {policy} ON {table} FOR SELECT TO {serve} USING (adapter = 'a')")
+    try:
+        with psycopg.connect(pg.info.dsn, autocommit=True) as c:
+            c.execute(f"SET ROLE {serve}")
+            assert c.execute("SELECT llm_logits(%s, 'lora_base', adapter => 'a')", (ids,)).fetchone() == owner
+            with pytest.raises(psycopg.errors.UndefinedObject, match="adapter \"b\" does not exist"):
+                c.execute("SELECT llm_logits(%s, 'lora_base', adapter => 'b')", (ids,))
+            with pytest.raises(psycopg.errors.InsufficientPrivilege, match="permission denied for table llm_adapter_param"):
+                c.execute("SELECT llm_train('lora_base', 1, adapter => 'a')")
+            # llm_adapter shows b, its tensors do not
+            pg.execute(f"ALTER POLICY tenant_a ON llm_adapter USING (true)")
+            with pytest.raises(psycopg.errors.InsufficientPrivilege,
+                               match="permission denied for the tensors of adapter \"b\""):
+                c.execute("SELECT llm_generate_batch(ARRAY['x', 'y'], 2, model => 'lora_base', adapters => ARRAY['a', 'b'])")
+            c.execute(f"SET ROLE {nobody}")
+            with pytest.raises(psycopg.errors.InsufficientPrivilege):
+                c.execute("SELECT llm_logits(%s, 'lora_base', adapter => 'a')", (ids,))
+    finally:
+        for policy, table in policies:
+            pg.execute(f"DROP POLICY {policy} ON {table}")
+        for table in ("llm_adapter", "llm_adapter_param"):
+            pg.execute(f"ALTER TABLE {table} DISABLE ROW LEVEL SECURITY")
+        for role in (serve, nobody):
+            pg.execute(f"DROP OWNED BY {role}")
+            pg.execute(f"DROP ROLE {role}")

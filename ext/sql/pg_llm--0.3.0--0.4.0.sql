@@ -79,6 +79,102 @@ LANGUAGE sql VOLATILE STRICT SET search_path = pg_catalog, pg_temp AS $$
     SELECT count(*) > 0 FROM gone
 $$;
 
+-- llm_adapter_copy(source, target): the adapter under another name (of the same model), its
+-- tensors, moments, step and log with it. PUBLIC: the caller's rights on the tables apply.
+CREATE FUNCTION llm_adapter_copy(source text, target text) RETURNS void
+LANGUAGE plpgsql VOLATILE STRICT SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+    IF NOT EXISTS (SELECT 1 FROM @extschema@.llm_adapter a WHERE a.adapter = source) THEN
+        RAISE EXCEPTION 'adapter "%" does not exist', source USING ERRCODE = 'undefined_object',
+            HINT = 'SELECT adapter FROM llm_adapters lists them.';
+    END IF;
+    IF EXISTS (SELECT 1 FROM @extschema@.llm_adapter a WHERE a.adapter = target) THEN
+        RAISE EXCEPTION 'adapter "%" already exists', target USING ERRCODE = 'duplicate_object',
+            HINT = 'Drop it first (llm_adapter_drop), or choose another name.';
+    END IF;
+    INSERT INTO @extschema@.llm_adapter (adapter, model, rank, alpha, dropout, targets, step, data_pos, base_version)
+    SELECT target, a.model, a.rank, a.alpha, a.dropout, a.targets, a.step, a.data_pos, a.base_version
+      FROM @extschema@.llm_adapter a WHERE a.adapter = source;
+    INSERT INTO @extschema@.llm_adapter_param (adapter, name, shape, data, m, v)
+    SELECT target, p.name, p.shape, p.data, p.m, p.v FROM @extschema@.llm_adapter_param p WHERE p.adapter = source;
+    INSERT INTO @extschema@.llm_adapter_train_log (adapter, step, lr, loss, grad_norm, tokens_per_s, val_loss, created_at)
+    SELECT target, g.step, g.lr, g.loss, g.grad_norm, g.tokens_per_s, g.val_loss, g.created_at
+      FROM @extschema@.llm_adapter_train_log g WHERE g.adapter = source;
+END $$;
+
+-- llm_adapter_merge(adapter, model): a new model, the adapter's base with the adapter merged into
+-- its weights (W += alpha / rank * A^T B^T), its tokenizer and training state copied as
+-- llm_model_copy does. PUBLIC: it writes with the caller's rights.
+CREATE FUNCTION llm_adapter_merge(adapter text, model text) RETURNS void
+AS 'MODULE_PATHNAME', 'llm_adapter_merge' LANGUAGE C VOLATILE PARALLEL UNSAFE;
+
+-- A model's copy (llm_model_copy) takes its own rows of every table that references the model,
+-- but not its adapters: an adapter's name is its own, and a copy of the base has none.
+CREATE OR REPLACE FUNCTION llm_model_copy(source text, target text, checkpoints boolean DEFAULT false) RETURNS void
+LANGUAGE plpgsql VOLATILE STRICT SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    ref record;
+    cols text;
+    vals text;
+    snap record;
+    new_id bigint;
+    used boolean;
+BEGIN
+    IF NOT EXISTS (SELECT 1 FROM @extschema@.llm_model_config c WHERE c.model = source) THEN
+        RAISE EXCEPTION 'model "%" does not exist', source USING ERRCODE = 'undefined_object',
+            HINT = 'pgllm models lists them (SELECT model FROM llm_models).';
+    END IF;
+    IF EXISTS (SELECT 1 FROM @extschema@.llm_model_config c WHERE c.model = target) THEN
+        -- the built-in gpt2-small registration, with nothing stored for it, gives way
+        used := target <> 'gpt2-small' OR NOT EXISTS (
+            SELECT 1 FROM @extschema@.llm_model_config c WHERE c.model = target
+               AND (c.n_layer, c.n_head, c.d_model, c.n_positions, c.vocab) = (12, 12, 768, 1024, 50257));
+        FOR ref IN SELECT k.conrelid::regclass AS tab, a.attname AS col
+                     FROM pg_constraint k
+                     JOIN pg_attribute a ON a.attrelid = k.conrelid AND a.attnum = k.conkey[1]
+                    WHERE k.confrelid = '@extschema@.llm_model_config'::regclass AND k.contype = 'f'
+        LOOP
+            EXIT WHEN used;
+            EXECUTE format('SELECT EXISTS (SELECT 1 FROM %s WHERE %I = $1)', ref.tab, ref.col) INTO used USING target;
+        END LOOP;
+        IF used THEN
+            RAISE EXCEPTION 'model "%" already exists', target USING ERRCODE = 'duplicate_object',
+                HINT = 'Drop it first (pgllm models rm, llm_model_drop), or choose another name.';
+        END IF;
+        DELETE FROM @extschema@.llm_model_config c WHERE c.model = target;
+    END IF;
+    INSERT INTO @extschema@.llm_model_config (model, n_layer, n_head, d_model, n_positions, vocab)
+    SELECT target, c.n_layer, c.n_head, c.d_model, c.n_positions, c.vocab
+      FROM @extschema@.llm_model_config c WHERE c.model = source;
+    FOR ref IN SELECT k.conrelid::regclass AS tab, a.attname AS col
+                 FROM pg_constraint k
+                 JOIN pg_attribute a ON a.attrelid = k.conrelid AND a.attnum = k.conkey[1]
+                WHERE k.confrelid = '@extschema@.llm_model_config'::regclass AND k.contype = 'f'
+                  AND k.conrelid NOT IN ('@extschema@.llm_checkpoint'::regclass, '@extschema@.llm_adapter'::regclass)
+                ORDER BY k.conrelid
+    LOOP
+        SELECT string_agg(quote_ident(a.attname), ', ' ORDER BY a.attnum),
+               string_agg(CASE WHEN a.attname = ref.col THEN '$2' ELSE quote_ident(a.attname) END, ', '
+                          ORDER BY a.attnum)
+          INTO cols, vals
+          FROM pg_attribute a
+         WHERE a.attrelid = ref.tab AND a.attnum > 0 AND NOT a.attisdropped AND a.attgenerated = '';
+        EXECUTE format('INSERT INTO %s (%s) SELECT %s FROM %s WHERE %I = $1', ref.tab, cols, vals, ref.tab, ref.col)
+            USING source, target;
+    END LOOP;
+    IF checkpoints THEN
+        FOR snap IN SELECT k.id FROM @extschema@.llm_checkpoint k WHERE k.model = source ORDER BY k.id LOOP
+            INSERT INTO @extschema@.llm_checkpoint (model, step, created_at, note, data_pos)
+            SELECT target, k.step, k.created_at, k.note, k.data_pos FROM @extschema@.llm_checkpoint k
+             WHERE k.id = snap.id
+            RETURNING llm_checkpoint.id INTO new_id;
+            INSERT INTO @extschema@.llm_checkpoint_tensor (checkpoint_id, name, shape, data, m, v)
+            SELECT new_id, t.name, t.shape, t.data, t.m, t.v FROM @extschema@.llm_checkpoint_tensor t
+             WHERE t.checkpoint_id = snap.id;
+        END LOOP;
+    END IF;
+END $$;
+
 -- llm_adapters: each adapter with its size and whether its base changed since it last trained
 -- (stale: its update was learnt on other weights). security_invoker: the caller's rights apply.
 CREATE VIEW llm_adapters WITH (security_invoker = true) AS
@@ -124,8 +220,9 @@ RETURNS real
 AS 'MODULE_PATHNAME', 'llm_train' LANGUAGE C VOLATILE PARALLEL UNSAFE;
 COMMENT ON FUNCTION llm_train IS 'train a model, or an adapter of it, on a dataset of llm_dataset with AdamW; resumable';
 
--- Serving with an adapter: adapter, the last argument of the token and text entry points (NULL:
--- the model alone). Labels as before (docs/scale-out.md).
+-- Serving with an adapter: adapter, the last argument of every inference entry point (NULL: the
+-- model alone); the adapter is read with the caller's rights on every call. Labels as before
+-- (docs/scale-out.md); the functions are re-created, so their grants are PUBLIC's as before.
 DROP FUNCTION llm_logits(int[], text);
 CREATE FUNCTION llm_logits(tokens int[], model text DEFAULT 'gpt2-small', adapter text DEFAULT NULL) RETURNS real[]
 AS 'MODULE_PATHNAME', 'llm_logits' LANGUAGE C STABLE CALLED ON NULL INPUT PARALLEL SAFE COST 100000;
@@ -154,6 +251,55 @@ CREATE FUNCTION llm_generate_stream(prompt text, max_tokens int DEFAULT 64,
 RETURNS TABLE (step int, token_id int, token text, text text, is_complete boolean)
 AS 'MODULE_PATHNAME', 'llm_generate_stream' LANGUAGE C VOLATILE CALLED ON NULL INPUT PARALLEL RESTRICTED
 COST 1000000 ROWS 64;
+
+DROP FUNCTION llm_beam_search_tokens(int[], int, int, text, int, double precision);
+CREATE FUNCTION llm_beam_search_tokens(tokens int[], beam_width int DEFAULT 4, max_tokens int DEFAULT 32,
+                                       model text DEFAULT 'gpt2-small', eos_token int DEFAULT NULL,
+                                       length_penalty double precision DEFAULT 1.0, adapter text DEFAULT NULL)
+RETURNS TABLE (rank int, score double precision, token_ids int[])
+AS 'MODULE_PATHNAME', 'llm_beam_search_tokens' LANGUAGE C STABLE CALLED ON NULL INPUT PARALLEL SAFE
+COST 1000000 ROWS 4;
+
+DROP FUNCTION llm_beam_search(text, int, int, text, double precision);
+CREATE FUNCTION llm_beam_search(prompt text, beam_width int DEFAULT 4, max_tokens int DEFAULT 32,
+                                model text DEFAULT 'gpt2-small', length_penalty double precision DEFAULT 1.0,
+                                adapter text DEFAULT NULL)
+RETURNS TABLE (rank int, score double precision, token_ids int[], text text)
+AS 'MODULE_PATHNAME', 'llm_beam_search' LANGUAGE C STABLE CALLED ON NULL INPUT PARALLEL SAFE COST 1000000 ROWS 4;
+
+-- llm_generate_batch: adapters, one per prompt (NULL: none) or one for all; rows with different
+-- adapters share every pass over the model's weights.
+DROP FUNCTION llm_generate_batch(text[], int, double precision, int, double precision, text, bigint);
+CREATE FUNCTION llm_generate_batch(prompts text[], max_tokens int DEFAULT 64,
+                                   temperature double precision DEFAULT 1.0, topk int DEFAULT 50,
+                                   topp double precision DEFAULT 0.95, model text DEFAULT 'gpt2-small',
+                                   seed bigint DEFAULT NULL, adapters text[] DEFAULT NULL)
+RETURNS TABLE (ord int, text text)
+AS 'MODULE_PATHNAME', 'llm_generate_batch' LANGUAGE C VOLATILE CALLED ON NULL INPUT PARALLEL SAFE
+COST 1000000 ROWS 100;
+
+DROP FUNCTION llm_eval(text, text, int, int);
+CREATE FUNCTION llm_eval(model text, dataset text DEFAULT 'val', max_rows int DEFAULT NULL,
+                         batch_size int DEFAULT 8, adapter text DEFAULT NULL,
+                         OUT loss double precision, OUT perplexity double precision, OUT rows bigint,
+                         OUT tokens bigint)
+RETURNS record
+AS 'MODULE_PATHNAME', 'llm_eval' LANGUAGE C STABLE PARALLEL SAFE COST 1000000;
+
+DROP FUNCTION llm_perplexity(text, text, int);
+CREATE FUNCTION llm_perplexity(input text, model text DEFAULT 'gpt2-small', stride int DEFAULT NULL,
+                               adapter text DEFAULT NULL)
+RETURNS double precision
+AS 'MODULE_PATHNAME', 'llm_perplexity' LANGUAGE C STABLE PARALLEL SAFE COST 100000;
+
+DROP FUNCTION llm_embed(text, text);
+CREATE FUNCTION llm_embed(input text, model text DEFAULT 'gpt2-small', adapter text DEFAULT NULL) RETURNS real[]
+AS 'MODULE_PATHNAME', 'llm_embed' LANGUAGE C STABLE PARALLEL SAFE COST 100000;
+
+DROP FUNCTION llm_embed_batch(text[], text);
+CREATE FUNCTION llm_embed_batch(inputs text[], model text DEFAULT 'gpt2-small', adapter text DEFAULT NULL)
+RETURNS TABLE (ord integer, embedding real[])
+AS 'MODULE_PATHNAME', 'llm_embed_batch' LANGUAGE C STABLE PARALLEL SAFE COST 1000000;
 
 -- Serving roles read adapters too (an adapter is served with its model's rights and its own rows').
 CREATE OR REPLACE FUNCTION llm_grant(role regrole, train boolean DEFAULT false) RETURNS void

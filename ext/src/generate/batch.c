@@ -16,6 +16,7 @@
  * - each prompt samples from its own stream, seeded as a single call is: with the call's seed
  *   when there is one (so row i equals llm_generate(prompts[i], ..., seed) alone), else from the
  *   backend's random state.
+ * - a row's adapter adds its own update to its own rows only (infer.c's adapt ops).
  * A NULL element gives a NULL text, as llm_generate(NULL) does. Every prompt is encoded and
  * checked before anything runs, so a bad one fails the call at once, naming its position.
  */
@@ -52,6 +53,7 @@ typedef struct BatchPrompt
 {
 	int32	   *ids;			/* NULL for a NULL element */
 	int			T;
+	const LlmLora *lora;		/* its adapter, or NULL */
 	text	   *out;			/* the generated text, once done */
 } BatchPrompt;
 
@@ -112,6 +114,46 @@ batch_encode(Batch *b, ArrayType *arr, const LlmConfig *cfg)
 	error_context_stack = ctx.previous;
 }
 
+/*
+ * adapters[i] (NULL: none) is prompt i's adapter; one element: every prompt's. Each adapter is
+ * read once, with the caller's rights.
+ */
+static void
+batch_adapters(Batch *b, ArrayType *arr, const LlmConfig *cfg)
+{
+	Datum	   *elems;
+	bool	   *nulls;
+	int			n;
+	const LlmLora **loaded;
+
+	if (ARR_NDIM(arr) > 1)
+		ereport(ERROR,
+				(errcode(ERRCODE_ARRAY_SUBSCRIPT_ERROR),
+				 errmsg("adapters must be a one-dimensional array")));
+	deconstruct_array(arr, TEXTOID, -1, false, TYPALIGN_INT, &elems, &nulls, &n);
+	if (n != 1 && n != b->n_prompts)
+		ereport(ERROR,
+				(errcode(ERRCODE_ARRAY_SUBSCRIPT_ERROR),
+				 errmsg("adapters has %d elements for %d prompts", n, b->n_prompts),
+				 errhint("Give one adapter per prompt (NULL: none), or one for all of them.")));
+	loaded = palloc0(sizeof(LlmLora *) * n);
+	for (int i = 0; i < n; i++)
+	{
+		char	   *name;
+
+		if (nulls[i])
+			continue;
+		name = TextDatumGetCString(elems[i]);
+		for (int j = 0; j < i && loaded[i] == NULL; j++)
+			if (loaded[j] != NULL && strcmp(loaded[j]->name, name) == 0)
+				loaded[i] = loaded[j];
+		if (loaded[i] == NULL)
+			loaded[i] = llm_lora_get(name, cfg);
+	}
+	for (int i = 0; i < b->n_prompts; i++)
+		b->prompts[i].lora = loaded[n == 1 ? 0 : i];
+}
+
 /* Record the token drawn from `logits` for slot s; a finished sequence frees its slot. */
 static void
 slot_take(Batch *b, int s, const float *logits)
@@ -153,6 +195,7 @@ batch_fill(Batch *b, int *rows, const int32 **ids, int *T)
 					continue;
 				slot->prompt = p - b->prompts;
 				slot->n = 0;
+				llm_infer_set_adapter(b->inf, s, p->lora);
 				llm_sampler_seed(&slot->sampler, b->set.has_seed, b->set.seed);
 				rows[n] = s;
 				ids[n] = p->ids;
@@ -223,8 +266,9 @@ batch_run(Batch *b)
 }
 
 /*
- * llm_generate_batch(prompts text[], max_tokens, temperature, topk, topp, model, seed)
- * -> rows (ord, text), ord the 1-based position in the array, in that order.
+ * llm_generate_batch(prompts text[], max_tokens, temperature, topk, topp, model, seed, adapters
+ * text[]) -> rows (ord, text), ord the 1-based position in the array, in that order. Rows with
+ * different adapters (and none) share every pass over the model's weights.
  */
 PG_FUNCTION_INFO_V1(llm_generate_batch);
 Datum
@@ -246,6 +290,8 @@ llm_generate_batch(PG_FUNCTION_ARGS)
 	work = AllocSetContextCreate(CurrentMemoryContext, "llm_generate_batch", ALLOCSET_DEFAULT_SIZES);
 	old = MemoryContextSwitchTo(work);
 	batch_encode(&b, PG_GETARG_ARRAYTYPE_P(0), &cfg);
+	if (PG_NARGS() > 7 && !PG_ARGISNULL(7))
+		batch_adapters(&b, PG_GETARG_ARRAYTYPE_P(7), &cfg);
 	batch_run(&b);
 	MemoryContextSwitchTo(old);
 

@@ -105,8 +105,8 @@ top_candidates(const float *scores, int n, BeamCand *out, int k)
 
 /* Returns K hypotheses, best first. */
 static BeamHyp *
-beam_search(const char *model, const int32 *prompt, int T, int K, int max_tokens, int32 eos,
-			double length_penalty)
+beam_search(const char *model, const char *adapter, const int32 *prompt, int T, int K, int max_tokens,
+			int32 eos, double length_penalty)
 {
 	LlmConfig	cfg;
 	const LlmModel *m;
@@ -151,6 +151,7 @@ beam_search(const char *model, const int32 *prompt, int T, int K, int max_tokens
 	m = llm_model_get(model);
 	V = m->cfg.vocab;
 	inf = llm_infer_create(m, K, T, max_tokens);
+	llm_infer_set_adapter(inf, -1, llm_lora_get(adapter, &m->cfg));
 	acc = MemoryContextAllocHuge(CurrentMemoryContext, sizeof(float) * K * V);
 	for (int b = 0; b < K; b++)
 		run_score[b] = b == 0 ? 0.0f : -1.0e9f;	/* only the first beam expands at first */
@@ -258,8 +259,8 @@ no_rows(FunctionCallInfo fcinfo)
 }
 
 /*
- * llm_beam_search_tokens(tokens int[], beam_width, max_tokens, model, eos_token, length_penalty)
- * -> (rank, score, token_ids)
+ * llm_beam_search_tokens(tokens int[], beam_width, max_tokens, model, eos_token, length_penalty,
+ * adapter) -> (rank, score, token_ids)
  */
 PG_FUNCTION_INFO_V1(llm_beam_search_tokens);
 Datum
@@ -285,7 +286,7 @@ llm_beam_search_tokens(PG_FUNCTION_ARGS)
 	prompt = llm_tokens_from_array(PG_GETARG_ARRAYTYPE_P(0), &T);
 
 	InitMaterializedSRF(fcinfo, 0);
-	hyps = beam_search(model, prompt, T, K, max_tokens, eos, length_penalty);
+	hyps = beam_search(model, llm_lora_name_arg(fcinfo, 6), prompt, T, K, max_tokens, eos, length_penalty);
 	for (int r = 0; r < K; r++)
 	{
 		Datum		values[3];
@@ -301,7 +302,7 @@ llm_beam_search_tokens(PG_FUNCTION_ARGS)
 
 
 /*
- * llm_beam_search(prompt, beam_width, max_tokens, model, length_penalty)
+ * llm_beam_search(prompt, beam_width, max_tokens, model, length_penalty, adapter)
  * -> rows (rank, score, token_ids, text), best first; the beams stop at <|endoftext|>.
  */
 PG_FUNCTION_INFO_V1(llm_beam_search);
@@ -326,7 +327,7 @@ llm_beam_search(PG_FUNCTION_ARGS)
 	prompt = llm_encode_prompt(model, PG_GETARG_TEXT_PP(0), &T, &eos);
 
 	InitMaterializedSRF(fcinfo, 0);
-	hyps = beam_search(model, prompt, T, K, max_tokens, eos, length_penalty);
+	hyps = beam_search(model, llm_lora_name_arg(fcinfo, 5), prompt, T, K, max_tokens, eos, length_penalty);
 	for (int r = 0; r < K; r++)
 	{
 		Datum		values[4];

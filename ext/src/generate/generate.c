@@ -23,7 +23,6 @@
 #include <math.h>
 
 #include "catalog/pg_type.h"
-#include "executor/spi.h"
 #include "funcapi.h"
 /*
  * libpq.h (for pq_flush) pulls in libpq-be.h, which needs the GSSAPI headers when the server was
@@ -144,31 +143,6 @@ llm_tokens_to_array(const int32 *tokens, int n)
 	return construct_array(d, n, INT4OID, sizeof(int32), true, TYPALIGN_INT);
 }
 
-/* ---- adapters ------------------------------------------------------------------------------ */
-
-char *
-llm_adapter_arg(FunctionCallInfo fcinfo, int argno)
-{
-	if (PG_NARGS() <= argno || PG_ARGISNULL(argno))
-		return NULL;
-	return text_to_cstring(PG_GETARG_TEXT_PP(argno));
-}
-
-const LlmLora *
-llm_adapter_load(const char *adapter, const LlmConfig *cfg)
-{
-	MemoryContext caller = CurrentMemoryContext;
-	const LlmLora *lora;
-
-	if (adapter == NULL)
-		return NULL;
-	SPI_connect();
-	MemoryContextSwitchTo(caller);	/* the adapter outlives SPI (llm_lora_load allocates where it is called) */
-	lora = llm_lora_load(adapter, cfg, true, NULL, NULL);
-	SPI_finish();
-	return lora;
-}
-
 /* ---- generation ---------------------------------------------------------------------------- */
 
 typedef struct Generation
@@ -220,7 +194,7 @@ generation_start(const GenSettings *set, const int32 *prompt, int T)
 
 	m = llm_model_get(set->model);
 	g->cfg = m->cfg;
-	g->lora = llm_adapter_load(set->adapter, &g->cfg);
+	g->lora = llm_lora_get(set->adapter, &g->cfg);
 	llm_sampler_init(&g->sampler, g->cfg.vocab, set->temperature, set->top_k, set->top_p,
 					 set->has_seed, set->seed);
 	g->out = palloc(sizeof(int32) * set->max_tokens);
@@ -298,7 +272,7 @@ llm_logits(PG_FUNCTION_ARGS)
 	llm_check_context(T, 0, &cfg);
 	m = llm_model_get(model);
 	inf = llm_infer_create(m, 1, T, 0);
-	llm_infer_set_adapter(inf, -1, llm_adapter_load(llm_adapter_arg(fcinfo, 2), &m->cfg));
+	llm_infer_set_adapter(inf, -1, llm_lora_get(llm_lora_name_arg(fcinfo, 2), &m->cfg));
 	logits = llm_infer_prompt(inf, tokens, T);
 	d = palloc(sizeof(Datum) * m->cfg.vocab);
 	for (int i = 0; i < m->cfg.vocab; i++)
@@ -349,7 +323,7 @@ llm_generate_tokens(PG_FUNCTION_ARGS)
 	llm_sampling_args(fcinfo, &set);
 	if (!PG_ARGISNULL(7))
 		set.eos = PG_GETARG_INT32(7);
-	set.adapter = llm_adapter_arg(fcinfo, 8);
+	set.adapter = llm_lora_name_arg(fcinfo, 8);
 	prompt = llm_tokens_from_array(PG_GETARG_ARRAYTYPE_P(0), &T);
 	g = generation_start(&set, prompt, T);
 	while (!g->done)
@@ -400,7 +374,7 @@ static int32 *
 text_generation_args(FunctionCallInfo fcinfo, GenSettings *set, int *T)
 {
 	llm_sampling_args(fcinfo, set);
-	set->adapter = llm_adapter_arg(fcinfo, 7);
+	set->adapter = llm_lora_name_arg(fcinfo, 7);
 	return llm_encode_prompt(set->model, PG_GETARG_TEXT_PP(0), T, &set->eos);
 }
 

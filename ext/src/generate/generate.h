@@ -32,18 +32,6 @@ typedef struct GenSettings
  */
 extern void llm_sampling_args(FunctionCallInfo fcinfo, GenSettings *set);
 
-/*
- * Argument argno, the adapter's name: NULL when the function has no such argument (a declaration
- * of an older version) or it is NULL.
- */
-extern char *llm_adapter_arg(FunctionCallInfo fcinfo, int argno);
-
-/*
- * The adapter of the model cfg, read with the caller's rights (its rows of llm_adapter and
- * llm_adapter_param), allocated in CurrentMemoryContext; NULL for NULL.
- */
-extern const LlmLora *llm_adapter_load(const char *adapter, const LlmConfig *cfg);
-
 
 /* A 1-D int[] without NULLs and not empty, as a palloc'd copy; *n its length. */
 extern int32 *llm_tokens_from_array(ArrayType *a, int *n);

@@ -12,6 +12,7 @@
 #include "executor/spi.h"
 #include "fmgr.h"
 #include "miscadmin.h"
+#include "utils/acl.h"
 #include "utils/array.h"
 #include "utils/builtins.h"
 
@@ -296,6 +297,7 @@ llm_lora_load(const char *adapter, const LlmConfig *cfg, bool read_only, float *
 		SPI_freetuptable(SPI_tuptable);
 	}
 	SPI_cursor_close(portal);
+	/* rows the caller cannot see (row-level security) or that were deleted: no adapter to serve */
 	if (n_seen < lora->num_tensors)
 		for (int i = 0; i < lora->num_tensors; i++)
 			if (!seen[i])
@@ -304,12 +306,38 @@ llm_lora_load(const char *adapter, const LlmConfig *cfg, bool read_only, float *
 
 				llm_lora_tensor(lora, i, &info);
 				ereport(ERROR,
-						(errcode(ERRCODE_DATA_EXCEPTION),
-						 errmsg("adapter \"%s\" has no tensor \"%s\" in llm_adapter_param", adapter, info.name),
-						 errhint("An adapter's rows are written by llm_adapter_create and llm_train.")));
+						(errcode(ERRCODE_INSUFFICIENT_PRIVILEGE),
+						 errmsg("permission denied for the tensors of adapter \"%s\"", adapter),
+						 errdetail("llm_adapter_param shows role \"%s\" %d of the adapter's %d tensors (\"%s\" is not among them).",
+								   GetUserNameFromId(GetUserId(), false), n_seen, lora->num_tensors, info.name),
+						 errhint("A row-level security policy on llm_adapter_param may hide them; an adapter's rows are "
+								 "written by llm_adapter_create and llm_train.")));
 			}
 	pfree(seen);
 	return lora;
+}
+
+const LlmLora *
+llm_lora_get(const char *adapter, const LlmConfig *cfg)
+{
+	MemoryContext caller = CurrentMemoryContext;
+	const LlmLora *lora;
+
+	if (adapter == NULL)
+		return NULL;
+	SPI_connect();
+	MemoryContextSwitchTo(caller);
+	lora = llm_lora_load(adapter, cfg, true, NULL, NULL);
+	SPI_finish();
+	return lora;
+}
+
+char *
+llm_lora_name_arg(FunctionCallInfo fcinfo, int argno)
+{
+	if (PG_NARGS() <= argno || PG_ARGISNULL(argno))
+		return NULL;
+	return text_to_cstring(PG_GETARG_TEXT_PP(argno));
 }
 
 /* x's bytes as a bytea */
@@ -413,6 +441,85 @@ llm_adapter_create(PG_FUNCTION_ARGS)
 						 floats_bytea(x, info.numel)},
 						 false, 0, SPI_OK_INSERT);
 		pfree(x);
+	}
+	SPI_finish();
+	PG_RETURN_VOID();
+}
+
+/*
+ * llm_adapter_merge(adapter, model): a new model, a copy of the adapter's base (llm_model_copy:
+ * its tokenizer and training state too) whose target products carry the adapter's update:
+ * W (IC, OC) += scale * A^T B^T, as PEFT's merge_and_unload does.
+ */
+PG_FUNCTION_INFO_V1(llm_adapter_merge);
+Datum
+llm_adapter_merge(PG_FUNCTION_ARGS)
+{
+	char	   *adapter = llm_text_arg(fcinfo, 0, "adapter");
+	char	   *model = llm_text_arg(fcinfo, 1, "model");
+	Datum		key;
+	char	   *base;
+	bool		isnull;
+	LlmConfig	cfg;
+	LlmLora    *lora;
+	SPIPlanPtr	read,
+				write;
+
+	llm_check_model_name(adapter);
+	llm_check_model_name(model);
+	key = CStringGetTextDatum(adapter);
+	llm_blas_init();
+	SPI_connect();
+	if (llm_spi_run("reading llm_adapter", psprintf("SELECT model FROM %s WHERE adapter = $1", llm_table("llm_adapter")),
+					1, (Oid[]) {TEXTOID}, &key, false, 1, SPI_OK_SELECT) != 1)
+		ereport(ERROR,
+				(errcode(ERRCODE_UNDEFINED_OBJECT),
+				 errmsg("adapter \"%s\" does not exist", adapter)));
+	base = TextDatumGetCString(SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1, &isnull));
+	llm_config_load(base, &cfg);
+	lora = llm_lora_load(adapter, &cfg, false, NULL, NULL);
+	llm_spi_run("copying the base", psprintf("SELECT %s($1, $2)", llm_table("llm_model_copy")), 2,
+				(Oid[]) {TEXTOID, TEXTOID}, (Datum[]) {CStringGetTextDatum(base), CStringGetTextDatum(model)},
+				false, 0, SPI_OK_SELECT);
+	read = llm_spi_prepare("preparing the llm_param read",
+						   psprintf("SELECT data FROM %s WHERE model = $1 AND name = $2", llm_table("llm_param")),
+						   2, (Oid[]) {TEXTOID, TEXTOID});
+	write = llm_spi_prepare("preparing the llm_param update",
+							psprintf("UPDATE %s SET data = $3 WHERE model = $1 AND name = $2", llm_table("llm_param")),
+							3, (Oid[]) {TEXTOID, TEXTOID, BYTEAOID});
+	for (int k = 0; k < LLM_NUM_KINDS; k++)
+	{
+		if (!lora->target[k])
+			continue;
+		for (int l = 0; l < lora->n_layer; l++)
+		{
+			char		name[64];
+			Datum		args[3] = {CStringGetTextDatum(model), 0, 0};
+			bytea	   *w;
+			size_t		numel = (size_t) lora->in[k] * lora->out[k];
+
+			CHECK_FOR_INTERRUPTS();
+			snprintf(name, sizeof(name), "h.%d.%s", l, llm_kind_name((LlmParamKind) k));
+			args[1] = CStringGetTextDatum(name);
+			if (llm_spi_run_plan("reading llm_param", read, args, false, 1, SPI_OK_SELECT) != 1)
+				ereport(ERROR,
+						(errcode(ERRCODE_NO_DATA_FOUND),
+						 errmsg("model \"%s\" has no tensor \"%s\"", base, name)));
+			w = DatumGetByteaPCopy(SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1, &isnull));
+			if (VARSIZE_ANY_EXHDR(w) != numel * sizeof(float))
+				ereport(ERROR,
+						(errcode(ERRCODE_DATA_CORRUPTED),
+						 errmsg("tensor \"%s\" of model \"%s\" has %zu bytes, expected %zu", name, base,
+								(size_t) VARSIZE_ANY_EXHDR(w), numel * sizeof(float))));
+			/* W (IC, OC) += scale * A^T (IC, r) @ B^T (r, OC) */
+			llm_cblas_sgemm(LlmCblasRowMajor, LlmCblasTrans, LlmCblasTrans, lora->in[k], lora->out[k], lora->rank,
+							lora->scale, llm_lora_a(lora, (LlmParamKind) k, l), lora->in[k],
+							llm_lora_b(lora, (LlmParamKind) k, l), lora->rank, 1.0f, (float *) VARDATA(w),
+							lora->out[k]);
+			args[2] = PointerGetDatum(w);
+			llm_spi_run_plan("writing llm_param", write, args, false, 0, SPI_OK_UPDATE);
+			pfree(w);
+		}
 	}
 	SPI_finish();
 	PG_RETURN_VOID();

@@ -12,6 +12,8 @@
 
 #include "postgres.h"
 
+#include "fmgr.h"
+
 #include "compute/compute.h"
 #include "base/base.h"
 
@@ -233,6 +235,17 @@ llm_lora_b(const LlmLora *lora, LlmParamKind kind, int l)
  * receive a block each (numel) with the AdamW moments (zero where the table has none).
  */
 extern LlmLora *llm_lora_load(const char *adapter, const LlmConfig *cfg, bool read_only, float **m, float **v);
+
+/*
+ * For serving: the adapter of the model cfg, read with the caller's rights (read-only, under the
+ * statement's snapshot), allocated in CurrentMemoryContext; NULL for NULL.
+ */
+extern const LlmLora *llm_lora_get(const char *adapter, const LlmConfig *cfg);
+/*
+ * Argument argno of a function, the adapter's name: NULL when it is NULL or the function's
+ * declaration (an older version's) has no such argument.
+ */
+extern char *llm_lora_name_arg(FunctionCallInfo fcinfo, int argno);
 
 /* Tensor `index` of the adapter: name, shape, offset, numel (kind and layer of the product). */
 extern void llm_lora_tensor(const LlmLora *lora, int index, LlmTensorInfo *info);

@@ -59,9 +59,9 @@ forward_free(Forward *f)
 	f->memory = NULL;
 }
 
-/* Buffers for B rows of T tokens of the model; ERROR when out of memory. */
+/* Buffers for B rows of T tokens of the model, run with adapter lora (NULL: none); ERROR when out of memory. */
 static void
-forward_alloc(Forward *f, const LlmConfig *cfg, int B, int T)
+forward_alloc(Forward *f, const LlmConfig *cfg, const LlmLora *lora, int B, int T)
 {
 	size_t		BT = (size_t) B * T,
 				C = cfg->d_model,
@@ -81,6 +81,7 @@ forward_alloc(Forward *f, const LlmConfig *cfg, int B, int T)
 	float	   *p;
 
 	memset(f, 0, sizeof(*f));
+	f->lora = lora;
 	f->B = B;
 	f->T = T;
 	f->C = cfg->d_model;
@@ -155,8 +156,7 @@ llm_eval_dataset(const LlmModel *model, const LlmLora *lora, LlmDataset *ds, int
 	int			B = (int) Min(batch_size, ds->n);
 
 	llm_blas_init();
-	forward_alloc(&f, &model->cfg, B, ds->T);
-	f.lora = lora;
+	forward_alloc(&f, &model->cfg, lora, B, ds->T);
 	PG_TRY();
 	{
 		for (int64 pos = 0; pos < ds->n; pos += B)
@@ -190,8 +190,7 @@ llm_eval_rows(const LlmModel *model, const LlmLora *lora, const int32 *inputs, c
 	volatile double sum = 0.0;	/* set in PG_TRY, read after it */
 
 	llm_blas_init();
-	forward_alloc(&f, &model->cfg, B, T);
-	f.lora = lora;
+	forward_alloc(&f, &model->cfg, lora, B, T);
 	PG_TRY();
 	{
 		memcpy(f.inputs, inputs, sizeof(int32) * B * T);
@@ -240,7 +239,8 @@ llm_eval(PG_FUNCTION_ARGS)
 	model = llm_model_get_block(model_name);
 	llm_dataset_open(&ds, &model->cfg, dataset, max_rows);
 	/* llm_dataset_open may have read other tables: the model is still valid (no llm_model_get since) */
-	loss = llm_eval_dataset(model, NULL, &ds, batch_size, &tokens);
+	loss = llm_eval_dataset(model, llm_lora_get(llm_lora_name_arg(fcinfo, 4), &model->cfg), &ds, batch_size,
+							&tokens);
 	SPI_finish();
 
 	values[0] = Float8GetDatum(loss);
@@ -307,7 +307,7 @@ llm_perplexity(PG_FUNCTION_ARGS)
 		PG_RETURN_NULL();
 	}
 	llm_blas_init();
-	forward_alloc(&f, &model->cfg, 1, Min(n, P));
+	forward_alloc(&f, &model->cfg, llm_lora_get(llm_lora_name_arg(fcinfo, 3), &model->cfg), 1, Min(n, P));
 	PG_TRY();
 	{
 		int			prev_end = 0;
@@ -409,7 +409,7 @@ llm_embed(PG_FUNCTION_ARGS)
 	}
 	check_embed_length(model, n, 0);
 	llm_blas_init();
-	forward_alloc(&f, &model->cfg, 1, n);
+	forward_alloc(&f, &model->cfg, llm_lora_get(llm_lora_name_arg(fcinfo, 2), &model->cfg), 1, n);
 	PG_TRY();
 	{
 		memcpy(f.inputs, ids, n * sizeof(int32));
@@ -471,6 +471,7 @@ llm_embed_batch(PG_FUNCTION_ARGS)
 	EmbedInput *inputs;
 	ArrayType **results;
 	Forward		f = {0};
+	const LlmLora *lora;
 	MemoryContext cxt = CurrentMemoryContext;
 
 	InitMaterializedSRF(fcinfo, 0);
@@ -482,6 +483,7 @@ llm_embed_batch(PG_FUNCTION_ARGS)
 	results = palloc0_array(ArrayType *, Max(count, 1));
 	SPI_connect();
 	model = llm_model_get_block(model_name);	/* float32 tensors, as llm_embed */
+	lora = llm_lora_get(llm_lora_name_arg(fcinfo, 2), &model->cfg);
 	inputs = palloc_array(EmbedInput, Max(count, 1));
 	for (int i = 0; i < count; i++)
 	{
@@ -516,7 +518,7 @@ llm_embed_batch(PG_FUNCTION_ARGS)
 			int			T = inputs[first].n;	/* the longest of the pass */
 			int			B = Min(Max(1, EMBED_TOKENS_PER_PASS / T), n_inputs - first);
 
-			forward_alloc(&f, &model->cfg, B, T);
+			forward_alloc(&f, &model->cfg, lora, B, T);
 			for (int b = 0; b < B; b++)
 			{
 				const EmbedInput *in = &inputs[first + b];
