@@ -169,7 +169,7 @@ def test_a_new_adapter_changes_nothing_and_bad_input_is_refused(conn):
         ("SELECT llm_adapter_create('x', 'tiny', rank => 0)", "rank must be between 1 and 1024"),
         ("SELECT llm_adapter_create('x', 'tiny', alpha => -1)", "alpha must be a positive number"),
         ("SELECT llm_adapter_create('x', 'nope')", "model \"nope\" does not exist"),
-        ("SELECT llm_adapter_create('fresh', 'tiny')", "duplicate key"),
+        ("SELECT llm_adapter_create('fresh', 'tiny')", "adapter \"fresh\" already exists"),
         ("SELECT llm_logits(ARRAY[1, 2], 'tiny', adapter => 'nope')", "adapter \"nope\" does not exist"),
         ("SELECT llm_train('tiny', 1, adapter => 'nope')", "adapter \"nope\" does not exist"),
     ]:

@@ -281,3 +281,49 @@ def _try(conn, a):
         return conn.execute(GENERATE, a).fetchone()[0]
     except Exception as e:  # noqa: BLE001
         return e
+
+
+def test_sessions_with_different_adapters_share_steps_and_get_their_solo_results(pg, dsn, model):
+    """LoRA adapters in the runner: sessions with adapters a, b and none share its steps, and each gets
+    exactly what it computes alone with its adapter; an adapter changed between calls is the new one."""
+    import numpy as np
+
+    rng = np.random.default_rng(4)
+    for name in ("run-a", "run-b"):
+        pg.execute("SELECT llm_adapter_drop(%s)", (name,))
+        pg.execute("SELECT llm_adapter_create(%s, %s, rank => 4, targets => ARRAY['attn.c_attn', 'mlp.c_fc'])",
+                   (name, model))
+        for (tensor, shape) in pg.execute("SELECT name, shape FROM llm_adapter_param WHERE adapter = %s "
+                                          "AND name LIKE '%%lora_B'", (name,)).fetchall():
+            pg.execute("UPDATE llm_adapter_param SET data = %s WHERE adapter = %s AND name = %s",
+                       ((0.5 * rng.standard_normal(shape)).astype("<f4").tobytes(), name, tensor))
+    with_adapter = GENERATE.replace("%s)", "%s, adapter => %s)")
+    adapters = ["run-a", "run-b", None, "run-a", "run-b", None]
+    calls = [(with_adapter, (*args(p, model, seeded=i % 2 == 1), a)) for i, (p, a) in enumerate(zip(PROMPTS, adapters))]
+
+    def solo(params):
+        pg.execute("SET pg_llm.batch_sessions = 0")
+        try:
+            return pg.execute(with_adapter, params).fetchone()[0]
+        finally:
+            pg.execute("RESET pg_llm.batch_sessions")
+
+    expected = [solo(p) for _, p in calls]
+    assert expected[0] != expected[2] != expected[1], "the adapters change the texts"
+    before = runner(pg, model)
+    for _ in range(50):
+        assert run_together(dsn, calls) == expected
+        r = runner(pg, model)
+        assert r is not None, "no batch runner served the sessions"
+        if before is None or r[0] != before[0]:
+            before = (r[0], 0, 0, 0)
+        if r[3] - before[3] > r[2] - before[2]:
+            break
+    else:
+        pytest.fail(f"the runner never stepped two sequences at once: {r}")
+    # a changed adapter is another file: the runner computes with the new values
+    pg.execute("UPDATE llm_adapter_param SET data = (SELECT data FROM llm_adapter_param WHERE adapter = 'run-b' "
+               "AND name = 'h.0.attn.c_attn.lora_B') WHERE adapter = 'run-a' AND name = 'h.0.attn.c_attn.lora_B'")
+    assert run_together(dsn, calls[:1]) == [solo(calls[0][1])]
+    for name in ("run-a", "run-b"):
+        pg.execute("SELECT llm_adapter_drop(%s)", (name,))

@@ -198,8 +198,7 @@ generation_start(const GenSettings *set, const int32 *prompt, int T)
 	llm_sampler_init(&g->sampler, g->cfg.vocab, set->temperature, set->top_k, set->top_p,
 					 set->has_seed, set->seed);
 	g->out = palloc(sizeof(int32) * set->max_tokens);
-	/* the batch runner computes with models alone */
-	g->seq = g->lora == NULL ? llm_runner_begin(m) : NULL;
+	g->seq = llm_runner_begin(m, g->lora);
 	if (g->seq != NULL)
 		g->logits = llm_runner_prompt(g->seq, prompt, T);
 	else

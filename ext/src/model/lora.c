@@ -93,6 +93,28 @@ lora_layout(LlmLora *lora, const LlmConfig *cfg)
 	lora->scale = lora->alpha / (float) lora->rank;
 }
 
+bool
+llm_lora_fits(const LlmLora *lora, const LlmConfig *cfg)
+{
+	LlmLora		want = {0};
+
+	if (lora->rank < 1 || lora->rank > RANK_MAX || !(lora->alpha > 0) || isinf(lora->alpha) ||
+		memchr(lora->model, '\0', sizeof(lora->model)) == NULL || strcmp(lora->model, cfg->model) != 0)
+		return false;
+	want.rank = lora->rank;
+	want.alpha = lora->alpha;
+	for (int i = 0; i < (int) lengthof(target_kinds); i++)
+		want.target[target_kinds[i]] = lora->target[target_kinds[i]];
+	lora_layout(&want, cfg);
+	return memcmp(want.target, lora->target, sizeof(want.target)) == 0 && want.numel == lora->numel &&
+		want.num_tensors == lora->num_tensors && want.n_layer == lora->n_layer && want.scale == lora->scale &&
+		memcmp(want.a_offset, lora->a_offset, sizeof(want.a_offset)) == 0 &&
+		memcmp(want.b_offset, lora->b_offset, sizeof(want.b_offset)) == 0 &&
+		memcmp(want.a_size, lora->a_size, sizeof(want.a_size)) == 0 &&
+		memcmp(want.b_size, lora->b_size, sizeof(want.b_size)) == 0 &&
+		memcmp(want.in, lora->in, sizeof(want.in)) == 0 && memcmp(want.out, lora->out, sizeof(want.out)) == 0;
+}
+
 void
 llm_lora_tensor(const LlmLora *lora, int index, LlmTensorInfo *info)
 {
@@ -391,6 +413,12 @@ llm_adapter_create(PG_FUNCTION_ARGS)
 	SPI_connect();
 	llm_config_load(model, &cfg);
 	lora_layout(lora, &cfg);
+	if (llm_spi_run("reading llm_adapter", psprintf("SELECT 1 FROM %s WHERE adapter = $1", llm_table("llm_adapter")),
+					1, (Oid[]) {TEXTOID}, (Datum[]) {CStringGetTextDatum(adapter)}, false, 1, SPI_OK_SELECT) > 0)
+		ereport(ERROR,
+				(errcode(ERRCODE_DUPLICATE_OBJECT),
+				 errmsg("adapter \"%s\" already exists", adapter),
+				 errhint("Drop it first (llm_adapter_drop), or choose another name.")));
 	{
 		Datum		targets[lengthof(target_kinds)];
 		int			n = 0;

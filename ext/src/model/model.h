@@ -247,6 +247,9 @@ extern const LlmLora *llm_lora_get(const char *adapter, const LlmConfig *cfg);
  */
 extern char *llm_lora_name_arg(FunctionCallInfo fcinfo, int argno);
 
+/* Whether an adapter's description (read from a file) is one that its rank and targets give for cfg. */
+extern bool llm_lora_fits(const LlmLora *lora, const LlmConfig *cfg);
+
 /* Tensor `index` of the adapter: name, shape, offset, numel (kind and layer of the product). */
 extern void llm_lora_tensor(const LlmLora *lora, int index, LlmTensorInfo *info);
 

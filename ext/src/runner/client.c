@@ -11,8 +11,10 @@
 
 #include <dirent.h>
 #include <sys/file.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
+#include "common/hashfn.h"
 #include "funcapi.h"
 #include "miscadmin.h"
 #include "postmaster/bgworker.h"
@@ -312,8 +314,62 @@ release_callback(ResourceReleasePhase phase, bool isCommit, bool isTopLevel, voi
 	}
 }
 
+/*
+ * The slot's sequence computes with lora (NULL: none): its file for the runner is written unless it
+ * is there already (the same contents, named by their hash). False when it cannot be written.
+ */
+static bool
+slot_adapter(LlmRunnerSeq *q, const LlmLora *lora)
+{
+	RunnerHeader *h = q->map->h;
+	RunnerSlot *slot = slot_at(h, q->slot);
+	char		key[sizeof(slot->adapter)];
+	struct
+	{
+		int32		rank;
+		float		alpha;
+		bool		target[LLM_NUM_KINDS];
+	}			shape = {0};
+	uint64		hash;
+	char	   *path;
+	struct stat st;
+
+	if (lora == NULL)
+	{
+		slot->adapter[0] = '\0';
+		return true;
+	}
+	shape.rank = lora->rank;
+	shape.alpha = lora->alpha;
+	memcpy(shape.target, lora->target, sizeof(shape.target));
+	hash = hash_bytes_extended((const unsigned char *) lora->memory, lora->numel * sizeof(float),
+							   hash_bytes_extended((const unsigned char *) &shape, sizeof(shape), 0));
+	snprintf(key, sizeof(key), "%016llx", (unsigned long long) hash);
+	path = runner_adapter_path(q->map->path, h->pid, key);
+	if (stat(path, &st) != 0)
+	{
+		size_t		bytes = ADAPTER_DATA_AT + lora->numel * sizeof(float);
+		int			fd;
+		RunnerAdapter *file = llm_shared_create(path, bytes, &fd);
+
+		if (file == NULL)
+			return false;
+		file->file_bytes = bytes;
+		file->lora = *lora;
+		file->lora.memory = NULL;
+		memcpy((char *) file + ADAPTER_DATA_AT, lora->memory, lora->numel * sizeof(float));
+		pg_write_barrier();
+		file->magic = ADAPTER_MAGIC;
+		if (!llm_shared_publish(path, file, bytes, fd))
+			return false;
+		llm_shared_unmap(file, bytes, fd);
+	}
+	strlcpy(slot->adapter, key, sizeof(slot->adapter));
+	return true;
+}
+
 LlmRunnerSeq *
-llm_runner_begin(const LlmModel *m)
+llm_runner_begin(const LlmModel *m, const LlmLora *lora)
 {
 	const char *weights_path;
 	RunnerMap  *map;
@@ -354,7 +410,7 @@ llm_runner_begin(const LlmModel *m)
 		}
 
 		/* claimed while the runner was deciding to exit: it may be gone, compute alone */
-		if (pg_atomic_read_u32(&h->state) != RUNNER_READY)
+		if (pg_atomic_read_u32(&h->state) != RUNNER_READY || !slot_adapter(q, lora))
 		{
 			seq_release(q);
 			return NULL;
@@ -382,6 +438,16 @@ request(LlmRunnerSeq *q, uint32 what)
 		{
 			pg_read_barrier();
 			return slot_logits(h, q->slot);
+		}
+		if (pg_atomic_read_u32(&slot->state) == SLOT_FAILED)
+		{
+			pg_atomic_write_u32(&slot->state, SLOT_OWNED);
+			ereport(ERROR,
+					(errcode(ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE),
+					 errmsg("the batch runner of model \"%s\" could not read the sequence's adapter", h->cfg.model),
+					 errdetail("Its file %s is missing or does not fit the model.",
+							   runner_adapter_path(q->map->path, h->pid, slot->adapter)),
+					 errhint("Run the statement again.")));
 		}
 		if (pg_atomic_read_u32(&h->state) == RUNNER_STOPPED)
 			ereport(ERROR,

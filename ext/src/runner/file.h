@@ -43,7 +43,7 @@
 #include "storage/proc.h"
 
 #define RUNNER_SUFFIX ".runner"
-#define RUNNER_MAGIC UINT64CONST(0x706c6c6d72756e32)	/* this layout, version 2 */
+#define RUNNER_MAGIC UINT64CONST(0x706c6c6d72756e33)	/* this layout, version 3 */
 #define RUNNER_HEADER_BYTES 4096
 #define LIVENESS_MS 1000		/* a waiting session checks this often that its runner lives */
 
@@ -56,6 +56,7 @@ enum
 	SLOT_STEP,					/* request: the next token, tokens[0] */
 	SLOT_RUNNING,				/* the runner computes it */
 	SLOT_DONE,					/* logits ready; the session's again */
+	SLOT_FAILED,				/* no logits: the runner could not read the slot's adapter */
 	SLOT_ABANDONED				/* the session left (error, cancel): the runner frees it */
 };
 
@@ -101,9 +102,42 @@ typedef struct RunnerSlot
 	int32		owner_pid;		/* 0 while free */
 	int32		owner_procno;
 	int32		n_tokens;
+	char		adapter[24];	/* the sequence's adapter file (runner_adapter_path), "" for none;
+								 * read by the runner with each prompt */
 } RunnerSlot;
 
 #define SLOT_TOKENS_AT 64
+StaticAssertDecl(sizeof(RunnerSlot) <= SLOT_TOKENS_AT, "a slot's header must fit before its tokens");
+
+/*
+ * An adapter that sequences of a runner compute with: a file beside the runner's, named by a hash
+ * of its contents (so a changed adapter is another file), written by the first session that needs
+ * it, with the adapter it read with its own rights, and mapped by the runner; the runner checks
+ * its layout against the model's before computing with it, and unlinks its adapters' files when it
+ * exits. Layout: this header, then the LlmLora's block of floats at
+ * ADAPTER_DATA_AT.
+ */
+#define ADAPTER_MAGIC UINT64CONST(0x706c6c6d6c6f7231)
+#define ADAPTER_DATA_AT 4096
+
+typedef struct RunnerAdapter
+{
+	uint64		magic;
+	uint64		file_bytes;
+	LlmLora		lora;			/* lora.memory is the writer's: the reader points it at its mapping */
+} RunnerAdapter;
+
+StaticAssertDecl(sizeof(RunnerAdapter) <= ADAPTER_DATA_AT, "an adapter's header must fit its page");
+
+/*
+ * The adapter file `key` of the runner (process pid) whose file is runner_path: the pid in the name,
+ * so that a runner that exits unlinks its own and never a file made for the runner after it.
+ */
+static inline char *
+runner_adapter_path(const char *runner_path, int pid, const char *key)
+{
+	return psprintf("%s.%d.lora_%s", runner_path, pid, key);
+}
 
 static inline size_t
 tokens_bytes(int max_prompt)

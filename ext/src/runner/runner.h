@@ -22,11 +22,12 @@ extern void llm_runner_init(void);
 typedef struct LlmRunnerSeq LlmRunnerSeq;
 
 /*
- * A sequence in the runner of m (from llm_model_get), started first when there is none; NULL when
- * this session must compute alone. Held until llm_runner_end, or until the resource owner current
- * now is released (the statement or cursor ends, an error or a cancel).
+ * A sequence in the runner of m (from llm_model_get), started first when there is none, computing
+ * with the adapter lora (NULL: none; read by the caller with its rights); NULL when this session
+ * must compute alone. Held until llm_runner_end, or until the resource owner current now is
+ * released (the statement or cursor ends, an error or a cancel).
  */
-extern LlmRunnerSeq *llm_runner_begin(const LlmModel *m);
+extern LlmRunnerSeq *llm_runner_begin(const LlmModel *m, const LlmLora *lora);
 
 /* The logits (V) after a prompt of T tokens (a new sequence), and after each next token. */
 extern const float *llm_runner_prompt(LlmRunnerSeq *q, const int32 *tokens, int T);

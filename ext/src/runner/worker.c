@@ -10,6 +10,7 @@
 #include "runner/runner.h"
 #include "weights/weights.h"
 
+#include <dirent.h>
 #include <fcntl.h>
 #include <signal.h>
 #include <sys/file.h>
@@ -33,6 +34,78 @@ static char runner_path[MAXPGPATH];
 static char weights_path[MAXPGPATH];	/* the shared copy it serves */
 static struct stat weights_stat;
 
+/* The adapters mapped, by their files' keys (file.h). */
+typedef struct MappedAdapter
+{
+	char		key[sizeof(((RunnerSlot *) 0)->adapter)];
+	LlmLora		lora;			/* memory points into the mapping */
+} MappedAdapter;
+
+static List *adapters = NIL;
+
+/*
+ * The adapter slot s's new sequence computes with (NULL: none), mapped once; *failed when its file
+ * is missing or does not fit the model.
+ */
+static const LlmLora *
+slot_adapter(RunnerHeader *h, int s, bool *failed)
+{
+	RunnerSlot *slot = slot_at(h, s);
+	MappedAdapter *a;
+	ListCell   *lc;
+	RunnerAdapter *file;
+	size_t		bytes;
+	int			fd;
+
+	*failed = false;
+	if (slot->adapter[0] == '\0')
+		return NULL;
+	foreach(lc, adapters)
+	{
+		a = lfirst(lc);
+		if (strncmp(a->key, slot->adapter, sizeof(a->key)) == 0)
+			return &a->lora;
+	}
+	file = llm_shared_map(runner_adapter_path(runner_path, MyProcPid, slot->adapter), ADAPTER_DATA_AT, &bytes, &fd);
+	if (file == NULL || file->magic != ADAPTER_MAGIC || file->file_bytes != bytes ||
+		!llm_lora_fits(&file->lora, &h->cfg) || bytes != ADAPTER_DATA_AT + file->lora.numel * sizeof(float))
+	{
+		if (file != NULL)
+			llm_shared_unmap(file, bytes, fd);
+		*failed = true;
+		return NULL;
+	}
+	a = MemoryContextAllocZero(TopMemoryContext, sizeof(MappedAdapter));
+	memcpy(a->key, slot->adapter, sizeof(a->key));
+	a->key[sizeof(a->key) - 1] = '\0';
+	a->lora = file->lora;
+	a->lora.memory = (float *) ((char *) file + ADAPTER_DATA_AT);
+	close(fd);					/* the mapping stays */
+	{
+		MemoryContext old = MemoryContextSwitchTo(TopMemoryContext);	/* not the step's context */
+
+		adapters = lappend(adapters, a);
+		MemoryContextSwitchTo(old);
+	}
+	return &a->lora;
+}
+
+/* Unlinks this runner's adapter files (their names carry its pid). */
+static void
+unlink_adapters(void)
+{
+	const char *base = strrchr(runner_path, '/') ? strrchr(runner_path, '/') + 1 : runner_path;
+	char	   *prefix = psprintf("%s.%d.lora_", base, MyProcPid);
+	DIR		   *dir = opendir(LLM_SHARED_DIR);
+	struct dirent *de;
+
+	while (dir != NULL && (de = readdir(dir)) != NULL)
+		if (strncmp(de->d_name, prefix, strlen(prefix)) == 0)
+			(void) unlink(psprintf("%s/%s", LLM_SHARED_DIR, de->d_name));
+	if (dir != NULL)
+		closedir(dir);
+}
+
 /* A new weights_version (or the eviction of this one) unlinked the copy: no new sequence will come. */
 static bool
 weights_replaced(void)
@@ -55,6 +128,7 @@ runner_exit(int code, Datum arg)
 	llm_threads_idle();
 	pg_atomic_write_u32(&h->state, RUNNER_STOPPED);
 	pg_memory_barrier();
+	unlink_adapters();
 	wake(h->starter_procno);
 	for (int s = 0; s < h->n_slots; s++)
 		if (pg_atomic_read_u32(&slot_at(h, s)->state) != SLOT_FREE)
@@ -223,6 +297,30 @@ serve(RunnerHeader *h, LlmInfer *inf)
 			}
 		}
 		pg_read_barrier();
+		/* each new sequence's adapter; one that cannot be read fails its sequence alone */
+		for (int i = 0, kept = n_prompts; i < kept;)
+		{
+			bool		failed;
+			const LlmLora *lora = slot_adapter(h, prompts[i], &failed);
+
+			if (!failed)
+			{
+				llm_infer_set_adapter(inf, prompts[i], lora);
+				i++;
+				continue;
+			}
+			{
+				RunnerSlot *slot = slot_at(h, prompts[i]);
+				uint32		running = SLOT_RUNNING;
+
+				if (pg_atomic_compare_exchange_u32(&slot->state, &running, SLOT_FAILED))
+					wake(slot->owner_procno);
+				else
+					pg_atomic_write_u32(&slot->state, SLOT_FREE);	/* abandoned meanwhile */
+			}
+			prompts[i] = prompts[--kept];
+			n_prompts = kept;
+		}
 		if (n_prompts > 0)
 		{
 			/* the new sequences' prompts share passes over the weights */
