@@ -10,6 +10,7 @@ the data, each tensor row-major and little-endian.
 from __future__ import annotations
 
 import json
+import math
 import struct
 from collections.abc import Iterable
 from pathlib import Path
@@ -66,13 +67,13 @@ def read(path: Path) -> dict[str, np.ndarray]:
             continue
         try:
             dtype, shape, (start, end) = entry["dtype"], tuple(entry["shape"]), entry["data_offsets"]
-            if not all(isinstance(d, int) and d >= 0 for d in shape) or not 0 <= start <= end <= len(data):
+            if not all(isinstance(x, int) and x >= 0 for x in (*shape, start, end)) or not start <= end <= len(data):
                 raise ValueError
         except (KeyError, TypeError, ValueError):
             raise bad(f"tensor {name!r} has no valid dtype, shape and data offsets") from None
         if dtype not in DTYPES:
             raise PgllmError(f"tensor {name!r} of {path} is {dtype}; pgllm reads F32, F16 and BF16 tensors")
-        if end - start != DTYPES[dtype].itemsize * int(np.prod(shape)):
+        if end - start != DTYPES[dtype].itemsize * math.prod(shape):  # Python's integers: no overflow
             raise bad(f"tensor {name!r} has {end - start} bytes for shape {list(shape)} of {dtype}")
         a = np.frombuffer(data[start:end], dtype=DTYPES[dtype]).reshape(shape)
         out[name] = (a.astype("<u4") << 16).view("<f4") if dtype == "BF16" else a.astype("<f4")

@@ -9,6 +9,7 @@ tensor for tensor.
 from __future__ import annotations
 
 import json
+import re
 import shutil
 
 import numpy as np
@@ -19,6 +20,7 @@ from safetensors.numpy import load_file, save_file
 from transformers import GPT2LMHeadModel
 
 from pgllm import safetensors_file
+from pgllm.errors import PgllmError
 
 from .test_lora import load_adapter
 from .test_tokenizer import one_error_line
@@ -160,9 +162,9 @@ def test_list_create_drop_and_the_sql_defaults(pgllm, cli, db, conn):
     conn.execute("SELECT llm_adapter_create('a2', 'tiny')")
     pgllm("adapter", "create", "b", "--model", "other", "-r", "2", "-t", "mlp.c_fc", "-t", "attn.c_proj")
     # the command's defaults are llm_adapter_create's: the same row, the same initial values
-    cols = "rank, alpha, dropout, targets"
-    assert conn.execute(f"SELECT {cols} FROM llm_adapter WHERE adapter = 'a1'").fetchone() == \
-        conn.execute(f"SELECT {cols} FROM llm_adapter WHERE adapter = 'a2'").fetchone() == (8, 16.0, 0.0, ["attn.c_attn"])
+    row = "SELECT rank, alpha, dropout, targets FROM llm_adapter WHERE adapter = %s"
+    assert conn.execute(row, ("a1",)).fetchone() == conn.execute(row, ("a2",)).fetchone() == \
+        (8, 16.0, 0.0, ["attn.c_attn"])
     a1, a2 = load_adapter(conn, "a1"), load_adapter(conn, "a2")
     assert a1.keys() == a2.keys() and all(np.array_equal(a1[k], a2[k]) for k in a1)
 
@@ -224,13 +226,14 @@ def test_bad_input_is_one_error_line_and_writes_nothing(cli, db, conn, tmp_path)
     key_a = PEFT_PREFIX + "h.0.attn.c_attn.lora_A.weight"
 
     imp = ["adapter", "import"]
+    hint = "give the directory that PeftModel.save_pretrained or pgllm adapter export wrote"
     for args, expected in [
-        ([*imp, str(tmp_path / "nope"), "--name", "x", "--model", "tiny"], f"Error: {tmp_path / 'nope'}: no such "
-         "directory (give the directory that PeftModel.save_pretrained or pgllm adapter export wrote)"),
-        ([*imp, str(no_config), "--name", "x", "--model", "tiny"], f"Error: cannot read {no_config / 'adapter_config.json'}"
-         ": No such file or directory (give the directory that PeftModel.save_pretrained or pgllm adapter export wrote)"),
-        ([*imp, str(no_weights), "--name", "x", "--model", "tiny"], f"Error: {no_weights / 'adapter_model.safetensors'}: "
-         "no such file (give the directory that PeftModel.save_pretrained or pgllm adapter export wrote)"),
+        ([*imp, str(tmp_path / "nope"), "--name", "x", "--model", "tiny"],
+         f"Error: {tmp_path / 'nope'}: no such directory ({hint})"),
+        ([*imp, str(no_config), "--name", "x", "--model", "tiny"],
+         f"Error: cannot read {no_config / 'adapter_config.json'}: No such file or directory ({hint})"),
+        ([*imp, str(no_weights), "--name", "x", "--model", "tiny"],
+         f"Error: {no_weights / 'adapter_model.safetensors'}: no such file ({hint})"),
         ([*imp, truncated, "--name", "x", "--model", "tiny"], "is not a safetensors file: a header of"),
         ([*imp, str(good), "--name", "kept", "--model", "tiny"], 'Error: adapter "kept" already exists '
          "(--replace replaces it)"),
@@ -242,6 +245,10 @@ def test_bad_input_is_one_error_line_and_writes_nothing(cli, db, conn, tmp_path)
          "has shape [2, 48]; an adapter of model 'tiny' of rank 3 needs [3, 48]"),
         ([*imp, variant("rank0", config={"r": 0}), "--name", "x", "--model", "tiny"],
          "Error: rank must be between 1 and 1024, got 0"),
+        ([*imp, variant("huge-rank", config={"r": 2**40}), "--name", "x", "--model", "tiny"],
+         "Error: integer out of range"),
+        ([*imp, variant("float-rank", config={"r": 2.5}), "--name", "x", "--model", "tiny"],
+         "adapter_config.json: r must be an integer, not 2.5"),
         ([*imp, variant("dora", config={"use_dora": True}), "--name", "x", "--model", "tiny"],
          "sets use_dora (true), which pg_llm's adapters do not have"),
         ([*imp, variant("ia3", config={"peft_type": "IA3"}), "--name", "x", "--model", "tiny"],
@@ -284,3 +291,19 @@ def test_the_safetensors_reader_converts_half_precision_exactly(tmp_path):
     save_torch({"b": b}, tmp_path / "bf16.safetensors")
     got = safetensors_file.read(tmp_path / "bf16.safetensors")["b"]
     assert got.dtype == np.float32 and np.array_equal(got, b.float().numpy())
+
+
+@pytest.mark.parametrize("header, why", [
+    ({"t": {"dtype": "F32", "shape": [2], "data_offsets": [0, 16]}}, "tensor 't' has no valid dtype"),
+    ({"t": {"dtype": "F32", "shape": [2], "data_offsets": [0.0, 8.0]}}, "tensor 't' has no valid dtype"),
+    ({"t": {"dtype": "F32", "shape": [2**40, 2**40], "data_offsets": [0, 8]}}, "tensor 't' has 8 bytes for shape"),
+    ({"t": {"dtype": "I64", "shape": [1], "data_offsets": [0, 8]}}, "tensor 't' of"),
+    ({"t": 5}, "tensor 't' has no valid dtype"),
+    ([1, 2], "its header is not a JSON object"),
+])
+def test_the_safetensors_reader_refuses_a_malformed_file(tmp_path, header, why):
+    raw = json.dumps(header).encode()
+    path = tmp_path / "bad.safetensors"
+    path.write_bytes(len(raw).to_bytes(8, "little") + raw + bytes(8))
+    with pytest.raises(PgllmError, match=re.escape(why)):
+        safetensors_file.read(path)

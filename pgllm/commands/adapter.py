@@ -30,6 +30,7 @@ app = typer.Typer(help="LoRA adapters of a model: list, create, drop, and export
                        "directories (pgllm adapter alone lists them).", invoke_without_command=True)
 
 CONFIG, WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
+PEFT_DIR_HINT = "give the directory that PeftModel.save_pretrained or pgllm adapter export wrote"
 PEFT_PREFIX = "base_model.model.transformer."
 # PEFT's key of one of pg_llm's tensors: the prefix of a PeftModel of GPT2LMHeadModel (no
 # `transformer.` for a GPT2Model), the name, `.default` in a state dict saved by hand (save_pretrained
@@ -111,7 +112,7 @@ def create(
     with db.session(ctx.obj["dsn"]) as pg:
         pg.require_model(model, hint="pgllm models lists them")
         refuse_existing(pg, name)
-        pg.execute("SELECT {llm_adapter_create}(%s, %s, rank => %s, alpha => %s, dropout => %s, targets => %s, "
+        pg.execute("SELECT {llm_adapter_create}(%s, %s, rank => %s::int, alpha => %s, dropout => %s, targets => %s, "
                    "seed => %s)", (name, model, rank, alpha, dropout, target, seed))
         params = pg.execute("SELECT parameters FROM {llm_adapters} WHERE adapter = %s", (name,)).fetchone()[0]
     typer.echo(f"created adapter {name!r} of model {model!r}: rank {rank}, alpha {number(alpha)}, "
@@ -202,7 +203,7 @@ def read_peft_config(path: Path) -> dict:
         config = json.loads(path.read_text())
     except OSError as e:
         raise PgllmError(f"cannot read {path}: {e.strerror or e}",
-                         hint="give the directory that PeftModel.save_pretrained or pgllm adapter export wrote") from None
+                         hint=PEFT_DIR_HINT) from None
     except ValueError as e:
         raise PgllmError(f"{path} is not JSON: {e}") from None
     if not isinstance(config, dict):
@@ -219,10 +220,11 @@ def read_peft_config(path: Path) -> dict:
             raise PgllmError(f"{path} sets {field} ({json.dumps(config[field])}), which pg_llm's adapters do not have",
                              hint="export it from PEFT without it, or merge it into the base model there")
     config = {**PEFT_DEFAULTS, **config}
-    for field in PEFT_DEFAULTS:
-        value = config[field]
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or (field == "r" and not isinstance(value, int)):
-            raise PgllmError(f"{path}: {field} must be a number, not {json.dumps(value)}")
+    if isinstance(config["r"], bool) or not isinstance(config["r"], int):
+        raise PgllmError(f"{path}: r must be an integer, not {json.dumps(config['r'])}")
+    for field in ("lora_alpha", "lora_dropout"):
+        if isinstance(config[field], bool) or not isinstance(config[field], (int, float)):
+            raise PgllmError(f"{path}: {field} must be a number, not {json.dumps(config[field])}")
     return config
 
 
@@ -230,7 +232,7 @@ def read_peft_tensors(path: Path) -> dict[str, np.ndarray]:
     """adapter_model.safetensors: each tensor under pg_llm's name (h.0.attn.c_attn.lora_A)."""
     if not path.is_file():
         raise PgllmError(f"{path}: no such file",
-                         hint="give the directory that PeftModel.save_pretrained or pgllm adapter export wrote")
+                         hint=PEFT_DIR_HINT)
     tensors = {}
     for key, a in safetensors_file.read(path).items():
         m = PEFT_KEY.fullmatch(key)
@@ -258,7 +260,7 @@ def import_(
     directory = directory.expanduser()
     if not directory.is_dir():
         raise PgllmError(f"{directory}: no such directory",
-                         hint="give the directory that PeftModel.save_pretrained or pgllm adapter export wrote")
+                         hint=PEFT_DIR_HINT)
     config = read_peft_config(directory / CONFIG)
     tensors = read_peft_tensors(directory / WEIGHTS)
     targets = sorted({target_of(t) for t in tensors})
@@ -270,7 +272,7 @@ def import_(
             refuse_existing(pg, name, replace="--replace replaces it")
         # the server makes the rows an adapter of this rank and targets has on this model; the file
         # must fill exactly those
-        pg.execute("SELECT {llm_adapter_create}(%s, %s, rank => %s, alpha => %s, dropout => %s, targets => %s)",
+        pg.execute("SELECT {llm_adapter_create}(%s, %s, rank => %s::int, alpha => %s, dropout => %s, targets => %s)",
                    (name, model, config["r"], config["lora_alpha"], config["lora_dropout"], targets))
         shapes = dict(pg.execute("SELECT name, shape FROM {llm_adapter_param} WHERE adapter = %s", (name,)).fetchall())
         missing, extra = sorted(shapes.keys() - tensors.keys()), sorted(tensors.keys() - shapes.keys())
