@@ -22,6 +22,7 @@ from transformers import GPT2LMHeadModel
 from pgllm import safetensors_file
 from pgllm.errors import PgllmError
 
+from .test_cli import DECOY, decoyed  # noqa: F401 (a fixture)
 from .test_lora import load_adapter
 from .test_tokenizer import one_error_line
 from .test_training import make_hf_model
@@ -307,3 +308,21 @@ def test_the_safetensors_reader_refuses_a_malformed_file(tmp_path, header, why):
     path.write_bytes(len(raw).to_bytes(8, "little") + raw + bytes(8))
     with pytest.raises(PgllmError, match=re.escape(why)):
         safetensors_file.read(path)
+
+
+def test_every_adapter_command_finds_pg_llm_whatever_the_search_path(decoyed, cli, tmp_path):
+    """In a schema of its own behind decoys of every name (tests/test_cli.py's `decoyed`)."""
+    def run(*args: str) -> str:
+        result = cli("--dsn", decoyed, *args)
+        assert result.exit_code == 0 and DECOY not in result.output, result.output
+        return result.stdout
+
+    run("init", "m", "--n-layer", "1", "--n-head", "2", "--d-model", "8", "--n-positions", "16", "--vocab", "50")
+    assert "created adapter 'a'" in run("adapter", "create", "a", "--model", "m", "--rank", "2")
+    assert "exported adapter 'a'" in run("adapter", "export", "a", "-o", str(tmp_path / "a"))
+    assert "imported adapter 'b'" in run("adapter", "import", str(tmp_path / "a"), "--name", "b", "--model", "m")
+    assert "imported adapter 'b'" in run("adapter", "import", str(tmp_path / "a"), "--name", "b", "--model", "m",
+                                         "--replace")
+    listed = run("adapter", "list", "m")
+    assert " a " in listed and " b " in listed
+    assert "deleted adapter 'a'" in run("adapter", "drop", "a")
