@@ -11,11 +11,13 @@ from __future__ import annotations
 import json
 import re
 import shutil
+import uuid
 
 import numpy as np
 import pytest
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
+from psycopg.conninfo import make_conninfo
 from safetensors.numpy import load_file, save_file
 from transformers import GPT2LMHeadModel
 
@@ -326,3 +328,37 @@ def test_every_adapter_command_finds_pg_llm_whatever_the_search_path(decoyed, cl
     listed = run("adapter", "list", "m")
     assert " a " in listed and " b " in listed
     assert "deleted adapter 'a'" in run("adapter", "drop", "a")
+
+
+def test_a_training_role_imports_and_exports_and_a_serving_role_only_reads(cli, db, conn, tmp_path):
+    """Through pgllm grant's rights, with the caller's own (the commands are a few SQL calls)."""
+    store_hf_model(conn, "tiny", make_hf_model(7, 2, 3, 48, 32, 97))
+    conn.execute("SELECT llm_adapter_create('owned', 'tiny', rank => 2)")
+    suffix = uuid.uuid4().hex[:8]
+    trainer, server = f"r_train_{suffix}", f"r_serve_{suffix}"
+    for role in (trainer, server):
+        conn.execute(f"CREATE ROLE {role} LOGIN")
+    try:
+        assert cli("--dsn", db, "grant", trainer, "--train").exit_code == 0
+        assert cli("--dsn", db, "grant", server).exit_code == 0
+
+        def as_role(role: str, *args: str):
+            return cli("--dsn", make_conninfo(db, user=role), *args)
+
+        for args in (["adapter", "create", "t1", "--model", "tiny"],
+                     ["adapter", "export", "t1", "-o", str(tmp_path / "t1")],
+                     ["adapter", "import", str(tmp_path / "t1"), "--name", "t2", "--model", "tiny"],
+                     ["adapter", "list"], ["adapter", "drop", "t1"]):
+            result = as_role(trainer, *args)
+            assert result.exit_code == 0, (args, result.output)
+        assert "t2" in as_role(server, "adapter", "list").stdout
+        assert as_role(server, "adapter", "export", "t2", "-o", str(tmp_path / "t2")).exit_code == 0
+        for args in (["adapter", "create", "s1", "--model", "tiny"],
+                     ["adapter", "import", str(tmp_path / "t2"), "--name", "s2", "--model", "tiny"],
+                     ["adapter", "drop", "t2"]):
+            assert "permission denied" in one_error_line(as_role(server, *args)), args
+        assert sorted(r for r, in conn.execute("SELECT adapter FROM llm_adapter")) == ["owned", "t2"]
+    finally:
+        for role in (trainer, server):
+            conn.execute(f"DROP OWNED BY {role}")
+            conn.execute(f"DROP ROLE {role}")
