@@ -268,6 +268,10 @@ def test_bad_input_is_one_error_line_and_writes_nothing(cli, db, conn, tmp_path)
         ([*imp, variant("extra", tensors={**good_tensors, key_a.replace("h.0", "h.2"): good_tensors[key_a]}),
           "--name", "x", "--model", "tiny"], "has 1 tensor(s) that an adapter of model 'tiny' has not, first "
          "'h.2.attn.c_attn.lora_A'"),
+        ([*imp, variant("nan", tensors={**good_tensors, key_a: np.full_like(good_tensors[key_a], np.nan)}),
+          "--name", "x", "--model", "tiny"],
+         f"Error: tensor '{key_a}' of {tmp_path / 'nan' / 'adapter_model.safetensors'} holds values that are not "
+         "finite (NaN or infinity)"),
         # create, drop, export
         (["adapter", "create", "x", "--model", "tiny", "--target", "lm_head"],
          'Error: "lm_head" is not a product an adapter can target'),

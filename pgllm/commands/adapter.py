@@ -239,6 +239,8 @@ def read_peft_tensors(path: Path) -> dict[str, np.ndarray]:
         if m is None:
             raise PgllmError(f"{path} has a tensor {key!r} that is not a LoRA matrix of a GPT-2 block's product",
                              hint="pg_llm's adapters adapt attn.c_attn, attn.c_proj, mlp.c_fc and mlp.c_proj only")
+        if not np.isfinite(a).all():
+            raise PgllmError(f"tensor {key!r} of {path} holds values that are not finite (NaN or infinity)")
         tensors[m.group(1)] = a
     if not tensors:
         raise PgllmError(f"{path} holds no tensors")
@@ -259,8 +261,7 @@ def import_(
     all its tensors or none."""
     directory = directory.expanduser()
     if not directory.is_dir():
-        raise PgllmError(f"{directory}: no such directory",
-                         hint=PEFT_DIR_HINT)
+        raise PgllmError(f"{directory}: no such directory", hint=PEFT_DIR_HINT)
     config = read_peft_config(directory / CONFIG)
     tensors = read_peft_tensors(directory / WEIGHTS)
     targets = sorted({target_of(t) for t in tensors})
@@ -276,7 +277,7 @@ def import_(
                    (name, model, config["r"], config["lora_alpha"], config["lora_dropout"], targets))
         shapes = dict(pg.execute("SELECT name, shape FROM {llm_adapter_param} WHERE adapter = %s", (name,)).fetchall())
         missing, extra = sorted(shapes.keys() - tensors.keys()), sorted(tensors.keys() - shapes.keys())
-        where = f"{directory / WEIGHTS}"
+        where = str(directory / WEIGHTS)
         if extra:
             raise PgllmError(f"{where} has {len(extra)} tensor(s) that an adapter of model {model!r} has not, "
                              f"first {extra[0]!r}", hint="is it an adapter of a model of another shape?")
