@@ -123,8 +123,8 @@ def main_options(
 
 
 def _register() -> None:
-    from .commands import (checkpoint, convert, dataset, eval, export, generate, grant, import_, init, install, log,
-                           models, quantize, server, tokenizer, train)
+    from .commands import (adapter, checkpoint, convert, dataset, eval, export, generate, grant, import_, init, install,
+                           log, models, quantize, server, tokenizer, train)
 
     app.command("install")(install.install)
     app.add_typer(server.app, name="server")
@@ -139,6 +139,7 @@ def _register() -> None:
     app.command("log")(log.log)
     app.command("eval")(eval.eval_)
     app.add_typer(models.app, name="models")
+    app.add_typer(adapter.app, name="adapter")
     app.command("generate")(generate.generate)
     app.command("grant")(grant.grant)
     app.command("revoke")(grant.revoke)

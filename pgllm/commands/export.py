@@ -10,14 +10,13 @@ from __future__ import annotations
 
 import json
 import os
-import struct
 import time
 from pathlib import Path
 
 import numpy as np
 import typer
 
-from .. import db, npz, tokenizer_files
+from .. import db, npz, safetensors_file, tokenizer_files
 from ..errors import PgllmError
 from ..options import MODEL, MODEL_POSITIONAL
 from ..progress import bytes_progress
@@ -58,19 +57,6 @@ def hf_config(cfg: npz.Config, eos: int) -> dict:
         "use_cache": True,
         "dtype": "float32",
     }
-
-
-def safetensors_header(cfg: npz.Config) -> bytes:
-    """The header of model.safetensors, tensors in state-dict order, padded to 8 bytes."""
-    header: dict = {"__metadata__": {"format": "pt"}}
-    offset = 0
-    for name, shape in cfg.tensors():
-        size = 4 * int(np.prod(shape))
-        header[hf_key(name)] = {"dtype": "F32", "shape": list(shape), "data_offsets": [offset, offset + size]}
-        offset += size
-    raw = json.dumps(header, separators=(",", ":")).encode()
-    raw += b" " * (-len(raw) % 8)
-    return struct.pack("<Q", len(raw)) + raw
 
 
 def read_tensors(pg: db.Pgllm, model: str, cfg: npz.Config):
@@ -136,7 +122,7 @@ def export(
                 output.mkdir(parents=True, exist_ok=True)
 
                 def write(f):
-                    f.write(safetensors_header(cfg))
+                    f.write(safetensors_file.header((hf_key(name), shape) for name, shape in cfg.tensors()))
                     for _, _, data in read_tensors(pg, model, cfg):
                         f.write(data)
                         progress.update(task, advance=len(data))
