@@ -1,7 +1,8 @@
 """LoRA adapters: training speed beside our full fine-tune and PEFT, memory on GPT-2 xl's shape, and
 serving with adapters beside the base model, in one run.
 
-    .venv/bin/python -m bench.lora [--dsn DSN] [--threads 2] [--steps 20] [--xl]
+    .venv/bin/python -m bench.lora [--dsn DSN] [--threads 2] [--steps 20]
+    .venv/bin/python -m bench.lora --xl [--dsn DSN] [--threads 2]
 
 GPT-2 small's shape (124M parameters, random weights: speed does not depend on their values),
 batch 4 x 64 tokens, AdamW + clipping, --threads threads on every side:
@@ -13,7 +14,7 @@ batch 4 x 64 tokens, AdamW + clipping, --threads threads on every side:
     model vs the same call with an adapter (rank 8, all four products), best of 3, interleaved.
   - batch: 8 prompts with 8 different adapters in one llm_generate_batch vs 8 single calls with
     their adapters (32 tokens each), best of 3.
-  - --xl: an adapter (rank 8, all products) trained on GPT-2 xl's shape (1.56B parameters, batch 1
+  - --xl (alone): an adapter (rank 8, all products) trained on GPT-2 xl's shape (1.56B parameters, batch 1
     x 64 tokens): seconds per step and the backend's peak memory (VmHWM). A full fine-tune needs the
     weights, their gradients and two AdamW moments in float32: 4 x 6.2 GB = 25 GB, more than this
     machine's 24 GB, so it is not run.
@@ -128,13 +129,10 @@ def train_ours(args, dsn: str) -> dict:
     return {"full": full, "lora": lora}
 
 
-def best_of(n: int, fn) -> float:
-    best = float("inf")
-    for _ in range(n):
-        t = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t)
-    return best
+def seconds(fn) -> float:
+    t = time.perf_counter()
+    fn()
+    return time.perf_counter() - t
 
 
 def serve_ours(args, dsn: str) -> dict:
@@ -150,15 +148,15 @@ def serve_ours(args, dsn: str) -> dict:
         conn.execute(decode, (prompt, model, None))                 # the shared copy, built once
         base = with_adapter = float("inf")
         for _ in range(3):
-            base = min(base, best_of(1, lambda: conn.execute(decode, (prompt, model, None))))
-            with_adapter = min(with_adapter, best_of(1, lambda: conn.execute(decode, (prompt, model, adapters[0]))))
+            base = min(base, seconds(lambda: conn.execute(decode, (prompt, model, None))))
+            with_adapter = min(with_adapter, seconds(lambda: conn.execute(decode, (prompt, model, adapters[0]))))
         single = "SELECT llm_generate(%s, 32, 0.0, model => %s, adapter => %s)"
         batch = "SELECT count(*) FROM llm_generate_batch(%s, 32, 0.0, model => %s, adapters => %s)"
         singles = batched = float("inf")
         for _ in range(3):
-            singles = min(singles, best_of(1, lambda: [conn.execute(single, (p, model, a))
+            singles = min(singles, seconds(lambda: [conn.execute(single, (p, model, a))
                                                        for p, a in zip(PROMPTS, adapters)]))
-            batched = min(batched, best_of(1, lambda: conn.execute(batch, (PROMPTS, model, adapters))))
+            batched = min(batched, seconds(lambda: conn.execute(batch, (PROMPTS, model, adapters))))
     return {"decode_base_ms": base / 64 * 1000, "decode_adapter_ms": with_adapter / 64 * 1000,
             "singles_s": singles, "batch_s": batched}
 
@@ -188,7 +186,7 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=20, help="timed training steps on each side")
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--block-size", type=int, default=64)
-    p.add_argument("--xl", action="store_true", help="also train an adapter of GPT-2 xl's shape")
+    p.add_argument("--xl", action="store_true", help="only train an adapter of GPT-2 xl's shape (memory)")
     p.add_argument("--skip-peft", action="store_true")
     p.add_argument("--peft-worker", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -196,13 +194,19 @@ def main() -> None:
         peft_worker(args)
         return
 
+    if args.xl:
+        with server(args.dsn) as dsn:
+            xl = train_xl(args, dsn)
+        print(f"\nGPT-2 xl's shape, LoRA rank {RANK} on all four products, {args.threads} threads: "
+              f"{xl['step_s']:.1f} s per step (batch 1 x {args.block_size}), 3 steps in {xl['seconds']:.0f} s "
+              f"with loading; backend peak memory {xl['peak_mb'] / 1024:.1f} GB")
+        return
     print(f"LoRA rank {RANK} on {', '.join(TARGETS)}; GPT-2 small's shape, batch {args.batch_size} x "
           f"{args.block_size}, {args.threads} threads; {os.cpu_count()} CPUs here", flush=True)
     runs = [] if args.skip_peft else [run_peft(args)]
     with server(args.dsn) as dsn:
         train = train_ours(args, dsn)
         serve = serve_ours(args, dsn)
-        xl = train_xl(args, dsn) if args.xl else None
     runs += [] if args.skip_peft else [run_peft(args)]
 
     print("\ntraining, tokens/s (median step):")
@@ -218,9 +222,6 @@ def main() -> None:
           f"{serve['decode_adapter_ms'] / serve['decode_base_ms']:5.3f}x the base's time")
     print(f"  8 prompts, 8 adapters: 8 single calls {serve['singles_s']:.2f} s, one llm_generate_batch "
           f"{serve['batch_s']:.2f} s: {serve['singles_s'] / serve['batch_s']:.2f}x")
-    if xl:
-        print(f"\nGPT-2 xl's shape, LoRA: {xl['step_s']:.1f} s per step (batch 1 x {args.block_size}), "
-              f"3 steps in {xl['seconds']:.0f} s with loading; backend peak memory {xl['peak_mb'] / 1024:.1f} GB")
 
 
 if __name__ == "__main__":

@@ -183,6 +183,17 @@ def test_list_create_drop_and_the_sql_defaults(pgllm, cli, db, conn):
         'Error: adapter "a1" does not exist (pgllm adapter list lists them)'
     assert [r for r, in conn.execute("SELECT adapter FROM llm_adapter ORDER BY 1")] == ["a2", "b"]
 
+    # copy and merge: the copy serves as the original; the merged model as the model with it
+    conn.execute("UPDATE llm_adapter_param SET data = set_byte(data, 3, 60) WHERE adapter = 'a2' AND name LIKE '%lora_B'")
+    assert pgllm("adapter", "copy", "a2", "a3").strip() == "copied adapter 'a2' to 'a3'"
+    assert pgllm("adapter", "merge", "a3", "--into", "tiny-a3").strip() == "merged adapter 'a3' into the new model 'tiny-a3'"
+    logits = "SELECT llm_logits('{1,2,3}', %s, adapter => %s)"
+    with_adapter, merged = conn.execute(logits, ("tiny", "a3")).fetchone()[0], conn.execute(logits, ("tiny-a3", None)).fetchone()[0]
+    assert with_adapter == conn.execute(logits, ("tiny", "a2")).fetchone()[0]
+    assert np.abs(np.array(with_adapter) - np.array(merged)).max() < 1e-4
+    assert one_error_line(cli("--dsn", db, "adapter", "copy", "a2", "b")) == \
+        'Error: adapter "b" already exists (Drop it first (llm_adapter_drop), or choose another name.)'
+
 
 def save_peft(hf, path, **config) -> dict:
     """A PEFT adapter of hf saved by peft; returns its tensors."""

@@ -128,6 +128,26 @@ def drop(ctx: typer.Context, name: str = typer.Argument(..., help="The adapter t
     typer.echo(f"deleted adapter {name!r}")
 
 
+@app.command("copy")
+def copy(ctx: typer.Context, source: str = typer.Argument(..., help="The adapter to copy."),
+         target: str = typer.Argument(..., help="The copy's name.")) -> None:
+    """Copy an adapter under another name with its optimizer state, step and log (llm_adapter_copy):
+    a snapshot to come back to, or the start of another tenant's."""
+    with db.session(ctx.obj["dsn"]) as pg:
+        pg.execute("SELECT {llm_adapter_copy}(%s, %s)", (source, target))
+    typer.echo(f"copied adapter {source!r} to {target!r}")
+
+
+@app.command("merge")
+def merge(ctx: typer.Context, name: str = typer.Argument(..., help="The adapter."),
+          into: str = typer.Option(..., "--into", help="The new model's name.")) -> None:
+    """A new model: the adapter's model with the adapter merged into its weights, its tokenizer and
+    training state copied (llm_adapter_merge)."""
+    with db.session(ctx.obj["dsn"]) as pg:
+        pg.execute("SELECT {llm_adapter_merge}(%s, %s)", (name, into))
+    typer.echo(f"merged adapter {name!r} into the new model {into!r}")
+
+
 def peft_config(model: str, rank: int, alpha: float, dropout: float, targets: list[str]) -> dict:
     """adapter_config.json as PEFT 0.21 writes it for this adapter, with every field that changes
     what it computes said explicitly (PEFT's defaults may change; these must not)."""
