@@ -773,7 +773,7 @@ typedef struct TrainRun
 	LlmDataset	ds;
 	LlmDataset	eval_ds;		/* when args.eval_dataset */
 	SPIPlanPtr	val_log;		/* UPDATE llm_train_log SET val_loss */
-	LlmModel   *model;			/* the backend's cached weights, trained in place */
+	LlmModel   *model;			/* the backend's cached weights, trained in place (an adapter's base: the shared block, read only) */
 	LlmLora    *lora;			/* args.adapter's, trained instead (palloc'd) */
 	float	   *lora_m,
 			   *lora_v;			/* its AdamW moments (palloc'd) */
@@ -907,7 +907,8 @@ train_setup(TrainRun *run, FunctionCallInfo fcinfo)
 		eval_setup(run);
 	run->rows_per_step = (int64) a->batch_size * a->grad_accum;
 	run->tokens_per_step = (double) run->rows_per_step * run->ds.T;
-	run->model = llm_model_get_private(a->model);
+	/* an adapter's base is only read: the server's shared float32 block, never a copy of it */
+	run->model = a->adapter != NULL ? llm_model_get_block(a->model) : llm_model_get_private(a->model);
 }
 
 /* The training log of what is trained, and its key column. */
