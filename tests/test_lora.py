@@ -153,6 +153,32 @@ def test_an_adapter_resumes_exactly(conn):
     assert losses[0][1] == losses[1][1]
 
 
+def test_a_rolled_back_call_leaves_the_adapter_as_it_was_and_dropout_is_seeded(conn):
+    """An adapter's training is transactional like a model's; LoRA's dropout draws its masks from the
+    call's seed (the same seed, the same adapter; another seed, another), and trains."""
+    n_layer, n_head, n_embd, n_pos, vocab, B, T, A, N, rank, alpha, targets = SHAPES[0]
+    store_hf_model(conn, "tiny", make_hf_model(7, n_layer, n_head, n_embd, n_pos, vocab))
+    fill_dataset(conn, np.random.default_rng(6).integers(0, vocab, size=(N, T + 1)))
+    for name in ("d1", "d2", "d3"):
+        conn.execute("SELECT llm_adapter_create(%s, 'tiny', rank => 4, dropout => 0.3, targets => %s, seed => 2)",
+                     (name, targets))
+    before = load_adapter(conn, "d1")
+    with conn.transaction(force_rollback=True):
+        conn.execute("SELECT llm_train('tiny', 2, lr_max => 1e-2, warmup => 1, batch_size => 2, adapter => 'd1')")
+    after = load_adapter(conn, "d1")
+    assert all(np.array_equal(before[k], after[k]) for k in before)
+    assert conn.execute("SELECT step FROM llm_adapter WHERE adapter = 'd1'").fetchone()[0] == 0
+    assert conn.execute("SELECT count(*) FROM llm_adapter_train_log").fetchone()[0] == 0
+
+    hp = "lr_max => 1e-2, warmup => 1, batch_size => 2"
+    losses = {name: conn.execute(f"SELECT llm_train('tiny', 3, {hp}, seed => %s, adapter => %s)",
+                                 (seed, name)).fetchone()[0] for name, seed in (("d1", 5), ("d2", 5), ("d3", 6))}
+    d1, d2, d3 = (load_adapter(conn, n) for n in ("d1", "d2", "d3"))
+    assert losses["d1"] == losses["d2"] and all(np.array_equal(d1[k], d2[k]) for k in d1)
+    assert any(not np.array_equal(d1[k], d3[k]) for k in d1)
+    assert all(np.isfinite(v).all() for v in d1.values())
+
+
 def test_a_new_adapter_changes_nothing_and_bad_input_is_refused(conn):
     hf = make_hf_model(7, 2, 3, 48, 32, 97)
     store_hf_model(conn, "tiny", hf)
