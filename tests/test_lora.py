@@ -27,9 +27,11 @@ SHAPES = [
 ]
 
 # Tolerances, float32 on both sides in different summation orders. The adapter's tensors move by
-# up to lr_max = 1e-2 per step (Adam's steps are about lr in size whatever the gradient).
+# up to lr_max = 1e-2 per step (Adam's steps are about lr in size whatever the gradient, so an entry
+# whose gradient is nearly zero moves by rounding noise scaled up to a step): 1% of a step.
+# Measured here (Zen 3, AVX2): losses within 1e-7 relative, gradient norms 2e-7, tensors 3.6e-5.
 GRAD_NORM_RTOL = 1e-4
-ADAPTER_ATOL, ADAPTER_RTOL = 5e-5, 1e-4
+ADAPTER_ATOL, ADAPTER_RTOL = 1e-4, 1e-4
 LOGITS_ATOL = 2e-4    # logits of about +-3 after training; the passes share no product
 
 
