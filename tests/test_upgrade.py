@@ -274,11 +274,17 @@ def test_dump_and_restore_keep_every_model(cluster, db, conn, tmp_path, own_gpt2
     if own_gpt2_small:
         conn.execute("DELETE FROM llm_model_config WHERE model = 'gpt2-small'")
         conn.execute("SELECT llm_init('gpt2-small', 2, 2, 16, 32, 64, seed => 5)")
-    query = ("SELECT model, llm_generate_tokens('{1,2,3}', 6, temperature => 0, model => model) "
-             "FROM llm_model_config WHERE EXISTS (SELECT 1 FROM llm_param p WHERE p.model = llm_model_config.model) "
-             "ORDER BY model")
+    # an adapter trained a step: its rows reference the model's, and its log and tensors its own
+    conn.execute("INSERT INTO llm_dataset (tokens, target) VALUES ('{1,2,3,4}', '{2,3,4,5}')")
+    conn.execute("SELECT llm_adapter_create('tenant', 'tiny', rank => 2, targets => ARRAY['attn.c_attn', 'mlp.c_fc'])")
+    conn.execute("SELECT llm_train('tiny', 1, lr_max => 1e-2, warmup => 1, batch_size => 1, adapter => 'tenant')")
+    query = ("SELECT model, llm_generate_tokens('{1,2,3}', 6, temperature => 0, model => model), "
+             "llm_logits('{1,2,3}', model, adapter => (SELECT a.adapter FROM llm_adapter a WHERE a.model = m.model)) "
+             "FROM llm_model_config m WHERE EXISTS (SELECT 1 FROM llm_param p WHERE p.model = m.model) ORDER BY model")
     configs = "SELECT model, n_layer, n_head, d_model, n_positions, vocab, created_at FROM llm_model_config ORDER BY model"
-    params = "SELECT model, name, shape, md5(data) FROM llm_param ORDER BY model, name"
+    params = ("SELECT model, name, shape, md5(data) FROM llm_param UNION ALL SELECT adapter, name, shape, "
+              "md5(data || m || v) FROM llm_adapter_param UNION ALL SELECT adapter, step::text, NULL, loss::text "
+              "FROM llm_adapter_train_log ORDER BY 1, 2")
     before = [conn.execute(q).fetchall() for q in (query, configs, params)]
 
     dump, restored = tmp_path / "dump", f"r_{uuid.uuid4().hex[:10]}"
