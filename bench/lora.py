@@ -11,9 +11,9 @@ batch 4 x 64 tokens, AdamW + clipping, --threads threads on every side:
     the same rank and targets on transformers + torch (AdamW fused over the adapter's tensors), in
     a process of its own run before and after ours (the mean of the two).
   - decode: llm_generate_tokens of 64 tokens greedy after an 8-token prompt, ms per token, base
-    model vs the same call with an adapter (rank 8, all four products), best of 3, interleaved.
+    model vs the same call with an adapter (rank 8, all four products), best of 5, interleaved.
   - batch: 8 prompts with 8 different adapters in one llm_generate_batch vs 8 single calls with
-    their adapters (32 tokens each), best of 3.
+    their adapters (32 tokens each), best of 5, interleaved.
   - --xl (alone): an adapter (rank 8, all products) trained on GPT-2 xl's shape (1.56B parameters, batch 1
     x 64 tokens): seconds per step and the backend's peak memory (VmHWM). A full fine-tune needs the
     weights, their gradients and two AdamW moments in float32: 4 x 6.2 GB = 25 GB, more than this
@@ -41,6 +41,7 @@ SMALL = ("lora-bench-small", 12, 12, 768, 1024, 50257)
 XL = ("lora-bench-xl", 48, 25, 1600, 1024, 50257)
 TARGETS = ["attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"]
 RANK = 8
+ROUNDS = 5          # serving: the best of this many interleaved rounds of each
 PROMPTS = ["The quick brown fox", "SELECT * FROM", "Once upon a time", "In the database",
            "def main():", "The weather today is", "PostgreSQL is a", "My favourite number is"]
 
@@ -147,13 +148,13 @@ def serve_ours(args, dsn: str) -> dict:
         decode = "SELECT llm_generate_tokens(%s, 64, 0.0, model => %s, adapter => %s)"
         conn.execute(decode, (prompt, model, None))                 # the shared copy, built once
         base = with_adapter = float("inf")
-        for _ in range(3):
+        for _ in range(ROUNDS):
             base = min(base, seconds(lambda: conn.execute(decode, (prompt, model, None))))
             with_adapter = min(with_adapter, seconds(lambda: conn.execute(decode, (prompt, model, adapters[0]))))
         single = "SELECT llm_generate(%s, 32, 0.0, model => %s, adapter => %s)"
         batch = "SELECT count(*) FROM llm_generate_batch(%s, 32, 0.0, model => %s, adapters => %s)"
         singles = batched = float("inf")
-        for _ in range(3):
+        for _ in range(ROUNDS):
             singles = min(singles, seconds(lambda: [conn.execute(single, (p, model, a))
                                                        for p, a in zip(PROMPTS, adapters)]))
             batched = min(batched, seconds(lambda: conn.execute(batch, (PROMPTS, model, adapters))))

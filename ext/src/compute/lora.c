@@ -40,6 +40,8 @@ lora_backward(float *dx, bool dx_add, float *dA, float *dB, float *h, float *dh,
 					dx_add ? 1.0f : 0.0f, dx, IC);
 }
 
+#define OUT_BLOCK 8
+
 typedef struct LoraRowsArgs
 {
 	float	   *out;
@@ -66,24 +68,32 @@ lora_rows_task(void *arg, size_t start, size_t end)
 		for (size_t j = 0; j < a->rank; j++)
 		{
 			const float *w = a->A + j * a->IC;
-			float		s[4] = {0, 0, 0, 0};
+			float		s[8] = {0};
 			size_t		i = 0;
 
-			for (; i + 4 <= a->IC; i += 4)
-				for (int u = 0; u < 4; u++)
+			/* eight partial sums: one vector of them, independent adds */
+			for (; i + 8 <= a->IC; i += 8)
+				for (int u = 0; u < 8; u++)
 					s[u] += x[i + u] * w[i + u];
 			for (; i < a->IC; i++)
 				s[0] += x[i] * w[i];
-			h[j] = a->scale * ((s[0] + s[1]) + (s[2] + s[3]));
+			h[j] = a->scale * (((s[0] + s[4]) + (s[1] + s[5])) + ((s[2] + s[6]) + (s[3] + s[7])));
 		}
-		for (size_t o = 0; o < a->OC; o++)
+		/*
+		 * out[o] += h . B[o], eight outputs at a time: eight independent sums (a lone one waits on
+		 * its own adds), each still over j in order, so every output's value is unchanged
+		 */
+		for (size_t o0 = 0; o0 < a->OC; o0 += OUT_BLOCK)
 		{
-			const float *w = a->B + o * a->rank;
-			float		s = 0;
+			size_t		n = Min(OUT_BLOCK, a->OC - o0);
+			const float *w = a->B + o0 * a->rank;
+			float		s[OUT_BLOCK] = {0};
 
 			for (size_t j = 0; j < a->rank; j++)
-				s += h[j] * w[j];
-			out[o] += s;
+				for (size_t k = 0; k < n; k++)
+					s[k] += h[j] * w[k * a->rank + j];
+			for (size_t k = 0; k < n; k++)
+				out[o0 + k] += s[k];
 		}
 	}
 }
