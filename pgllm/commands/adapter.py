@@ -111,7 +111,6 @@ def create(
     (llm_train(model, steps, adapter => NAME)) (llm_adapter_create)."""
     with db.session(ctx.obj["dsn"]) as pg:
         pg.require_model(model, hint="pgllm models lists them")
-        refuse_existing(pg, name)
         pg.execute("SELECT {llm_adapter_create}(%s, %s, rank => %s::int, alpha => %s, dropout => %s, targets => %s, "
                    "seed => %s)", (name, model, rank, alpha, dropout, target, seed))
         params = pg.execute("SELECT parameters FROM {llm_adapters} WHERE adapter = %s", (name,)).fetchone()[0]

@@ -27,12 +27,13 @@
 /* "llma": adapters have names of their own */
 #define LLM_ADAPTER_LOCK_CLASS 0x6C6C6D61
 
+/* The lock of a model (LLM_TRAIN_LOCK_CLASS) or an adapter (LLM_ADAPTER_LOCK_CLASS) of that name. */
 static void
-train_lock_tag(LOCKTAG *tag, const char *model)
+train_lock_tag(LOCKTAG *tag, const char *name, uint32 lock_class)
 {
-	uint32		h = hash_bytes((const unsigned char *) model, strlen(model));
+	uint32		h = hash_bytes((const unsigned char *) name, strlen(name));
 
-	SET_LOCKTAG_ADVISORY(*tag, MyDatabaseId, LLM_TRAIN_LOCK_CLASS, h, 2);
+	SET_LOCKTAG_ADVISORY(*tag, MyDatabaseId, lock_class, h, 2);
 }
 
 void
@@ -40,7 +41,7 @@ llm_train_lock_xact(const char *model)
 {
 	LOCKTAG		tag;
 
-	train_lock_tag(&tag, model);
+	train_lock_tag(&tag, model, LLM_TRAIN_LOCK_CLASS);
 	(void) LockAcquire(&tag, ExclusiveLock, false, false);
 }
 
@@ -49,8 +50,7 @@ llm_train_lock_adapter_xact(const char *adapter)
 {
 	LOCKTAG		tag;
 
-	SET_LOCKTAG_ADVISORY(tag, MyDatabaseId, LLM_ADAPTER_LOCK_CLASS,
-						 hash_bytes((const unsigned char *) adapter, strlen(adapter)), 2);
+	train_lock_tag(&tag, adapter, LLM_ADAPTER_LOCK_CLASS);
 	(void) LockAcquire(&tag, ExclusiveLock, false, false);
 }
 
@@ -62,7 +62,7 @@ train_lock_holder(const char *model)
 	int			pid = 0;
 	bool		isnull;
 
-	train_lock_tag(&tag, model);
+	train_lock_tag(&tag, model, LLM_TRAIN_LOCK_CLASS);
 	SPI_connect();
 	if (llm_spi_run("looking for the training session",
 					"SELECT pid FROM pg_catalog.pg_locks WHERE locktype = 'advisory' AND granted "
@@ -90,7 +90,7 @@ llm_train_lock(PG_FUNCTION_ARGS)
 
 	llm_check_model_name(model);
 	llm_check_may_train(model);
-	train_lock_tag(&tag, model);
+	train_lock_tag(&tag, model, LLM_TRAIN_LOCK_CLASS);
 	if (LockAcquire(&tag, ExclusiveLock, true, true) != LOCKACQUIRE_NOT_AVAIL)
 		PG_RETURN_VOID();
 	pid = train_lock_holder(model);
