@@ -33,13 +33,20 @@
 
 /* -- float32 and bfloat16: a tile of ROWS x VECS float32 accumulators over the inputs -- */
 
+/* What a tile prefetches (see f32_rows): at input i, the line at + 64 (i >> shift); none if !at */
+typedef struct Prefetch
+{
+	const char *at;
+	int			shift;
+} Prefetch;
+
 /*
  * acc[0..rows) columns [8 v0, 8 (v0 + vecs)) (+)= rows r0.. of inp, inputs [i0, i0 + n), times the
  * float32 weights w (NR per input, from input i0 on); from zero when `first`, else from acc.
  */
 INLINE T_AVX2 void
 f32_tile(const Gemv *g, const float *w, size_t i0, size_t n, size_t r0, float (*acc)[NR], int v0,
-		 bool first, const int rows, const int vecs)
+		 bool first, Prefetch pf, const int rows, const int vecs)
 {
 	const float *x = g->inp + r0 * g->IC + i0;
 	size_t		IC = g->IC;
@@ -52,6 +59,8 @@ f32_tile(const Gemv *g, const float *w, size_t i0, size_t n, size_t r0, float (*
 	{
 		__m256		wv[4];
 
+		if (pf.at)
+			_mm_prefetch(pf.at + ((i >> pf.shift) << 6), _MM_HINT_T0);
 		for (int v = 0; v < vecs; v++)
 			wv[v] = _mm256_load_ps(w + i * NR + 8 * (v0 + v));
 		for (int r = 0; r < rows; r++)
@@ -80,41 +89,68 @@ tile_rows(int left, int most)
 	return (left + tiles - 1) / tiles;
 }
 
-/* Runs f32_tile over nr rows (nr > 1) for inputs [i0, i0 + n): tiles of up to 6 rows x 2 vectors. */
+/* Inputs of a panel that several rows take at a time: 16 KB of float32 weights, which stay in L1
+ * while every group of rows passes over them. */
+#define CHUNK 128
+
+/*
+ * Runs f32_tile over nr rows (nr > 1) for inputs [i0, i0 + n): tiles of up to 6 rows x 2 vectors,
+ * each a pass over half the chunk's columns. The chunk's first passes fetch it from memory and
+ * the others find it in L1, so memory and arithmetic would take turns; instead every pass
+ * prefetches its share of the next chunk's `next_bytes` at `next` (one line every 2^shift inputs,
+ * spread so that the core never has more misses in flight than it can track; a prefetch never
+ * faults, even past the last panel), and the next chunk
+ * arrives while this one computes. GPT-2 small's step on the 2-core Zen 3 (bench/kernels.c,
+ * 2 threads, best of 2 s, two interleaved rounds): 4 rows 22.5 -> 16.6 ms, 8 rows 29.1 -> 18.6,
+ * 16 rows 41.5 -> 28.1. Prefetching the whole next chunk in the first pass gained nothing: its
+ * misses queued behind the first pass's own.
+ */
 static T_AVX2 __attribute__((noinline)) void
-f32_rows(const Gemv *g, const float *w, size_t i0, size_t n, size_t r0, int nr, float (*acc)[NR])
+f32_rows(const Gemv *g, const float *w, size_t i0, size_t n, size_t r0, int nr, float (*acc)[NR],
+		 const char *next, size_t next_bytes)
 {
+	int			passes = 0,
+				shift = 0;
+	size_t		share;
+
+	for (int i = 0; i < nr; i += tile_rows(nr - i, 6))
+		passes += 2;
+	share = (next_bytes / 64 + passes - 1) / passes;	/* lines */
+	while (share > 0 && (2 << shift) * share <= n)
+		shift++;
 	for (int i = 0, rows; i < nr; i += rows)
 	{
 		rows = tile_rows(nr - i, 6);
 		for (int v0 = 0; v0 < 4; v0 += 2)
+		{
+			Prefetch	pf = {next, shift};
+
+			if (next)
+				next += share * 64;
 			switch (rows)
 			{
 				case 1:
-					f32_tile(g, w, i0, n, r0 + i, acc + i, v0, i0 == 0, 1, 2);
+					f32_tile(g, w, i0, n, r0 + i, acc + i, v0, i0 == 0, pf, 1, 2);
 					break;
 				case 2:
-					f32_tile(g, w, i0, n, r0 + i, acc + i, v0, i0 == 0, 2, 2);
+					f32_tile(g, w, i0, n, r0 + i, acc + i, v0, i0 == 0, pf, 2, 2);
 					break;
 				case 3:
-					f32_tile(g, w, i0, n, r0 + i, acc + i, v0, i0 == 0, 3, 2);
+					f32_tile(g, w, i0, n, r0 + i, acc + i, v0, i0 == 0, pf, 3, 2);
 					break;
 				case 4:
-					f32_tile(g, w, i0, n, r0 + i, acc + i, v0, i0 == 0, 4, 2);
+					f32_tile(g, w, i0, n, r0 + i, acc + i, v0, i0 == 0, pf, 4, 2);
 					break;
 				case 5:
-					f32_tile(g, w, i0, n, r0 + i, acc + i, v0, i0 == 0, 5, 2);
+					f32_tile(g, w, i0, n, r0 + i, acc + i, v0, i0 == 0, pf, 5, 2);
 					break;
 				default:
-					f32_tile(g, w, i0, n, r0 + i, acc + i, v0, i0 == 0, 6, 2);
+					f32_tile(g, w, i0, n, r0 + i, acc + i, v0, i0 == 0, pf, 6, 2);
 					break;
 			}
+		}
 	}
 }
-
-/* Inputs of a panel that several rows take at a time: 16 KB of float32 weights, which stay in L1
- * while every group of rows passes over them. */
-#define CHUNK 128
 
 static T_AVX2 void
 f32_avx2(const Gemv *g, const uint8_t *panel, size_t r0, int nr, float (*acc)[NR])
@@ -122,10 +158,12 @@ f32_avx2(const Gemv *g, const uint8_t *panel, size_t r0, int nr, float (*acc)[NR
 	const float *w = (const float *) panel;
 
 	if (nr == 1)
-		f32_tile(g, w, 0, g->IC, r0, acc, 0, true, 1, 4);
+		f32_tile(g, w, 0, g->IC, r0, acc, 0, true, (Prefetch) {0}, 1, 4);
 	else
 		for (size_t i0 = 0; i0 < g->IC; i0 += CHUNK)
-			f32_rows(g, w + i0 * NR, i0, Min(CHUNK, g->IC - i0), r0, nr, acc);
+			/* the next chunk: past the panel's end, the next panel's first (panels are contiguous) */
+			f32_rows(g, w + i0 * NR, i0, Min(CHUNK, g->IC - i0), r0, nr, acc,
+					 (const char *) (w + (i0 + CHUNK) * NR), CHUNK * NR * sizeof(float));
 }
 
 /* One row: bfloat16 pairs of inputs (2k, 2k+1) per 32-bit word, lo = word << 16, hi = word & 0xFFFF0000. */
@@ -158,11 +196,10 @@ bf16_row(const Gemv *g, const uint32_t *w, size_t r0, float (*acc)[NR])
  * runs through f32_rows (the same fused multiply-adds in the same order as bf16_row: bitwise equal).
  * Converting in registers instead costs a shift and a mask per 8 weights for each group of rows,
  * and a 6 x 2 tile then needs more registers than AVX2 has.
- * The conversion is where the weights come from memory, with nothing to overlap but its own few
- * operations; it prefetches the next chunk, which then arrives while f32_rows runs on this one.
- * 8 rows of GPT-2 small (bench/kernels.c, 2 threads, 8 interleaved rounds, load 6-6.6 from other
- * work, CPU time per step): 35.9-41.5 ms (mean 39.0) -> 34.1-37.9 (36.7); 128 rows: no difference.
- * The same prefetch in the float32 tile measured worse (CPU time per 8-row step 47-57 ms -> 50-60).
+ * The conversion reads the chunk that f32_rows prefetched while it ran on the one before
+ * (past the panel's end, the next panel's first). GPT-2 small's step (bench/kernels.c, 2 threads,
+ * best of 2 s, three interleaved rounds) beside the conversion prefetching the next chunk itself:
+ * 4 rows 12.6-13.2 -> 10.4-12.2 ms, 8 rows 18.1-22.0 -> 15.9-18.2.
  */
 static T_AVX2 void
 bf16_avx2(const Gemv *g, const uint8_t *panel, size_t r0, int nr, float (*acc)[NR])
@@ -181,10 +218,6 @@ bf16_avx2(const Gemv *g, const uint8_t *panel, size_t r0, int nr, float (*acc)[N
 		size_t		n = Min(CHUNK, g->IC - i0);
 
 		for (size_t i = 0; i < n; i += 2)
-		{
-			/* the next chunk's words (past the panel's end, the next panel's first): see above */
-			_mm_prefetch((const char *) (w + ((i0 + CHUNK + i) / 2) * NR), _MM_HINT_T0);
-			_mm_prefetch((const char *) (w + ((i0 + CHUNK + i) / 2) * NR + 16), _MM_HINT_T0);
 			for (int v = 0; v < 4; v++)
 			{
 				__m256i		u = _mm256_load_si256((const __m256i *) (w + ((i0 + i) / 2) * NR + 8 * v));
@@ -195,8 +228,9 @@ bf16_avx2(const Gemv *g, const uint8_t *panel, size_t r0, int nr, float (*acc)[N
 				_mm256_store_ps(buf + i * NR + 8 * v, lo);
 				_mm256_store_ps(buf + (i + 1) * NR + 8 * v, hi);
 			}
-		}
-		f32_rows(g, buf, i0, n, r0, nr, acc);
+		/* the next chunk's words arrive while f32_rows runs on this one (see there) */
+		f32_rows(g, buf, i0, n, r0, nr, acc, (const char *) (w + ((i0 + CHUNK) / 2) * NR),
+				 CHUNK / 2 * NR * sizeof(uint32_t));
 	}
 }
 
