@@ -14,6 +14,7 @@ import shutil
 import uuid
 
 import numpy as np
+import psycopg
 import pytest
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
@@ -27,7 +28,7 @@ from pgllm.errors import PgllmError
 from .test_cli import DECOY, decoyed  # noqa: F401 (a fixture)
 from .test_lora import load_adapter
 from .test_tokenizer import one_error_line
-from .test_training import make_hf_model
+from .test_training import load_params, make_hf_model, small_setup
 from .weights import store_hf_model
 
 # float32 on both sides, different summation orders; logits of about +-3 (as tests/test_lora.py)
@@ -193,6 +194,61 @@ def test_list_create_drop_and_the_sql_defaults(pgllm, cli, db, conn):
     assert np.abs(np.array(with_adapter) - np.array(merged)).max() < 1e-4
     assert one_error_line(cli("--dsn", db, "adapter", "copy", "a2", "b")) == \
         'Error: adapter "b" already exists (Drop it first (llm_adapter_drop), or choose another name.)'
+
+
+def adapter_state(conn, adapter: str):
+    """Everything llm_train writes for an adapter."""
+    return (conn.execute("SELECT name, data, m, v FROM llm_adapter_param WHERE adapter = %s ORDER BY name",
+                         (adapter,)).fetchall(),
+            conn.execute("SELECT step, data_pos FROM llm_adapter WHERE adapter = %s", (adapter,)).fetchone())
+
+
+def test_pgllm_train_adapter_in_chunks_equals_one_call(pgllm, cli, db, conn):
+    """pgllm train --adapter: chunks of --commit-every steps and a --schedule continue run follow
+    one schedule, bit for bit one llm_train(..., adapter => ...) call over it; the base is untouched;
+    one run per adapter, while another adapter of the same base trains beside it."""
+    small_setup(conn, "m")
+    small_setup(conn, "other", shape=(1, 2, 16, 16, 97))
+    for name in ("cli", "sql"):
+        conn.execute("SELECT llm_adapter_create(%s, 'm', rank => 2, targets => '{attn.c_attn,mlp.c_fc}', seed => 5)",
+                     (name,))
+    base = load_params(conn, "m")
+    run = ["train", "--adapter", "cli", "--batch-size", "2", "--commit-every", "2"]
+    out = pgllm(*run, "--steps", "5", "--total-steps", "7", "--warmup", "2", "--lr-max", "1e-3")
+    assert 'training adapter "cli" of model "m" from step 0 to 5' in out
+    assert 'trained adapter "cli" of model "m": steps 1..5 of a 7-step schedule (new, from step 0)' in out
+    assert "(3 commits)" in out
+    out = pgllm(*run, "--steps", "2", "--schedule", "continue")
+    assert "steps 6..7 of a 7-step schedule (continued, from step 0)" in out
+    conn.execute("SELECT llm_train('m', 7, batch_size => 2, warmup => 2, lr_max => 1e-3, total_steps => 7, "
+                 "adapter => 'sql')")
+    assert adapter_state(conn, "cli") == adapter_state(conn, "sql")
+    assert adapter_state(conn, "cli")[1] == (7, 14)
+    assert conn.execute("SELECT schedule->>'total_steps' FROM llm_adapter WHERE adapter = 'cli'").fetchone()[0] == "7"
+    after = load_params(conn, "m")
+    assert all(np.array_equal(base[k], after[k]) for k in base)
+    assert conn.execute("SELECT count(*) FROM llm_train_state WHERE model = 'm' AND step > 0").fetchone()[0] == 0
+    assert one_error_line(cli("--dsn", db, *run, "--steps", "1", "--schedule", "continue")) == \
+        'Error: the schedule of adapter "cli" of model "m" ended at step 7 (it is at step 7): its learning rate ' \
+        'is at its floor, 0 (start a new one with --schedule new)'
+
+    # another session holds the adapter's lock: a second run is refused at once, naming it; an
+    # adapter of the same base trains meanwhile
+    with psycopg.connect(db, autocommit=True) as holder:
+        pid = holder.execute("SELECT pg_backend_pid()").fetchone()[0]
+        holder.execute("SELECT llm_adapter_train_lock('cli')")
+        assert one_error_line(cli("--dsn", db, *run, "--steps", "1")) == \
+            f'Error: adapter "cli" is being trained by another session (pid {pid}) (Wait for that run to finish, ' \
+            f'or stop it with SELECT pg_cancel_backend({pid}).)'
+        pgllm("train", "--adapter", "sql", "--steps", "1", "--batch-size", "2")
+    assert adapter_state(conn, "cli")[1] == (7, 14)
+
+    assert one_error_line(cli("--dsn", db, "train", "--adapter", "nope", "--steps", "1")) == \
+        'Error: adapter "nope" does not exist (pgllm adapter create makes one; pgllm adapter list shows those ' \
+        'you may read)'
+    assert one_error_line(cli("--dsn", db, "train", "--adapter", "cli", "--model", "other", "--steps", "1")) == \
+        'Error: adapter "cli" belongs to model "m", not "other" (leave out --model: an adapter trains on its own base)'
+    assert adapter_state(conn, "cli")[1] == (7, 14)
 
 
 def save_peft(hf, path, **config) -> dict:

@@ -1,5 +1,9 @@
 """`pgllm train`: run llm_train in chunks, each its own transaction, with a live progress bar.
 
+With --adapter it trains that LoRA adapter of the model (llm_train(..., adapter => ...)) instead
+of the model: the base stays frozen, and the step counter, schedule and training lock are the
+adapter's (llm_adapter.step and .schedule, llm_adapter_train_lock).
+
 All chunks follow one learning-rate schedule, which the run chooses and says first: `--schedule
 new` (the default) warms up and decays over this run's steps (or --total-steps), starting at the
 model's step counter; `--schedule continue` follows the schedule of the model's last pgllm train
@@ -60,10 +64,10 @@ def describe(s: dict) -> str:
             f"(from step {s['start']})")
 
 
-def choose_schedule(ctx: typer.Context, pg: db.Pgllm, model: str, how: str, start_step: int, steps: int,
+def choose_schedule(ctx: typer.Context, what: str, recorded, how: str, start_step: int, steps: int,
                     lr_max: float, lr_min: float, warmup: int | None, total_steps: int | None) -> dict:
     """The run's schedule: {"start", "total_steps", "warmup", "lr_max", "lr_min"}, steps numbered as
-    the model's step counter."""
+    the step counter of `what` (model "m" or adapter "a"), whose last run recorded `recorded`."""
     if how == "new":
         length = total_steps if total_steps is not None else steps
         if warmup is None:
@@ -75,17 +79,28 @@ def choose_schedule(ctx: typer.Context, pg: db.Pgllm, model: str, how: str, star
     if given:
         raise PgllmError(f"--schedule continue follows the recorded schedule: {', '.join(given)} would change it",
                          hint="leave them out, or start a new schedule with --schedule new")
-    row = pg.execute("SELECT schedule FROM {llm_train_state} WHERE model = %s", (model,)).fetchone()
-    recorded = row[0] if row else None
     if not isinstance(recorded, dict) or not all(k in recorded for k in ("start", "total_steps", "warmup",
                                                                           "lr_max", "lr_min")):
-        raise PgllmError(f'model "{model}" has no schedule of pgllm train to continue (it is at step {start_step})',
+        raise PgllmError(f'{what} has no schedule of pgllm train to continue (it is at step {start_step})',
                          hint="use --schedule new")
     if start_step >= recorded["total_steps"]:
-        raise PgllmError(f'the schedule of model "{model}" ended at step {recorded["total_steps"]} (it is at step '
+        raise PgllmError(f'the schedule of {what} ended at step {recorded["total_steps"]} (it is at step '
                          f'{start_step}): its learning rate is at its floor, {recorded["lr_min"]:.3g}',
                          hint="start a new one with --schedule new")
     return {k: recorded[k] for k in ("start", "total_steps", "warmup", "lr_max", "lr_min")}
+
+
+def adapter_base(ctx: typer.Context, pg: db.Pgllm, adapter: str, model: str) -> str:
+    """The base model of `adapter`; --model, when given, must name it."""
+    row = pg.execute("SELECT model FROM {llm_adapter} WHERE adapter = %s", (adapter,)).fetchone()
+    if row is None:
+        raise PgllmError(f'adapter "{adapter}" does not exist', hint="pgllm adapter create makes one; pgllm adapter "
+                         "list shows those you may read")
+    given = getattr(ctx.get_parameter_source("model"), "name", "DEFAULT") in ("COMMANDLINE", "ENVIRONMENT")
+    if given and model != row[0]:
+        raise PgllmError(f'adapter "{adapter}" belongs to model "{row[0]}", not "{model}"',
+                         hint="leave out --model: an adapter trains on its own base")
+    return row[0]
 
 
 def bar_columns(end: int) -> list:
@@ -132,21 +147,31 @@ def train(
                                 show_default="the server's setting"),
     any_tokenizer: bool = typer.Option(False, "--any-tokenizer", help="Train even on a dataset made with another "
                                        "tokenizer than the model's (pg_llm.check_dataset_tokenizer = off)."),
+    adapter: str = typer.Option(None, "--adapter", "-a", help="Train this LoRA adapter (pgllm adapter create) "
+                                "instead of the model; the model is the adapter's base and stays frozen.",
+                                show_default="none: the model itself"),
 ) -> None:
-    """Train a model on llm_dataset with llm_train, committing every N steps."""
+    """Train a model, or a LoRA adapter of it, on llm_dataset with llm_train, committing every N steps."""
     if schedule not in SCHEDULES:
         raise PgllmError(f"--schedule must be new or continue, not {schedule!r}")
     if eval_dataset is None and (eval_every or eval_rows):
         raise PgllmError("--eval-every and --eval-rows need --eval-dataset", hint="e.g. --eval-dataset val")
     with db.session(ctx.obj["dsn"]) as pg:
         conn = pg.conn
+        if adapter is not None:
+            model = adapter_base(ctx, pg, adapter, model)
         pg.require_model(model, hint="pgllm import or pgllm init creates it")
-        # one run per model: this session keeps the model's training lock until it ends, and a
+        what = f'adapter "{adapter}" of model "{model}"' if adapter is not None else f'model "{model}"'
+        # one run per model (or adapter): this session keeps its training lock until it ends, and a
         # second run fails here (the other run's pid in the error) instead of sharing the schedule
-        pg.execute("SELECT {llm_train_lock}(%s)", (model,))
-        row = pg.execute("SELECT step FROM {llm_train_state} WHERE model = %s", (model,)).fetchone()
-        start_step = row[0] if row else 0
-        plan = choose_schedule(ctx, pg, model, schedule, start_step, steps, lr_max, lr_min, warmup, total_steps)
+        if adapter is not None:
+            pg.execute("SELECT {llm_adapter_train_lock}(%s)", (adapter,))
+            row = pg.execute("SELECT step, schedule FROM {llm_adapter} WHERE adapter = %s", (adapter,)).fetchone()
+        else:
+            pg.execute("SELECT {llm_train_lock}(%s)", (model,))
+            row = pg.execute("SELECT step, schedule FROM {llm_train_state} WHERE model = %s", (model,)).fetchone()
+        start_step, recorded = row if row else (0, None)
+        plan = choose_schedule(ctx, what, recorded, schedule, start_step, steps, lr_max, lr_min, warmup, total_steps)
         conn.commit()
         if threads is not None:
             conn.execute("SELECT set_config('pg_llm.threads', %s, false)", (str(threads),))
@@ -156,7 +181,7 @@ def train(
         conn.commit()
 
         end = start_step + steps
-        typer.echo(f"training model \"{model}\" from step {start_step} to {end} on dataset \"{dataset}\": "
+        typer.echo(f"training {what} from step {start_step} to {end} on dataset \"{dataset}\": "
                    f"{'new' if schedule == 'new' else 'continued'} schedule, {describe(plan)}")
         length = plan["total_steps"] - plan["start"]
         if plan["warmup"] > length:
@@ -165,8 +190,8 @@ def train(
                        f"--lr-max", err=True)
         val_before = None
         if eval_dataset is not None:
-            val_before = pg.execute("SELECT loss FROM {llm_eval}(%s, %s, %s)",
-                                    (model, eval_dataset, eval_rows)).fetchone()[0]
+            val_before = pg.execute("SELECT loss FROM {llm_eval}(%s, %s, %s, adapter => %s)",
+                                    (model, eval_dataset, eval_rows, adapter)).fetchone()[0]
             conn.commit()
         history: list[tuple[int, float, float, float]] = []  # (step, loss, lr, tokens/s)
         val_history: list[tuple[int, float]] = []  # (step, val_loss)
@@ -197,12 +222,16 @@ def train(
                         "SELECT {llm_train}(%s, %s, beta1 => %s, beta2 => %s, eps => %s, wd => %s, lr_max => %s, "
                         "warmup => %s, batch_size => %s, grad_accum => %s, grad_clip => %s, lr_min => %s, "
                         "total_steps => %s, dropout => %s, seed => %s, dataset => %s, eval_dataset => %s, "
-                        "eval_every => %s, eval_rows => %s, schedule_start => %s)",
+                        "eval_every => %s, eval_rows => %s, schedule_start => %s, adapter => %s)",
                         (model, n, beta1, beta2, eps, wd, plan["lr_max"], plan["warmup"], batch_size, grad_accum,
                          grad_clip, plan["lr_min"], plan["total_steps"], dropout, seed, dataset, eval_dataset,
-                         eval_every, eval_rows, plan["start"]))
-                    pg.execute("UPDATE {llm_train_state} SET schedule = %s::jsonb WHERE model = %s",
-                               (json.dumps(plan), model))
+                         eval_every, eval_rows, plan["start"], adapter))
+                    if adapter is not None:
+                        pg.execute("UPDATE {llm_adapter} SET schedule = %s::jsonb WHERE adapter = %s",
+                                   (json.dumps(plan), adapter))
+                    else:
+                        pg.execute("UPDATE {llm_train_state} SET schedule = %s::jsonb WHERE model = %s",
+                                   (json.dumps(plan), model))
                     conn.commit()
                     committed += n
                     commits += 1
@@ -210,7 +239,7 @@ def train(
                     interrupt.check()
             except (KeyboardInterrupt, psycopg.Error) as e:
                 kept = [h for h in history if h[0] <= start_step + committed]
-                where = (f"{committed} of {steps} steps committed (model \"{model}\" is at step "
+                where = (f"{committed} of {steps} steps committed ({what} is at step "
                          f"{start_step + committed}); the chunk in progress was rolled back"
                          + (f"; last committed loss {kept[-1][1]:.4f}" if kept else ""))
                 if isinstance(e, KeyboardInterrupt) or (interrupt.requested()
@@ -224,7 +253,7 @@ def train(
     last = f"{losses[-1]:.4f}" if losses else "-"
     rate = f"{sum(rates) / len(rates):.0f}" if rates else "-"
     vals = ([val_before] if val_before is not None else []) + [v for _, v in val_history]
-    typer.echo(f"trained model \"{model}\": steps {start_step + 1}..{end} of a {length}-step schedule "
+    typer.echo(f"trained {what}: steps {start_step + 1}..{end} of a {length}-step schedule "
                f"({'new' if schedule == 'new' else 'continued'}, from step {plan['start']}), loss {first} -> {last}"
                + (f", val loss {vals[0]:.4f} -> {vals[-1]:.4f}" if vals else "")
                + f", {rate} tokens/s per step, {elapsed:.1f} s ({plural(commits, 'commit')})")

@@ -9,6 +9,8 @@
  *   - llm_train takes for its transaction, waiting for it (a plain SQL call queues behind a run);
  *   - llm_train_lock(model) takes for the session without waiting: pgllm train calls it first,
  *     so that a second run is refused at once with the first one's pid, instead of queuing.
+ * An adapter has its own lock (LLM_ADAPTER_LOCK_CLASS), taken the same two ways: by llm_train(...,
+ * adapter => ...) and by llm_adapter_train_lock(adapter) (pgllm train --adapter).
  * The holder's own llm_train calls do not conflict with its session lock.
  */
 #include "base/base.h"
@@ -54,15 +56,15 @@ llm_train_lock_adapter_xact(const char *adapter)
 	(void) LockAcquire(&tag, ExclusiveLock, false, false);
 }
 
-/* The pid of the session that holds model's lock, or 0 when it is not known. */
+/* The pid of the session that holds the lock of `name` in `lock_class`, or 0 when it is not known. */
 static int
-train_lock_holder(const char *model)
+train_lock_holder(const char *name, uint32 lock_class)
 {
 	LOCKTAG		tag;
 	int			pid = 0;
 	bool		isnull;
 
-	train_lock_tag(&tag, model, LLM_TRAIN_LOCK_CLASS);
+	train_lock_tag(&tag, name, lock_class);
 	SPI_connect();
 	if (llm_spi_run("looking for the training session",
 					"SELECT pid FROM pg_catalog.pg_locks WHERE locktype = 'advisory' AND granted "
@@ -76,6 +78,27 @@ train_lock_holder(const char *model)
 	return pid;
 }
 
+/* Holds the lock of `name` ("model" or "adapter": `what`) for the session, or fails at once. */
+static void
+train_lock_session(const char *what, const char *name, uint32 lock_class)
+{
+	LOCKTAG		tag;
+	int			pid;
+
+	train_lock_tag(&tag, name, lock_class);
+	if (LockAcquire(&tag, ExclusiveLock, true, true) != LOCKACQUIRE_NOT_AVAIL)
+		return;
+	pid = train_lock_holder(name, lock_class);
+	ereport(ERROR,
+			(errcode(ERRCODE_LOCK_NOT_AVAILABLE),
+			 pid > 0 ? errmsg("%s \"%s\" is being trained by another session (pid %d)", what, name, pid)
+			 : errmsg("%s \"%s\" is being trained by another session", what, name),
+			 errdetail("Two runs at once would share the %s's step counter and learning-rate schedule; "
+					   "this one did nothing.", what),
+			 pid > 0 ? errhint("Wait for that run to finish, or stop it with SELECT pg_cancel_backend(%d).", pid)
+			 : errhint("Wait for that run to finish.")));
+}
+
 /*
  * llm_train_lock(model text) -> void: hold model's training lock until the session ends, or fail
  * at once when another session holds it.
@@ -85,22 +108,25 @@ Datum
 llm_train_lock(PG_FUNCTION_ARGS)
 {
 	char	   *model = text_to_cstring(PG_GETARG_TEXT_PP(0));
-	LOCKTAG		tag;
-	int			pid;
 
 	llm_check_model_name(model);
 	llm_check_may_train(model);
-	train_lock_tag(&tag, model, LLM_TRAIN_LOCK_CLASS);
-	if (LockAcquire(&tag, ExclusiveLock, true, true) != LOCKACQUIRE_NOT_AVAIL)
-		PG_RETURN_VOID();
-	pid = train_lock_holder(model);
-	ereport(ERROR,
-			(errcode(ERRCODE_LOCK_NOT_AVAILABLE),
-			 pid > 0 ? errmsg("model \"%s\" is being trained by another session (pid %d)", model, pid)
-			 : errmsg("model \"%s\" is being trained by another session", model),
-			 errdetail("Two runs at once would share the model's step counter and learning-rate schedule; "
-					   "this one did nothing."),
-			 pid > 0 ? errhint("Wait for that run to finish, or stop it with SELECT pg_cancel_backend(%d).", pid)
-			 : errhint("Wait for that run to finish.")));
+	train_lock_session("model", model, LLM_TRAIN_LOCK_CLASS);
+	PG_RETURN_VOID();
+}
+
+/*
+ * llm_adapter_train_lock(adapter text) -> void: the same for an adapter (pgllm train --adapter),
+ * the lock that llm_train(..., adapter => ...) takes for its transaction.
+ */
+PG_FUNCTION_INFO_V1(llm_adapter_train_lock);
+Datum
+llm_adapter_train_lock(PG_FUNCTION_ARGS)
+{
+	char	   *adapter = text_to_cstring(PG_GETARG_TEXT_PP(0));
+
+	llm_check_model_name(adapter);
+	llm_check_may_train_adapter();
+	train_lock_session("adapter", adapter, LLM_ADAPTER_LOCK_CLASS);
 	PG_RETURN_VOID();
 }
