@@ -140,6 +140,16 @@ llm_alloc_floats(size_t n)
 	return (float *) aligned_alloc(64, bytes == 0 ? 64 : bytes);
 }
 
+Datum
+llm_floats_bytea(bytea *buf, const float *x, size_t n)
+{
+	if (buf == NULL)
+		buf = palloc(VARHDRSZ + n * sizeof(float));
+	SET_VARSIZE(buf, VARHDRSZ + n * sizeof(float));
+	memcpy(VARDATA(buf), x, n * sizeof(float));
+	return PointerGetDatum(buf);
+}
+
 /* ---- SPI ----------------------------------------------------------------------------------- */
 
 static void

@@ -91,6 +91,10 @@ extern Oid	llm_table_oid(const char *name);
 /* malloc'd, 64-byte aligned; NULL when out of memory. */
 extern float *llm_alloc_floats(size_t n);
 
+/* x[0..n) as a bytea value (little-endian float32, the tables' tensors): in buf, which has room
+ * for n floats, or palloc'd when buf is NULL. */
+extern Datum llm_floats_bytea(bytea *buf, const float *x, size_t n);
+
 /*
  * Running statements through SPI (the caller is connected). Each runs one statement and raises
  * an ERROR naming its purpose ("reading llm_train_state") unless SPI returns `expect`

@@ -362,17 +362,6 @@ llm_lora_name_arg(FunctionCallInfo fcinfo, int argno)
 	return text_to_cstring(PG_GETARG_TEXT_PP(argno));
 }
 
-/* x's bytes as a bytea */
-static Datum
-floats_bytea(const float *x, size_t n)
-{
-	bytea	   *b = palloc(VARHDRSZ + n * sizeof(float));
-
-	SET_VARSIZE(b, VARHDRSZ + n * sizeof(float));
-	memcpy(VARDATA(b), x, n * sizeof(float));
-	return PointerGetDatum(b);
-}
-
 /*
  * llm_adapter_create(adapter, model, rank, alpha, dropout, targets, seed): a new adapter of the
  * model, with PEFT's initial values (it changes nothing until trained).
@@ -466,7 +455,7 @@ llm_adapter_create(PG_FUNCTION_ARGS)
 						 (Datum[]) {CStringGetTextDatum(adapter), CStringGetTextDatum(info.name),
 						 PointerGetDatum(construct_array((Datum[]) {Int32GetDatum(info.shape[0]), Int32GetDatum(info.shape[1])},
 														 2, INT4OID, sizeof(int32), true, TYPALIGN_INT)),
-						 floats_bytea(x, info.numel)},
+						 llm_floats_bytea(NULL, x, info.numel)},
 						 false, 0, SPI_OK_INSERT);
 		pfree(x);
 	}

@@ -441,15 +441,6 @@ load_optim_state(Trainer *tr, const LlmModel *model)
 	pfree(rows.seen);
 }
 
-/* x[0..n) as the value of buf, which has room for the largest tensor. */
-static Datum
-fill_bytea(bytea *buf, const float *x, size_t n)
-{
-	SET_VARSIZE(buf, VARHDRSZ + n * sizeof(float));
-	memcpy(VARDATA(buf), x, n * sizeof(float));
-	return PointerGetDatum(buf);
-}
-
 /*
  * Write the parameters into llm_param and the moments into llm_optim_state, one tensor and one
  * value at a time through prepared statements. Each value is copied from its block into one
@@ -501,14 +492,14 @@ persist(Trainer *tr, LlmModel *model)
 		values[1] = model_name;
 		values[2] = CStringGetTextDatum(info.name);
 
-		values[0] = fill_bytea(buf, model->memory + info.offset, info.numel);
+		values[0] = llm_floats_bytea(buf, model->memory + info.offset, info.numel);
 		if (llm_spi_run_plan("writing llm_param", update_param, values, false, 0, SPI_OK_UPDATE) != 1)
 			ereport(ERROR,
 					(errcode(ERRCODE_NO_DATA_FOUND),
 					 errmsg("tensor \"%s\" of model \"%s\" disappeared from llm_param during training",
 							info.name, model->cfg.model)));
 
-		values[0] = fill_bytea(buf, tr->m_memory + info.offset, info.numel);
+		values[0] = llm_floats_bytea(buf, tr->m_memory + info.offset, info.numel);
 		if (llm_spi_run_plan("writing llm_optim_state", update_m, values, false, 0, SPI_OK_UPDATE) == 0)
 		{
 			/* the model's first training call: a new row with both moments */
@@ -517,14 +508,14 @@ persist(Trainer *tr, LlmModel *model)
 			if (buf2 == NULL)
 				buf2 = palloc(VARHDRSZ + largest * sizeof(float));
 			row[0] = values[0];
-			row[1] = fill_bytea(buf2, tr->v_memory + info.offset, info.numel);
+			row[1] = llm_floats_bytea(buf2, tr->v_memory + info.offset, info.numel);
 			row[2] = model_name;
 			row[3] = values[2];
 			llm_spi_run_plan("writing llm_optim_state", insert_optim, row, false, 0, SPI_OK_INSERT);
 		}
 		else
 		{
-			values[0] = fill_bytea(buf, tr->v_memory + info.offset, info.numel);
+			values[0] = llm_floats_bytea(buf, tr->v_memory + info.offset, info.numel);
 			llm_spi_run_plan("writing llm_optim_state", update_v, values, false, 0, SPI_OK_UPDATE);
 		}
 		pfree(DatumGetPointer(values[2]));
@@ -1195,25 +1186,22 @@ adapter_write_back(TrainRun *run)
 	for (int i = 0; i < lora->num_tensors; i++)
 	{
 		LlmTensorInfo info;
-		bytea	   *buf[3];
+		Datum		buf[3];
 		const float *from[3] = {lora->memory, run->lora_m, run->lora_v};
 
 		CHECK_FOR_INTERRUPTS();
 		llm_lora_tensor(lora, i, &info);
 		for (int k = 0; k < 3; k++)
-		{
-			buf[k] = palloc(VARHDRSZ + info.numel * sizeof(float));
-			fill_bytea(buf[k], from[k] + info.offset, info.numel);
-		}
+			buf[k] = llm_floats_bytea(NULL, from[k] + info.offset, info.numel);
 		if (llm_spi_run_plan("writing llm_adapter_param", update,
-							 (Datum[]) {PointerGetDatum(buf[0]), PointerGetDatum(buf[1]), PointerGetDatum(buf[2]),
+							 (Datum[]) {buf[0], buf[1], buf[2],
 							 run->name_datum, CStringGetTextDatum(info.name)}, false, 0, SPI_OK_UPDATE) != 1)
 			ereport(ERROR,
 					(errcode(ERRCODE_NO_DATA_FOUND),
 					 errmsg("tensor \"%s\" of adapter \"%s\" disappeared from llm_adapter_param during training",
 							info.name, lora->name)));
 		for (int k = 0; k < 3; k++)
-			pfree(buf[k]);
+			pfree(DatumGetPointer(buf[k]));
 	}
 	llm_spi_run("writing llm_adapter",
 				psprintf("UPDATE %s SET step = $2, data_pos = $3, base_version = $4, updated_at = now() "
