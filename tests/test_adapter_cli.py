@@ -196,6 +196,33 @@ def test_list_create_drop_and_the_sql_defaults(pgllm, cli, db, conn):
         'Error: adapter "b" already exists (Drop it first (llm_adapter_drop), or choose another name.)'
 
 
+def test_an_rslora_directory_imports_as_plain_lora(pgllm, conn, tmp_path):
+    """PEFT's rsLoRA scales by alpha / sqrt(r): it imports as the adapter of alpha sqrt(r), which
+    computes peft's logits, and exports as that plain LoRA adapter (the same model in PEFT)."""
+    hf = make_hf_model(7, 2, 3, 48, 32, 97)
+    store_hf_model(conn, "tiny", hf)
+    ref = get_peft_model(hf, LoraConfig(r=3, lora_alpha=6, target_modules=["c_attn", "c_proj"], use_rslora=True,
+                                        fan_in_fan_out=True, task_type="CAUSAL_LM"))
+    torch.manual_seed(3)
+    with torch.no_grad():
+        for name, p in ref.named_parameters():
+            if "lora_B" in name:
+                p.copy_(0.05 * torch.randn_like(p))
+    ref.eval().save_pretrained(tmp_path / "rs")
+    out = pgllm("adapter", "import", str(tmp_path / "rs"), "--name", "rs", "--model", "tiny")
+    assert "rank 3, alpha 10.392304 (rsLoRA's alpha 6 / sqrt(rank) as alpha / rank)" in out
+    assert conn.execute("SELECT alpha FROM llm_adapter WHERE adapter = 'rs'").fetchone()[0] == \
+        pytest.approx(6 * 3 ** 0.5, rel=1e-7)
+    tokens = [3, 14, 15, 92, 65, 35]
+    np.testing.assert_allclose(prompt_logits(conn, tokens, "tiny", "rs"), peft_logits(ref, tokens),
+                               atol=LOGITS_ATOL, rtol=0)
+    pgllm("adapter", "export", "rs", "-o", str(tmp_path / "plain"))
+    config = json.loads((tmp_path / "plain" / "adapter_config.json").read_text())
+    assert config["use_rslora"] is False and config["lora_alpha"] == pytest.approx(6 * 3 ** 0.5, rel=1e-7)
+    again = PeftModel.from_pretrained(make_hf_model(7, 2, 3, 48, 32, 97), tmp_path / "plain").eval()
+    np.testing.assert_allclose(peft_logits(again, tokens), peft_logits(ref, tokens), atol=LOGITS_ATOL, rtol=0)
+
+
 def adapter_state(conn, adapter: str):
     """Everything llm_train writes for an adapter."""
     return (conn.execute("SELECT name, data, m, v FROM llm_adapter_param WHERE adapter = %s ORDER BY name",

@@ -13,6 +13,7 @@ fills them from the file, all in one transaction.
 from __future__ import annotations
 
 import json
+import math
 import re
 from pathlib import Path
 
@@ -39,8 +40,9 @@ PEFT_KEY = re.compile(r"base_model\.model\.(?:transformer\.)?(h\.\d+\..+\.lora_[
 # PEFT's defaults (LoraConfig) for the fields a config may leave out.
 PEFT_DEFAULTS = {"r": 8, "lora_alpha": 8, "lora_dropout": 0.0}
 # PEFT's options that change what an adapter computes beyond alpha / r * B A x, or add tensors that
-# pg_llm's adapters have not: each must be off (false, null, empty).
-UNSUPPORTED = ("use_rslora", "use_dora", "lora_bias", "rank_pattern", "alpha_pattern", "modules_to_save",
+# pg_llm's adapters have not: each must be off (false, null, empty). use_rslora is not among them:
+# its scale alpha / sqrt(r) is plain LoRA's with alpha sqrt(r) for alpha (read_peft_config).
+UNSUPPORTED = ("use_dora", "lora_bias", "rank_pattern", "alpha_pattern", "modules_to_save",
                "layer_replication", "target_parameters", "trainable_token_indices", "alora_invocation_tokens",
                "use_qalora")
 
@@ -217,7 +219,8 @@ def target_of(tensor: str) -> str:
 
 
 def read_peft_config(path: Path) -> dict:
-    """adapter_config.json: a LoRA adapter of the kind pg_llm has, with PEFT's defaults filled in."""
+    """adapter_config.json: a LoRA adapter of the kind pg_llm has, with PEFT's defaults filled in (an
+    rsLoRA adapter's alpha becomes plain LoRA's; "rslora_alpha" keeps the file's)."""
     try:
         config = json.loads(path.read_text())
     except OSError as e:
@@ -244,6 +247,10 @@ def read_peft_config(path: Path) -> dict:
     for field in ("lora_alpha", "lora_dropout"):
         if isinstance(config[field], bool) or not isinstance(config[field], (int, float)):
             raise PgllmError(f"{path}: {field} must be a number, not {json.dumps(config[field])}")
+    if config.get("use_rslora") and config["r"] > 0:
+        # rsLoRA scales by alpha / sqrt(r): the same adapter as plain LoRA's alpha' / r
+        config = {**config, "lora_alpha": config["lora_alpha"] * math.sqrt(config["r"]),
+                  "rslora_alpha": config["lora_alpha"]}
     return config
 
 
@@ -313,5 +320,7 @@ def import_(
             pg.execute("UPDATE {llm_adapter_param} SET data = %s WHERE adapter = %s AND name = %s",
                        (np.ascontiguousarray(a, dtype="<f4").tobytes(), name, t))
     params = sum(a.size for a in tensors.values())
+    rslora = (f" (rsLoRA's alpha {number(config['rslora_alpha'])} / sqrt(rank) as alpha / rank)"
+              if "rslora_alpha" in config else "")
     typer.echo(f"imported adapter {name!r} of model {model!r} from {directory}: rank {config['r']}, alpha "
-               f"{number(config['lora_alpha'])}, targets {', '.join(targets)}, {params:,} parameters")
+               f"{number(config['lora_alpha'])}{rslora}, targets {', '.join(targets)}, {params:,} parameters")
