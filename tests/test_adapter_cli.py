@@ -247,6 +247,9 @@ def test_pgllm_train_adapter_in_chunks_equals_one_call(pgllm, cli, db, conn):
     assert "(3 commits)" in out
     out = pgllm(*run, "--steps", "2", "--schedule", "continue")
     assert "steps 6..7 of a 7-step schedule (continued, from step 0)" in out
+    assert pgllm("log", "--adapter", "cli").startswith("cli: 7 steps (1..7), loss ")
+    assert one_error_line(cli("--dsn", db, "log", "--adapter", "sql")) == \
+        'Error: adapter "sql" has no training log (train it with pgllm train --adapter)'
     conn.execute("SELECT llm_train('m', 7, batch_size => 2, warmup => 2, lr_max => 1e-3, total_steps => 7, "
                  "adapter => 'sql')")
     assert adapter_state(conn, "cli") == adapter_state(conn, "sql")

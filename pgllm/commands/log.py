@@ -1,4 +1,5 @@
-"""`pgllm log`: the loss curve from llm_train_log, in the terminal and optionally as a PNG."""
+"""`pgllm log`: the loss curve from llm_train_log (or an adapter's, llm_adapter_train_log), in the terminal and
+optionally as a PNG."""
 
 from __future__ import annotations
 
@@ -65,15 +66,21 @@ def log(
     last: int = typer.Option(None, "--last", min=1, help="Only the last N steps.", show_default="every step"),
     width: int = typer.Option(72, "--width", min=8, help="Chart width in columns."),
     height: int = typer.Option(12, "--height", min=2, help="Chart height in rows."),
+    adapter: str = typer.Option(None, "--adapter", "-a", help="The log of this LoRA adapter's training "
+                                "(llm_adapter_train_log) instead of the model's.", show_default="none: the model's"),
 ) -> None:
-    """Show the loss curves of a model's training (llm_train_log): training loss, and validation loss when logged."""
+    """Show the loss curves of a model's (or an adapter's) training: training loss, and validation loss when logged."""
     if png is not None:
         need("pgllm log --png", "matplotlib")  # before connecting
+    # the adapter's log, or the model's: the same columns
+    table, key, name = ("llm_adapter_train_log", "adapter", adapter) if adapter is not None else \
+        ("llm_train_log", "model", model)
     with db.session(ctx.obj["dsn"]) as pg:
-        rows = pg.execute("SELECT step, loss, lr, grad_norm, tokens_per_s, val_loss FROM {llm_train_log} WHERE model = %s "
-                          "ORDER BY step", (model,)).fetchall()
+        rows = pg.execute(f"SELECT step, loss, lr, grad_norm, tokens_per_s, val_loss FROM {{{table}}} WHERE {key} = %s "
+                          "ORDER BY step", (name,)).fetchall()
     if not rows:
-        raise PgllmError(f'model "{model}" has no training log', hint="train it with pgllm train")
+        raise PgllmError(f'{key} "{name}" has no training log',
+                         hint=f"train it with pgllm train{' --adapter' if adapter is not None else ''}")
     if last is not None:
         rows = rows[-last:]
     steps = [r[0] for r in rows]
@@ -81,7 +88,7 @@ def log(
     lrs = [r[2] for r in rows]
     rates = [r[4] for r in rows if r[4] is not None]
     val = [(r[0], r[5]) for r in rows if r[5] is not None]
-    typer.echo(f"{model}: {len(rows)} steps ({steps[0]}..{steps[-1]}), loss {losses[0]:.4f} -> {losses[-1]:.4f} "
+    typer.echo(f"{name}: {len(rows)} steps ({steps[0]}..{steps[-1]}), loss {losses[0]:.4f} -> {losses[-1]:.4f} "
                f"(min {min(losses):.4f}), lr {lrs[-1]:.2e} now"
                + (f", {sum(rates) / len(rates):.0f} tokens/s on average" if rates else ""))
     for line in chart(steps, losses, width, height):
@@ -92,5 +99,5 @@ def log(
         for line in chart([v[0] for v in val], [v[1] for v in val], width, height):
             typer.echo(line)
     if png is not None:
-        write_png(png, model, steps, losses, lrs, val)
+        write_png(png, name, steps, losses, lrs, val)
         typer.echo(f"wrote {png}")

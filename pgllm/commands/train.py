@@ -91,12 +91,12 @@ def choose_schedule(ctx: typer.Context, what: str, recorded, how: str, start_ste
 
 
 def adapter_base(ctx: typer.Context, pg: db.Pgllm, adapter: str, model: str) -> str:
-    """The base model of `adapter`; --model, when given, must name it."""
+    """The base model of `adapter`; --model, when given on the command line, must name it."""
     row = pg.execute("SELECT model FROM {llm_adapter} WHERE adapter = %s", (adapter,)).fetchone()
     if row is None:
         raise PgllmError(f'adapter "{adapter}" does not exist', hint="pgllm adapter create makes one; pgllm adapter "
                          "list shows those you may read")
-    given = getattr(ctx.get_parameter_source("model"), "name", "DEFAULT") in ("COMMANDLINE", "ENVIRONMENT")
+    given = getattr(ctx.get_parameter_source("model"), "name", "DEFAULT") == "COMMANDLINE"  # not PGLLM_MODEL
     if given and model != row[0]:
         raise PgllmError(f'adapter "{adapter}" belongs to model "{row[0]}", not "{model}"',
                          hint="leave out --model: an adapter trains on its own base")
