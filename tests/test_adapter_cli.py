@@ -66,6 +66,15 @@ def randomize_lora_b(conn, adapter: str, seed: int) -> None:
                      (data.tobytes(), adapter, name))
 
 
+def randomize_peft_b(model, seed: int) -> None:
+    """The peft model's lora_B nonzero, as randomize_lora_b makes ours."""
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.copy_(0.05 * torch.randn_like(p))
+
+
 def peft_logits(model, tokens: list[int]) -> np.ndarray:
     with torch.no_grad():
         return model(input_ids=torch.tensor([tokens])).logits[0, -1].numpy()
@@ -118,11 +127,7 @@ def test_a_directory_peft_saved_imports_exactly(pgllm, cli, db, conn, tmp_path, 
     config = LoraConfig(r=3, lora_alpha=6, target_modules=target_modules, lora_dropout=0.05, fan_in_fan_out=True,
                         task_type="CAUSAL_LM")
     ref = get_peft_model(hf, config)
-    torch.manual_seed(2)
-    with torch.no_grad():
-        for name, p in ref.named_parameters():
-            if "lora_B" in name:
-                p.copy_(0.05 * torch.randn_like(p))
+    randomize_peft_b(ref, seed=2)
     ref.eval().save_pretrained(tmp_path / "saved")
     saved = load_file(tmp_path / "saved" / "adapter_model.safetensors")
 
@@ -203,11 +208,7 @@ def test_an_rslora_directory_imports_as_plain_lora(pgllm, conn, tmp_path):
     store_hf_model(conn, "tiny", hf)
     ref = get_peft_model(hf, LoraConfig(r=3, lora_alpha=6, target_modules=["c_attn", "c_proj"], use_rslora=True,
                                         fan_in_fan_out=True, task_type="CAUSAL_LM"))
-    torch.manual_seed(3)
-    with torch.no_grad():
-        for name, p in ref.named_parameters():
-            if "lora_B" in name:
-                p.copy_(0.05 * torch.randn_like(p))
+    randomize_peft_b(ref, seed=3)
     ref.eval().save_pretrained(tmp_path / "rs")
     out = pgllm("adapter", "import", str(tmp_path / "rs"), "--name", "rs", "--model", "tiny")
     assert "rank 3, alpha 10.392304 (rsLoRA's alpha 6 / sqrt(rank) as alpha / rank)" in out

@@ -162,14 +162,13 @@ def train(
             model = adapter_base(ctx, pg, adapter, model)
         pg.require_model(model, hint="pgllm import or pgllm init creates it")
         what = f'adapter "{adapter}" of model "{model}"' if adapter is not None else f'model "{model}"'
+        # what is trained: its training lock, and the table with its step counter and schedule
+        lock, state, key, name = (("llm_adapter_train_lock", "llm_adapter", "adapter", adapter) if adapter is not None
+                                  else ("llm_train_lock", "llm_train_state", "model", model))
         # one run per model (or adapter): this session keeps its training lock until it ends, and a
         # second run fails here (the other run's pid in the error) instead of sharing the schedule
-        if adapter is not None:
-            pg.execute("SELECT {llm_adapter_train_lock}(%s)", (adapter,))
-            row = pg.execute("SELECT step, schedule FROM {llm_adapter} WHERE adapter = %s", (adapter,)).fetchone()
-        else:
-            pg.execute("SELECT {llm_train_lock}(%s)", (model,))
-            row = pg.execute("SELECT step, schedule FROM {llm_train_state} WHERE model = %s", (model,)).fetchone()
+        pg.execute(f"SELECT {{{lock}}}(%s)", (name,))
+        row = pg.execute(f"SELECT step, schedule FROM {{{state}}} WHERE {key} = %s", (name,)).fetchone()
         start_step, recorded = row if row else (0, None)
         plan = choose_schedule(ctx, what, recorded, schedule, start_step, steps, lr_max, lr_min, warmup, total_steps)
         conn.commit()
@@ -226,12 +225,8 @@ def train(
                         (model, n, beta1, beta2, eps, wd, plan["lr_max"], plan["warmup"], batch_size, grad_accum,
                          grad_clip, plan["lr_min"], plan["total_steps"], dropout, seed, dataset, eval_dataset,
                          eval_every, eval_rows, plan["start"], adapter))
-                    if adapter is not None:
-                        pg.execute("UPDATE {llm_adapter} SET schedule = %s::jsonb WHERE adapter = %s",
-                                   (json.dumps(plan), adapter))
-                    else:
-                        pg.execute("UPDATE {llm_train_state} SET schedule = %s::jsonb WHERE model = %s",
-                                   (json.dumps(plan), model))
+                    pg.execute(f"UPDATE {{{state}}} SET schedule = %s::jsonb WHERE {key} = %s",
+                               (json.dumps(plan), name))
                     conn.commit()
                     committed += n
                     commits += 1
