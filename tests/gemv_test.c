@@ -4,7 +4,7 @@
  * parallel.o). Prints one line per level and "ok"; exits 1 at the first failure, saying where.
  *
  * What is checked, on odd shapes (IC, OC not multiples of 32 nor of the vector width) and
- * R = 1, 3, 8, 17, 64, 200:
+ * R = 1, 2, 3, 8, 17, 64, 200:
  *  - the packed weights read back (llm_weights_column): float32 exactly, bfloat16 exactly the
  *    round-to-nearest-even of the weights, int8 within half a block scale of them, the scale at
  *    most 2^-10 above max|w| / 127 of its block (normal range: fp16 rounded up); int4 as d * q,
@@ -159,7 +159,7 @@ check_q4_block(const float *w, const float *col, bool head, size_t IC, size_t OC
 static void
 check_shape(size_t IC, size_t OC, bool head)
 {
-	static const size_t Rs[] = {1, 3, 8, 17, 64, 200};	/* 200: more than a block of rows */
+	static const size_t Rs[] = {1, 2, 3, 8, 17, 64, 200};	/* 200: more than a block of rows */
 	size_t		Rmax = 200;
 	float	   *w = alloc(IC * OC * 4),
 			   *x = alloc(Rmax * IC * 4),

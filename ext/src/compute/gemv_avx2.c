@@ -6,9 +6,10 @@
  * compile-time constants, whose accumulators stay in registers (AVX2 has 16 of them): a tile
  * loads each weight once and multiplies it into all its rows.
  *   float32, bfloat16: one float32 accumulator per (row, column) for the whole pass over IC.
- *     One row takes the whole panel (1 x 4: each 128-byte row of weights read once, in order: what
- *     decode wants); more rows take half a panel, 6 x 2 (the 6x16 tile of BLIS's Haswell sgemm):
- *     12 accumulators, 2 loads of weights and 6 broadcasts per 12 fused multiply-adds.
+ *     One or two rows take the whole panel (1 x 4 or 2 x 4: each 128-byte row of weights read
+ *     once, in order: what decode wants); more rows take half a panel, 6 x 2 (the 6x16 tile of
+ *     BLIS's Haswell sgemm): 12 accumulators, 2 loads of weights and 6 broadcasts per 12 fused
+ *     multiply-adds.
  *     bfloat16 weights become float32 by a shift or a mask of each 32-bit pair: in registers for
  *     one row, into a buffer a chunk of inputs at a time for more (see bf16_avx2).
  *   int8, int4: the activations come quantised per block of 32 (gemv.c), the weights stay bytes:
@@ -157,8 +158,18 @@ f32_avx2(const Gemv *g, const uint8_t *panel, size_t r0, int nr, float (*acc)[NR
 {
 	const float *w = (const float *) panel;
 
+	/*
+	 * One or two rows stream the panel in order, which the hardware prefetcher follows at the
+	 * memory's speed; f32_rows's passes over half-rows need the software prefetches, which are
+	 * slower while there is too little arithmetic to hide them. Two rows (bench/kernels.c
+	 * --rows 1,2 --level avx2, 2 threads, 5 interleaved rounds, Zen 3): 1.15x one row's step
+	 * through f32_rows, 1.07x so; one thread 28.6-30.8 -> 24.3-24.9 ms. Three rows as 3 x 4
+	 * need all 16 registers for accumulators and weights: the compiler spills them.
+	 */
 	if (nr == 1)
 		f32_tile(g, w, 0, g->IC, r0, acc, 0, true, (Prefetch) {0}, 1, 4);
+	else if (nr == 2)
+		f32_tile(g, w, 0, g->IC, r0, acc, 0, true, (Prefetch) {0}, 2, 4);
 	else
 		for (size_t i0 = 0; i0 < g->IC; i0 += CHUNK)
 			/* the next chunk: past the panel's end, the next panel's first (panels are contiguous) */
