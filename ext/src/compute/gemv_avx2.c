@@ -6,7 +6,7 @@
  * compile-time constants, whose accumulators stay in registers (AVX2 has 16 of them): a tile
  * loads each weight once and multiplies it into all its rows.
  *   float32, bfloat16: one float32 accumulator per (row, column) for the whole pass over IC.
- *     One or two rows take the whole panel (1 x 4 or 2 x 4: each 128-byte row of weights read
+ *     One to three rows take the whole panel (1, 2 or 3 x 4: each 128-byte row of weights read
  *     once, in order: what decode wants); more rows take half a panel, 6 x 2 (the 6x16 tile of
  *     BLIS's Haswell sgemm): 12 accumulators, 2 loads of weights and 6 broadcasts per 12 fused
  *     multiply-adds.
@@ -153,23 +153,66 @@ f32_rows(const Gemv *g, const float *w, size_t i0, size_t n, size_t r0, int nr, 
 	}
 }
 
+/*
+ * Three rows x 4 vectors over the whole panel: the rows' inputs are broadcast first, then each
+ * weight vector is loaded once into the one register left (12 accumulators + 3 + 1 = AVX2's 16).
+ * Named variables, not arrays: with arrays GCC stores every accumulator to the stack each input.
+ */
+static T_AVX2 __attribute__((noinline)) void
+f32_three(const Gemv *g, const float *w, size_t r0, float (*acc)[NR])
+{
+	const float *x = g->inp + r0 * g->IC;
+	size_t		IC = g->IC;
+	__m256		z = _mm256_setzero_ps(),
+				a00 = z, a01 = z, a02 = z, a03 = z,
+				a10 = z, a11 = z, a12 = z, a13 = z,
+				a20 = z, a21 = z, a22 = z, a23 = z;
+
+	for (size_t i = 0; i < IC; i++)
+	{
+		const float *wi = w + i * NR;
+		__m256		x0 = _mm256_broadcast_ss(x + i),
+					x1 = _mm256_broadcast_ss(x + IC + i),
+					x2 = _mm256_broadcast_ss(x + 2 * IC + i),
+					wv;
+
+#define COLUMNS(v) \
+		wv = _mm256_load_ps(wi + 8 * v); \
+		a0##v = _mm256_fmadd_ps(wv, x0, a0##v); \
+		a1##v = _mm256_fmadd_ps(wv, x1, a1##v); \
+		a2##v = _mm256_fmadd_ps(wv, x2, a2##v)
+		COLUMNS(0);
+		COLUMNS(1);
+		COLUMNS(2);
+		COLUMNS(3);
+#undef COLUMNS
+	}
+#define STORE(r, v) _mm256_store_ps(acc[r] + 8 * v, a##r##v)
+	STORE(0, 0); STORE(0, 1); STORE(0, 2); STORE(0, 3);
+	STORE(1, 0); STORE(1, 1); STORE(1, 2); STORE(1, 3);
+	STORE(2, 0); STORE(2, 1); STORE(2, 2); STORE(2, 3);
+#undef STORE
+}
+
 static T_AVX2 void
 f32_avx2(const Gemv *g, const uint8_t *panel, size_t r0, int nr, float (*acc)[NR])
 {
 	const float *w = (const float *) panel;
 
 	/*
-	 * One or two rows stream the panel in order, which the hardware prefetcher follows at the
+	 * Up to three rows stream the panel in order, which the hardware prefetcher follows at the
 	 * memory's speed; f32_rows's passes over half-rows need the software prefetches, which are
-	 * slower while there is too little arithmetic to hide them. Two rows (bench/kernels.c
-	 * --rows 1,2 --level avx2, 2 threads, 5 interleaved rounds, Zen 3): 1.15x one row's step
-	 * through f32_rows, 1.07x so; one thread 28.6-30.8 -> 24.3-24.9 ms. Three rows as 3 x 4
-	 * need all 16 registers for accumulators and weights: the compiler spills them.
+	 * slower while there is too little arithmetic to hide them. bench/kernels.c --level avx2,
+	 * Zen 3, interleaved rounds, through f32_rows -> so: two rows 1.15x -> 1.07x one row's step
+	 * (2 threads), one thread 28.6-30.8 -> 24.3-24.9 ms; three rows, one thread 29.0-31.6 ->
+	 * 25.5-27.0 ms. Four rows gained nothing this way (3 x 4, then the fourth row from cache).
 	 */
 	if (nr == 1)
 		f32_tile(g, w, 0, g->IC, r0, acc, 0, true, (Prefetch) {0}, 1, 4);
 	else if (nr == 2)
 		f32_tile(g, w, 0, g->IC, r0, acc, 0, true, (Prefetch) {0}, 2, 4);
+	else if (nr == 3)
+		f32_three(g, w, r0, acc);
 	else
 		for (size_t i0 = 0; i0 < g->IC; i0 += CHUNK)
 			/* the next chunk: past the panel's end, the next panel's first (panels are contiguous) */
