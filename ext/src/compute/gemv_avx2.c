@@ -11,7 +11,7 @@
  *     BLIS's Haswell sgemm): 12 accumulators, 2 loads of weights and 6 broadcasts per 12 fused
  *     multiply-adds.
  *     bfloat16 weights become float32 by a shift or a mask of each 32-bit pair: in registers for
- *     one row, into a buffer a chunk of inputs at a time for more (see bf16_avx2).
+ *     one or two rows, into a buffer a chunk of inputs at a time for more (see bf16_avx2).
  *   int8, int4: the activations come quantised per block of 32 (gemv.c), the weights stay bytes:
  *     vpmaddubsw multiplies unsigned by signed bytes into pairs of int16, vpmaddwd adds the pairs
  *     into int32. int8 weights are stored q + 128 (the operand of vpdpbusd), so the product
@@ -220,34 +220,47 @@ f32_avx2(const Gemv *g, const uint8_t *panel, size_t r0, int nr, float (*acc)[NR
 					 (const char *) (w + (i0 + CHUNK) * NR), CHUNK * NR * sizeof(float));
 }
 
-/* One row: bfloat16 pairs of inputs (2k, 2k+1) per 32-bit word, lo = word << 16, hi = word & 0xFFFF0000. */
+/*
+ * One or two rows: bfloat16 pairs of inputs (2k, 2k+1) per 32-bit word, lo = word << 16,
+ * hi = word & 0xFFFF0000, converted in registers while the panel streams in order (as f32_avx2's
+ * one to three rows).
+ */
 INLINE T_AVX2 void
-bf16_row(const Gemv *g, const uint32_t *w, size_t r0, float (*acc)[NR])
+bf16_tile(const Gemv *g, const uint32_t *w, size_t r0, float (*acc)[NR], const int rows)
 {
 	const float *x = g->inp + r0 * g->IC;
 	size_t		IC = g->IC;
 	const __m256i hi_mask = _mm256_set1_epi32((int) 0xFFFF0000u);
-	__m256		a[4];
+	__m256		a[2][4];
 
-	for (int v = 0; v < 4; v++)
-		a[v] = _mm256_setzero_ps();
+	for (int r = 0; r < rows; r++)
+		for (int v = 0; v < 4; v++)
+			a[r][v] = _mm256_setzero_ps();
 	for (size_t i = 0; i < IC; i += 2)
 		for (int v = 0; v < 4; v++)
 		{
 			__m256i		u = _mm256_load_si256((const __m256i *) (w + (i / 2) * NR + 8 * v));
+			__m256		lo = _mm256_castsi256_ps(_mm256_slli_epi32(u, 16)),
+						hi = _mm256_castsi256_ps(_mm256_and_si256(u, hi_mask));
 
-			a[v] = _mm256_fmadd_ps(_mm256_castsi256_ps(_mm256_slli_epi32(u, 16)), _mm256_broadcast_ss(x + i), a[v]);
-			if (i + 1 < IC)
-				a[v] = _mm256_fmadd_ps(_mm256_castsi256_ps(_mm256_and_si256(u, hi_mask)),
-									   _mm256_broadcast_ss(x + i + 1), a[v]);
+			for (int r = 0; r < rows; r++)
+			{
+				a[r][v] = _mm256_fmadd_ps(lo, _mm256_broadcast_ss(x + r * IC + i), a[r][v]);
+				if (i + 1 < IC)
+					a[r][v] = _mm256_fmadd_ps(hi, _mm256_broadcast_ss(x + r * IC + i + 1), a[r][v]);
+			}
 		}
-	for (int v = 0; v < 4; v++)
-		_mm256_store_ps(acc[0] + 8 * v, a[v]);
+	for (int r = 0; r < rows; r++)
+		for (int v = 0; v < 4; v++)
+			_mm256_store_ps(acc[r] + 8 * v, a[r][v]);
 }
 
 /*
- * Several rows: the panel's bfloat16 weights become float32 a chunk of inputs at a time, which
- * runs through f32_rows (the same fused multiply-adds in the same order as bf16_row: bitwise equal).
+ * One or two rows: bf16_tile, converting in registers while the panel streams (two rows through
+ * f32_rows took 1.05-1.85x one row's step, now 1.0-1.1x; one thread 17.6 -> 14.1 ms; bench/kernels.c
+ * --formats bf16 --rows 1,2 --level avx2, four interleaved rounds, Zen 3).
+ * More rows: the panel's bfloat16 weights become float32 a chunk of inputs at a time, which
+ * runs through f32_rows (the same fused multiply-adds in the same order as bf16_tile: bitwise equal).
  * Converting in registers instead costs a shift and a mask per 8 weights for each group of rows,
  * and a 6 x 2 tile then needs more registers than AVX2 has.
  * The conversion reads the chunk that f32_rows prefetched while it ran on the one before
@@ -262,9 +275,12 @@ bf16_avx2(const Gemv *g, const uint8_t *panel, size_t r0, int nr, float (*acc)[N
 	const __m256i hi_mask = _mm256_set1_epi32((int) 0xFFFF0000u);
 	float		buf[CHUNK * NR] __attribute__((aligned(64)));
 
-	if (nr == 1)
+	if (nr <= 2)
 	{
-		bf16_row(g, w, r0, acc);
+		if (nr == 1)
+			bf16_tile(g, w, r0, acc, 1);
+		else
+			bf16_tile(g, w, r0, acc, 2);
 		return;
 	}
 	for (size_t i0 = 0; i0 < g->IC; i0 += CHUNK)
