@@ -203,9 +203,10 @@ f32_avx2(const Gemv *g, const uint8_t *panel, size_t r0, int nr, float (*acc)[NR
 	 * Up to three rows stream the panel in order, which the hardware prefetcher follows at the
 	 * memory's speed; f32_rows's passes over half-rows need the software prefetches, which are
 	 * slower while there is too little arithmetic to hide them. bench/kernels.c --level avx2,
-	 * Zen 3, interleaved rounds, through f32_rows -> so: two rows 1.15x -> 1.07x one row's step
-	 * (2 threads), one thread 28.6-30.8 -> 24.3-24.9 ms; three rows, one thread 29.0-31.6 ->
-	 * 25.5-27.0 ms. Four rows gained nothing this way (3 x 4, then the fourth row from cache).
+	 * Zen 3, one thread, interleaved rounds, step over one row's through f32_rows -> so: two rows
+	 * 1.20-1.23x -> 1.05-1.10x, three rows 1.27-1.29x -> 1.12-1.17x (with two threads sharing the
+	 * memory, within the noise). Four rows gained nothing this way (3 x 4, then the fourth row
+	 * from cache).
 	 */
 	if (nr == 1)
 		f32_tile(g, w, 0, g->IC, r0, acc, 0, true, (Prefetch) {0}, 1, 4);
@@ -257,8 +258,8 @@ bf16_tile(const Gemv *g, const uint32_t *w, size_t r0, float (*acc)[NR], const i
 
 /*
  * One or two rows: bf16_tile, converting in registers while the panel streams (two rows through
- * f32_rows took 1.05-1.85x one row's step, now 1.0-1.1x; one thread 17.6 -> 14.1 ms; bench/kernels.c
- * --formats bf16 --rows 1,2 --level avx2, four interleaved rounds, Zen 3).
+ * f32_rows took 1.30-1.37x one row's step on one thread, now 1.06-1.10x; two threads 1.13-1.37x ->
+ * 0.99-1.21x; bench/kernels.c --formats bf16 --rows 1,2 --level avx2, interleaved rounds, Zen 3).
  * More rows: the panel's bfloat16 weights become float32 a chunk of inputs at a time, which
  * runs through f32_rows (the same fused multiply-adds in the same order as bf16_tile: bitwise equal).
  * Converting in registers instead costs a shift and a mask per 8 weights for each group of rows,
