@@ -201,7 +201,7 @@ extern void crossentropy_softmax_forward_backward(float *losses, float *logits, 
  * lora_forward: out (R, OC) += scale * (x @ A^T) @ B^T, h (R, rank) scratch; by sgemm (training).
  * lora_backward: given dout (R, OC), dB (+)= scale * dout^T @ h and dA (+)= dh^T @ x with
  * h = x @ A^T (recomputed) and dh = scale * dout @ B (scratch, R x rank each); dx (R, IC) = dh @ A,
- * or += with dx_add.
+ * or += with dx_add; none when dx is NULL.
  * lora_forward_rows: the forward row by row on the pool's threads (inference, evaluation): a row's
  * result is the same whatever the other rows are and however many threads there are.
  */

@@ -35,9 +35,10 @@ lora_backward(float *dx, bool dx_add, float *dA, float *dB, float *h, float *dh,
 	/* dA (rank, IC) (+)= dh^T @ x */
 	llm_cblas_sgemm(LlmCblasRowMajor, LlmCblasTrans, LlmCblasNoTrans, rank, IC, R, 1.0f, dh, rank, x, IC,
 					beta, dA, IC);
-	/* dx (R, IC) (+)= dh @ A */
-	llm_cblas_sgemm(LlmCblasRowMajor, LlmCblasNoTrans, LlmCblasNoTrans, R, IC, rank, 1.0f, dh, rank, A, IC,
-					dx_add ? 1.0f : 0.0f, dx, IC);
+	/* dx (R, IC) (+)= dh @ A, unless no gradient is wanted there (dx NULL) */
+	if (dx != NULL)
+		llm_cblas_sgemm(LlmCblasRowMajor, LlmCblasNoTrans, LlmCblasNoTrans, R, IC, rank, 1.0f, dh, rank, A, IC,
+						dx_add ? 1.0f : 0.0f, dx, IC);
 }
 
 #define OUT_BLOCK 8

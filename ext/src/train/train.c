@@ -543,7 +543,7 @@ typedef struct StepShape
 /*
  * The adapter's part of the backward pass of layer l's product of this kind, whose input was inp
  * (BT, IC) and whose output's gradient is dout (BT, OC): its A and B gradients (written, or added
- * when accumulate), and dinp (BT, IC) += the gradient through the adapter.
+ * when accumulate), and dinp (BT, IC) += the gradient through the adapter (none when dinp is NULL).
  */
 static void
 adapter_backward(Trainer *tr, const LlmFullPass *pass, LlmParamKind kind, int l, float *dinp, const float *dout,
@@ -571,8 +571,11 @@ adapter_backward(Trainer *tr, const LlmFullPass *pass, LlmParamKind kind, int l,
 	/* the input as the forward pass dropped it; the gradient through the same mask */
 	memcpy(a->lora_x, inp, (size_t) BT * IC * sizeof(float));
 	dropout_forward(a->lora_x, (size_t) BT * IC, lora->dropout, llm_full_pass_lora_key(pass, l, kind));
-	lora_backward(a->lora_dx, false, dA, dB, a->lora_h, a->lora_dh, dout, a->lora_x, llm_lora_a(lora, kind, l),
-				  llm_lora_b(lora, kind, l), BT, IC, OC, lora->rank, lora->scale, accumulate);
+	lora_backward(dinp != NULL ? a->lora_dx : NULL, false, dA, dB, a->lora_h, a->lora_dh, dout, a->lora_x,
+				  llm_lora_a(lora, kind, l), llm_lora_b(lora, kind, l), BT, IC, OC, lora->rank, lora->scale,
+				  accumulate);
+	if (dinp == NULL)
+		return;
 	dropout_forward(a->lora_dx, (size_t) BT * IC, lora->dropout, llm_full_pass_lora_key(pass, l, kind));
 	residual_forward(dinp, dinp, a->lora_dx, (size_t) BT * IC);
 }
@@ -643,6 +646,7 @@ forward_backward(Trainer *tr, const LlmModel *model, const StepShape *s, float d
 	{
 		const float *residual = l == 0 ? a->encoded : a->residual3 + (l - 1) * BTC;
 		const float *dproj = a->dresidual;
+		float	   *dln1;
 
 		CHECK_FOR_INTERRUPTS();
 		/* the MLP: residual3 = residual2 + dropout(fch_gelu @ fcprojw + b) */
@@ -676,11 +680,14 @@ forward_backward(Trainer *tr, const LlmModel *model, const StepShape *s, float d
 		adapter_backward(tr, &pass, LLM_ATTPROJW, l, a->dbtc, dproj, a->atty + l * BTC, BT, accumulate);
 		attention_backward(a->dqkv, a->attscratch, a->dbtc, a->qkv + l * 3 * BTC,
 						   a->att + (size_t) l * B * NH * T * T, B, T, C, NH, pd, llm_full_pass_key(&pass, l, 0));
-		matmul_backward(a->dbtc, GRAD(g->qkvw + l * C * C3), GRAD(g->qkvb + l * C3), a->dqkv,
+		/* frozen, the first layer's input wants no gradient: below it are only the embeddings */
+		dln1 = frozen && l == 0 ? NULL : a->dbtc;
+		matmul_backward(dln1, GRAD(g->qkvw + l * C * C3), GRAD(g->qkvb + l * C3), a->dqkv,
 						a->ln1 + l * BTC, p->qkvw + l * C * C3, BT, C, 3 * C, accumulate);
-		adapter_backward(tr, &pass, LLM_QKVW, l, a->dbtc, a->dqkv, a->ln1 + l * BTC, BT, accumulate);
-		layernorm_backward(a->dresidual, GRAD(g->ln1w + l * C), GRAD(g->ln1b + l * C), a->dbtc, residual,
-						   p->ln1w + l * C, a->ln1_mean + l * BT, a->ln1_rstd + l * BT, BT, C, accumulate);
+		adapter_backward(tr, &pass, LLM_QKVW, l, dln1, a->dqkv, a->ln1 + l * BTC, BT, accumulate);
+		if (dln1 != NULL)
+			layernorm_backward(a->dresidual, GRAD(g->ln1w + l * C), GRAD(g->ln1b + l * C), a->dbtc, residual,
+							   p->ln1w + l * C, a->ln1_mean + l * BT, a->ln1_rstd + l * BT, BT, C, accumulate);
 	}
 #undef GRAD
 	if (frozen)
