@@ -2,7 +2,7 @@
  * kernels.c: one GPT-2-small decode step's worth of matrix-vector products with the decode
  * kernels of ext/src/compute/gemv.c (built and driven by bench/kernels.py; usable alone):
  *
- *   kernels [--threads 2] [--formats f32,bf16,q8,q4,sgemm] [--rows 1,4,8,16] [--level NAME]
+ *   kernels [--threads 2] [--formats f32,bf16,q8,q4,q6,sgemm] [--rows 1,4,8,16] [--level NAME]
  *           [--pages huge|4k|file] [--seconds 2] [--layers 12 --d-model 768 --vocab 50257]
  *
  * A step is, per layer, the four linear layers (C x 3C, C x C, C x 4C, 4C x C, with bias, the two
@@ -320,7 +320,7 @@ main(int argc, char **argv)
 				nr;
 	size_t		Rmax = 1;
 	Buffers		b;
-	static const char *const fmt_names[] = {"f32", "bf16", "q8", "q4"};
+	static const char *const fmt_names[] = {"f32", "bf16", "q8", "q4", "q6"};
 
 	llm_compute_set_thread_source(thread_count);
 
@@ -403,6 +403,8 @@ main(int argc, char **argv)
 			fmt = LLM_WEIGHTS_Q8;
 		else if (!strcmp(fl[f], "q4"))
 			fmt = LLM_WEIGHTS_Q4;
+		else if (!strcmp(fl[f], "q6"))
+			fmt = LLM_WEIGHTS_Q6;
 		else
 		{
 			fprintf(stderr, "unknown format %s\n", fl[f]);

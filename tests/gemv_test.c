@@ -7,20 +7,20 @@
  * R = 1, 2, 3, 8, 17, 64, 200:
  *  - the packed weights read back (llm_weights_column): float32 exactly, bfloat16 exactly the
  *    round-to-nearest-even of the weights, int8 within half a block scale of them, the scale at
- *    most 2^-10 above max|w| / 127 of its block (normal range: fp16 rounded up); int4 as d * q,
- *    q an integer in [-8, 7], each block's squared error at most that of llama.cpp's Q4_0 scale
- *    (fp16 of the signed max|w| / -8);
+ *    most 2^-10 above max|w| / 127 of its block (normal range: fp16 rounded up); int4 (6-bit) as
+ *    d * q, q an integer in [-8, 7] ([-32, 31]), each block's squared error at most that of the
+ *    scale fp16(m / -8) (m / -32), m the block's weight of largest magnitude (llama.cpp's Q4_0);
  *  - llm_gemv against a double-precision reference over those read-back weights, with the
  *    activations as the level's kernel takes them (llm_gemv_input: float32, bf16-rounded, or
  *    quantised per block of 32): |error| <= 1e-5 * sum |x w| (+ bias, + out);
  *  - against the exact float32 product: the reduced formats within the bound their rounding
  *    allows (bf16, unit roundoff 2^-8 per rounded operand: 2^-8 sum |x w| for the weights alone,
  *    (2^-7 + 2^-16) sum |x w| with rounded activations; int8, int4: sum of |x| ew + |w| dx/2 +
- *    ew dx/2, ew the weight's own rounding error (at most dw/2 for int8));
+ *    ew dx/2, ew the weight's own rounding error (at most dw/2 for int8); int4 and 6-bit alike);
  *  - bias, accumulate, a head packed from wte (V, C), rows independent of R (each row alone
  *    gives bitwise the same result) and of the thread count (1, 2, 3 threads: bitwise equal);
  *  - a level that takes a format's activations in the same form as the portable level gives
- *    bitwise the portable level's results (int8 and int4: exact integer sums per block).
+ *    bitwise the portable level's results (int8, int4, 6-bit: exact integer sums per block).
  */
 #include "compute/compute.h"
 
@@ -41,7 +41,7 @@ thread_count(void)
 #define FAIL(...) do { fprintf(stderr, "FAIL %s %s IC=%zu OC=%zu R=%zu: ", llm_simd_name(llm_simd_level()), \
 	fmt_name[fmt], IC, OC, R); fprintf(stderr, __VA_ARGS__); fprintf(stderr, "\n"); exit(1); } while (0)
 
-static const char *const fmt_name[] = {"f32", "bf16", "q8", "q4"};
+static const char *const fmt_name[] = {"f32", "bf16", "q8", "q4", "q6"};
 
 static uint64_t rng = 88172645463325252ULL;
 
@@ -116,30 +116,31 @@ quantise(float *xq, float *dx, const float *x, size_t IC)
 }
 
 /*
- * An int4 column block read back (col: the column's IC values): at most 16 distinct values, and a
- * squared error at most that of llama.cpp's Q4_0 scale, fp16(m / -8), m the weight of largest
- * magnitude (q = round(w / d) within [-8, 7]).
+ * An int4 (half = 8) or 6-bit (half = 32) column block read back (col: the column's IC values): at
+ * most 2 half distinct values, and a squared error at most that of the scale fp16(m / -half), m the
+ * weight of largest magnitude (q = round(w / d) within [-half, half - 1]; llama.cpp's Q4_0 for int4).
  */
 static void
-check_q4_block(const float *w, const float *col, bool head, size_t IC, size_t OC, size_t o, size_t b, size_t n, float m)
+check_low_bits_block(LlmWeightFormat fmt, const float *w, const float *col, bool head, size_t IC, size_t OC,
+					 size_t o, size_t b, size_t n, float m)
 {
-	LlmWeightFormat fmt = LLM_WEIGHTS_Q4;
 	size_t		R = 0;
+	int			half = fmt == LLM_WEIGHTS_Q4 ? 8 : 32;
 	double		err = 0.0,
 				err0 = 0.0,
 				values = 0.0;
-	float		d0 = fp16(m / -8.0f);
+	float		d0 = fp16(m / (float) -half);
 
 	for (size_t k = 0; k < n; k++)
 	{
 		float		src = head ? w[o * IC + b + k] : w[(b + k) * OC + o];
-		float		q0 = d0 != 0.0f ? fminf(fmaxf(nearbyintf(src / d0), -8.0f), 7.0f) : 0.0f;
+		float		q0 = d0 != 0.0f ? fminf(fmaxf(nearbyintf(src / d0), (float) -half), (float) (half - 1)) : 0.0f;
 
 		err += ((double) col[b + k] - src) * ((double) col[b + k] - src);
 		err0 += ((double) d0 * q0 - src) * ((double) d0 * q0 - src);
 	}
 	if (!(err <= err0 * (1.0 + 1e-6) + 1e-30))
-		FAIL("column %zu block %zu: squared error %g, Q4_0's %g", o, b / 32, err, err0);
+		FAIL("column %zu block %zu: squared error %g, the max's scale %g", o, b / 32, err, err0);
 	for (size_t k = 0; k < n; k++)
 	{
 		size_t		distinct = 0;
@@ -148,8 +149,8 @@ check_q4_block(const float *w, const float *col, bool head, size_t IC, size_t OC
 			distinct += col[b + j] == col[b + k];
 		values += 1.0 / (double) distinct;	/* each value counted once in all */
 	}
-	if (!(values <= 16.0 + 1e-9))
-		FAIL("column %zu block %zu: %.0f values, more than 4 bits hold", o, b / 32, values);
+	if (!(values <= 2.0 * half + 1e-9))
+		FAIL("column %zu block %zu: %.0f values, more than its bits hold", o, b / 32, values);
 }
 
 /*
@@ -183,7 +184,7 @@ check_shape(size_t IC, size_t OC, bool head)
 	for (size_t k = 0; k < Rmax * OC; k++)
 		prev[k] = uniform();
 
-	for (LlmWeightFormat fmt = LLM_WEIGHTS_F32; fmt <= LLM_WEIGHTS_Q4; fmt++)
+	for (LlmWeightFormat fmt = LLM_WEIGHTS_F32; fmt <= LLM_WEIGHTS_Q6; fmt++)
 	{
 		size_t		R = 0;
 		size_t		bytes = llm_weights_packed_size(fmt, IC, OC);
@@ -196,7 +197,7 @@ check_shape(size_t IC, size_t OC, bool head)
 
 		llm_simd_set_level(LLM_SIMD_PORTABLE);
 		same_as_portable = level != LLM_SIMD_PORTABLE && llm_gemv_input(fmt) == input &&
-			(fmt == LLM_WEIGHTS_Q8 || fmt == LLM_WEIGHTS_Q4);
+			(fmt == LLM_WEIGHTS_Q8 || fmt == LLM_WEIGHTS_Q4 || fmt == LLM_WEIGHTS_Q6);
 		llm_simd_set_level(level);
 
 		memset(packed, 0xA5, bytes);	/* padding must be written, not left over */
@@ -222,8 +223,8 @@ check_shape(size_t IC, size_t OC, bool head)
 					if (fabsf(v) > amax)
 						amax = fabsf(v), m = v;
 				}
-				if (fmt == LLM_WEIGHTS_Q4)
-					check_q4_block(w, col, head, IC, OC, o, b, n, m);
+				if (fmt == LLM_WEIGHTS_Q4 || fmt == LLM_WEIGHTS_Q6)
+					check_low_bits_block(fmt, w, col, head, IC, OC, o, b, n, m);
 				for (size_t k = 0; k < n; k++)
 				{
 					size_t		i = b + k;
@@ -245,7 +246,7 @@ check_shape(size_t IC, size_t OC, bool head)
 						if (!(fabsf(got - src) <= d / 2 * (1.0f + 1e-6f)))
 							FAIL("column %zu input %zu: %g, from %g (block max %g)", o, i, got, src, amax);
 					}
-					if (fmt == LLM_WEIGHTS_Q4)
+					if (fmt == LLM_WEIGHTS_Q4 || fmt == LLM_WEIGHTS_Q6)
 						dw[i * OC + o] = fabsf(got - src);
 				}
 			}
@@ -299,9 +300,9 @@ check_shape(size_t IC, size_t OC, bool head)
 							exact += (double) xr[i] * ws;
 							scale += fabs((double) xr[i] * ws);
 							bound += fabs(xr[i]) * dw[i * OC + o] + fabs(ws) * dx[i] / 2 + dw[i * OC + o] * dx[i] / 2;
-							/* int4's ew is the rounding error itself, not half a step: the read-back
-							 * weight may be off by up to ew as the activation's step is */
-							if (fmt == LLM_WEIGHTS_Q4)
+							/* int4's (6-bit's) ew is the rounding error itself, not half a step: the
+							 * read-back weight may be off by up to ew as the activation's step is */
+							if (fmt == LLM_WEIGHTS_Q4 || fmt == LLM_WEIGHTS_Q6)
 								bound += dw[i * OC + o] * dx[i] / 2;
 						}
 						ref += add;

@@ -19,7 +19,13 @@
  *         16..31 in the high nibbles of the same bytes, so that a mask, or a shift and a mask,
  *         gives Q8's operand of either half. A weight is scale * q, as llama.cpp's Q4_0, but the
  *         scale of each block is the fp16 value that minimises the block's squared error among
- *         a few candidates (see q4_quantise), not max|w| / 8.
+ *         a few candidates (see quantise_block), not max|w| / 8;
+ *   Q6    [IC/32] blocks of 832 bytes: 32 fp16 scales, then 768 bytes of 6-bit codes u = q + 32,
+ *         q in [-32, 31], scales chosen as Q4's: per group of 4 inputs and 8 columns, 96 bytes,
+ *         two 32-byte vectors of low nibbles as Q4's (two groups of inputs each) and one of the
+ *         four groups' top 2 bits (gemv_kernels.h: q6_index). The head of the int4 precision is
+ *         Q6 (llama.cpp's Q4_0 files keep a tied head in Q6_K): 31 MB per token of GPT-2 small,
+ *         where int8's head reads 41.
  * Each panel is 64-byte aligned when the packed matrix is. A change to any of this must bump
  * LLM_WEIGHTS_LAYOUT (gemv.h): packed copies may outlive the code that wrote them.
  *
@@ -123,6 +129,8 @@ panel_bytes(LlmWeightFormat fmt, size_t IC)
 			return gemv_blocks(IC) * Q8_BLOCK;
 		case LLM_WEIGHTS_Q4:
 			return gemv_blocks(IC) * Q4_BLOCK;
+		case LLM_WEIGHTS_Q6:
+			return gemv_blocks(IC) * Q6_BLOCK;
 	}
 	return 0;
 }
@@ -181,17 +189,19 @@ pack_q8_block(const PackJob *j, uint8_t *blk, size_t b, size_t o0)
 	}
 }
 
-/* q = round(x / d) within [-8, 7], for the 32 weights of a block; returns sum (x - d q)^2. */
+/* q = round(x / d) within [-half, half - 1], for the 32 weights of a block; returns sum (x - d q)^2. */
 static float
-q4_codes(const float *x, float d, int8_t *q)
+block_codes(const float *x, float d, int half, int8_t *q)
 {
-	float		err = 0.0f;
+	float		err = 0.0f,
+				lo = (float) -half,
+				hi = (float) (half - 1);
 
 	for (int k = 0; k < QK; k++)
 	{
 		float		v = d != 0.0f ? nearbyintf(x[k] / d) : 0.0f;
 
-		v = v < -8.0f ? -8.0f : v > 7.0f ? 7.0f : v;
+		v = v < lo ? lo : v > hi ? hi : v;
 		v = v == v ? v : 0.0f;	/* NaN (a NaN weight) */
 		q[k] = (int8_t) v;
 		err += (x[k] - d * v) * (x[k] - d * v);
@@ -200,15 +210,16 @@ q4_codes(const float *x, float d, int8_t *q)
 }
 
 /*
- * The scale of a block of 32 weights and their codes. Mapping the weight of largest magnitude, m,
- * to -8 (d = m / -8, llama.cpp's Q4_0) uses the one extra negative level but spends the grid on
- * that weight alone; a scale a little smaller rounds the many small weights better at the price
- * of clipping m. Candidates: Q4_0's scale, and d = m / t for t from -9 to -6 in steps of 1/4,
- * each refined once to the least-squares scale of its codes (sum x q / sum q^2); all rounded to
- * fp16, the one of least squared error wins (so never worse than Q4_0's).
+ * The scale of a block of 32 weights and their codes in [-half, half - 1] (half = 8: Q4, 32: Q6).
+ * Mapping the weight of largest magnitude, m, to -half (d = m / -half, llama.cpp's Q4_0 for Q4)
+ * uses the one extra negative level but spends the grid on that weight alone; a scale a little
+ * smaller rounds the many small weights better at the price of clipping m. Candidates: that
+ * scale, and d = m / t for t from -half - 1 to -half + 2 in steps of 1/4, each refined once to
+ * the least-squares scale of its codes (sum x q / sum q^2); all rounded to fp16, the one of least
+ * squared error wins (so never worse than the first).
  */
 static uint16_t
-q4_quantise(const float *x, int8_t *q)
+quantise_block(const float *x, int half, int8_t *q)
 {
 	float		amax = 0.0f,
 				m = 0.0f,
@@ -222,8 +233,8 @@ q4_quantise(const float *x, int8_t *q)
 	memset(q, 0, QK);
 	if (amax == 0.0f || !isfinite(amax))
 		return 0;
-	best_h = fp16_nearest(m / -8.0f);
-	best = q4_codes(x, fp16_float(best_h), q);
+	best_h = fp16_nearest(m / (float) -half);
+	best = block_codes(x, fp16_float(best_h), half, q);
 	for (int t = 0; t <= 12; t++)
 	{
 		float		sxq = 0.0f,
@@ -231,11 +242,11 @@ q4_quantise(const float *x, int8_t *q)
 					err;
 		uint16_t	h;
 
-		(void) q4_codes(x, m / (-9.0f + 0.25f * (float) t), t_q);
+		(void) block_codes(x, m / ((float) (-half - 1) + 0.25f * (float) t), half, t_q);
 		for (int k = 0; k < QK; k++)
 			sxq += x[k] * t_q[k], sqq += (float) (t_q[k] * t_q[k]);
 		h = fp16_nearest(sxq / sqq);
-		err = q4_codes(x, fp16_float(h), t_q);
+		err = block_codes(x, fp16_float(h), half, t_q);
 		if (err < best)
 		{
 			best = err;
@@ -246,10 +257,11 @@ q4_quantise(const float *x, int8_t *q)
 	return best_h;
 }
 
+/* a Q4 block (half = 8) or a Q6 one (half = 32): see the layout above */
 static void
-pack_q4_block(const PackJob *j, uint8_t *blk, size_t b, size_t o0)
+pack_q4_q6_block(const PackJob *j, uint8_t *blk, size_t b, size_t o0, int half)
 {
-	memset(blk + NR * 2, 0, NR * QK / 2);
+	memset(blk + NR * 2, 0, (half == 8 ? Q4_BLOCK : Q6_BLOCK) - NR * 2);
 	for (size_t c = 0; c < NR; c++)
 	{
 		float		x[QK];
@@ -258,10 +270,22 @@ pack_q4_block(const PackJob *j, uint8_t *blk, size_t b, size_t o0)
 
 		for (size_t k = 0; k < QK; k++)
 			x[k] = source(j, b * QK + k, o0 + c);
-		h = q4_quantise(x, q);
+		h = quantise_block(x, half, q);
 		memcpy(blk + c * 2, &h, sizeof(h));
 		for (size_t k = 0; k < QK; k++)
-			blk[q4_index(k, c)] |= (uint8_t) ((q[k] + 8) << (k < 16 ? 0 : 4));
+		{
+			int			u = q[k] + half,
+						shift;
+			size_t		top;
+
+			if (half == 8)
+				blk[q4_index(k, c)] |= (uint8_t) (u << (k < 16 ? 0 : 4));
+			else
+			{
+				blk[q6_index(k, c, &top, &shift)] |= (uint8_t) ((u & 0xF) << (k < 16 ? 0 : 4));
+				blk[top] |= (uint8_t) ((u >> 4) << shift);
+			}
+		}
 	}
 }
 
@@ -294,7 +318,11 @@ pack_task(void *arg, size_t start, size_t end)
 				break;
 			case LLM_WEIGHTS_Q4:
 				for (size_t b = 0; b < gemv_blocks(j->IC); b++)
-					pack_q4_block(j, dst + b * Q4_BLOCK, b, o0);
+					pack_q4_q6_block(j, dst + b * Q4_BLOCK, b, o0, 8);
+				break;
+			case LLM_WEIGHTS_Q6:
+				for (size_t b = 0; b < gemv_blocks(j->IC); b++)
+					pack_q4_q6_block(j, dst + b * Q6_BLOCK, b, o0, 32);
 				break;
 		}
 	}
@@ -356,6 +384,15 @@ llm_weights_column(LlmWeightFormat fmt, float *dst, const void *packed, size_t I
 					dst[i] = fp16_float(h) * (float) ((int) ((blk[q4_index(k, c)] >> (k < 16 ? 0 : 4)) & 0xF) - 8);
 				}
 				break;
+			case LLM_WEIGHTS_Q6:
+				{
+					const uint8_t *blk = panel + (i / QK) * Q6_BLOCK;
+					uint16_t	h;
+
+					memcpy(&h, blk + c * 2, sizeof(h));
+					dst[i] = fp16_float(h) * (float) (q6_code(blk, i % QK, c) - 32);
+				}
+				break;
 		}
 	}
 }
@@ -373,6 +410,7 @@ llm_gemv_scratch_size(LlmWeightFormat fmt, size_t R, size_t IC)
 			return R * gemv_even(IC) * sizeof(uint16_t);
 		case LLM_WEIGHTS_Q8:
 		case LLM_WEIGHTS_Q4:
+		case LLM_WEIGHTS_Q6:
 			return R * gemv_blocks(IC) * (QK + sizeof(float) + sizeof(int32_t));
 	}
 	return 0;

@@ -1,6 +1,7 @@
 /*
  * gemv.h: matrix-vector products for decode, over weights packed once into a read-only layout
- * made for them (see gemv.c), in four formats: float32, bfloat16, int8 (Q8) and int4 (Q4).
+ * made for them (see gemv.c), in five formats: float32, bfloat16, int8 (Q8), int4 (Q4) and 6-bit
+ * (Q6: the head of the int4 precision).
  *
  * Decode is bound by memory bandwidth: every step streams every weight once. These kernels read
  * each packed weight once per call for all R rows (R = 1..96 at once: the sequences of a batch,
@@ -22,7 +23,7 @@
 #include <stdint.h>
 
 /* Version of the packed layouts (gemv.c): a stored packed copy made under another is stale. */
-#define LLM_WEIGHTS_LAYOUT 1
+#define LLM_WEIGHTS_LAYOUT 2
 
 /*
  * Output columns per panel of a packed matrix. Panels are independent: the columns [o0, o1) of a
@@ -36,10 +37,11 @@ typedef enum LlmWeightFormat
 	LLM_WEIGHTS_F32,			/* float32: 4 bytes per weight */
 	LLM_WEIGHTS_BF16,			/* bfloat16, rounded to nearest even: 2 bytes */
 	LLM_WEIGHTS_Q8,				/* int8 in blocks of 32 inputs with an fp16 scale each: 1.0625 bytes */
-	LLM_WEIGHTS_Q4				/* 4 bits in blocks of 32 inputs with an fp16 scale each: 0.5625 bytes */
+	LLM_WEIGHTS_Q4,				/* 4 bits in blocks of 32 inputs with an fp16 scale each: 0.5625 bytes */
+	LLM_WEIGHTS_Q6				/* 6 bits in blocks of 32 inputs with an fp16 scale each: 0.8125 bytes */
 } LlmWeightFormat;
 
-#define LLM_WEIGHTS_FORMATS (LLM_WEIGHTS_Q4 + 1)
+#define LLM_WEIGHTS_FORMATS (LLM_WEIGHTS_Q6 + 1)
 
 /* Bytes of a packed (IC, OC) matrix, a multiple of 64; place packed matrices 64-byte aligned. */
 extern size_t llm_weights_packed_size(LlmWeightFormat fmt, size_t IC, size_t OC);
@@ -87,10 +89,10 @@ extern void llm_gemv(LlmWeightFormat fmt, float *out, const float *inp, const vo
  *                        quantised per block of 32) where it has AVX512_VNNI;
  *   LLM_SIMD_AVX512      AVX-512 F/BW/VL/DQ: bf16 and int8 weights converted to float32 in
  *                        registers (activations float32);
- *   LLM_SIMD_AVX2        AVX2 + FMA + F16C: bf16 weights converted to float32; int8 and int4 as
- *                        bytes (vpmaddubsw), activations quantised per block of 32;
+ *   LLM_SIMD_AVX2        AVX2 + FMA + F16C: bf16 weights converted to float32; int8, int4 and
+ *                        6-bit as bytes (vpmaddubsw), activations quantised per block of 32;
  *   LLM_SIMD_PORTABLE    plain C for any x86-64 (or other) CPU: as AVX2, in plain C.
- * int4 quantises the activations at every level (the AVX-512 levels run the AVX2 kernel), and so
+ * int4 and 6-bit quantise the activations at every level (the AVX-512 levels run the AVX2 kernels), and so
  * does int8 everywhere but at LLM_SIMD_AVX512; llm_gemv_input says which form is in use. Levels
  * that take the activations in the same form give bitwise the same results.
  */

@@ -1,6 +1,6 @@
 /*
  * gemv_avx2.c: the AVX2 + FMA + F16C kernels (gemv_kernels.h), the level of every x86-64 server
- * since Haswell and Zen 1, and the int4 kernel of the AVX-512 levels too.
+ * since Haswell and Zen 1, and the int4 and 6-bit kernels of the AVX-512 levels too.
  *
  * A kernel covers a panel's rows with tiles of ROWS rows x VECS vectors of 8 columns, both
  * compile-time constants, whose accumulators stay in registers (AVX2 has 16 of them): a tile
@@ -12,7 +12,7 @@
  *     multiply-adds.
  *     bfloat16 weights become float32 by a shift or a mask of each 32-bit pair: in registers for
  *     one or two rows, into a buffer a chunk of inputs at a time for more (see bf16_avx2).
- *   int8, int4: the activations come quantised per block of 32 (gemv.c), the weights stay bytes:
+ *   int8, int4, 6-bit: the activations come quantised per block of 32 (gemv.c), the weights stay bytes:
  *     vpmaddubsw multiplies unsigned by signed bytes into pairs of int16, vpmaddwd adds the pairs
  *     into int32. int8 weights are stored q + 128 (the operand of vpdpbusd), so the product
  *     would not fit int16 (255 x 127 x 2): the xor of 0x80 gives q back, and the signs move onto
@@ -436,6 +436,69 @@ q4_tile(const Gemv *g, const uint8_t *panel, size_t r0, float (*acc)[NR], int v0
 }
 
 /*
+ * Q6: the codes u = q + 32 are 4-bit nibbles as Q4's with their top bits (q6_index) moved to bits
+ * 4-5 of each byte; a tile reads each block's bytes in order (with the top bits after a Q4 block,
+ * read out of order, one row on one thread took 9.6-9.8 ms per GPT-2-small step, now 6.6-8.4).
+ * u x fits int16 (63 x 127 x 2 = 16002) for the sum of two pairs only, so the int16 sums go into
+ * int32 every two pairs (vpmaddwd) rather than every block as Q4's.
+ */
+INLINE T_AVX2 void
+q6_tile(const Gemv *g, const uint8_t *panel, size_t r0, float (*acc)[NR], int v0, const int rows, const int vecs)
+{
+	const Q8Act *a = g->act;
+	size_t		nb = gemv_blocks(g->IC);
+	const __m256i low = _mm256_set1_epi8(0x0F),
+				top = _mm256_set1_epi8(0x30),
+				ones = _mm256_set1_epi16(1);
+
+	tile_zero(acc, v0, rows, vecs);
+	for (size_t b = 0; b < nb; b++)
+	{
+		const uint8_t *blk = panel + b * Q6_BLOCK;
+		__m256i		isum[2][4];
+
+		for (int r = 0; r < rows; r++)
+			for (int v = 0; v < vecs; v++)
+				isum[r][v] = _mm256_setzero_si256();
+		for (int k = 0; k < 8; k += 4)
+			for (int v = 0; v < vecs; v++)
+			{
+				const uint8_t *at = blk + NR * 2 + (k + v0 + v) * 96;	/* group k / 4, vector v0 + v */
+				__m256i		u0 = _mm256_load_si256((const __m256i *) at),
+							u1 = _mm256_load_si256((const __m256i *) (at + 32)),
+							t = _mm256_load_si256((const __m256i *) (at + 64)),
+							c[4];
+
+				/* codes of inputs k.., k + 16.., k + 8.., k + 24.. (columns 8 (v0 + v)..) */
+				c[0] = _mm256_or_si256(_mm256_and_si256(u0, low), _mm256_and_si256(_mm256_slli_epi16(t, 4), top));
+				c[1] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(u0, 4), low),
+									   _mm256_and_si256(_mm256_slli_epi16(t, 2), top));
+				c[2] = _mm256_or_si256(_mm256_and_si256(u1, low), _mm256_and_si256(t, top));
+				c[3] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(u1, 4), low),
+									   _mm256_and_si256(_mm256_srli_epi16(t, 2), top));
+				for (int r = 0; r < rows; r++)
+				{
+					__m256i		p0 = _mm256_add_epi16(_mm256_maddubs_epi16(c[0], act_group(a, nb, r0 + r, b, k)),
+													  _mm256_maddubs_epi16(c[1], act_group(a, nb, r0 + r, b, k + 16))),
+								p1 = _mm256_add_epi16(_mm256_maddubs_epi16(c[2], act_group(a, nb, r0 + r, b, k + 8)),
+													  _mm256_maddubs_epi16(c[3], act_group(a, nb, r0 + r, b, k + 24)));
+
+					isum[r][v] = _mm256_add_epi32(isum[r][v], _mm256_add_epi32(_mm256_madd_epi16(p0, ones),
+																			   _mm256_madd_epi16(p1, ones)));
+				}
+			}
+		for (int r = 0; r < rows; r++)
+		{
+			__m256i		offset = _mm256_set1_epi32(32 * a->sum[(r0 + r) * nb + b]);
+
+			for (int v = 0; v < vecs; v++)
+				isum[r][v] = _mm256_sub_epi32(isum[r][v], offset);
+		}
+		block_to_float(a, nb, r0, b, blk, isum, acc, v0, rows, vecs);
+	}
+}
+
+/*
  * The tiles for several rows, the best of 1 to 6 rows x 1, 2 or 4 vectors (bench/kernels.c, 96
  * rows, weights in cache, CPU time of one thread on the Zen 3 machine): int8 2 x 4 (29 ms beside
  * 33 for 4 x 2, 5 x 2 and 3 x 2), int4 5 x 2 (21 ms beside 24 for 4 x 2 and 26 for 2 x 4). One row
@@ -486,6 +549,20 @@ q4_avx2(const Gemv *g, const uint8_t *panel, size_t r0, int nr, float (*acc)[NR]
 	}
 }
 
+/* Q6 as int8: 2 x 4 tiles (bench/kernels.c --formats q6 --rows 4,8,96, one thread: 4 rows 13.0-13.6
+ * ms beside 14.3-15.1 for 4 x 2, 8 and 96 rows within the noise) */
+static T_AVX2 void
+q6_avx2(const Gemv *g, const uint8_t *panel, size_t r0, int nr, float (*acc)[NR])
+{
+	for (int i = 0; i < nr; i += 2)
+	{
+		if (nr - i == 1)
+			q6_tile(g, panel, r0 + i, acc + i, 0, 1, 4);
+		else
+			q6_tile(g, panel, r0 + i, acc + i, 0, 2, 4);
+	}
+}
+
 static T_AVX2 void
 quantise_avx2(void *scratch, const float *inp, size_t R, size_t IC)
 {
@@ -499,6 +576,7 @@ llm_gemv_kernels_avx2(Kernel *k)
 	k[LLM_WEIGHTS_BF16] = (Kernel) {bf16_avx2, LLM_GEMV_INPUT_F32, NULL};
 	k[LLM_WEIGHTS_Q8] = (Kernel) {q8_avx2, LLM_GEMV_INPUT_Q8, quantise_avx2};
 	k[LLM_WEIGHTS_Q4] = (Kernel) {q4_avx2, LLM_GEMV_INPUT_Q8, quantise_avx2};
+	k[LLM_WEIGHTS_Q6] = (Kernel) {q6_avx2, LLM_GEMV_INPUT_Q8, quantise_avx2};
 }
 
 #endif							/* LLM_GEMV_X86 */

@@ -29,6 +29,7 @@
 #define QK 32					/* inputs per int8 / int4 block */
 #define Q8_BLOCK (NR * 2 + NR * QK) /* bytes of a Q8 block: 32 fp16 scales, 32x32 weights */
 #define Q4_BLOCK (NR * 2 + NR * QK / 2) /* bytes of a Q4 block: 32 fp16 scales, 32x32 nibbles */
+#define Q6_BLOCK (NR * 2 + NR * QK * 3 / 4) /* bytes of a Q6 block: 32 fp16 scales, 32x32 6-bit codes */
 #define ROW_BLOCK 96			/* rows per pass over the weights: 96 x 3072 float32 inputs fit L2 */
 
 typedef struct Gemv Gemv;
@@ -102,6 +103,40 @@ static inline size_t
 q4_index(size_t k, size_t c)
 {
 	return NR * 2 + ((k % 16) / 4) * NR * 4 + c * 4 + k % 4;
+}
+
+/*
+ * A Q6 block (after its 64 bytes of scales): for g = 0, 1 and each vector v = 0..3 of 8 columns, 96
+ * bytes that the AVX2 kernel reads in order: 32 bytes of low nibbles in Q8's operand layout
+ * (column 8 v + i, input 4 g + j at i * 4 + j) holding the low 4 bits of the codes u = q + 32 of
+ * inputs 4 g + j (low nibble) and 16 + 4 g + j (high); 32 bytes the same for inputs 8 + 4 g + j
+ * and 24 + 4 g + j; then 32 bytes of the four codes' top 2 bits (bits 0-1, 2-3, 4-5, 6-7 in that
+ * order). Returns the offset of input k's low bits of column c; *top the offset of its top
+ * bits, *shift their place there (the low bits' place is 0 for k < 16, 4 for k >= 16).
+ */
+static inline size_t
+q6_index(size_t k, size_t c, size_t *top, int *shift)
+{
+	size_t		high = k / 16,
+				second = (k % 16) / 8,	/* the second 32 bytes */
+				g = (k % 8) / 4,
+				base = NR * 2 + (g * 4 + c / 8) * 96,
+				at = (c % 8) * 4 + k % 4;
+
+	*top = base + 64 + at;
+	*shift = (int) (second * 4 + high * 2);
+	return base + second * 32 + at;
+}
+
+/* the code u (0..63) of input k of column c in a Q6 block */
+static inline int
+q6_code(const uint8_t *blk, size_t k, size_t c)
+{
+	size_t		top;
+	int			shift;
+	size_t		at = q6_index(k, c, &top, &shift);
+
+	return ((blk[at] >> (k < 16 ? 0 : 4)) & 0xF) | (((blk[top] >> shift) & 3) << 4);
 }
 
 static inline Q8Act

@@ -3,7 +3,7 @@
  * columns that the compiler vectorises with the base instruction set.
  *
  * float32 and bfloat16 take the activations as float32 (plain multiplies and adds: the base
- * instruction set has no fused multiply-add); int8 and int4 quantise them per block of 32 (gemv.c)
+ * instruction set has no fused multiply-add); int8, int4, 6-bit quantise them per block of 32 (gemv.c)
  * and sum the integer products of a block exactly, as the SIMD levels do, then add each block into
  * float32 with fmaf: the same operations as AVX2 and the AVX-512 dot products, so the same bits.
  */
@@ -134,6 +134,33 @@ q4_portable(const Gemv *g, const uint8_t *panel, size_t r0, int nr, float (*acc)
 }
 
 static void
+q6_portable(const Gemv *g, const uint8_t *panel, size_t r0, int nr, float (*acc)[NR])
+{
+	const Q8Act *a = g->act;
+	size_t		nb = gemv_blocks(g->IC);
+
+	for (int r = 0; r < nr; r++)
+	{
+		float		s[NR] = {0};
+
+		for (size_t b = 0; b < nb; b++)
+		{
+			const uint8_t *blk = panel + b * Q6_BLOCK;
+			const int8_t *xq = a->q + ((r0 + r) * nb + b) * QK;
+			int32_t		isum[NR] = {0};
+			float		d[NR];
+
+			block_scales(blk, d);
+			for (int k = 0; k < QK; k++)
+				for (int c = 0; c < NR; c++)
+					isum[c] += (q6_code(blk, k, c) - 32) * xq[k];
+			add_block(s, isum, d, a->d[(r0 + r) * nb + b]);
+		}
+		memcpy(acc[r], s, sizeof(s));
+	}
+}
+
+static void
 quantise_portable(void *scratch, const float *inp, size_t R, size_t IC)
 {
 	gemv_quantise_q8(scratch, inp, R, IC);
@@ -146,4 +173,5 @@ llm_gemv_kernels_portable(Kernel *k)
 	k[LLM_WEIGHTS_BF16] = (Kernel) {bf16_portable, LLM_GEMV_INPUT_F32, NULL};
 	k[LLM_WEIGHTS_Q8] = (Kernel) {q8_portable, LLM_GEMV_INPUT_Q8, quantise_portable};
 	k[LLM_WEIGHTS_Q4] = (Kernel) {q4_portable, LLM_GEMV_INPUT_Q8, quantise_portable};
+	k[LLM_WEIGHTS_Q6] = (Kernel) {q6_portable, LLM_GEMV_INPUT_Q8, quantise_portable};
 }
