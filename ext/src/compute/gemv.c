@@ -116,6 +116,13 @@ n_panels(size_t OC)
 	return (OC + NR - 1) / NR;
 }
 
+/* bytes of a block of 32 inputs of a panel, for the integer formats */
+static size_t
+block_bytes(LlmWeightFormat fmt)
+{
+	return fmt == LLM_WEIGHTS_Q8 ? Q8_BLOCK : fmt == LLM_WEIGHTS_Q4 ? Q4_BLOCK : Q6_BLOCK;
+}
+
 static size_t
 panel_bytes(LlmWeightFormat fmt, size_t IC)
 {
@@ -126,11 +133,9 @@ panel_bytes(LlmWeightFormat fmt, size_t IC)
 		case LLM_WEIGHTS_BF16:
 			return gemv_even(IC) * NR * sizeof(uint16_t);
 		case LLM_WEIGHTS_Q8:
-			return gemv_blocks(IC) * Q8_BLOCK;
 		case LLM_WEIGHTS_Q4:
-			return gemv_blocks(IC) * Q4_BLOCK;
 		case LLM_WEIGHTS_Q6:
-			return gemv_blocks(IC) * Q6_BLOCK;
+			return gemv_blocks(IC) * block_bytes(fmt);
 	}
 	return 0;
 }
@@ -317,12 +322,9 @@ pack_task(void *arg, size_t start, size_t end)
 					pack_q8_block(j, dst + b * Q8_BLOCK, b, o0);
 				break;
 			case LLM_WEIGHTS_Q4:
-				for (size_t b = 0; b < gemv_blocks(j->IC); b++)
-					pack_q4_q6_block(j, dst + b * Q4_BLOCK, b, o0, 8);
-				break;
 			case LLM_WEIGHTS_Q6:
 				for (size_t b = 0; b < gemv_blocks(j->IC); b++)
-					pack_q4_q6_block(j, dst + b * Q6_BLOCK, b, o0, 32);
+					pack_q4_q6_block(j, dst + b * block_bytes(j->fmt), b, o0, j->fmt == LLM_WEIGHTS_Q4 ? 8 : 32);
 				break;
 		}
 	}
@@ -366,31 +368,17 @@ llm_weights_column(LlmWeightFormat fmt, float *dst, const void *packed, size_t I
 				dst[i] = bf16_float(((const uint16_t *) panel)[(i / 2) * NR * 2 + c * 2 + i % 2]);
 				break;
 			case LLM_WEIGHTS_Q8:
-				{
-					const uint8_t *blk = panel + (i / QK) * Q8_BLOCK;
-					uint16_t	h;
-
-					memcpy(&h, blk + c * 2, sizeof(h));
-					dst[i] = fp16_float(h) * (float) ((int) blk[q8_index(i % QK, c)] - 128);
-				}
-				break;
 			case LLM_WEIGHTS_Q4:
-				{
-					const uint8_t *blk = panel + (i / QK) * Q4_BLOCK;
-					size_t		k = i % QK;
-					uint16_t	h;
-
-					memcpy(&h, blk + c * 2, sizeof(h));
-					dst[i] = fp16_float(h) * (float) ((int) ((blk[q4_index(k, c)] >> (k < 16 ? 0 : 4)) & 0xF) - 8);
-				}
-				break;
 			case LLM_WEIGHTS_Q6:
 				{
-					const uint8_t *blk = panel + (i / QK) * Q6_BLOCK;
+					const uint8_t *blk = panel + (i / QK) * block_bytes(fmt);
+					size_t		k = i % QK;
+					int			q = fmt == LLM_WEIGHTS_Q8 ? q8_weight(blk, k, c) :
+						fmt == LLM_WEIGHTS_Q4 ? q4_weight(blk, k, c) : q6_weight(blk, k, c);
 					uint16_t	h;
 
 					memcpy(&h, blk + c * 2, sizeof(h));
-					dst[i] = fp16_float(h) * (float) (q6_code(blk, i % QK, c) - 32);
+					dst[i] = fp16_float(h) * (float) q;
 				}
 				break;
 		}

@@ -128,15 +128,27 @@ q6_index(size_t k, size_t c, size_t *top, int *shift)
 	return base + second * 32 + at;
 }
 
-/* the code u (0..63) of input k of column c in a Q6 block */
+/* the weight q of input k (0..31) of column c in a block of each integer format (times its scale) */
 static inline int
-q6_code(const uint8_t *blk, size_t k, size_t c)
+q8_weight(const uint8_t *blk, size_t k, size_t c)
+{
+	return (int) blk[q8_index(k, c)] - 128;
+}
+
+static inline int
+q4_weight(const uint8_t *blk, size_t k, size_t c)
+{
+	return (int) ((blk[q4_index(k, c)] >> (k < 16 ? 0 : 4)) & 0xF) - 8;
+}
+
+static inline int
+q6_weight(const uint8_t *blk, size_t k, size_t c)
 {
 	size_t		top;
 	int			shift;
 	size_t		at = q6_index(k, c, &top, &shift);
 
-	return ((blk[at] >> (k < 16 ? 0 : 4)) & 0xF) | (((blk[top] >> shift) & 3) << 4);
+	return (((blk[at] >> (k < 16 ? 0 : 4)) & 0xF) | (((blk[top] >> shift) & 3) << 4)) - 32;
 }
 
 static inline Q8Act

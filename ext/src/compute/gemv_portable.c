@@ -75,89 +75,96 @@ add_block(float *s, const int32_t *isum, const float *dw, float dx)
 		s[c] = fmaf((float) isum[c], dw[c] * dx, s[c]);
 }
 
+/* a block's weights q (times their scales) as int8, [input][column] */
+typedef void (*unpack_fn) (const uint8_t *blk, int8_t (*q)[NR]);
+
+#define UNPACK(name, weight) \
+static void \
+name(const uint8_t *blk, int8_t (*q)[NR]) \
+{ \
+	for (size_t k = 0; k < QK; k++) \
+		for (size_t c = 0; c < NR; c++) \
+			q[k][c] = (int8_t) weight(blk, k, c); \
+}
+UNPACK(unpack_q8, q8_weight)
+UNPACK(unpack_q4, q4_weight)
+#undef UNPACK
+
+/* Q6 in the order of its bytes (q6_index): q6_weight per weight took 1.8x as long */
 static void
-q8_portable(const Gemv *g, const uint8_t *panel, size_t r0, int nr, float (*acc)[NR])
+unpack_q6(const uint8_t *blk, int8_t (*q)[NR])
+{
+	for (size_t g = 0; g < 2; g++)
+		for (size_t v = 0; v < NR / 8; v++)
+		{
+			const uint8_t *at = blk + NR * 2 + (g * 4 + v) * 96;
+
+			for (size_t i = 0; i < 32; i++)	/* column 8 v + i / 4, input 4 g + i % 4 (+ 8, 16, 24) */
+			{
+				size_t		c = 8 * v + i / 4,
+							k = 4 * g + i % 4;
+				int			u0 = at[i],
+							u1 = at[32 + i],
+							t = at[64 + i];
+
+				q[k][c] = (int8_t) (((u0 & 15) | (t & 3) << 4) - 32);
+				q[k + 16][c] = (int8_t) (((u0 >> 4) | (t >> 2 & 3) << 4) - 32);
+				q[k + 8][c] = (int8_t) (((u1 & 15) | (t >> 4 & 3) << 4) - 32);
+				q[k + 24][c] = (int8_t) (((u1 >> 4) | (t >> 6) << 4) - 32);
+			}
+		}
+}
+
+/*
+ * The integer formats: each block unpacked once for all rows, then per row the block's sum of
+ * q_w q_x exactly in int32, added into the row's float32 sums with its scales (blocks in order).
+ */
+static inline __attribute__((always_inline)) void
+blocks_portable(const Gemv *g, const uint8_t *panel, size_t r0, int nr, float (*acc)[NR], size_t block_bytes,
+				unpack_fn unpack)
 {
 	const Q8Act *a = g->act;
 	size_t		nb = gemv_blocks(g->IC);
+	int8_t		q[QK][NR];
 
 	for (int r = 0; r < nr; r++)
+		memset(acc[r], 0, sizeof(acc[r]));
+	for (size_t b = 0; b < nb; b++)
 	{
-		float		s[NR] = {0};
+		const uint8_t *blk = panel + b * block_bytes;
+		float		d[NR];
 
-		for (size_t b = 0; b < nb; b++)
+		unpack(blk, q);
+		block_scales(blk, d);
+		for (int r = 0; r < nr; r++)
 		{
-			const uint8_t *blk = panel + b * Q8_BLOCK;
 			const int8_t *xq = a->q + ((r0 + r) * nb + b) * QK;
 			int32_t		isum[NR] = {0};
-			float		d[NR];
 
-			block_scales(blk, d);
 			for (int k = 0; k < QK; k++)
 				for (int c = 0; c < NR; c++)
-					isum[c] += ((int32_t) blk[q8_index(k, c)] - 128) * xq[k];
-			add_block(s, isum, d, a->d[(r0 + r) * nb + b]);
+					isum[c] += q[k][c] * xq[k];
+			add_block(acc[r], isum, d, a->d[(r0 + r) * nb + b]);
 		}
-		memcpy(acc[r], s, sizeof(s));
 	}
+}
+
+static void
+q8_portable(const Gemv *g, const uint8_t *panel, size_t r0, int nr, float (*acc)[NR])
+{
+	blocks_portable(g, panel, r0, nr, acc, Q8_BLOCK, unpack_q8);
 }
 
 static void
 q4_portable(const Gemv *g, const uint8_t *panel, size_t r0, int nr, float (*acc)[NR])
 {
-	const Q8Act *a = g->act;
-	size_t		nb = gemv_blocks(g->IC);
-
-	for (int r = 0; r < nr; r++)
-	{
-		float		s[NR] = {0};
-
-		for (size_t b = 0; b < nb; b++)
-		{
-			const uint8_t *blk = panel + b * Q4_BLOCK;
-			const int8_t *xq = a->q + ((r0 + r) * nb + b) * QK;
-			int32_t		isum[NR] = {0};
-			float		d[NR];
-
-			block_scales(blk, d);
-			for (int k = 0; k < QK / 2; k++)
-				for (int c = 0; c < NR; c++)
-				{
-					uint8_t		u = blk[q4_index(k, c)];
-
-					isum[c] += ((int32_t) (u & 0xF) - 8) * xq[k] + ((int32_t) (u >> 4) - 8) * xq[k + 16];
-				}
-			add_block(s, isum, d, a->d[(r0 + r) * nb + b]);
-		}
-		memcpy(acc[r], s, sizeof(s));
-	}
+	blocks_portable(g, panel, r0, nr, acc, Q4_BLOCK, unpack_q4);
 }
 
 static void
 q6_portable(const Gemv *g, const uint8_t *panel, size_t r0, int nr, float (*acc)[NR])
 {
-	const Q8Act *a = g->act;
-	size_t		nb = gemv_blocks(g->IC);
-
-	for (int r = 0; r < nr; r++)
-	{
-		float		s[NR] = {0};
-
-		for (size_t b = 0; b < nb; b++)
-		{
-			const uint8_t *blk = panel + b * Q6_BLOCK;
-			const int8_t *xq = a->q + ((r0 + r) * nb + b) * QK;
-			int32_t		isum[NR] = {0};
-			float		d[NR];
-
-			block_scales(blk, d);
-			for (int k = 0; k < QK; k++)
-				for (int c = 0; c < NR; c++)
-					isum[c] += (q6_code(blk, k, c) - 32) * xq[k];
-			add_block(s, isum, d, a->d[(r0 + r) * nb + b]);
-		}
-		memcpy(acc[r], s, sizeof(s));
-	}
+	blocks_portable(g, panel, r0, nr, acc, Q6_BLOCK, unpack_q6);
 }
 
 static void
