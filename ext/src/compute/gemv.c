@@ -262,11 +262,13 @@ quantise_block(const float *x, int half, int8_t *q)
 	return best_h;
 }
 
-/* a Q4 block (half = 8) or a Q6 one (half = 32): see the layout above */
+/* a Q4 block (codes in [-8, 7]) or a Q6 one ([-32, 31]): see the layout above */
 static void
-pack_q4_q6_block(const PackJob *j, uint8_t *blk, size_t b, size_t o0, int half)
+pack_q4_q6_block(const PackJob *j, uint8_t *blk, size_t b, size_t o0)
 {
-	memset(blk + NR * 2, 0, (half == 8 ? Q4_BLOCK : Q6_BLOCK) - NR * 2);
+	int			half = j->fmt == LLM_WEIGHTS_Q4 ? 8 : 32;
+
+	memset(blk + NR * 2, 0, block_bytes(j->fmt) - NR * 2);
 	for (size_t c = 0; c < NR; c++)
 	{
 		float		x[QK];
@@ -324,7 +326,7 @@ pack_task(void *arg, size_t start, size_t end)
 			case LLM_WEIGHTS_Q4:
 			case LLM_WEIGHTS_Q6:
 				for (size_t b = 0; b < gemv_blocks(j->IC); b++)
-					pack_q4_q6_block(j, dst + b * block_bytes(j->fmt), b, o0, j->fmt == LLM_WEIGHTS_Q4 ? 8 : 32);
+					pack_q4_q6_block(j, dst + b * block_bytes(j->fmt), b, o0);
 				break;
 		}
 	}
